@@ -1,0 +1,148 @@
+//! The device-model API: what a userspace device model may ask of the I/O dispatcher.
+//!
+//! It is the posted driver's userspace API (`spec/remote-io.md`, "The driver's userspace API")
+//! as one trait, [`DmSession`], reached through [`DmApi::open`] (the driver's `DM_GET_INFO`).
+//! Device models (`remio-virtio`) are written against these traits only, so the same code
+//! runs in-process on our dispatcher, in another process over a UNIX socket, and on Bao
+//! hardware against the C driver's ioctls.
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use remio_abi::VirtioRequest;
+
+/// What `DM_GET_INFO` returns about a device model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmInfo {
+    /// The DM id.
+    pub id: u32,
+    /// Guest-physical base of the shared memory (the same in frontend and backend).
+    pub shmem_addr: u64,
+    /// Size of the shared memory.
+    pub shmem_size: u64,
+    /// The DM's backend interrupt number.
+    pub irq: u32,
+}
+
+/// Where an ioeventfd listens: writes to `[addr, addr + len)`, optionally only of one value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IoeventfdSpec {
+    /// Guest-physical address.
+    pub addr: u64,
+    /// 1, 2, 4 or 8; or 0 for any write at `addr`, whatever its width (as KVM does).
+    pub len: u32,
+    /// `Some(v)`: signal only when the written value is `v` (DATAMATCH).
+    pub datamatch: Option<u64>,
+}
+
+/// The errors of the device-model API. Each maps to exactly one errno ([`ApiError::errno`]),
+/// which is what the ioctl interface reports and what the socket protocol carries:
+///
+/// | variant | errno | meaning |
+/// | --- | --- | --- |
+/// | `NoSuchDm` | ENOENT | no DM with this id |
+/// | `NotFound` | ENOENT | a deassign, or a completion, names nothing registered / pending |
+/// | `InvalidArgument` | EINVAL | a malformed argument (width, flags, length, overflow, op) |
+/// | `Exists` | EEXIST | the registration conflicts with an existing one |
+/// | `Busy` | EBUSY | the resource is in use (same irqfd twice, a second control session) |
+/// | `BadFd` | EBADF | the file descriptor is not an eventfd / not open |
+/// | `PermissionDenied` | EPERM | the request or memory belongs to another DM or session |
+/// | `ShuttingDown` | ESHUTDOWN | the DM or its control client is being destroyed |
+/// | `NotSupported` | ENOTTY | an operation this implementation does not have |
+/// | `Disconnected` | ECONNRESET | the connection to the platform is gone |
+/// | `Protocol` | EPROTO | the peer sent something that does not decode |
+/// | `Io` | EIO (or the OS error) | a system call failed |
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No DM with this id.
+    #[error("no device model with id {0}")]
+    NoSuchDm(u32),
+    /// Nothing registered or pending matches.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// A malformed argument.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// Conflicts with an existing registration.
+    #[error("already exists: {0}")]
+    Exists(String),
+    /// In use.
+    #[error("busy: {0}")]
+    Busy(String),
+    /// Not a usable file descriptor of the right kind.
+    #[error("bad file descriptor: {0}")]
+    BadFd(String),
+    /// Belongs to another DM or session.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// The DM or client is being destroyed; ATTACH returns this to let its caller exit.
+    #[error("device model is shutting down")]
+    ShuttingDown,
+    /// Not available in this implementation.
+    #[error("not supported: {0}")]
+    NotSupported(String),
+    /// The platform connection is gone.
+    #[error("disconnected from the platform")]
+    Disconnected,
+    /// Undecodable message from the peer.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// A system call failed.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ApiError {
+    /// The one errno this error maps to.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Self::NoSuchDm(_) | Self::NotFound(_) => libc::ENOENT,
+            Self::InvalidArgument(_) => libc::EINVAL,
+            Self::Exists(_) => libc::EEXIST,
+            Self::Busy(_) => libc::EBUSY,
+            Self::BadFd(_) => libc::EBADF,
+            Self::PermissionDenied(_) => libc::EPERM,
+            Self::ShuttingDown => libc::ESHUTDOWN,
+            Self::NotSupported(_) => libc::ENOTTY,
+            Self::Disconnected => libc::ECONNRESET,
+            Self::Protocol(_) => libc::EPROTO,
+            Self::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+}
+
+/// Result alias for the API.
+pub type Result<T> = std::result::Result<T, ApiError>;
+
+/// One device model's session with the dispatcher: the per-DM fd of the driver.
+///
+/// All methods take `&self`: several device-model threads may wait in [`DmSession::attach`]
+/// at once while others complete requests or (de)assign eventfds.
+pub trait DmSession: Send + Sync {
+    /// The DM this session reaches.
+    fn info(&self) -> DmInfo;
+    /// Blocks until a request for the control client exists and returns it
+    /// (`IO_CLIENT_ATTACH`). Returns [`ApiError::ShuttingDown`] when the DM or session is
+    /// being destroyed.
+    fn attach(&self) -> Result<VirtioRequest>;
+    /// Completes a request received from [`DmSession::attach`], echoed with `value` set for a
+    /// read (`IO_REQUEST_COMPLETE`). A request is completed once, by the session that got it.
+    fn complete(&self, req: &VirtioRequest) -> Result<()>;
+    /// Assigns an ioeventfd (`IOEVENTFD`).
+    fn assign_ioeventfd(&self, fd: &EventFd, spec: IoeventfdSpec) -> Result<()>;
+    /// Removes exactly the matching ioeventfd (`IOEVENTFD` with DEASSIGN).
+    fn deassign_ioeventfd(&self, fd: &EventFd, spec: IoeventfdSpec) -> Result<()>;
+    /// Assigns an irqfd: each signal injects the frontend interrupt (`IRQFD`).
+    fn assign_irqfd(&self, fd: &EventFd) -> Result<()>;
+    /// Removes an irqfd (`IRQFD` with DEASSIGN).
+    fn deassign_irqfd(&self, fd: &EventFd) -> Result<()>;
+    /// Maps `len` bytes of the DM's shared memory from offset 0, placed at its guest-physical
+    /// address (`mmap` on the DM fd). `len` must be non-zero and at most the shmem size.
+    fn map_shmem(&self, len: u64) -> Result<GuestMemoryMmap>;
+}
+
+/// A way to reach the dispatcher: in-process, over a socket, or the kernel driver.
+pub trait DmApi: Send + Sync {
+    /// Opens a session on DM `dm_id` (`DM_GET_INFO`).
+    fn open(&self, dm_id: u32) -> Result<Box<dyn DmSession>>;
+}

@@ -1,0 +1,1 @@
+//! remio-dispatcher (work in progress).

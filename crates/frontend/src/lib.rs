@@ -1,0 +1,1 @@
+//! remio-frontend (work in progress).

@@ -1,0 +1,1 @@
+//! remio-hyp (work in progress).

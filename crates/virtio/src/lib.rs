@@ -1,0 +1,1 @@
+//! remio-virtio (work in progress).
