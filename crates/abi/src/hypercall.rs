@@ -131,7 +131,8 @@ pub mod arm64 {
     use super::*;
 
     /// x0 for the Remote I/O hypercall, SMC64 form: 0xC6000002.
-    pub const FUNCTION_ID: u64 = SMCCC_FAST_CALL | SMCCC_SMC64 | SMCCC_OWNER_VENDOR_HYP | REMIO_HC_ID;
+    pub const FUNCTION_ID: u64 =
+        SMCCC_FAST_CALL | SMCCC_SMC64 | SMCCC_OWNER_VENDOR_HYP | REMIO_HC_ID;
     /// The SMC32 form, which Bao also accepts: 0x86000002.
     pub const FUNCTION_ID_SMC32: u64 = SMCCC_FAST_CALL | SMCCC_OWNER_VENDOR_HYP | REMIO_HC_ID;
 
@@ -406,7 +407,10 @@ mod tests {
         assert_eq!(ret.status, 1);
         assert_eq!(ret.check(), Err(RemioStatus::Failure));
         let ret = riscv64::decode([0, 0, 0x50, 0, 9, 4, 2, 0]).unwrap();
-        assert_eq!((ret.addr, ret.value, ret.access_width, ret.request_id), (0x50, 9, 4, 2));
+        assert_eq!(
+            (ret.addr, ret.value, ret.access_width, ret.request_id),
+            (0x50, 9, 4, 2)
+        );
         assert!(!ret.has_pending());
     }
 

@@ -58,9 +58,7 @@ pub const fn ioc_size(cmd: u32) -> usize {
 
 /// The type byte encoded in an ioctl number.
 pub const fn ioc_type(cmd: u32) -> u8 {
-    #[expect(clippy::cast_possible_truncation, reason = "masked to 8 bits")]
-    let ty = ((cmd >> TYPESHIFT) & 0xff) as u8;
-    ty
+    ((cmd >> TYPESHIFT) & 0xff) as u8
 }
 
 #[cfg(test)]

@@ -25,5 +25,5 @@ pub mod uapi;
 pub mod uapi_v2;
 
 pub use hypercall::{RemioArgs, RemioOp, RemioRet, RemioStatus};
-pub use platform::{Hypercall, IrqHandler, InterruptController, IrqError};
+pub use platform::{Hypercall, InterruptController, IrqError, IrqHandler};
 pub use uapi::{DmInfo, Ioeventfd, Irqfd, VirtioRequest};

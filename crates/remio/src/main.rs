@@ -1,8 +1,17 @@
 //! `remio`: Bao's Remote I/O path on an ordinary Linux machine.
+//!
+//! Each subcommand lives in its own module with an `Args` struct and a `run` function.
+
+mod bench;
+mod dm;
+mod guest;
+mod platform;
+mod run;
 
 use clap::{Parser, Subcommand};
 
-/// Bao's Remote I/O path: hypervisor model, I/O dispatcher and VirtIO device models.
+/// Bao's Remote I/O path on an ordinary Linux machine: a model of the hypervisor's Remote I/O,
+/// the I/O dispatcher, and VirtIO device models serving a real Linux guest.
 #[derive(Debug, Parser)]
 #[command(name = "remio", version, about, long_about = None)]
 struct Cli {
@@ -12,17 +21,30 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Print the driver ABI constants (ioctl numbers and struct sizes).
-    Abi,
+    /// Boot a Linux guest whose devices are served through remio (the demo with no arguments).
+    Run(run::Args),
+    /// Run the platform side: hypervisor model, dispatcher and the device-model API socket.
+    Platform(platform::Args),
+    /// Run a device-model process serving the devices of a config file.
+    Dm(dm::Args),
+    /// Build or inspect the guest kernel and initramfs.
+    Guest(guest::Args),
+    /// Measure every cost as a ratio against a floor measured in the same run.
+    Bench(bench::Args),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
-    match cli.command {
-        Command::Abi => {
-            println!("work in progress");
-        }
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Platform(args) => platform::run(args),
+        Command::Dm(args) => dm::run(args),
+        Command::Guest(args) => guest::run(args),
+        Command::Bench(args) => bench::run(args),
+    };
+    if let Err(err) = result {
+        eprintln!("remio: {err:#}");
+        std::process::exit(1);
     }
-    Ok(())
 }

@@ -1,0 +1,1 @@
+//! The QEMU bridge (work in progress).
