@@ -365,7 +365,7 @@ mod tests {
 
     #[test]
     fn arm64_negative_status_is_decoded() {
-        let ret = arm64::decode([(-3i64) as u64, 0, 0, 0, 0, 0, 0]);
+        let ret = arm64::decode([(-3i64).cast_unsigned(), 0, 0, 0, 0, 0, 0]);
         assert_eq!(ret.status, -3);
         assert_eq!(ret.check(), Err(RemioStatus::InvalidArgs));
     }
@@ -417,7 +417,7 @@ mod tests {
     #[test]
     fn riscv_sbi_error_is_surfaced() {
         assert_eq!(
-            riscv64::decode([(-2i64) as u64, 0, 0, 0, 0, 0, 0, 0]),
+            riscv64::decode([(-2i64).cast_unsigned(), 0, 0, 0, 0, 0, 0, 0]),
             Err(riscv64::SbiError(-2))
         );
     }
