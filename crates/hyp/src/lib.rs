@@ -1,1 +1,466 @@
-//! remio-hyp (work in progress).
+//! remio-hyp: a model of the Bao hypervisor's Remote I/O, running on an ordinary Linux machine.
+//!
+//! It implements the contract of `spec/remote-io.md` exactly: devices paired by bind key, one
+//! pool of request slots (`request_id` = slot index), a FIFO of pending requests per device,
+//! the slot states FREE → PENDING → PROCESSING → COMPLETE → FREE, and the Remote I/O hypercall
+//! with Bao's status codes. It knows nothing of the dispatcher except the two traits it serves:
+//! [`remio_abi::Hypercall`] and [`remio_abi::InterruptController`], both implemented by
+//! [`BackendVm`].
+//!
+//! # Parties
+//!
+//! - [`FrontendVm`]: the trapping side. [`FrontendVm::read`] / [`FrontendVm::write`] model a
+//!   trapped register access: take a free slot, record the request, push it on the device's
+//!   FIFO, raise the backend interrupt, stall until the backend completes it.
+//! - [`BackendVm`]: the backend VM. Its [`Hypercall`](remio_abi::Hypercall) implementation is
+//!   the Remote I/O hypercall (ASK / WRITE / READ / NOTIFY); its
+//!   [`InterruptController`](remio_abi::InterruptController) implementation delivers the
+//!   backend interrupt of each device; [`BackendVm::irq_eventfd`] offers the same interrupt as
+//!   an eventfd for pollers.
+//!
+//! # Numbering
+//!
+//! In hypercalls, `dm_id` is the index of the device among the **backend** devices of the
+//! calling VM, in configuration order ([`BackendVm::devices`]), not the bind key. On the
+//! frontend side, a device's `index` is its position among the frontend devices of that VM.
+//!
+//! # The backend interrupt runs on the trapping thread
+//!
+//! When a frontend access queues a request, the backend interrupt handler installed with
+//! `request_irq` is called **inline, on the trapping frontend thread, after the request is on
+//! the FIFO and with no lock held**. A dispatcher can therefore run its ASK loop (and route the
+//! request) right there, with no thread hop: for a request completed synchronously by the
+//! handler, the frontend thread finds its slot COMPLETE when the handler returns and never
+//! sleeps. The handler of one interrupt never runs on two threads at once: a raise while it
+//! runs makes the running thread call it once more (like Linux's edge flow handler), so every
+//! queued request is seen by some ASK loop. See [`BackendVm`] for latching and `free_irq`.
+//!
+//! # Timeout (not in Bao)
+//!
+//! Bao has no timeout: a backend that never completes hangs the frontend vCPU forever
+//! (`HypConfig::timeout = None` keeps that behaviour). With `Some(t)`, an access not
+//! completed within `t` (the time spent waiting for a free slot included) completes anyway:
+//! a read returns **0** ([`TIMEOUT_READ_VALUE`]), a write is dropped. The event is counted in
+//! [`Stats::timeouts`] and logged (rate-limited). Then:
+//! - a request still PENDING is removed from its FIFO and its slot freed
+//!   ([`Stats::timeouts_pending`]); the backend never sees it;
+//! - a request the backend already holds (PROCESSING) is marked *abandoned*
+//!   ([`Stats::timeouts_abandoned`]): its slot stays reserved until the backend completes it.
+//!   That completion is validated as usual, succeeds (status 0), frees the slot and is counted
+//!   in [`Stats::abandoned_completions`]. So a late completion can never complete a newer
+//!   request that reuses the same slot;
+//! - an access whose deadline passed while it waited for a slot never queued anything.
+//!
+//! # Slot exhaustion
+//!
+//! Bao sizes the pool by the number of physical CPUs, so a free slot always exists and an
+//! exhausted pool is a hypervisor panic. Here frontend threads are not bounded by `slots`: an
+//! access that finds no free slot waits for one (bounded by the timeout) and counts a
+//! [`Stats::slot_waits`].
+//!
+//! # Performance shape
+//!
+//! No global lock on the data path: a claim is a compare-and-swap on a slot, each device has
+//! its own FIFO lock, each slot its own lock and condition variable (a completion wakes
+//! exactly the stalled frontend thread). No allocation per request: the slot array and each
+//! FIFO (capacity = `slots`) are allocated at construction.
+//!
+//! # Example
+//!
+//! ```
+//! use std::sync::Arc;
+//! use remio_abi::{Hypercall, InterruptController, RemioArgs, RemioOp};
+//! use remio_hyp::{HypConfig, Hypervisor, RemioDeviceConfig, Role, ShmemConfig, VmConfig};
+//!
+//! let dev = |role, mmio_size, irq| RemioDeviceConfig {
+//!     bind_key: 7, role, mmio_base: if mmio_size > 0 { 0xa000_0000 } else { 0 }, mmio_size,
+//!     irq, shmem_id: 0, shmem_base: 0x5000_0000,
+//! };
+//! let hyp = Hypervisor::new(HypConfig {
+//!     shmem: vec![ShmemConfig { id: 0, size: 0x10000, backing: None }],
+//!     vms: vec![
+//!         VmConfig { id: 1, remio_devices: vec![dev(Role::Frontend, 0x200, 40)] },
+//!         VmConfig { id: 2, remio_devices: vec![dev(Role::Backend, 0, 52)] },
+//!     ],
+//!     slots: 4,
+//!     timeout: None,
+//! })
+//! .unwrap();
+//! let backend = hyp.backend(2).unwrap();
+//! // A trivial device model, run inline on the trapping thread: every read returns 0x74726976.
+//! let b = backend.clone();
+//! backend
+//!     .request_irq(52, Arc::new(move || loop {
+//!         let ask = b.remote_io(&RemioArgs { dm_id: 0, op: RemioOp::Ask as u64, ..Default::default() });
+//!         if ask.status != 0 { break; }
+//!         b.remote_io(&RemioArgs {
+//!             dm_id: 0, op: ask.op, value: 0x7472_6976, request_id: ask.request_id, ..Default::default()
+//!         });
+//!     }))
+//!     .unwrap();
+//! let frontend = hyp.frontend(1).unwrap();
+//! assert_eq!(frontend.read(0xa000_0000, 4).unwrap(), 0x7472_6976);
+//! assert_eq!(hyp.stats().completions, 1);
+//! ```
+
+mod backend;
+mod config;
+mod frontend;
+mod irq;
+mod slots;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::File;
+use std::io;
+use std::os::fd::FromRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub use backend::{BackendDevice, BackendVm, IrqFdError};
+pub use config::{
+    ConfigError, HypConfig, RemioDeviceConfig, Role, ShmemConfig, VmConfig, MAX_SLOTS,
+};
+pub use frontend::{AccessError, Completion, FrontendDevice, FrontendVm, SinkError};
+
+use irq::IrqLine;
+use slots::SlotPool;
+
+/// What a read returns when its access timed out (see the crate docs). 0 reads as "nothing"
+/// for virtio-mmio registers a driver polls (InterruptStatus, QueueReady, Status), so a Linux
+/// virtio driver copes with it.
+pub const TIMEOUT_READ_VALUE: u64 = 0;
+
+/// A snapshot of the hypervisor's counters ([`Hypervisor::stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Frontend accesses that were queued (got a slot and reached a FIFO).
+    pub requests: u64,
+    /// Of which reads.
+    pub reads: u64,
+    /// Of which writes.
+    pub writes: u64,
+    /// Valid WRITE/READ completions that completed a waiting request.
+    pub completions: u64,
+    /// Accesses that timed out, all causes.
+    pub timeouts: u64,
+    /// Timeouts of a request still PENDING (removed from the FIFO).
+    pub timeouts_pending: u64,
+    /// Timeouts of a request the backend held (PROCESSING; slot marked abandoned).
+    pub timeouts_abandoned: u64,
+    /// Timeouts while waiting for a free slot (nothing was queued).
+    pub timeouts_no_slot: u64,
+    /// Completions of abandoned slots (status 0; the slot was freed).
+    pub abandoned_completions: u64,
+    /// Accesses that found the slot pool exhausted and had to wait.
+    pub slot_waits: u64,
+    /// ASK hypercalls that returned a request.
+    pub asks: u64,
+    /// ASK hypercalls that returned +1 (empty FIFO or bad arguments).
+    pub asks_failed: u64,
+    /// NOTIFY hypercalls (frontend interrupts injected).
+    pub notifies: u64,
+    /// Hypercalls refused with -INVALID_ARGS.
+    pub invalid_hypercalls: u64,
+    /// Backend interrupts raised (one per queued request).
+    pub backend_irqs: u64,
+    /// Of which latched because nobody listened.
+    pub backend_irqs_latched: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    requests: AtomicU64,
+    reads: AtomicU64,
+    writes: AtomicU64,
+    completions: AtomicU64,
+    timeouts: AtomicU64,
+    timeouts_pending: AtomicU64,
+    timeouts_abandoned: AtomicU64,
+    timeouts_no_slot: AtomicU64,
+    abandoned_completions: AtomicU64,
+    slot_waits: AtomicU64,
+    asks: AtomicU64,
+    asks_failed: AtomicU64,
+    notifies: AtomicU64,
+    invalid_hypercalls: AtomicU64,
+    backend_irqs: AtomicU64,
+    backend_irqs_latched: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Rate limit for logging on guest-triggerable paths: at most `PER_SECOND` messages a second.
+#[derive(Debug)]
+struct LogLimit {
+    start: Instant,
+    /// (second index << 32) | count in that second.
+    window: AtomicU64,
+}
+
+impl LogLimit {
+    const PER_SECOND: u64 = 10;
+
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            window: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a message may be logged now.
+    fn allow(&self) -> bool {
+        let sec = self.start.elapsed().as_secs() & 0xffff_ffff;
+        let mut cur = self.window.load(Ordering::Relaxed);
+        loop {
+            let (csec, count) = (cur >> 32, cur & 0xffff_ffff);
+            let next = if csec == sec {
+                if count >= Self::PER_SECOND {
+                    return false;
+                }
+                cur + 1
+            } else {
+                (sec << 32) | 1
+            };
+            match self
+                .window
+                .compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return true,
+                Err(v) => cur = v,
+            }
+        }
+    }
+}
+
+/// One Remote I/O pair (frontend + backend sharing a bind key).
+#[derive(Debug)]
+pub(crate) struct Pair {
+    bind_key: u32,
+    shmem_id: u32,
+    shmem: Arc<File>,
+    shmem_base: u64,
+    shmem_size: u64,
+    frontend_index: usize,
+    mmio_base: u64,
+    mmio_size: u64,
+    frontend_irq: u32,
+    dm_id: usize,
+    backend_irq: u32,
+    /// Slot indices of PENDING requests, oldest first. Capacity = slot count, so pushing never
+    /// allocates (at most `slots` requests exist at once).
+    fifo: Mutex<VecDeque<usize>>,
+    /// Raised when a request is queued.
+    backend_line: Arc<IrqLine>,
+    /// Raised by NOTIFY.
+    frontend_line: Arc<IrqLine>,
+}
+
+#[derive(Debug)]
+struct FrontendVmState {
+    id: u32,
+    /// Pair index of each frontend device, by frontend index.
+    devices: Box<[usize]>,
+    /// MMIO window base -> pair index.
+    windows: BTreeMap<u64, usize>,
+}
+
+#[derive(Debug)]
+struct BackendVmState {
+    id: u32,
+    /// Pair index of each backend device, by `dm_id`.
+    devices: Box<[usize]>,
+}
+
+/// The hypervisor model. Build it with [`Hypervisor::new`]; get per-VM handles with
+/// [`Hypervisor::frontend`] and [`Hypervisor::backend`].
+#[derive(Debug)]
+pub struct Hypervisor {
+    pairs: Box<[Pair]>,
+    frontend_vms: Box<[FrontendVmState]>,
+    backend_vms: Box<[BackendVmState]>,
+    slots: SlotPool,
+    timeout: Option<Duration>,
+    stats: Counters,
+    log_limit: LogLimit,
+}
+
+impl Hypervisor {
+    /// Validates `config` as Bao does, creates the shared memory (a memfd per region without a
+    /// backing file), and builds the model.
+    pub fn new(mut config: HypConfig) -> Result<Arc<Self>, ConfigError> {
+        let pair_refs = config.validate()?;
+
+        let mut shmem_files = std::collections::HashMap::new();
+        for s in &mut config.shmem {
+            let file = match s.backing.take() {
+                Some(f) => {
+                    let len = f
+                        .metadata()
+                        .map_err(|source| ConfigError::ShmemIo { id: s.id, source })?
+                        .len();
+                    if len < s.size {
+                        return Err(ConfigError::ShmemBackingTooSmall {
+                            id: s.id,
+                            size: s.size,
+                            len,
+                        });
+                    }
+                    f
+                }
+                None => create_memfd(s.size)
+                    .map_err(|source| ConfigError::ShmemIo { id: s.id, source })?,
+            };
+            shmem_files.insert(s.id, (Arc::new(file), s.size));
+        }
+
+        let mut frontend_vms: Vec<FrontendVmState> = Vec::new();
+        let mut backend_vms: Vec<BackendVmState> = Vec::new();
+        // (vm index, device index) -> per-role index within the VM.
+        let mut role_index = std::collections::HashMap::new();
+        for vm in &config.vms {
+            let mut nf = 0;
+            let mut nb = 0;
+            for dev in &vm.remio_devices {
+                let counter = match dev.role {
+                    Role::Frontend => &mut nf,
+                    Role::Backend => &mut nb,
+                };
+                role_index.insert((vm.id, dev.bind_key, dev.role), *counter);
+                *counter += 1;
+            }
+            if nf > 0 {
+                frontend_vms.push(FrontendVmState {
+                    id: vm.id,
+                    devices: vec![usize::MAX; nf].into(),
+                    windows: BTreeMap::new(),
+                });
+            }
+            if nb > 0 {
+                backend_vms.push(BackendVmState {
+                    id: vm.id,
+                    devices: vec![usize::MAX; nb].into(),
+                });
+            }
+        }
+
+        let mut pairs = Vec::with_capacity(pair_refs.len());
+        for (pi, p) in pair_refs.iter().enumerate() {
+            let f = config.device(p.frontend);
+            let b = config.device(p.backend);
+            let fvm = config.vms[p.frontend.0].id;
+            let bvm = config.vms[p.backend.0].id;
+            let fi = role_index[&(fvm, p.bind_key, Role::Frontend)];
+            let bi = role_index[&(bvm, p.bind_key, Role::Backend)];
+            let (shmem, shmem_size) = shmem_files[&f.shmem_id].clone();
+            if let Some(vm) = frontend_vms.iter_mut().find(|v| v.id == fvm) {
+                vm.devices[fi] = pi;
+                vm.windows.insert(f.mmio_base, pi);
+            }
+            if let Some(vm) = backend_vms.iter_mut().find(|v| v.id == bvm) {
+                vm.devices[bi] = pi;
+            }
+            pairs.push(Pair {
+                bind_key: p.bind_key,
+                shmem_id: f.shmem_id,
+                shmem,
+                shmem_base: f.shmem_base,
+                shmem_size,
+                frontend_index: fi,
+                mmio_base: f.mmio_base,
+                mmio_size: f.mmio_size,
+                frontend_irq: f.irq,
+                dm_id: bi,
+                backend_irq: b.irq,
+                fifo: Mutex::new(VecDeque::with_capacity(config.slots)),
+                backend_line: Arc::default(),
+                frontend_line: Arc::default(),
+            });
+        }
+
+        Ok(Arc::new(Self {
+            pairs: pairs.into(),
+            frontend_vms: frontend_vms.into(),
+            backend_vms: backend_vms.into(),
+            slots: SlotPool::new(config.slots),
+            timeout: config.timeout,
+            stats: Counters::default(),
+            log_limit: LogLimit::new(),
+        }))
+    }
+
+    /// The frontend view of VM `vm_id`; `None` if it has no frontend device.
+    pub fn frontend(self: &Arc<Self>, vm_id: u32) -> Option<FrontendVm> {
+        let vm = self.frontend_vms.iter().position(|v| v.id == vm_id)?;
+        Some(FrontendVm::new(Arc::clone(self), vm))
+    }
+
+    /// The backend view of VM `vm_id`; `None` if it has no backend device.
+    pub fn backend(self: &Arc<Self>, vm_id: u32) -> Option<BackendVm> {
+        let vm = self.backend_vms.iter().position(|v| v.id == vm_id)?;
+        Some(BackendVm::new(Arc::clone(self), vm))
+    }
+
+    /// Ids of the VMs that have frontend devices, in configuration order.
+    pub fn frontend_vm_ids(&self) -> Vec<u32> {
+        self.frontend_vms.iter().map(|v| v.id).collect()
+    }
+
+    /// Ids of the VMs that have backend devices, in configuration order.
+    pub fn backend_vm_ids(&self) -> Vec<u32> {
+        self.backend_vms.iter().map(|v| v.id).collect()
+    }
+
+    /// The number of request slots.
+    pub fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The configured access timeout.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        let c = &self.stats;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Stats {
+            requests: g(&c.requests),
+            reads: g(&c.reads),
+            writes: g(&c.writes),
+            completions: g(&c.completions),
+            timeouts: g(&c.timeouts),
+            timeouts_pending: g(&c.timeouts_pending),
+            timeouts_abandoned: g(&c.timeouts_abandoned),
+            timeouts_no_slot: g(&c.timeouts_no_slot),
+            abandoned_completions: g(&c.abandoned_completions),
+            slot_waits: g(&c.slot_waits),
+            asks: g(&c.asks),
+            asks_failed: g(&c.asks_failed),
+            notifies: g(&c.notifies),
+            invalid_hypercalls: g(&c.invalid_hypercalls),
+            backend_irqs: g(&c.backend_irqs),
+            backend_irqs_latched: g(&c.backend_irqs_latched),
+        }
+    }
+}
+
+/// Creates an anonymous shared-memory file of `size` bytes.
+fn create_memfd(size: u64) -> io::Result<File> {
+    // SAFETY: the name is a valid NUL-terminated string and the flags are valid; the return
+    // value is checked before use.
+    let fd = unsafe { libc::memfd_create(c"remio-shmem".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by memfd_create, is open, and nothing else owns it.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size)?;
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests;
