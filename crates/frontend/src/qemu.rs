@@ -1,1 +1,145 @@
-//! The QEMU bridge (work in progress).
+//! The QEMU bridge: makes an unmodified Linux guest under QEMU TCG a frontend of the
+//! hypervisor model (`spec/qemu-frontend.md`).
+//!
+//! - [`wire`]: the MPQEMU protocol of `x-pci-proxy-dev`.
+//! - [`pci`]: the proxy's config space (ids and window count from `guest/remio-ids.h`).
+//! - [`remote`]: the remote: BAR access at offset `o` → window `o / 0x200` → one trapped
+//!   access on that Remote I/O device ([`MmioTarget`]).
+//! - [`ivshmem`]: the ivshmem-doorbell server; vector `i` is window `i`'s interrupt.
+//! - [`ram`]: guest RAM as a memfd that is also the Remote I/O shared memory.
+//! - [`launch`]: the QEMU command line.
+//!
+//! [`Bridge`] ties them together: start it (socket served, ivshmem listening) *before* QEMU,
+//! then spawn QEMU from [`Bridge::qemu_command`].
+
+pub mod ivshmem;
+pub mod launch;
+pub mod pci;
+pub mod ram;
+pub mod remote;
+pub mod wire;
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+pub use ivshmem::{Interrupt, IvshmemServer};
+pub use launch::QemuOptions;
+pub use ram::GuestRam;
+pub use remote::{MmioTarget, Remote, RemoteStats, TargetError};
+
+/// Errors of [`Bridge`].
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    /// The remote could not be set up.
+    #[error(transparent)]
+    Remote(#[from] remote::RemoteError),
+    /// The ivshmem server could not be started.
+    #[error(transparent)]
+    Ivshmem(#[from] ivshmem::IvshmemError),
+    /// The RAM file could not be inspected.
+    #[error(transparent)]
+    Ram(#[from] ram::RamError),
+    /// Creating the socket pair or the thread failed.
+    #[error("bridge: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A log limiter for guest-triggerable paths: the first 10 events, then one in 1000.
+#[derive(Debug, Default)]
+pub struct RateLimit {
+    seen: u64,
+}
+
+impl RateLimit {
+    /// A fresh limiter.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether this event may be logged.
+    pub fn allow(&mut self) -> bool {
+        self.seen += 1;
+        self.seen <= 10 || self.seen.is_multiple_of(1000)
+    }
+}
+
+/// A running bridge: the remote thread serving QEMU's proxy socket and the ivshmem server.
+#[derive(Debug)]
+pub struct Bridge {
+    qemu_end: OwnedFd,
+    ram_fd: OwnedFd,
+    ram_size: u64,
+    ivshmem: IvshmemServer,
+    stats: Arc<RemoteStats>,
+    remote: Option<JoinHandle<Result<(), remote::RemoteError>>>,
+}
+
+impl Bridge {
+    /// Starts serving: window `i` of the proxy's BAR0 forwards to the Remote I/O device whose
+    /// frontend MMIO window starts at `windows[i]` through `target`; the ivshmem server
+    /// listens at `ivshmem_path` with one vector per window.
+    pub fn start(
+        windows: Vec<u64>,
+        target: Arc<dyn MmioTarget>,
+        ram: &GuestRam,
+        ivshmem_path: &Path,
+    ) -> Result<Self, BridgeError> {
+        let n = windows.len();
+        let remote = Remote::new(windows, target, Some(ram.identity()?))?;
+        let stats = remote.stats();
+        let (ours, theirs) = UnixStream::pair()?;
+        let ivshmem = IvshmemServer::start(ivshmem_path, n)?;
+        let thread = std::thread::Builder::new()
+            .name("remio-mpqemu".into())
+            .spawn(move || {
+                let r = remote.serve(ours);
+                if let Err(e) = &r {
+                    log::error!("qemu remote stopped: {e}");
+                }
+                r
+            })?;
+        Ok(Self {
+            qemu_end: theirs.into(),
+            ram_fd: ram.file().try_clone()?.into(),
+            ram_size: ram.size(),
+            ivshmem,
+            stats,
+            remote: Some(thread),
+        })
+    }
+
+    /// Window `i`'s interrupt (ivshmem MSI-X vector `i`).
+    pub fn interrupt(&self, i: usize) -> Option<Interrupt> {
+        self.ivshmem.interrupt(i)
+    }
+
+    /// The remote's counters.
+    pub fn stats(&self) -> Arc<RemoteStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// What QEMU needs from the bridge.
+    pub fn ends(&self) -> launch::BridgeEnds {
+        launch::BridgeEnds {
+            proxy_fd: self.qemu_end.as_raw_fd(),
+            ram_fd: self.ram_fd.as_raw_fd(),
+            ram_size: self.ram_size,
+            ivshmem_path: self.ivshmem.path().to_owned(),
+            vectors: self.ivshmem.vectors(),
+        }
+    }
+
+    /// The QEMU command for `opts` wired to this bridge.
+    pub fn qemu_command(&self, opts: &QemuOptions) -> Command {
+        launch::command(opts, &self.ends())
+    }
+
+    /// Whether the remote thread has stopped (QEMU closed the socket, or an error).
+    pub fn remote_finished(&self) -> bool {
+        self.remote.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+}
