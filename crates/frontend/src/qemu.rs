@@ -12,6 +12,7 @@
 //! [`Bridge`] ties them together: start it (socket served, ivshmem listening) *before* QEMU,
 //! then spawn QEMU from [`Bridge::qemu_command`].
 
+mod hyp;
 pub mod ivshmem;
 pub mod launch;
 pub mod pci;
