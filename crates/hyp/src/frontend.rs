@@ -240,14 +240,13 @@ impl Hypervisor {
     ) -> Completion {
         let pair = &self.pairs[pi];
         let deadline = self.timeout.map(|t| Instant::now() + t);
-        let Some((idx, waited)) = self.slots.acquire(deadline) else {
-            bump(&self.stats.slot_waits);
+        let Some(idx) = self
+            .slots
+            .acquire(deadline, || bump(&self.stats.slot_waits))
+        else {
             bump(&self.stats.timeouts_no_slot);
             return self.timed_out(pair, addr, "no free request slot");
         };
-        if waited {
-            bump(&self.stats.slot_waits);
-        }
         let Some(slot) = self.slots.get(idx) else {
             // Unreachable: the pool only hands out its own indices.
             return self.timed_out(pair, addr, "bad slot");

@@ -119,12 +119,18 @@ impl SlotPool {
         })
     }
 
-    /// Claims a free slot, waiting for one until `deadline` (forever if `None`). Returns the
-    /// slot index and whether it had to wait; `None` if the deadline passed.
-    pub(crate) fn acquire(&self, deadline: Option<Instant>) -> Option<(usize, bool)> {
+    /// Claims a free slot, waiting for one until `deadline` (forever if `None`); `on_wait` is
+    /// called once, before sleeping, if the pool is exhausted. Returns the slot index, or
+    /// `None` if the deadline passed.
+    pub(crate) fn acquire(
+        &self,
+        deadline: Option<Instant>,
+        on_wait: impl FnOnce(),
+    ) -> Option<usize> {
         if let Some(i) = self.try_claim() {
-            return Some((i, false));
+            return Some(i);
         }
+        on_wait();
         let mut g = lock(&self.wait_lock);
         self.waiters.fetch_add(1, Ordering::SeqCst);
         let got = loop {
@@ -150,7 +156,7 @@ impl SlotPool {
             }
         };
         self.waiters.fetch_sub(1, Ordering::SeqCst);
-        got.map(|i| (i, true))
+        got
     }
 
     /// Returns a slot (whose state the caller has set to FREE) to the pool.
@@ -171,13 +177,18 @@ mod tests {
     #[test]
     fn exhausted_pool_times_out_then_release_makes_a_slot_available() {
         let pool = SlotPool::new(2);
-        let (a, wa) = pool.acquire(None).unwrap();
-        let (b, wb) = pool.acquire(None).unwrap();
+        let waits = std::cell::Cell::new(0);
+        let a = pool.acquire(None, || waits.set(waits.get() + 1)).unwrap();
+        let b = pool.acquire(None, || waits.set(waits.get() + 1)).unwrap();
         assert_ne!(a, b);
-        assert!(!wa && !wb);
+        assert_eq!(waits.get(), 0);
         let soon = Instant::now() + Duration::from_millis(20);
-        assert!(pool.acquire(Some(soon)).is_none());
+        assert!(pool
+            .acquire(Some(soon), || waits.set(waits.get() + 1))
+            .is_none());
+        assert_eq!(waits.get(), 1);
         pool.release(b);
-        assert_eq!(pool.acquire(None), Some((b, false)));
+        assert_eq!(pool.acquire(None, || waits.set(waits.get() + 1)), Some(b));
+        assert_eq!(waits.get(), 1);
     }
 }
