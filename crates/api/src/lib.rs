@@ -6,10 +6,20 @@
 //! runs in-process on our dispatcher, in another process over a UNIX socket, and on Bao
 //! hardware against the C driver's ioctls.
 
+use std::sync::Arc;
+
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use remio_abi::VirtioRequest;
+
+pub mod fdpass;
+pub mod kernel;
+pub mod socket;
+pub mod wire;
+
+pub use kernel::{Ioctl, KernelApi, SysIoctl};
+pub use socket::{SocketApi, SocketServer, SocketServerConfig};
 
 /// What `DM_GET_INFO` returns about a device model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,7 +119,32 @@ impl ApiError {
             Self::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
         }
     }
+
+    /// The error an errno stands for: the inverse of [`ApiError::errno`] (for `ENOENT`,
+    /// [`ApiError::NotFound`]; errnos outside the table become [`ApiError::Io`]). `what` says
+    /// which call failed; the socket client and [`KernelApi`] use it to rebuild errors.
+    pub fn from_errno(errno: i32, what: &str) -> Self {
+        let what = what.to_owned();
+        match errno {
+            libc::ENOENT => Self::NotFound(what),
+            libc::EINVAL => Self::InvalidArgument(what),
+            libc::EEXIST => Self::Exists(what),
+            libc::EBUSY => Self::Busy(what),
+            libc::EBADF => Self::BadFd(what),
+            libc::EPERM => Self::PermissionDenied(what),
+            libc::ESHUTDOWN => Self::ShuttingDown,
+            libc::ENOTTY => Self::NotSupported(what),
+            libc::ECONNRESET => Self::Disconnected,
+            libc::EPROTO => Self::Protocol(what),
+            other => Self::Io(std::io::Error::from_raw_os_error(other)),
+        }
+    }
 }
+
+/// Called by a session, on the thread that queued it, each time a request becomes available to
+/// [`DmSession::try_attach`]. It must not block for long and must not call back into
+/// [`DmSession::set_notifier`].
+pub type Notifier = Arc<dyn Fn() + Send + Sync>;
 
 /// Result alias for the API.
 pub type Result<T> = std::result::Result<T, ApiError>;
@@ -139,10 +174,63 @@ pub trait DmSession: Send + Sync {
     /// Maps `len` bytes of the DM's shared memory from offset 0, placed at its guest-physical
     /// address (`mmap` on the DM fd). `len` must be non-zero and at most the shmem size.
     fn map_shmem(&self, len: u64) -> Result<GuestMemoryMmap>;
+
+    /// Completes `req` (as [`DmSession::complete`]) and then waits for the next request (as
+    /// [`DmSession::attach`]). Over the socket this is one round trip instead of two; if the
+    /// completion fails, no attach is made and its error is returned.
+    fn complete_and_attach(&self, req: &VirtioRequest) -> Result<VirtioRequest> {
+        self.complete(req)?;
+        self.attach()
+    }
+
+    /// Non-blocking [`DmSession::attach`]: `Ok(None)` when no request is queued. The socket
+    /// server uses it with [`DmSession::set_notifier`] to hand a request to a remote waiter
+    /// from the thread that queued it, with no server thread woken in between.
+    /// Implementations without it return [`ApiError::NotSupported`].
+    fn try_attach(&self) -> Result<Option<VirtioRequest>> {
+        Err(ApiError::NotSupported("try_attach".into()))
+    }
+
+    /// Installs (`Some`) or removes (`None`) the [`Notifier`] of this session. At most one is
+    /// installed; when `set_notifier(None)` returns, the old one is not running and will not
+    /// be called again. Implementations without it return [`ApiError::NotSupported`].
+    fn set_notifier(&self, notifier: Option<Notifier>) -> Result<()> {
+        let _ = notifier;
+        Err(ApiError::NotSupported("set_notifier".into()))
+    }
 }
 
 /// A way to reach the dispatcher: in-process, over a socket, or the kernel driver.
 pub trait DmApi: Send + Sync {
     /// Opens a session on DM `dm_id` (`DM_GET_INFO`).
     fn open(&self, dm_id: u32) -> Result<Box<dyn DmSession>>;
+}
+
+/// `map_shmem`'s bounds: `len` must be non-zero and at most `shmem_size`.
+pub(crate) fn check_shmem_len(len: u64, shmem_size: u64) -> Result<()> {
+    if len == 0 || len > shmem_size {
+        return Err(ApiError::InvalidArgument(format!(
+            "shared-memory length {len:#x} not in 1..={shmem_size:#x}"
+        )));
+    }
+    Ok(())
+}
+
+/// Maps `len` bytes of `file` from `offset`, shared, placed at guest-physical `guest_base`.
+pub fn map_file(
+    file: std::fs::File,
+    offset: u64,
+    len: u64,
+    guest_base: u64,
+) -> Result<GuestMemoryMmap> {
+    use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap, MmapRegion};
+    let size = usize::try_from(len)
+        .map_err(|_| ApiError::InvalidArgument(format!("length {len:#x} too large")))?;
+    let region = MmapRegion::from_file(FileOffset::new(file, offset), size)
+        .map_err(|e| ApiError::Io(std::io::Error::other(e)))?;
+    let region = GuestRegionMmap::new(region, GuestAddress(guest_base)).ok_or_else(|| {
+        ApiError::InvalidArgument("shared memory overflows the address space".into())
+    })?;
+    GuestMemoryMmap::from_regions(vec![region])
+        .map_err(|e| ApiError::InvalidArgument(format!("shared memory region: {e}")))
 }

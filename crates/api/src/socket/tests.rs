@@ -1,0 +1,541 @@
+//! Socket-specific tests: the transport against a small scripted [`DmApi`] double, raw bytes
+//! for every bad-input case, credentials, mode, fd hygiene. The behaviour of the API itself,
+//! run against both the in-process and the socket implementation, is in `tests/behaviour.rs`.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::*;
+use crate::fdpass;
+use crate::wire::{self, op, ReplyBody, Request, MAX_IN_FLIGHT, MAX_MESSAGE};
+use crate::{ApiError, DmApi, DmInfo, DmSession, IoeventfdSpec, Notifier, VirtioRequest};
+
+const SHMEM_ADDR: u64 = 0x5000_0000;
+const SHMEM_SIZE: u64 = 0x10000;
+
+/// One scripted DM (id 0): requests pushed by the test, completions recorded.
+struct FakeDm {
+    queue: Mutex<VecDeque<VirtioRequest>>,
+    cv: Condvar,
+    notifier: Mutex<Option<Notifier>>,
+    completed: Mutex<Vec<VirtioRequest>>,
+    ioeventfds: Mutex<Vec<IoeventfdSpec>>,
+    irqfds: AtomicUsize,
+    sessions_dropped: AtomicUsize,
+    shmem: std::fs::File,
+}
+
+impl FakeDm {
+    fn new() -> Arc<Self> {
+        // SAFETY: memfd_create with a valid C string; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"fake-shmem".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a new descriptor owned only here.
+        let shmem = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        shmem.set_len(SHMEM_SIZE).unwrap();
+        Arc::new(Self {
+            queue: Mutex::new(VecDeque::new()),
+            cv: Condvar::new(),
+            notifier: Mutex::new(None),
+            completed: Mutex::new(Vec::new()),
+            ioeventfds: Mutex::new(Vec::new()),
+            irqfds: AtomicUsize::new(0),
+            sessions_dropped: AtomicUsize::new(0),
+            shmem,
+        })
+    }
+
+    fn push(&self, r: VirtioRequest) {
+        self.queue.lock().unwrap().push_back(r);
+        self.cv.notify_one();
+        let n = self.notifier.lock().unwrap().clone();
+        if let Some(n) = n {
+            n();
+        }
+    }
+}
+
+struct FakeApi(Arc<FakeDm>);
+
+impl DmApi for FakeApi {
+    fn open(&self, dm_id: u32) -> crate::Result<Box<dyn DmSession>> {
+        if dm_id != 0 {
+            return Err(ApiError::NoSuchDm(dm_id));
+        }
+        Ok(Box::new(FakeSession(self.0.clone())))
+    }
+}
+
+struct FakeSession(Arc<FakeDm>);
+
+impl Drop for FakeSession {
+    fn drop(&mut self) {
+        *self.0.notifier.lock().unwrap() = None;
+        self.0.sessions_dropped.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl DmSession for FakeSession {
+    fn info(&self) -> DmInfo {
+        DmInfo {
+            id: 0,
+            shmem_addr: SHMEM_ADDR,
+            shmem_size: SHMEM_SIZE,
+            irq: 52,
+        }
+    }
+    fn attach(&self) -> crate::Result<VirtioRequest> {
+        let mut q = self.0.queue.lock().unwrap();
+        loop {
+            if let Some(r) = q.pop_front() {
+                return Ok(r);
+            }
+            q = self.0.cv.wait(q).unwrap();
+        }
+    }
+    fn try_attach(&self) -> crate::Result<Option<VirtioRequest>> {
+        Ok(self.0.queue.lock().unwrap().pop_front())
+    }
+    fn set_notifier(&self, n: Option<Notifier>) -> crate::Result<()> {
+        *self.0.notifier.lock().unwrap() = n;
+        Ok(())
+    }
+    fn complete(&self, req: &VirtioRequest) -> crate::Result<()> {
+        if req.dm_id != 0 {
+            return Err(ApiError::PermissionDenied("another DM".into()));
+        }
+        self.0.completed.lock().unwrap().push(*req);
+        Ok(())
+    }
+    fn assign_ioeventfd(&self, _fd: &EventFd, spec: IoeventfdSpec) -> crate::Result<()> {
+        self.0.ioeventfds.lock().unwrap().push(spec);
+        Ok(())
+    }
+    fn deassign_ioeventfd(&self, _fd: &EventFd, spec: IoeventfdSpec) -> crate::Result<()> {
+        let mut v = self.0.ioeventfds.lock().unwrap();
+        let i = v
+            .iter()
+            .position(|s| *s == spec)
+            .ok_or_else(|| ApiError::NotFound("ioeventfd".into()))?;
+        v.remove(i);
+        Ok(())
+    }
+    fn assign_irqfd(&self, _fd: &EventFd) -> crate::Result<()> {
+        self.0.irqfds.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn deassign_irqfd(&self, _fd: &EventFd) -> crate::Result<()> {
+        self.0.irqfds.fetch_sub(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn map_shmem(&self, len: u64) -> crate::Result<vm_memory::GuestMemoryMmap> {
+        crate::check_shmem_len(len, SHMEM_SIZE)?;
+        crate::map_file(self.0.shmem.try_clone()?, 0, len, SHMEM_ADDR)
+    }
+}
+
+fn sock_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("remio-api-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn server(name: &str) -> (Arc<FakeDm>, SocketServer) {
+    let dm = FakeDm::new();
+    let srv = SocketServer::bind(
+        sock_path(name),
+        Arc::new(FakeApi(dm.clone())),
+        SocketServerConfig::default(),
+    )
+    .unwrap();
+    (dm, srv)
+}
+
+fn req(id: u64) -> VirtioRequest {
+    VirtioRequest {
+        dm_id: 0,
+        addr: 0xa000_0070,
+        op: 1,
+        value: 0,
+        access_width: 4,
+        request_id: id,
+    }
+}
+
+/// A raw client speaking bytes.
+struct Raw(OwnedFd);
+
+impl Raw {
+    fn connect(srv: &SocketServer) -> Self {
+        Self(fdpass::connect(srv.path()).unwrap())
+    }
+    fn send(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
+        fdpass::send_msg(self.0.as_fd(), bytes, fds).unwrap();
+    }
+    fn request(&self, r: &Request, tag: u32) {
+        let mut b = Vec::new();
+        r.encode(tag, &mut b);
+        self.send(&b, &[]);
+    }
+    /// The next reply, or None if the server closed the connection.
+    fn recv(&self) -> Option<(wire::Reply, Vec<OwnedFd>)> {
+        let mut buf = [0u8; MAX_MESSAGE + 1];
+        let r = fdpass::recv_msg(self.0.as_fd(), &mut buf).ok()??;
+        let reply = wire::decode_reply(&buf[..r.len], r.fds.len()).unwrap();
+        Some((reply, r.fds))
+    }
+    fn errno_of_next(&self) -> i32 {
+        self.recv().unwrap().0.result.unwrap_err()
+    }
+    fn opened(srv: &SocketServer) -> Self {
+        let raw = Self::connect(srv);
+        raw.request(&Request::Open { dm_id: 0 }, 1);
+        assert!(raw.recv().unwrap().0.result.is_ok());
+        raw
+    }
+}
+
+/// How many fds of this process refer to the same eventfd as `e`, or to a file whose
+/// `/proc/self/fd` link is `link` (robust against other tests opening fds meanwhile).
+fn holders(e: &EventFd, link: &str) -> usize {
+    // SAFETY: e outlives the borrow.
+    let id = fdpass::eventfd_identity(unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) }).unwrap();
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|d| d.ok())
+        .filter(|d| {
+            let Ok(n) = d.file_name().to_string_lossy().parse::<i32>() else {
+                return false;
+            };
+            let Ok(target) = std::fs::read_link(d.path()) else {
+                return false;
+            };
+            if target.to_string_lossy() == link {
+                return true;
+            }
+            // SAFETY: n is open in this process for the duration of the check (or the read
+            // fails harmlessly).
+            let b = unsafe { BorrowedFd::borrow_raw(n) };
+            matches!(fdpass::eventfd_identity(b), Ok(Some(i)) if Some(i) == id && i != 0)
+        })
+        .count()
+}
+
+fn eventually(mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+#[test]
+fn open_returns_the_dm_info_and_unknown_dms_are_no_such_dm() {
+    let (_dm, srv) = server("open.sock");
+    let api = SocketApi::connect(srv.path());
+    let s = api.open(0).unwrap();
+    assert_eq!(
+        s.info(),
+        DmInfo {
+            id: 0,
+            shmem_addr: SHMEM_ADDR,
+            shmem_size: SHMEM_SIZE,
+            irq: 52
+        }
+    );
+    assert!(matches!(api.open(3), Err(ApiError::NoSuchDm(3))));
+}
+
+#[test]
+fn a_request_queued_before_attach_and_one_after_both_arrive() {
+    let (dm, srv) = server("attach.sock");
+    let s = SocketApi::connect(srv.path()).open(0).unwrap();
+    dm.push(req(1));
+    assert_eq!(s.attach().unwrap(), req(1));
+    let s = Arc::new(s);
+    let t = {
+        let s = s.clone();
+        std::thread::spawn(move || s.attach().unwrap())
+    };
+    std::thread::sleep(Duration::from_millis(20));
+    dm.push(req(2));
+    assert_eq!(t.join().unwrap(), req(2));
+    let mut done = req(2);
+    done.value = 0x55;
+    let next = {
+        let s = s.clone();
+        std::thread::spawn(move || s.complete_and_attach(&done).unwrap())
+    };
+    assert!(eventually(|| dm.completed.lock().unwrap().contains(&done)));
+    dm.push(req(3));
+    assert_eq!(next.join().unwrap(), req(3));
+}
+
+#[test]
+fn many_threads_wait_in_attach_on_one_connection_and_each_gets_one_request() {
+    let (dm, srv) = server("many.sock");
+    let s: Arc<dyn DmSession> = Arc::from(SocketApi::connect(srv.path()).open(0).unwrap());
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let s = s.clone();
+            std::thread::spawn(move || s.attach().unwrap().request_id)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(20));
+    for i in 0..8 {
+        dm.push(req(i));
+    }
+    let mut got: Vec<u64> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    got.sort_unstable();
+    assert_eq!(got, (0..8).collect::<Vec<_>>());
+}
+
+#[test]
+fn errors_cross_the_socket_with_their_errno() {
+    let (_dm, srv) = server("errors.sock");
+    let s = SocketApi::connect(srv.path()).open(0).unwrap();
+    let mut foreign = req(1);
+    foreign.dm_id = 5;
+    assert_eq!(s.complete(&foreign).unwrap_err().errno(), libc::EPERM);
+    let e = EventFd::new(0).unwrap();
+    let spec = IoeventfdSpec {
+        addr: 0xa000_0050,
+        len: 4,
+        datamatch: Some(0),
+    };
+    assert_eq!(
+        s.deassign_ioeventfd(&e, spec).unwrap_err().errno(),
+        libc::ENOENT
+    );
+    assert_eq!(s.map_shmem(0).unwrap_err().errno(), libc::EINVAL);
+}
+
+#[test]
+fn eventfds_and_shared_memory_cross_the_socket() {
+    let (dm, srv) = server("fds.sock");
+    let s = SocketApi::connect(srv.path()).open(0).unwrap();
+    let e = EventFd::new(0).unwrap();
+    let spec = IoeventfdSpec {
+        addr: 0xa000_0050,
+        len: 4,
+        datamatch: Some(1),
+    };
+    s.assign_ioeventfd(&e, spec).unwrap();
+    assert_eq!(*dm.ioeventfds.lock().unwrap(), vec![spec]);
+    s.deassign_ioeventfd(&e, spec).unwrap();
+    assert!(dm.ioeventfds.lock().unwrap().is_empty());
+    s.assign_irqfd(&e).unwrap();
+    assert_eq!(dm.irqfds.load(Ordering::SeqCst), 1);
+    s.deassign_irqfd(&e).unwrap();
+    assert_eq!(dm.irqfds.load(Ordering::SeqCst), 0);
+
+    let mem = s.map_shmem(0x1000).unwrap();
+    mem.write_obj(0xfeed_u32, GuestAddress(SHMEM_ADDR + 8))
+        .unwrap();
+    let mut b = [0u8; 4];
+    std::os::unix::fs::FileExt::read_exact_at(&dm.shmem, &mut b, 8).unwrap();
+    assert_eq!(u32::from_le_bytes(b), 0xfeed);
+    assert!(mem
+        .read_obj::<u8>(GuestAddress(SHMEM_ADDR + 0x1000))
+        .is_err());
+}
+
+#[test]
+fn the_socket_is_mode_0600() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_dm, srv) = server("mode.sock");
+    let mode = std::fs::metadata(srv.path()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn a_peer_with_a_uid_not_allowed_is_refused() {
+    let dm = FakeDm::new();
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let cfg = SocketServerConfig {
+        allowed_uids: Some(vec![me.wrapping_add(1)]),
+        ..Default::default()
+    };
+    let srv = SocketServer::bind(sock_path("cred.sock"), Arc::new(FakeApi(dm)), cfg).unwrap();
+    assert!(matches!(
+        SocketApi::connect(srv.path()).open(0),
+        Err(ApiError::Disconnected)
+    ));
+}
+
+#[test]
+fn requests_before_open_and_a_second_open_are_eproto() {
+    let (_dm, srv) = server("seq.sock");
+    let raw = Raw::connect(&srv);
+    raw.request(&Request::Attach, 4);
+    let (reply, _) = raw.recv().unwrap();
+    assert_eq!(
+        (reply.opcode, reply.tag, reply.result),
+        (op::ATTACH, 4, Err(libc::EPROTO))
+    );
+    raw.request(&Request::Open { dm_id: 0 }, 5);
+    assert!(raw.recv().unwrap().0.result.is_ok());
+    raw.request(&Request::Open { dm_id: 0 }, 6);
+    assert_eq!(raw.errno_of_next(), libc::EPROTO);
+}
+
+#[test]
+fn unknown_opcodes_are_enotty_and_the_connection_stays_usable() {
+    let (_dm, srv) = server("opcode.sock");
+    let raw = Raw::opened(&srv);
+    let mut b = Vec::new();
+    Request::Attach.encode(9, &mut b);
+    b[4] = 0x33;
+    raw.send(&b, &[]);
+    let (reply, _) = raw.recv().unwrap();
+    assert_eq!((reply.tag, reply.result), (9, Err(libc::ENOTTY)));
+    raw.request(&Request::MapShmem { len: 0 }, 10);
+    assert_eq!(raw.errno_of_next(), libc::EINVAL);
+}
+
+#[test]
+fn truncated_and_oversized_payloads_are_einval() {
+    let (_dm, srv) = server("size.sock");
+    let raw = Raw::opened(&srv);
+    let mut b = Vec::new();
+    Request::Complete(req(1)).encode(2, &mut b);
+    raw.send(&b[..b.len() - 8], &[]);
+    assert_eq!(raw.errno_of_next(), libc::EINVAL);
+    let mut big = b.clone();
+    big.resize(4096, 0);
+    raw.send(&big, &[]);
+    assert_eq!(raw.errno_of_next(), libc::EINVAL);
+}
+
+#[test]
+fn wrong_fd_counts_and_fds_of_the_wrong_kind_are_ebadf_and_none_leak() {
+    let (_dm, srv) = server("badfd.sock");
+    let raw = Raw::opened(&srv);
+    let e = EventFd::new(0).unwrap();
+    // SAFETY: e outlives the borrow.
+    let efd = unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) };
+    // An fd on a message that takes none.
+    let mut b = Vec::new();
+    Request::Attach.encode(1, &mut b);
+    b[3] = 1;
+    raw.send(&b, &[efd]);
+    assert_eq!(raw.errno_of_next(), libc::EBADF);
+    // No fd on IRQFD.
+    Request::Irqfd(remio_abi::Irqfd::default()).encode(2, &mut b);
+    b[3] = 0;
+    raw.send(&b, &[]);
+    assert_eq!(raw.errno_of_next(), libc::EBADF);
+    // Two fds where one is expected.
+    Request::Irqfd(remio_abi::Irqfd::default()).encode(3, &mut b);
+    raw.send(&b, &[efd, efd]);
+    assert_eq!(raw.errno_of_next(), libc::EBADF);
+    // A file that is not an eventfd.
+    // SAFETY: memfd_create with a valid C string; the result is checked.
+    let m = unsafe { libc::memfd_create(c"remio-not-an-eventfd".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(m >= 0);
+    // SAFETY: a new descriptor owned only here.
+    let f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(m) });
+    Request::Irqfd(remio_abi::Irqfd::default()).encode(4, &mut b);
+    raw.send(&b, &[f.as_fd()]);
+    assert_eq!(raw.errno_of_next(), libc::EBADF);
+    // Unknown ioeventfd flags.
+    Request::Ioeventfd(remio_abi::Ioeventfd {
+        flags: 1 << 7,
+        ..Default::default()
+    })
+    .encode(5, &mut b);
+    raw.send(&b, &[efd]);
+    assert_eq!(raw.errno_of_next(), libc::EINVAL);
+    // The server (same process) holds none of the fds it was sent: only ours remain.
+    let link = "/memfd:remio-not-an-eventfd (deleted)";
+    assert!(
+        eventually(|| holders(&e, link) == 2),
+        "fds leaked: {}",
+        holders(&e, link)
+    );
+}
+
+#[test]
+fn too_many_waiting_attaches_are_ebusy() {
+    let (_dm, srv) = server("busy.sock");
+    let raw = Raw::opened(&srv);
+    for tag in 0..=u32::try_from(MAX_IN_FLIGHT).unwrap() {
+        raw.request(&Request::Attach, tag);
+    }
+    let (reply, _) = raw.recv().unwrap();
+    assert_eq!(
+        (reply.tag, reply.result),
+        (u32::try_from(MAX_IN_FLIGHT).unwrap(), Err(libc::EBUSY))
+    );
+}
+
+#[test]
+fn a_corrupt_header_closes_the_connection_and_ends_the_session() {
+    let (dm, srv) = server("corrupt.sock");
+    let raw = Raw::opened(&srv);
+    raw.send(&[1, 2, 3], &[]);
+    assert!(raw.recv().is_none(), "the server closes");
+    assert!(eventually(
+        || dm.sessions_dropped.load(Ordering::SeqCst) == 1
+    ));
+    let raw = Raw::opened(&srv);
+    let mut b = Vec::new();
+    Request::Attach.encode(1, &mut b);
+    b[0] ^= 0xff;
+    raw.send(&b, &[]);
+    assert!(raw.recv().is_none());
+    assert!(eventually(
+        || dm.sessions_dropped.load(Ordering::SeqCst) == 2
+    ));
+}
+
+#[test]
+fn closing_the_client_drops_the_server_session() {
+    let (dm, srv) = server("close.sock");
+    let s = SocketApi::connect(srv.path()).open(0).unwrap();
+    assert_eq!(srv.connections(), 1);
+    drop(s);
+    assert!(eventually(
+        || dm.sessions_dropped.load(Ordering::SeqCst) == 1
+    ));
+    assert!(eventually(|| srv.connections() == 0));
+}
+
+#[test]
+fn dropping_the_server_disconnects_waiting_clients_and_removes_the_socket() {
+    let (_dm, srv) = server("drop.sock");
+    let path = srv.path().to_owned();
+    let s: Arc<dyn DmSession> = Arc::from(SocketApi::connect(&path).open(0).unwrap());
+    let t = {
+        let s = s.clone();
+        std::thread::spawn(move || s.attach())
+    };
+    std::thread::sleep(Duration::from_millis(20));
+    drop(srv);
+    assert!(matches!(t.join().unwrap(), Err(ApiError::Disconnected)));
+    assert!(!path.exists());
+}
+
+#[test]
+fn replies_match_their_tags_when_answered_out_of_order() {
+    let (dm, srv) = server("order.sock");
+    let raw = Raw::opened(&srv);
+    raw.request(&Request::Attach, 40);
+    raw.request(&Request::Complete(req(7)), 41);
+    let (r1, _) = raw.recv().unwrap();
+    assert_eq!((r1.tag, r1.result), (41, Ok(ReplyBody::Empty)));
+    dm.push(req(8));
+    let (r2, _) = raw.recv().unwrap();
+    assert_eq!((r2.tag, r2.result), (40, Ok(ReplyBody::Request(req(8)))));
+}
