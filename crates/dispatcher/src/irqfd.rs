@@ -1,0 +1,241 @@
+//! The irqfd server of one DM: each signal of an assigned eventfd becomes one NOTIFY
+//! hypercall (signals that pile up before the server reads the counter coalesce into one, as
+//! the eventfd counter semantics imply).
+//!
+//! One epoll thread per DM, started lazily on the first assignment. Per DM rather than per
+//! dispatcher because destroying a DM then simply stops and joins its thread, which
+//! guarantees no NOTIFY for that DM id is issued after destroy returns (a new DM may reuse
+//! the id), and a DM's irqfds cannot delay another's; the cost is at most
+//! `BAO_IO_MAX_DMS` (16) mostly idle threads.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use remio_abi::hypercall::{RemioArgs, RemioOp};
+use remio_abi::Hypercall;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::ioeventfd::same_file;
+use crate::ratelimit::RateLimit;
+
+/// Errors of [`crate::Dm::irqfd_assign`] and [`crate::Dm::irqfd_deassign`].
+#[derive(Debug, thiserror::Error)]
+pub enum IrqfdError {
+    /// This eventfd (same open file) is already assigned to this DM. EBUSY.
+    #[error("eventfd already assigned as an irqfd")]
+    Busy,
+    /// No irqfd with this eventfd is assigned. ENOENT.
+    #[error("eventfd is not assigned as an irqfd")]
+    NotFound,
+    /// The descriptor cannot be watched (not open, or not pollable). EBADF.
+    #[error("bad eventfd: {0}")]
+    BadFd(#[source] io::Error),
+    /// The DM is being destroyed. ESHUTDOWN.
+    #[error("the DM is being destroyed")]
+    ShuttingDown,
+    /// Creating the epoll instance or its thread failed. The OS errno (EIO if none).
+    #[error("irqfd server: {0}")]
+    Io(#[source] io::Error),
+}
+
+impl IrqfdError {
+    /// The errno of this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Self::Busy => libc::EBUSY,
+            Self::NotFound => libc::ENOENT,
+            Self::BadFd(_) => libc::EBADF,
+            Self::ShuttingDown => libc::ESHUTDOWN,
+            Self::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+}
+
+const STOP_TOKEN: u64 = 0;
+
+#[derive(Debug)]
+struct Shared {
+    epoll: Epoll,
+    stop: EventFd,
+    /// Leaf lock. Token → eventfd.
+    entries: Mutex<BTreeMap<u64, Arc<EventFd>>>,
+    notifies: AtomicU64,
+}
+
+/// See the module docs.
+#[derive(Debug)]
+pub(crate) struct IrqfdServer {
+    shared: Arc<Shared>,
+    next_token: u64,
+    thread: Option<JoinHandle<()>>,
+}
+
+fn readable(fd: &EventFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `p` is a valid pollfd for the duration of the call and nfds is 1.
+    let n = unsafe { libc::poll(&raw mut p, 1, 0) };
+    n == 1 && p.revents & libc::POLLIN != 0
+}
+
+fn run(shared: &Shared, hc: &dyn Hypercall, dm_id: u32) {
+    let mut events = vec![EpollEvent::default(); 16];
+    let failed = RateLimit::new();
+    loop {
+        let n = match shared.epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                log::error!("irqfd server of DM {dm_id}: epoll_wait failed: {e}; stopping");
+                return;
+            }
+        };
+        for ev in &events[..n] {
+            if ev.data() == STOP_TOKEN {
+                return;
+            }
+            let fd = shared
+                .entries
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&ev.data())
+                .cloned();
+            let Some(fd) = fd else { continue };
+            // Level-triggered: readable means the counter is non-zero. The check keeps a
+            // blocking eventfd that someone else drained from blocking this thread.
+            if !readable(&fd) || fd.read().is_err() {
+                continue;
+            }
+            shared.notifies.fetch_add(1, Ordering::Relaxed);
+            let ret = hc.remote_io(&RemioArgs {
+                dm_id: u64::from(dm_id),
+                op: RemioOp::Notify as u64,
+                ..RemioArgs::default()
+            });
+            if let Err(s) = ret.check() {
+                if failed.allow() {
+                    log::warn!("irqfd of DM {dm_id}: NOTIFY failed: {s}");
+                }
+            }
+        }
+    }
+}
+
+impl IrqfdServer {
+    /// Creates the epoll instance and starts the thread.
+    pub(crate) fn start(hc: Arc<dyn Hypercall>, dm_id: u32) -> Result<Self, IrqfdError> {
+        let epoll = Epoll::new().map_err(IrqfdError::Io)?;
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(IrqfdError::Io)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                stop.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, STOP_TOKEN),
+            )
+            .map_err(IrqfdError::Io)?;
+        let shared = Arc::new(Shared {
+            epoll,
+            stop,
+            entries: Mutex::new(BTreeMap::new()),
+            notifies: AtomicU64::new(0),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("remio-irqfd{dm_id}"))
+            .spawn(move || run(&s, hc.as_ref(), dm_id))
+            .map_err(IrqfdError::Io)?;
+        Ok(Self {
+            shared,
+            next_token: STOP_TOKEN + 1,
+            thread: Some(thread),
+        })
+    }
+
+    /// Watches `fd`. An eventfd already signalled is reported by the (level-triggered) epoll
+    /// at once, so it injects once.
+    pub(crate) fn assign(&mut self, fd: Arc<EventFd>) -> Result<(), IrqfdError> {
+        let mut entries = self
+            .shared
+            .entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if entries.values().any(|e| same_file(e, &fd)) {
+            return Err(IrqfdError::Busy);
+        }
+        let token = self.next_token;
+        self.shared
+            .epoll
+            .ctl(
+                ControlOperation::Add,
+                fd.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, token),
+            )
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EBADF | libc::EPERM | libc::EEXIST) => IrqfdError::BadFd(e),
+                _ => IrqfdError::Io(e),
+            })?;
+        self.next_token += 1;
+        entries.insert(token, fd);
+        Ok(())
+    }
+
+    /// Stops watching the eventfd that is the same file as `fd`.
+    pub(crate) fn deassign(&mut self, fd: &EventFd) -> Result<(), IrqfdError> {
+        let mut entries = self
+            .shared
+            .entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let token = entries
+            .iter()
+            .find(|(_, e)| same_file(e, fd))
+            .map(|(t, _)| *t)
+            .ok_or(IrqfdError::NotFound)?;
+        if let Some(e) = entries.remove(&token) {
+            if let Err(err) = self.shared.epoll.ctl(
+                ControlOperation::Delete,
+                e.as_raw_fd(),
+                EpollEvent::default(),
+            ) {
+                log::warn!("irqfd deassign: epoll_ctl(DEL) failed: {err}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of assigned irqfds.
+    pub(crate) fn len(&self) -> usize {
+        self.shared
+            .entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Signals seen so far (each was one NOTIFY).
+    pub(crate) fn notifies(&self) -> u64 {
+        self.shared.notifies.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for IrqfdServer {
+    fn drop(&mut self) {
+        if let Err(e) = self.shared.stop.write(1) {
+            log::error!("irqfd server: cannot signal stop: {e}");
+            return;
+        }
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                log::error!("irqfd server thread panicked");
+            }
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Loom model of the request lifecycle (written next).
