@@ -87,6 +87,8 @@ pub mod testing;
 
 #[cfg(all(test, loom))]
 mod loom_tests;
+#[cfg(all(test, not(loom)))]
+mod tests;
 
 pub use client::{AttachError, ClientError, ControlClient, IoClient};
 pub use dispatcher::Dispatcher;
