@@ -14,10 +14,12 @@ use vmm_sys_util::eventfd::EventFd;
 pub use remio_abi::VirtioRequest;
 
 pub mod fdpass;
+pub mod inprocess;
 pub mod kernel;
 pub mod socket;
 pub mod wire;
 
+pub use inprocess::{InProcessApi, InProcessSession, ABANDONED_READ_VALUE};
 pub use kernel::{Ioctl, KernelApi, SysIoctl};
 pub use socket::{SocketApi, SocketServer, SocketServerConfig};
 

@@ -1,0 +1,311 @@
+//! The device-model API straight onto the dispatcher, in the same process.
+//!
+//! A session is the DM's control client plus this session's bookkeeping, which enforces the
+//! session rules (`design.md`, "Invariants"):
+//!
+//! - One control session per DM at a time: a second [`DmApi::open`] is `EBUSY` until the first
+//!   session is dropped.
+//! - A session reaches only its DM. A completion naming another DM (`dm_id`) is `EPERM`; one
+//!   naming a request this session did not receive from `attach`, or already completed, is
+//!   `ENOENT`; one that does not echo the request (address, op or width changed) is `EINVAL`.
+//!   An ioeventfd outside the DM's MMIO window (when the window is known, see
+//!   [`InProcessApi::set_mmio_window`]) is `EPERM`.
+//! - Dropping the session (a device model that exits, or whose socket connection ends)
+//!   destroys the control client, so later requests wait for the next session (they are held
+//!   by the DM, bounded by the hypervisor's timeout); deassigns every ioeventfd and irqfd the
+//!   session assigned; and completes every request it received but did not complete, a read
+//!   with [`ABANDONED_READ_VALUE`] (0) and a write as it was, so no frontend stays stalled.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+
+use remio_abi::uapi::BAO_IO_READ;
+use remio_dispatcher::{ControlClient, Dispatcher, Dm, IoeventfdConfig};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::{ApiError, DmApi, DmInfo, DmSession, IoeventfdSpec, Notifier, Result, VirtioRequest};
+
+/// What a read returns when the session that received it ended without completing it. 0
+/// reads as "nothing" for the virtio-mmio registers a driver polls (InterruptStatus,
+/// QueueReady, Status), the same choice as the hypervisor model's timeout.
+pub const ABANDONED_READ_VALUE: u64 = 0;
+
+/// The device-model API of a [`Dispatcher`] in this process.
+#[derive(Debug)]
+pub struct InProcessApi {
+    dispatcher: Arc<Dispatcher>,
+    /// DM id → frontend MMIO window `(base, size)`, where the platform knows it.
+    windows: RwLock<HashMap<u32, (u64, u64)>>,
+}
+
+impl InProcessApi {
+    /// The API of `dispatcher`'s DMs.
+    pub fn new(dispatcher: Arc<Dispatcher>) -> Self {
+        Self {
+            dispatcher,
+            windows: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// Declares DM `dm_id`'s frontend MMIO window: ioeventfds outside it are refused (`EPERM`).
+    /// Sessions opened afterwards use it.
+    pub fn set_mmio_window(&self, dm_id: u32, base: u64, size: u64) {
+        self.windows
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(dm_id, (base, size));
+    }
+
+    /// The dispatcher served.
+    pub fn dispatcher(&self) -> &Arc<Dispatcher> {
+        &self.dispatcher
+    }
+}
+
+fn errno_error(errno: i32, e: &dyn std::fmt::Display) -> ApiError {
+    ApiError::from_errno(errno, &e.to_string())
+}
+
+impl DmApi for InProcessApi {
+    fn open(&self, dm_id: u32) -> Result<Box<dyn DmSession>> {
+        let dm = self
+            .dispatcher
+            .dm(dm_id)
+            .map_err(|_| ApiError::NoSuchDm(dm_id))?;
+        let control = dm.create_control_client().map_err(|e| match e.errno() {
+            libc::EBUSY => ApiError::Busy(format!("DM {dm_id} already has a session")),
+            errno => errno_error(errno, &e),
+        })?;
+        let window = self
+            .windows
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&dm_id)
+            .copied();
+        let i = dm.info();
+        Ok(Box::new(InProcessSession {
+            info: DmInfo {
+                id: i.id,
+                shmem_addr: i.shmem_addr,
+                shmem_size: i.shmem_size,
+                irq: i.irq,
+            },
+            dm,
+            control,
+            window,
+            state: Mutex::new(State::default()),
+        }))
+    }
+}
+
+/// What a session holds, to enforce its rules and undo it when it ends.
+#[derive(Default)]
+struct State {
+    /// Requests received from `attach` and not completed, by request id.
+    outstanding: HashMap<u64, VirtioRequest>,
+    ioeventfds: Vec<(IoeventfdSpec, Arc<EventFd>)>,
+    irqfds: Vec<Arc<EventFd>>,
+}
+
+/// One session on one DM.
+pub struct InProcessSession {
+    info: DmInfo,
+    dm: Arc<Dm>,
+    control: Arc<ControlClient>,
+    window: Option<(u64, u64)>,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for InProcessSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InProcessSession")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+impl InProcessSession {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn received(&self, req: VirtioRequest) -> VirtioRequest {
+        self.state().outstanding.insert(req.request_id, req);
+        req
+    }
+
+    fn config(fd: Arc<EventFd>, spec: IoeventfdSpec, deassign: bool) -> IoeventfdConfig {
+        IoeventfdConfig {
+            fd,
+            addr: spec.addr,
+            len: spec.len,
+            datamatch: spec.datamatch,
+            deassign,
+        }
+    }
+}
+
+impl DmSession for InProcessSession {
+    fn info(&self) -> DmInfo {
+        self.info
+    }
+
+    fn attach(&self) -> Result<VirtioRequest> {
+        let req = self.control.attach().map_err(|_| ApiError::ShuttingDown)?;
+        Ok(self.received(req))
+    }
+
+    fn try_attach(&self) -> Result<Option<VirtioRequest>> {
+        if self.control.is_destroyed() {
+            return Err(ApiError::ShuttingDown);
+        }
+        Ok(self.control.try_attach().map(|r| self.received(r)))
+    }
+
+    fn set_notifier(&self, notifier: Option<Notifier>) -> Result<()> {
+        self.control.set_notifier(notifier);
+        Ok(())
+    }
+
+    fn complete(&self, req: &VirtioRequest) -> Result<()> {
+        if req.dm_id != u64::from(self.info.id) {
+            return Err(ApiError::PermissionDenied(format!(
+                "request of DM {} completed on a session of DM {}",
+                req.dm_id, self.info.id
+            )));
+        }
+        let orig = {
+            let mut st = self.state();
+            let orig = *st.outstanding.get(&req.request_id).ok_or_else(|| {
+                ApiError::NotFound(format!("request {} is not outstanding", req.request_id))
+            })?;
+            if orig.op != req.op || orig.addr != req.addr || orig.access_width != req.access_width {
+                return Err(ApiError::InvalidArgument(format!(
+                    "completion of request {} does not echo it",
+                    req.request_id
+                )));
+            }
+            // Claimed: a concurrent completion of the same id now finds nothing.
+            st.outstanding.remove(&req.request_id);
+            orig
+        };
+        match self.dm.complete(req) {
+            Ok(()) => Ok(()),
+            Err(e) if e.errno() == libc::ENOENT => Err(errno_error(libc::ENOENT, &e)),
+            Err(e) => {
+                // Not completed: keep it so that the session's end completes it.
+                self.state().outstanding.insert(orig.request_id, orig);
+                Err(errno_error(e.errno(), &e))
+            }
+        }
+    }
+
+    fn assign_ioeventfd(&self, fd: &EventFd, spec: IoeventfdSpec) -> Result<()> {
+        if let Some((base, size)) = self.window {
+            let end = spec.addr.checked_add(u64::from(spec.len.max(1)));
+            let inside = spec.addr >= base && end.is_some_and(|e| e <= base.saturating_add(size));
+            if !inside {
+                return Err(ApiError::PermissionDenied(format!(
+                    "ioeventfd at {:#x} is outside the DM's window",
+                    spec.addr
+                )));
+            }
+        }
+        let fd = Arc::new(fd.try_clone()?);
+        self.dm
+            .ioeventfd(Self::config(fd.clone(), spec, false))
+            .map_err(|e| errno_error(e.errno(), &e))?;
+        self.state().ioeventfds.push((spec, fd));
+        Ok(())
+    }
+
+    fn deassign_ioeventfd(&self, fd: &EventFd, spec: IoeventfdSpec) -> Result<()> {
+        let fd = Arc::new(fd.try_clone()?);
+        self.dm
+            .ioeventfd(Self::config(fd.clone(), spec, true))
+            .map_err(|e| errno_error(e.errno(), &e))?;
+        let mut st = self.state();
+        if let Some(i) = st
+            .ioeventfds
+            .iter()
+            .position(|(s, f)| *s == spec && remio_dispatcher::same_file(f, &fd))
+        {
+            st.ioeventfds.swap_remove(i);
+        }
+        Ok(())
+    }
+
+    fn assign_irqfd(&self, fd: &EventFd) -> Result<()> {
+        let fd = Arc::new(fd.try_clone()?);
+        self.dm
+            .irqfd_assign(fd.clone())
+            .map_err(|e| errno_error(e.errno(), &e))?;
+        self.state().irqfds.push(fd);
+        Ok(())
+    }
+
+    fn deassign_irqfd(&self, fd: &EventFd) -> Result<()> {
+        self.dm
+            .irqfd_deassign(fd)
+            .map_err(|e| errno_error(e.errno(), &e))?;
+        let mut st = self.state();
+        if let Some(i) = st
+            .irqfds
+            .iter()
+            .position(|f| remio_dispatcher::same_file(f, fd))
+        {
+            st.irqfds.swap_remove(i);
+        }
+        Ok(())
+    }
+
+    fn map_shmem(&self, len: u64) -> Result<GuestMemoryMmap> {
+        crate::check_shmem_len(len, self.info.shmem_size)?;
+        let file = self
+            .dm
+            .shmem()
+            .ok_or_else(|| ApiError::NotSupported("the DM has no shared-memory file".into()))?;
+        crate::map_file(file.try_clone()?, 0, len, self.info.shmem_addr)
+    }
+}
+
+impl Drop for InProcessSession {
+    fn drop(&mut self) {
+        self.control.set_notifier(None);
+        // New requests now wait (held by the DM) for the next session.
+        if let Err(e) = self.dm.destroy_control_client() {
+            log::debug!("DM {}: session end: {e}", self.info.id);
+        }
+        let st = std::mem::take(&mut *self.state());
+        for (spec, fd) in st.ioeventfds {
+            if let Err(e) = self.dm.ioeventfd(Self::config(fd, spec, true)) {
+                log::debug!("DM {}: session end: ioeventfd deassign: {e}", self.info.id);
+            }
+        }
+        for fd in st.irqfds {
+            if let Err(e) = self.dm.irqfd_deassign(&fd) {
+                log::debug!("DM {}: session end: irqfd deassign: {e}", self.info.id);
+            }
+        }
+        let abandoned = st.outstanding.len();
+        for (_, mut req) in st.outstanding {
+            if req.op == BAO_IO_READ {
+                req.value = ABANDONED_READ_VALUE;
+            }
+            if let Err(e) = self.dm.complete(&req) {
+                log::debug!(
+                    "DM {}: session end: completing {}: {e}",
+                    self.info.id,
+                    req.request_id
+                );
+            }
+        }
+        if abandoned > 0 {
+            log::info!(
+                "DM {}: session ended with {abandoned} request(s) outstanding; completed them",
+                self.info.id
+            );
+        }
+    }
+}

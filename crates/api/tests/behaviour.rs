@@ -1,0 +1,332 @@
+//! ONE behavioural suite of the device-model API, run against the in-process implementation
+//! and against the socket client/server, on the real hypervisor model and dispatcher; plus
+//! the process-death test (a device-model child killed with SIGKILL mid-stream).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
+
+mod common;
+mod kill;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{eventually, Stack, BACKEND_IRQ, MMIO, MMIO_SIZE, SHMEM, SHMEM_SIZE};
+use remio_abi::uapi::{BAO_IO_READ, BAO_IO_WRITE};
+use remio_api::{DmInfo, DmSession, IoeventfdSpec, ABANDONED_READ_VALUE};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Serves one request on `s` in a thread: reads return `value`.
+fn serve_one(
+    s: &Arc<dyn DmSession>,
+    value: u64,
+) -> std::thread::JoinHandle<remio_api::VirtioRequest> {
+    let s = s.clone();
+    std::thread::spawn(move || {
+        let mut r = s.attach().unwrap();
+        let got = r;
+        if r.op == BAO_IO_READ {
+            r.value = value;
+        }
+        s.complete(&r).unwrap();
+        got
+    })
+}
+
+fn open(stack: &Stack, dm: u32) -> Arc<dyn DmSession> {
+    Arc::from(stack.api().open(dm).unwrap())
+}
+
+fn get_info_reports_the_dm_and_unknown_ids_are_enoent(stack: &Stack) {
+    let s = open(stack, 1);
+    assert_eq!(
+        s.info(),
+        DmInfo {
+            id: 1,
+            shmem_addr: SHMEM[1],
+            shmem_size: SHMEM_SIZE,
+            irq: BACKEND_IRQ[1]
+        }
+    );
+    assert_eq!(stack.api().open(9).err().unwrap().errno(), libc::ENOENT);
+}
+
+fn a_read_and_a_write_round_trip_through_the_frontend(stack: &Stack) {
+    let s = open(stack, 0);
+    let t = serve_one(&s, 0x1234_5678);
+    assert_eq!(
+        stack.frontend().read(MMIO[0] + 0x70, 4).unwrap(),
+        0x1234_5678
+    );
+    let r = t.join().unwrap();
+    assert_eq!(
+        (r.dm_id, r.addr, r.op, r.access_width),
+        (0, MMIO[0] + 0x70, BAO_IO_READ, 4)
+    );
+
+    let t = serve_one(&s, 0);
+    stack.frontend().write(MMIO[0] + 0x14, 2, 0xbeef).unwrap();
+    let r = t.join().unwrap();
+    assert_eq!((r.op, r.value, r.access_width), (BAO_IO_WRITE, 0xbeef, 2));
+}
+
+fn complete_and_attach_serves_consecutive_requests(stack: &Stack) {
+    let s = open(stack, 0);
+    let dm = {
+        let s = s.clone();
+        std::thread::spawn(move || {
+            let mut r = s.attach().unwrap();
+            for i in 0..3u64 {
+                r.value = 100 + i;
+                r = s.complete_and_attach(&r).unwrap();
+            }
+            r.value = 103;
+            s.complete(&r).unwrap();
+        })
+    };
+    let fe = stack.frontend();
+    let got: Vec<u64> = (0..4).map(|_| fe.read(MMIO[0], 4).unwrap()).collect();
+    assert_eq!(got, vec![100, 101, 102, 103]);
+    dm.join().unwrap();
+}
+
+fn a_second_session_on_a_dm_is_ebusy_until_the_first_ends(stack: &Stack) {
+    let s = stack.api().open(0).unwrap();
+    assert_eq!(stack.api().open(0).err().unwrap().errno(), libc::EBUSY);
+    let other = stack.api().open(1);
+    assert!(other.is_ok(), "another DM is free");
+    drop(s);
+    assert!(eventually(|| stack.api().open(0).is_ok()));
+}
+
+fn completions_of_foreign_unknown_or_altered_requests_are_refused(stack: &Stack) {
+    let s = open(stack, 0);
+    let never = remio_api::VirtioRequest {
+        dm_id: 0,
+        addr: MMIO[0],
+        op: BAO_IO_READ,
+        value: 0,
+        access_width: 4,
+        request_id: 3,
+    };
+    assert_eq!(s.complete(&never).unwrap_err().errno(), libc::ENOENT);
+    let fe = stack.frontend();
+    let reader = std::thread::spawn(move || fe.read(MMIO[0] + 4, 4).unwrap());
+    let r = s.attach().unwrap();
+    let mut foreign = r;
+    foreign.dm_id = 1;
+    assert_eq!(s.complete(&foreign).unwrap_err().errno(), libc::EPERM);
+    let mut altered = r;
+    altered.op = BAO_IO_WRITE;
+    assert_eq!(s.complete(&altered).unwrap_err().errno(), libc::EINVAL);
+    // A session of another DM cannot complete it either.
+    let s1 = open(stack, 1);
+    assert_eq!(s1.complete(&r).unwrap_err().errno(), libc::EPERM);
+    let mut done = r;
+    done.value = 7;
+    s.complete(&done).unwrap();
+    assert_eq!(reader.join().unwrap(), 7);
+    assert_eq!(
+        s.complete(&done).unwrap_err().errno(),
+        libc::ENOENT,
+        "completed once"
+    );
+}
+
+fn ioeventfds_assign_deassign_and_conflict(stack: &Stack) {
+    let s = open(stack, 0);
+    let e = EventFd::new(EFD_NONBLOCK).unwrap();
+    let spec = IoeventfdSpec {
+        addr: MMIO[0] + 0x50,
+        len: 4,
+        datamatch: Some(1),
+    };
+    s.assign_ioeventfd(&e, spec).unwrap();
+    // A matching write signals the eventfd and never reaches the session.
+    stack.frontend().write(MMIO[0] + 0x50, 4, 1).unwrap();
+    assert_eq!(e.read().unwrap(), 1);
+    let e2 = EventFd::new(0).unwrap();
+    assert_eq!(
+        s.assign_ioeventfd(&e2, spec).unwrap_err().errno(),
+        libc::EEXIST
+    );
+    let outside = IoeventfdSpec {
+        addr: MMIO[0] + MMIO_SIZE,
+        len: 4,
+        datamatch: None,
+    };
+    assert_eq!(
+        s.assign_ioeventfd(&e2, outside).unwrap_err().errno(),
+        libc::EPERM
+    );
+    let bad_len = IoeventfdSpec {
+        addr: MMIO[0] + 0x50,
+        len: 3,
+        datamatch: None,
+    };
+    assert_eq!(
+        s.assign_ioeventfd(&e2, bad_len).unwrap_err().errno(),
+        libc::EINVAL
+    );
+    assert_eq!(
+        s.deassign_ioeventfd(&e2, spec).unwrap_err().errno(),
+        libc::ENOENT,
+        "another eventfd"
+    );
+    s.deassign_ioeventfd(&e, spec).unwrap();
+    assert_eq!(
+        s.deassign_ioeventfd(&e, spec).unwrap_err().errno(),
+        libc::ENOENT
+    );
+    // Now the write reaches the session.
+    let t = serve_one(&s, 0);
+    stack.frontend().write(MMIO[0] + 0x50, 4, 1).unwrap();
+    assert_eq!(t.join().unwrap().addr, MMIO[0] + 0x50);
+    assert!(e.read().is_err(), "not signalled after deassign");
+}
+
+fn irqfds_inject_the_frontend_interrupt(stack: &Stack) {
+    let s = open(stack, 0);
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    stack
+        .frontend()
+        .set_interrupt_sink(
+            0,
+            Arc::new(move || {
+                h.fetch_add(1, Ordering::SeqCst);
+            }),
+        )
+        .unwrap();
+    let e = EventFd::new(0).unwrap();
+    s.assign_irqfd(&e).unwrap();
+    assert_eq!(s.assign_irqfd(&e).unwrap_err().errno(), libc::EBUSY);
+    e.write(1).unwrap();
+    assert!(eventually(|| hits.load(Ordering::SeqCst) == 1));
+    s.deassign_irqfd(&e).unwrap();
+    assert_eq!(s.deassign_irqfd(&e).unwrap_err().errno(), libc::ENOENT);
+    e.write(1).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+}
+
+fn map_shmem_is_the_dms_memory_within_bounds(stack: &Stack) {
+    let s = open(stack, 1);
+    assert_eq!(s.map_shmem(0).unwrap_err().errno(), libc::EINVAL);
+    assert_eq!(
+        s.map_shmem(SHMEM_SIZE + 1).unwrap_err().errno(),
+        libc::EINVAL
+    );
+    let mem = s.map_shmem(SHMEM_SIZE).unwrap();
+    mem.write_obj(0xabcd_u32, GuestAddress(SHMEM[1] + 0x100))
+        .unwrap();
+    let dev = stack.hyp.backend(2).unwrap().device(1).unwrap();
+    let mut b = [0u8; 4];
+    std::os::unix::fs::FileExt::read_exact_at(&*dev.shmem, &mut b, 0x100).unwrap();
+    assert_eq!(u32::from_le_bytes(b), 0xabcd);
+    assert!(mem
+        .read_obj::<u8>(GuestAddress(SHMEM[1] + SHMEM_SIZE))
+        .is_err());
+}
+
+fn concurrent_attach_waiters_each_get_one_request(stack: &Stack) {
+    let s = open(stack, 0);
+    let waiters: Vec<_> = (0..4).map(|_| serve_one(&s, 0x42)).collect();
+    std::thread::sleep(Duration::from_millis(20));
+    let readers: Vec<_> = (0..4u64)
+        .map(|i| {
+            let fe = stack.frontend();
+            std::thread::spawn(move || fe.read(MMIO[0] + 4 * i, 4).unwrap())
+        })
+        .collect();
+    for r in readers {
+        assert_eq!(r.join().unwrap(), 0x42);
+    }
+    let mut addrs: Vec<u64> = waiters
+        .into_iter()
+        .map(|w| w.join().unwrap().addr)
+        .collect();
+    addrs.sort_unstable();
+    assert_eq!(
+        addrs,
+        (0..4u64).map(|i| MMIO[0] + 4 * i).collect::<Vec<_>>()
+    );
+}
+
+fn ending_a_session_completes_its_requests_and_drops_its_eventfds(stack: &Stack) {
+    let s = open(stack, 0);
+    let e = EventFd::new(0).unwrap();
+    s.assign_ioeventfd(
+        &e,
+        IoeventfdSpec {
+            addr: MMIO[0] + 0x50,
+            len: 4,
+            datamatch: Some(0),
+        },
+    )
+    .unwrap();
+    s.assign_irqfd(&e).unwrap();
+    let fe = stack.frontend();
+    let reader = std::thread::spawn(move || fe.read(MMIO[0] + 0x60, 4).unwrap());
+    let r = s.attach().unwrap();
+    assert_eq!(r.addr, MMIO[0] + 0x60);
+    drop(s);
+    assert_eq!(reader.join().unwrap(), ABANDONED_READ_VALUE);
+    let dm = stack.dispatcher.dm(0).unwrap();
+    assert!(eventually(
+        || dm.ioeventfd_count() == 0 && dm.irqfd_count() == 0
+    ));
+    // Later requests wait for the next session, which gets them.
+    let fe = stack.frontend();
+    let reader = std::thread::spawn(move || fe.read(MMIO[0] + 0x64, 4).unwrap());
+    let s2 = loop {
+        match stack.api().open(0) {
+            Ok(s) => break Arc::<dyn DmSession>::from(s),
+            Err(e) if e.errno() == libc::EBUSY => std::thread::sleep(Duration::from_millis(2)),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    serve_one(&s2, 9).join().unwrap();
+    assert_eq!(reader.join().unwrap(), 9);
+    assert_eq!(stack.hyp.stats().timeouts, 0);
+}
+
+macro_rules! suite {
+    ($module:ident, $make:expr) => {
+        mod $module {
+            use super::*;
+            suite!(@tests $make;
+                get_info_reports_the_dm_and_unknown_ids_are_enoent,
+                a_read_and_a_write_round_trip_through_the_frontend,
+                complete_and_attach_serves_consecutive_requests,
+                a_second_session_on_a_dm_is_ebusy_until_the_first_ends,
+                completions_of_foreign_unknown_or_altered_requests_are_refused,
+                ioeventfds_assign_deassign_and_conflict,
+                irqfds_inject_the_frontend_interrupt,
+                map_shmem_is_the_dms_memory_within_bounds,
+                concurrent_attach_waiters_each_get_one_request,
+                ending_a_session_completes_its_requests_and_drops_its_eventfds,
+            );
+        }
+    };
+    (@tests $make:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                let make: fn(&str) -> Stack = $make;
+                let stack = make(stringify!($name));
+                super::$name(&stack);
+            }
+        )*
+    };
+}
+
+suite!(in_process, |_| Stack::new(TIMEOUT));
+suite!(socket, |name| Stack::new(TIMEOUT)
+    .with_socket(&format!("{name}.sock")));
