@@ -1,0 +1,615 @@
+//! The device-model configuration: one table per device, in TOML (ours) or in
+//! bao-virtio-dm's YAML device list (so its users can bring their configs).
+//!
+//! ```toml
+//! [[device]]
+//! dm_id = 0
+//! type = "block"
+//! mmio_base = 0xa003e00
+//! path = "disk.img"
+//! read_only = false
+//! serial = "remio-disk0"
+//!
+//! [[device]]
+//! dm_id = 1
+//! type = "console"
+//! mmio_base = 0xa003c00
+//! backend = "pty"            # "stdio" | "pty" | "socket"
+//!
+//! [[device]]
+//! dm_id = 2
+//! type = "net"
+//! mmio_base = 0xa003a00
+//! backend = "tap"            # "tap" | "socket"
+//! tap = "tap0"
+//! mac = "52:54:00:12:34:56"
+//!
+//! [[device]]
+//! dm_id = 3
+//! type = "rng"
+//! mmio_base = 0xa003800
+//! rate = 65536               # bytes per second, optional
+//! ```
+//!
+//! An unknown key is an error naming the key.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::transport::MMIO_DEFAULT_SIZE;
+
+/// Errors reading a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TOML syntax or schema error (unknown keys included: the message names the key).
+    #[error("TOML config: {0}")]
+    Toml(#[from] toml::de::Error),
+    /// YAML syntax or schema error (unknown keys included: the message names the key).
+    #[error("YAML config: {0}")]
+    Yaml(#[from] serde_yaml::Error),
+    /// A value is well-formed but not acceptable.
+    #[error("device {dm_id}: {msg}")]
+    Invalid {
+        /// The device.
+        dm_id: u32,
+        /// What is wrong.
+        msg: String,
+    },
+}
+
+/// All devices one device-model process serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// The devices, each on its own DM.
+    pub devices: Vec<DeviceConfig>,
+}
+
+/// One device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// The DM to open.
+    pub dm_id: u32,
+    /// Guest-physical base of the device's MMIO window (request addresses minus this are
+    /// register offsets).
+    pub mmio_base: u64,
+    /// Size of the MMIO window (default 0x200).
+    pub mmio_size: u64,
+    /// Expected shared-memory base, if the config names one (checked against the DM's).
+    pub shmem_addr: Option<u64>,
+    /// The device and its options.
+    pub kind: DeviceKind,
+}
+
+/// Device type and type options.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// virtio-blk.
+    Block(BlockConfig),
+    /// virtio-console.
+    Console(ConsoleConfig),
+    /// virtio-rng.
+    Rng(RngConfig),
+    /// virtio-net.
+    Net(NetConfig),
+}
+
+/// virtio-blk options.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// Raw image file.
+    pub path: PathBuf,
+    /// Advertise VIRTIO_BLK_F_RO and refuse writes.
+    pub read_only: bool,
+    /// GET_ID answer (at most 20 bytes used).
+    pub serial: Option<String>,
+}
+
+/// Where console bytes go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConsoleBackend {
+    /// This process's stdin / stdout.
+    Stdio,
+    /// A new pseudo-terminal; its slave path is logged and, with `alias`, symlinked there.
+    Pty {
+        /// Symlink to create to the slave (bao-virtio-dm's `pty_alias`).
+        alias: Option<PathBuf>,
+    },
+    /// A UNIX stream socket listening at this path, one client at a time.
+    Socket(PathBuf),
+}
+
+/// virtio-console options.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsoleConfig {
+    /// The backend.
+    pub backend: ConsoleBackend,
+}
+
+/// virtio-rng options.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RngConfig {
+    /// Bytes per second at most (unlimited if `None`).
+    pub rate: Option<u64>,
+}
+
+/// Where frames go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetBackendConfig {
+    /// An existing or new TAP interface of this name.
+    Tap(String),
+    /// A UNIX datagram socket bound at `path`; one frame per datagram, no virtio-net header.
+    /// Frames go to `peer` if given, else to whoever sent the last datagram.
+    Socket {
+        /// Where to bind.
+        path: PathBuf,
+        /// Where to send.
+        peer: Option<PathBuf>,
+    },
+}
+
+/// virtio-net options.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The backend.
+    pub backend: NetBackendConfig,
+    /// MAC address (VIRTIO_NET_F_MAC); `None`: the driver picks one.
+    pub mac: Option<[u8; 6]>,
+}
+
+/// Parses "52:54:00:12:34:56".
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+// ---- Our TOML format ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TomlConfig {
+    #[serde(default)]
+    device: Vec<TomlDevice>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TomlDevice {
+    dm_id: u32,
+    #[serde(rename = "type")]
+    kind: String,
+    mmio_base: u64,
+    mmio_size: Option<u64>,
+    shmem_addr: Option<u64>,
+    path: Option<PathBuf>,
+    read_only: Option<bool>,
+    serial: Option<String>,
+    backend: Option<String>,
+    tap: Option<String>,
+    mac: Option<String>,
+    socket: Option<PathBuf>,
+    peer: Option<PathBuf>,
+    pty_alias: Option<PathBuf>,
+    rate: Option<u64>,
+}
+
+impl Config {
+    /// Parses our TOML format.
+    pub fn from_toml_str(s: &str) -> Result<Self, ConfigError> {
+        let raw: TomlConfig = toml::from_str(s)?;
+        let devices = raw
+            .device
+            .into_iter()
+            .map(TomlDevice::into_device)
+            .collect::<Result<_, _>>()?;
+        Self::checked(devices)
+    }
+
+    /// Parses bao-virtio-dm's YAML (`devices:` list).
+    pub fn from_yaml_str(s: &str) -> Result<Self, ConfigError> {
+        let raw: YamlConfig = serde_yaml::from_str(s)?;
+        let devices = raw
+            .devices
+            .into_iter()
+            .map(YamlDevice::into_device)
+            .collect::<Result<_, _>>()?;
+        Self::checked(devices)
+    }
+
+    /// Reads a file: YAML if it ends in `.yaml` / `.yml`, TOML otherwise.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("yaml" | "yml") => Self::from_yaml_str(&text),
+            _ => Self::from_toml_str(&text),
+        }
+    }
+
+    fn checked(devices: Vec<DeviceConfig>) -> Result<Self, ConfigError> {
+        for (i, d) in devices.iter().enumerate() {
+            if devices[..i].iter().any(|o| o.dm_id == d.dm_id) {
+                return Err(invalid(d.dm_id, "dm_id used twice"));
+            }
+            if d.mmio_size < 0x100 || d.mmio_base.checked_add(d.mmio_size).is_none() {
+                return Err(invalid(d.dm_id, "MMIO window too small or overflowing"));
+            }
+        }
+        Ok(Self { devices })
+    }
+}
+
+fn invalid(dm_id: u32, msg: &str) -> ConfigError {
+    ConfigError::Invalid {
+        dm_id,
+        msg: msg.to_owned(),
+    }
+}
+
+impl TomlDevice {
+    fn into_device(self) -> Result<DeviceConfig, ConfigError> {
+        let id = self.dm_id;
+        let unused = |name: &str, present: bool| {
+            if present {
+                Err(invalid(
+                    id,
+                    &format!("key `{name}` does not apply to type {}", self.kind),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        let kind = match self.kind.as_str() {
+            "block" => {
+                unused("backend", self.backend.is_some())?;
+                unused("rate", self.rate.is_some())?;
+                DeviceKind::Block(BlockConfig {
+                    path: self
+                        .path
+                        .clone()
+                        .ok_or_else(|| invalid(id, "block needs `path`"))?,
+                    read_only: self.read_only.unwrap_or(false),
+                    serial: self.serial.clone(),
+                })
+            }
+            "console" => {
+                unused("path", self.path.is_some())?;
+                let backend = match self.backend.as_deref().unwrap_or("stdio") {
+                    "stdio" => ConsoleBackend::Stdio,
+                    "pty" => ConsoleBackend::Pty {
+                        alias: self.pty_alias.clone(),
+                    },
+                    "socket" => ConsoleBackend::Socket(
+                        self.socket
+                            .clone()
+                            .ok_or_else(|| invalid(id, "console backend socket needs `socket`"))?,
+                    ),
+                    other => {
+                        return Err(invalid(id, &format!("unknown console backend `{other}`")))
+                    }
+                };
+                DeviceKind::Console(ConsoleConfig { backend })
+            }
+            "rng" => {
+                unused("path", self.path.is_some())?;
+                if self.rate == Some(0) {
+                    return Err(invalid(id, "rate must be positive"));
+                }
+                DeviceKind::Rng(RngConfig { rate: self.rate })
+            }
+            "net" => {
+                unused("path", self.path.is_some())?;
+                let backend = match self.backend.as_deref().unwrap_or("tap") {
+                    "tap" => NetBackendConfig::Tap(
+                        self.tap
+                            .clone()
+                            .ok_or_else(|| invalid(id, "net backend tap needs `tap`"))?,
+                    ),
+                    "socket" => NetBackendConfig::Socket {
+                        path: self
+                            .socket
+                            .clone()
+                            .ok_or_else(|| invalid(id, "net backend socket needs `socket`"))?,
+                        peer: self.peer.clone(),
+                    },
+                    other => return Err(invalid(id, &format!("unknown net backend `{other}`"))),
+                };
+                DeviceKind::Net(NetConfig {
+                    backend,
+                    mac: mac_option(id, self.mac.as_deref())?,
+                })
+            }
+            other => return Err(invalid(id, &format!("unknown device type `{other}`"))),
+        };
+        Ok(DeviceConfig {
+            dm_id: id,
+            mmio_base: self.mmio_base,
+            mmio_size: self.mmio_size.unwrap_or(MMIO_DEFAULT_SIZE),
+            shmem_addr: self.shmem_addr,
+            kind,
+        })
+    }
+}
+
+fn mac_option(id: u32, mac: Option<&str>) -> Result<Option<[u8; 6]>, ConfigError> {
+    mac.map(|m| parse_mac(m).ok_or_else(|| invalid(id, &format!("bad MAC address `{m}`"))))
+        .transpose()
+}
+
+// ---- bao-virtio-dm's YAML format ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct YamlConfig {
+    devices: Vec<YamlDevice>,
+}
+
+/// bao-virtio-dm's device keys. `shmem_size`, `shmem_path` and `irq` are accepted and
+/// ignored: the session reports them. `data_plane` must be `virtio` (no vhost here).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct YamlDevice {
+    id: u32,
+    #[serde(rename = "type")]
+    kind: String,
+    shmem_addr: Option<u64>,
+    #[expect(
+        dead_code,
+        reason = "accepted for compatibility; the DM session reports it"
+    )]
+    shmem_size: Option<u64>,
+    #[expect(
+        dead_code,
+        reason = "accepted for compatibility; we map through the session"
+    )]
+    shmem_path: Option<String>,
+    mmio_addr: u64,
+    #[expect(
+        dead_code,
+        reason = "accepted for compatibility; the DM session reports it"
+    )]
+    irq: Option<u32>,
+    data_plane: Option<String>,
+    file_path: Option<PathBuf>,
+    read_only: Option<bool>,
+    #[expect(dead_code, reason = "bao-virtio-dm hint with no effect on the device")]
+    root_device: Option<bool>,
+    #[expect(dead_code, reason = "we always advertise FLUSH")]
+    advertise_flush: Option<bool>,
+    tap_name: Option<String>,
+    mac_addr: Option<String>,
+    pty_alias: Option<PathBuf>,
+    socket_path: Option<PathBuf>,
+}
+
+impl YamlDevice {
+    fn into_device(self) -> Result<DeviceConfig, ConfigError> {
+        let id = self.id;
+        match self.data_plane.as_deref() {
+            None | Some("virtio") => {}
+            Some(other) => {
+                return Err(invalid(
+                    id,
+                    &format!("data_plane `{other}` is not supported"),
+                ))
+            }
+        }
+        let kind = match self.kind.as_str() {
+            "block" => DeviceKind::Block(BlockConfig {
+                path: self
+                    .file_path
+                    .ok_or_else(|| invalid(id, "block needs `file_path`"))?,
+                read_only: self.read_only.unwrap_or(false),
+                serial: None,
+            }),
+            "console" => DeviceKind::Console(ConsoleConfig {
+                backend: match self.socket_path {
+                    Some(p) => ConsoleBackend::Socket(p),
+                    None => ConsoleBackend::Pty {
+                        alias: self.pty_alias,
+                    },
+                },
+            }),
+            "rng" => DeviceKind::Rng(RngConfig { rate: None }),
+            "net" => DeviceKind::Net(NetConfig {
+                backend: NetBackendConfig::Tap(
+                    self.tap_name
+                        .ok_or_else(|| invalid(id, "net needs `tap_name`"))?,
+                ),
+                mac: mac_option(id, self.mac_addr.as_deref())?,
+            }),
+            other => return Err(invalid(id, &format!("unsupported device type `{other}`"))),
+        };
+        Ok(DeviceConfig {
+            dm_id: id,
+            mmio_base: self.mmio_addr,
+            mmio_size: MMIO_DEFAULT_SIZE,
+            shmem_addr: self.shmem_addr,
+            kind,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_with_every_device_type_parses() {
+        let cfg = Config::from_toml_str(
+            r#"
+            [[device]]
+            dm_id = 0
+            type = "block"
+            mmio_base = 0xa003e00
+            path = "/tmp/disk.img"
+            read_only = true
+            serial = "d0"
+            [[device]]
+            dm_id = 1
+            type = "console"
+            mmio_base = 0xa003c00
+            backend = "socket"
+            socket = "/tmp/con.sock"
+            [[device]]
+            dm_id = 2
+            type = "net"
+            mmio_base = 0xa003a00
+            tap = "tap0"
+            mac = "52:54:00:12:34:56"
+            [[device]]
+            dm_id = 3
+            type = "rng"
+            mmio_base = 0xa003800
+            rate = 1024
+            "#,
+        )
+        .unwrap();
+
+        assert_eq!(cfg.devices.len(), 4);
+        assert_eq!(
+            cfg.devices[0].kind,
+            DeviceKind::Block(BlockConfig {
+                path: "/tmp/disk.img".into(),
+                read_only: true,
+                serial: Some("d0".into())
+            })
+        );
+        assert_eq!(cfg.devices[0].mmio_base, 0xa003e00);
+        assert_eq!(cfg.devices[0].mmio_size, 0x200);
+        assert_eq!(
+            cfg.devices[2].kind,
+            DeviceKind::Net(NetConfig {
+                backend: NetBackendConfig::Tap("tap0".into()),
+                mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56])
+            })
+        );
+        assert_eq!(
+            cfg.devices[3].kind,
+            DeviceKind::Rng(RngConfig { rate: Some(1024) })
+        );
+    }
+
+    #[test]
+    fn unknown_toml_key_is_an_error_naming_the_key() {
+        let err = Config::from_toml_str(
+            "[[device]]\ndm_id = 0\ntype = \"rng\"\nmmio_base = 0\nspeed = 3\n",
+        )
+        .unwrap_err();
+
+        assert!(err.to_string().contains("speed"), "{err}");
+    }
+
+    #[test]
+    fn unknown_yaml_key_is_an_error_naming_the_key() {
+        let err = Config::from_yaml_str(
+            "devices:\n  - id: 0\n    type: rng\n    mmio_addr: 0x1000\n    colour: blue\n",
+        )
+        .unwrap_err();
+
+        assert!(err.to_string().contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn bao_virtio_dm_block_yaml_is_accepted() {
+        let cfg = Config::from_yaml_str(
+            r#"
+devices:
+    # --- VirtIO Common ---
+  - id: 0
+    type: "block"
+    shmem_addr: 0x50000000
+    shmem_size: 0x01000000
+    shmem_path: "/dev/baoipc0"
+    mmio_addr: 0xa003e00
+    irq: 47
+    data_plane: virtio
+    file_path: "/etc/block.img"
+    read_only: false
+    root_device: true
+    advertise_flush: false
+  - id: 1
+    type: "net"
+    mmio_addr: 0xa003c00
+    data_plane: virtio
+    tap_name: "tap0"
+    mac_addr: "52:54:00:00:00:01"
+"#,
+        )
+        .unwrap();
+
+        assert_eq!(cfg.devices[0].mmio_base, 0xa003e00);
+        assert_eq!(cfg.devices[0].shmem_addr, Some(0x5000_0000));
+        assert!(
+            matches!(&cfg.devices[0].kind, DeviceKind::Block(b) if b.path == Path::new("/etc/block.img"))
+        );
+        assert!(
+            matches!(&cfg.devices[1].kind, DeviceKind::Net(n) if n.mac == Some([0x52, 0x54, 0, 0, 0, 1]))
+        );
+    }
+
+    #[test]
+    fn vhost_data_plane_is_refused() {
+        let err = Config::from_yaml_str(
+            "devices:\n  - id: 0\n    type: rng\n    mmio_addr: 0x1000\n    data_plane: vhost\n",
+        )
+        .unwrap_err();
+
+        assert!(err.to_string().contains("vhost"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_dm_ids_are_refused() {
+        let err = Config::from_toml_str(
+            "[[device]]\ndm_id = 0\ntype = \"rng\"\nmmio_base = 0\n[[device]]\ndm_id = 0\ntype = \"rng\"\nmmio_base = 0x1000\n",
+        )
+        .unwrap_err();
+
+        assert!(matches!(err, ConfigError::Invalid { dm_id: 0, .. }));
+    }
+
+    #[test]
+    fn key_of_another_type_is_refused() {
+        let err = Config::from_toml_str(
+            "[[device]]\ndm_id = 0\ntype = \"rng\"\nmmio_base = 0\npath = \"x\"\n",
+        )
+        .unwrap_err();
+
+        assert!(err.to_string().contains("path"), "{err}");
+    }
+
+    #[test]
+    fn mac_parsing_rejects_malformed_addresses() {
+        assert_eq!(
+            parse_mac("00:11:22:33:44:55"),
+            Some([0, 0x11, 0x22, 0x33, 0x44, 0x55])
+        );
+        for bad in [
+            "00:11:22:33:44",
+            "00:11:22:33:44:55:66",
+            "0:11:22:33:44:55",
+            "zz:11:22:33:44:55",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,1065 @@
+//! virtio-blk (virtio 1.2 §5.2) over a raw image file.
+//!
+//! Every request is validated by [`parse_block_request`] (header, directions, sector range,
+//! status descriptor, every buffer inside guest memory) before any buffer or the image is
+//! touched; then [`BlockBackend::execute`] runs it.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::path::Path;
+use std::sync::Arc;
+
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::Queue;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::fallocate::{fallocate, FallocateMode};
+use vmm_sys_util::write_zeroes::WriteZeroesAt;
+
+use crate::device::{
+    drain_queue, fail_device, read_config_bytes, ActivateContext, ActivateError, EventLoop,
+    Interrupt, VirtioDevice, Worker, STOP_TOKEN,
+};
+use crate::warn_rl;
+
+/// Sector size of the virtio-blk protocol (virtio 1.2 §5.2.6).
+pub const SECTOR_SIZE: u64 = 512;
+/// Queue size we offer.
+pub const QUEUE_SIZE: u16 = 256;
+/// Data segments per request we accept (config `seg_max`): the queue size minus header and
+/// status descriptors.
+pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Largest data segment (config `size_max`).
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Largest discard / write-zeroes request in sectors (config `max_discard_sectors`, ...).
+pub const MAX_DISCARD_SECTORS: u32 = u32::MAX >> 9;
+/// Segments per discard / write-zeroes request (config `max_discard_seg`, ...).
+pub const MAX_DISCARD_SEG: u32 = 16;
+/// Bytes of the request header (`struct virtio_blk_outhdr`).
+const HEADER_LEN: u32 = 16;
+/// Bytes of one discard / write-zeroes segment (`struct virtio_blk_discard_write_zeroes`).
+const DISCARD_SEG_LEN: u64 = 16;
+/// Status bytes (virtio 1.2 §5.2.6), as the `u8` the device writes.
+pub const S_OK: u8 = 0;
+/// VIRTIO_BLK_S_IOERR.
+pub const S_IOERR: u8 = 1;
+/// VIRTIO_BLK_S_UNSUPP.
+pub const S_UNSUPP: u8 = 2;
+const _: () = assert!(
+    S_OK as u32 == VIRTIO_BLK_S_OK
+        && S_IOERR as u32 == VIRTIO_BLK_S_IOERR
+        && S_UNSUPP as u32 == VIRTIO_BLK_S_UNSUPP
+);
+/// Size of our configuration space: up to and including `write_zeroes_may_unmap` + padding.
+const CONFIG_LEN: usize = 60;
+
+/// The operation of a parsed request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestType {
+    /// VIRTIO_BLK_T_IN: read from the image into guest buffers.
+    In,
+    /// VIRTIO_BLK_T_OUT: write guest buffers to the image.
+    Out,
+    /// VIRTIO_BLK_T_FLUSH.
+    Flush,
+    /// VIRTIO_BLK_T_GET_ID: the serial, 20 bytes.
+    GetId,
+    /// VIRTIO_BLK_T_DISCARD.
+    Discard,
+    /// VIRTIO_BLK_T_WRITE_ZEROES.
+    WriteZeroes,
+}
+
+/// A validated request; reused between requests so the hot path does not allocate.
+#[derive(Debug, Default)]
+pub struct BlockRequest {
+    /// The operation (`None` until parsed).
+    pub kind: Option<RequestType>,
+    /// First sector (IN / OUT).
+    pub sector: u64,
+    /// Data buffers in order, each `(guest address, length)`, all inside guest memory and of
+    /// the direction the operation needs.
+    pub data: Vec<(GuestAddress, u32)>,
+    /// Total length of `data`.
+    pub data_len: u64,
+    /// Where the status byte goes (`None` if the chain has no usable status descriptor).
+    pub status_addr: Option<GuestAddress>,
+}
+
+/// Why a request is refused. [`BlockRequestError::status`] is what the device answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BlockRequestError {
+    /// No descriptors, or the last one is not a writable in-memory status byte: the request
+    /// cannot be answered and is returned with used length 0.
+    #[error("no writable status descriptor")]
+    NoStatus,
+    /// The header is missing, too short, writable or outside memory.
+    #[error("bad request header")]
+    BadHeader,
+    /// A data buffer has the wrong direction for the operation.
+    #[error("data buffer of the wrong direction")]
+    WrongDirection,
+    /// A data buffer lies (partly) outside guest memory.
+    #[error("data buffer outside guest memory")]
+    OutOfMemory,
+    /// More data segments than `seg_max`, or a segment larger than `size_max`.
+    #[error("too many or too large data segments")]
+    TooManySegments,
+    /// The data length is not a multiple of the sector size or of a discard segment.
+    #[error("unaligned data length")]
+    Unaligned,
+    /// The sector range goes past the end of the disk (or overflows).
+    #[error("sector range outside the disk")]
+    OutOfRange,
+    /// A write, discard or write-zeroes on a read-only disk.
+    #[error("write to a read-only disk")]
+    ReadOnly,
+    /// An operation we do not implement.
+    #[error("unsupported request type {0}")]
+    Unsupported(u32),
+}
+
+impl BlockRequestError {
+    /// The status byte to report (virtio 1.2 §5.2.6), `None` when there is nowhere to put it.
+    pub fn status(&self) -> Option<u8> {
+        match self {
+            Self::NoStatus => None,
+            Self::Unsupported(_) => Some(S_UNSUPP),
+            _ => Some(S_IOERR),
+        }
+    }
+}
+
+/// What the parser needs to know about the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskGeometry {
+    /// Capacity in 512-byte sectors.
+    pub capacity: u64,
+    /// Whether writes are refused.
+    pub read_only: bool,
+}
+
+fn in_memory<M: GuestMemory>(mem: &M, addr: GuestAddress, len: u32) -> bool {
+    let Ok(len) = usize::try_from(len) else {
+        return false;
+    };
+    len == 0 || mem.check_range(addr, len, Permissions::ReadWrite)
+}
+
+/// Parses and validates one request from its descriptors (in chain order; indirect tables
+/// already followed, as virtio-queue's `DescriptorChain` yields them). Fills `req` (reused).
+///
+/// Nothing is read but the header and nothing is written. On error `req.status_addr` tells
+/// whether (and where) the error status can be reported.
+pub fn parse_block_request<M, I>(
+    mem: &M,
+    descs: I,
+    disk: DiskGeometry,
+    req: &mut BlockRequest,
+) -> Result<(), BlockRequestError>
+where
+    M: GuestMemory + Bytes<GuestAddress>,
+    I: IntoIterator<Item = Descriptor>,
+{
+    req.kind = None;
+    req.sector = 0;
+    req.data.clear();
+    req.data_len = 0;
+    req.status_addr = None;
+
+    let mut descs = descs.into_iter();
+    let head = descs.next().ok_or(BlockRequestError::NoStatus)?;
+    // Segments between the header and the status descriptor go to `req.data` (bounded);
+    // the direction of each is checked once the type is known.
+    let mut last: Option<Descriptor> = None;
+    let mut writable_mask_ok = (true, true); // (all readable, all writable)
+    let mut too_many = false;
+    let mut push = |req: &mut BlockRequest, addr: GuestAddress, len: u32, write: bool| {
+        if len == 0 {
+            return Ok(());
+        }
+        if req.data.len() >= SEG_MAX as usize || len > SIZE_MAX {
+            too_many = true;
+            return Ok(());
+        }
+        if !in_memory(mem, addr, len) {
+            return Err(BlockRequestError::OutOfMemory);
+        }
+        if write {
+            writable_mask_ok.0 = false;
+        } else {
+            writable_mask_ok.1 = false;
+        }
+        req.data.push((addr, len));
+        req.data_len = req
+            .data_len
+            .checked_add(u64::from(len))
+            .ok_or(BlockRequestError::OutOfRange)?;
+        Ok(())
+    };
+
+    // Find the status descriptor first: the last one.
+    let mut middle_err = None;
+    for d in descs.by_ref() {
+        if let Some(prev) = last.replace(d) {
+            if middle_err.is_none() {
+                if let Err(e) = push(req, prev.addr(), prev.len(), prev.is_write_only()) {
+                    middle_err = Some(e);
+                }
+            }
+        }
+    }
+    let status = last.ok_or(BlockRequestError::NoStatus)?;
+    if !status.is_write_only() || status.len() == 0 {
+        return Err(BlockRequestError::NoStatus);
+    }
+    let status_off = u64::from(status.len() - 1);
+    let status_addr = status
+        .addr()
+        .checked_add(status_off)
+        .ok_or(BlockRequestError::NoStatus)?;
+    if !in_memory(mem, status_addr, 1) {
+        return Err(BlockRequestError::NoStatus);
+    }
+    req.status_addr = Some(status_addr);
+
+    // Header.
+    if head.is_write_only() || head.len() < HEADER_LEN || !in_memory(mem, head.addr(), head.len()) {
+        return Err(BlockRequestError::BadHeader);
+    }
+    let req_type: u32 = mem
+        .read_obj::<u32>(head.addr())
+        .map(u32::from_le)
+        .map_err(|_| BlockRequestError::BadHeader)?;
+    let sector: u64 = mem
+        .read_obj::<u64>(head.addr().unchecked_add(8))
+        .map(u64::from_le)
+        .map_err(|_| BlockRequestError::BadHeader)?;
+
+    // Data after the header in the first descriptor, then the middle, then the bytes of the
+    // status descriptor before the status byte. The middle ones were pushed above, so insert
+    // the head remainder first by rebuilding order.
+    if let Some(e) = middle_err {
+        return Err(e);
+    }
+    if head.len() > HEADER_LEN {
+        let addr = head.addr().unchecked_add(u64::from(HEADER_LEN));
+        let len = head.len() - HEADER_LEN;
+        let before = req.data.len();
+        push(req, addr, len, false)?;
+        if req.data.len() > before {
+            req.data.rotate_right(1);
+        }
+    }
+    if status.len() > 1 {
+        push(req, status.addr(), status.len() - 1, true)?;
+    }
+    if too_many {
+        return Err(BlockRequestError::TooManySegments);
+    }
+    let (all_readable, all_writable) = writable_mask_ok;
+
+    let kind = match req_type {
+        VIRTIO_BLK_T_IN => RequestType::In,
+        VIRTIO_BLK_T_OUT => RequestType::Out,
+        VIRTIO_BLK_T_FLUSH => RequestType::Flush,
+        VIRTIO_BLK_T_GET_ID => RequestType::GetId,
+        VIRTIO_BLK_T_DISCARD => RequestType::Discard,
+        VIRTIO_BLK_T_WRITE_ZEROES => RequestType::WriteZeroes,
+        other => return Err(BlockRequestError::Unsupported(other)),
+    };
+    match kind {
+        RequestType::In | RequestType::GetId if !all_writable => {
+            return Err(BlockRequestError::WrongDirection)
+        }
+        RequestType::Out | RequestType::Discard | RequestType::WriteZeroes if !all_readable => {
+            return Err(BlockRequestError::WrongDirection)
+        }
+        _ => {}
+    }
+    match kind {
+        RequestType::In | RequestType::Out => {
+            if !req.data_len.is_multiple_of(SECTOR_SIZE) {
+                return Err(BlockRequestError::Unaligned);
+            }
+            let end = sector
+                .checked_add(req.data_len / SECTOR_SIZE)
+                .ok_or(BlockRequestError::OutOfRange)?;
+            if end > disk.capacity {
+                return Err(BlockRequestError::OutOfRange);
+            }
+        }
+        RequestType::Discard | RequestType::WriteZeroes => {
+            if req.data_len == 0 || !req.data_len.is_multiple_of(DISCARD_SEG_LEN) {
+                return Err(BlockRequestError::Unaligned);
+            }
+            if req.data_len / DISCARD_SEG_LEN > u64::from(MAX_DISCARD_SEG) {
+                return Err(BlockRequestError::TooManySegments);
+            }
+        }
+        RequestType::Flush | RequestType::GetId => {}
+    }
+    if disk.read_only
+        && matches!(
+            kind,
+            RequestType::Out | RequestType::Discard | RequestType::WriteZeroes
+        )
+    {
+        return Err(BlockRequestError::ReadOnly);
+    }
+    req.kind = Some(kind);
+    req.sector = sector;
+    Ok(())
+}
+
+/// The image file and what is needed to run validated requests against it.
+#[derive(Debug)]
+pub struct BlockBackend {
+    file: File,
+    disk: DiskGeometry,
+    id: [u8; VIRTIO_BLK_ID_BYTES as usize],
+    req: BlockRequest,
+}
+
+impl BlockBackend {
+    /// Opens `path` (read-write unless `read_only`); capacity is its size in whole sectors.
+    pub fn open(path: &Path, read_only: bool, serial: Option<&str>) -> std::io::Result<Self> {
+        let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
+        let capacity = file.metadata()?.len() / SECTOR_SIZE;
+        let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+        let serial = serial.unwrap_or("");
+        let n = serial.len().min(id.len());
+        id[..n].copy_from_slice(&serial.as_bytes()[..n]);
+        Ok(Self {
+            file,
+            disk: DiskGeometry {
+                capacity,
+                read_only,
+            },
+            id,
+            req: BlockRequest {
+                data: Vec::with_capacity(SEG_MAX as usize),
+                ..BlockRequest::default()
+            },
+        })
+    }
+
+    /// The disk as the parser sees it.
+    pub fn geometry(&self) -> DiskGeometry {
+        self.disk
+    }
+
+    /// Parses, runs and answers one request; returns the used length.
+    pub fn handle<I: IntoIterator<Item = Descriptor>>(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        descs: I,
+    ) -> u32 {
+        let mut req = std::mem::take(&mut self.req);
+        let (status, written) = match parse_block_request(mem, descs, self.disk, &mut req) {
+            Ok(()) => match self.execute(mem, &req) {
+                Ok(written) => (S_OK, written),
+                Err(status) => (status, 0),
+            },
+            Err(e) => {
+                warn_rl!("virtio-blk: request refused: {e}");
+                (e.status().unwrap_or(S_IOERR), 0)
+            }
+        };
+        let used = match req.status_addr {
+            Some(addr) => match mem.write_obj(status, addr) {
+                Ok(()) => written.saturating_add(1),
+                Err(e) => {
+                    warn_rl!("virtio-blk: cannot write status: {e}");
+                    0
+                }
+            },
+            None => 0,
+        };
+        self.req = req;
+        used
+    }
+
+    /// Runs a validated request; `Ok(bytes written to guest buffers)` or `Err(status)`.
+    fn execute(&mut self, mem: &GuestMemoryMmap, req: &BlockRequest) -> Result<u32, u8> {
+        let ioerr = |e: &dyn std::fmt::Display| {
+            warn_rl!("virtio-blk: I/O error: {e}");
+            S_IOERR
+        };
+        let kind = req.kind.ok_or(S_IOERR)?;
+        match kind {
+            RequestType::In | RequestType::Out => {
+                // Cannot overflow: sector + len was checked against the capacity.
+                let offset = req.sector * SECTOR_SIZE;
+                self.file
+                    .seek(SeekFrom::Start(offset))
+                    .map_err(|e| ioerr(&e))?;
+                for &(addr, len) in &req.data {
+                    let len = len as usize;
+                    if kind == RequestType::In {
+                        mem.read_exact_volatile_from(addr, &mut self.file, len)
+                            .map_err(|e| ioerr(&e))?;
+                    } else {
+                        mem.write_all_volatile_to(addr, &mut self.file, len)
+                            .map_err(|e| ioerr(&e))?;
+                    }
+                }
+                Ok(if kind == RequestType::In {
+                    u32::try_from(req.data_len).unwrap_or(u32::MAX)
+                } else {
+                    0
+                })
+            }
+            RequestType::Flush => {
+                if !self.disk.read_only {
+                    self.file.sync_data().map_err(|e| ioerr(&e))?;
+                }
+                Ok(0)
+            }
+            RequestType::GetId => {
+                let mut written = 0usize;
+                for &(addr, len) in &req.data {
+                    let rest = &self.id[written..];
+                    if rest.is_empty() {
+                        break;
+                    }
+                    let n = rest.len().min(len as usize);
+                    mem.write_slice(&rest[..n], addr).map_err(|e| ioerr(&e))?;
+                    written += n;
+                }
+                Ok(u32::try_from(written).unwrap_or(0))
+            }
+            RequestType::Discard | RequestType::WriteZeroes => {
+                self.discard_or_zero(mem, req, kind == RequestType::Discard)
+            }
+        }
+    }
+
+    fn discard_or_zero(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        req: &BlockRequest,
+        discard: bool,
+    ) -> Result<u32, u8> {
+        // At most MAX_DISCARD_SEG segments of 16 bytes: gather them on the stack.
+        let mut raw = [0u8; (MAX_DISCARD_SEG as usize) * 16];
+        let mut filled = 0usize;
+        for &(addr, len) in &req.data {
+            let len = len as usize;
+            let dst = raw.get_mut(filled..filled + len).ok_or(S_IOERR)?;
+            mem.read_slice(dst, addr).map_err(|_| S_IOERR)?;
+            filled += len;
+        }
+        for seg in raw[..filled].chunks_exact(16) {
+            let le64 = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+            let le32 = |b: &[u8]| u32::from_le_bytes(b.try_into().unwrap_or([0; 4]));
+            let sector = le64(&seg[0..8]);
+            let num = le32(&seg[8..12]);
+            let flags = le32(&seg[12..16]);
+            // Discard: no flags defined; write zeroes: only UNMAP (virtio 1.2 §5.2.6.2).
+            let allowed = if discard {
+                0
+            } else {
+                VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+            };
+            if flags & !allowed != 0 {
+                return Err(S_UNSUPP);
+            }
+            if num > MAX_DISCARD_SECTORS {
+                return Err(S_IOERR);
+            }
+            let end = sector.checked_add(u64::from(num)).ok_or(S_IOERR)?;
+            if end > self.disk.capacity {
+                return Err(S_IOERR);
+            }
+            let (offset, len) = (sector * SECTOR_SIZE, u64::from(num) * SECTOR_SIZE);
+            let result = if discard || flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0 {
+                fallocate(&self.file, FallocateMode::PunchHole, true, offset, len)
+                    .map_err(std::io::Error::from)
+            } else {
+                match fallocate(&self.file, FallocateMode::ZeroRange, true, offset, len) {
+                    Ok(()) => Ok(()),
+                    // tmpfs and others lack ZERO_RANGE: write the zeroes.
+                    Err(_) => usize::try_from(len)
+                        .map_err(std::io::Error::other)
+                        .and_then(|len| self.file.write_all_zeroes_at(offset, len)),
+                }
+            };
+            result.map_err(|e| {
+                warn_rl!("virtio-blk: discard/write-zeroes failed: {e}");
+                S_IOERR
+            })?;
+        }
+        Ok(0)
+    }
+}
+
+/// The virtio-blk device.
+#[derive(Debug)]
+pub struct BlockDevice {
+    backend: Option<BlockBackend>,
+    config: [u8; CONFIG_LEN],
+    features: u64,
+    worker: Option<Worker>,
+    /// The backend comes back here when the worker stops, for the next activation.
+    returned: Arc<std::sync::Mutex<Option<BlockBackend>>>,
+}
+
+impl BlockDevice {
+    /// A block device over `backend`.
+    pub fn new(backend: BlockBackend) -> Self {
+        let disk = backend.geometry();
+        let mut features = (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_BLK_F_SIZE_MAX)
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_BLK_SIZE)
+            | (1 << VIRTIO_BLK_F_FLUSH);
+        if disk.read_only {
+            features |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            features |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES);
+        }
+        // struct virtio_blk_config (virtio 1.2 §5.2.4), little endian.
+        let mut config = [0u8; CONFIG_LEN];
+        let mut put = |off: usize, bytes: &[u8]| {
+            config[off..off + bytes.len()].copy_from_slice(bytes);
+        };
+        put(0, &disk.capacity.to_le_bytes());
+        put(8, &SIZE_MAX.to_le_bytes());
+        put(12, &SEG_MAX.to_le_bytes());
+        put(20, &512u32.to_le_bytes()); // blk_size = SECTOR_SIZE
+        put(34, &1u16.to_le_bytes()); // num_queues
+        put(36, &MAX_DISCARD_SECTORS.to_le_bytes());
+        put(40, &MAX_DISCARD_SEG.to_le_bytes());
+        put(44, &1u32.to_le_bytes()); // discard_sector_alignment
+        put(48, &MAX_DISCARD_SECTORS.to_le_bytes());
+        put(52, &MAX_DISCARD_SEG.to_le_bytes());
+        put(56, &[1]); // write_zeroes_may_unmap
+        Self {
+            backend: Some(backend),
+            config,
+            features,
+            worker: None,
+            returned: Arc::default(),
+        }
+    }
+}
+
+impl VirtioDevice for BlockDevice {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.features
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        // Only `writeback` is writable, and only with CONFIG_WCE, which we do not offer.
+        warn_rl!("virtio-blk: config write at {offset:#x} ignored");
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        if self.worker.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let backend = self
+            .backend
+            .take()
+            .or_else(|| self.returned.lock().ok().and_then(|mut r| r.take()))
+            .ok_or(ActivateError::AlreadyActive)?;
+        let ActivateContext {
+            mem,
+            mut queues,
+            mut queue_evts,
+            interrupt,
+            ..
+        } = ctx;
+        if queues.len() != 1 || queue_evts.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: queues.len(),
+            });
+        }
+        let (Some(queue), Some(evt)) = (queues.pop(), queue_evts.pop()) else {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: 0,
+            });
+        };
+        let returned = self.returned.clone();
+        let worker = Worker::spawn("virtio-blk", move |stop| {
+            let mut backend = backend;
+            run_block(&mut backend, mem, queue, evt, &interrupt, stop);
+            if let Ok(mut r) = returned.lock() {
+                *r = Some(backend);
+            }
+        })
+        .map_err(ActivateError::Backend)?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(mut w) = self.worker.take() {
+            w.stop();
+        }
+        if self.backend.is_none() {
+            self.backend = self.returned.lock().ok().and_then(|mut r| r.take());
+        }
+    }
+}
+
+fn run_block(
+    backend: &mut BlockBackend,
+    mem: GuestMemoryMmap,
+    mut queue: Queue,
+    evt: EventFd,
+    interrupt: &Interrupt,
+    stop: EventFd,
+) {
+    const QUEUE_TOKEN: u64 = 0;
+    let mut ev = match EventLoop::new() {
+        Ok(ev) => ev,
+        Err(e) => return fail_device(interrupt, "virtio-blk epoll", &e),
+    };
+    if let Err(e) = ev.add(&evt, QUEUE_TOKEN).and(ev.add(&stop, STOP_TOKEN)) {
+        return fail_device(interrupt, "virtio-blk epoll", &e);
+    }
+    let mut tokens = Vec::with_capacity(2);
+    loop {
+        if let Err(e) = ev.wait(-1, &mut tokens) {
+            return fail_device(interrupt, "virtio-blk epoll", &e);
+        }
+        for &token in &tokens {
+            match token {
+                STOP_TOKEN => return,
+                _ => {
+                    let _ = evt.read();
+                    if let Err(e) = drain_queue(&mut queue, &mem, interrupt, |chain| {
+                        backend.handle(&mem, chain)
+                    }) {
+                        return fail_device(interrupt, "virtio-blk queue", &e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "test constants are small"
+)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use virtio_bindings::virtio_ring::{
+        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    };
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vmm_sys_util::tempfile::TempFile;
+
+    const HDR: u64 = 0x1_0000;
+    const DATA: u64 = 0x2_0000;
+    const STATUS: u64 = 0x3_0000;
+    const W: u16 = VRING_DESC_F_WRITE as u16;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    }
+
+    /// A 16-sector image whose byte i is i % 251.
+    fn image(read_only: bool, serial: Option<&str>) -> (TempFile, BlockBackend) {
+        let tmp = TempFile::new().unwrap();
+        let bytes: Vec<u8> = (0..16 * 512).map(|i| (i % 251) as u8).collect();
+        tmp.as_file().write_all(&bytes).unwrap();
+        let backend = BlockBackend::open(tmp.as_path(), read_only, serial).unwrap();
+        (tmp, backend)
+    }
+
+    fn header(mem: &GuestMemoryMmap, kind: u32, sector: u64) {
+        mem.write_obj(kind.to_le(), GuestAddress(HDR)).unwrap();
+        mem.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
+        mem.write_obj(sector.to_le(), GuestAddress(HDR + 8))
+            .unwrap();
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    }
+
+    fn d(addr: u64, len: u32, flags: u16) -> RawDescriptor {
+        RawDescriptor::from(Descriptor::new(addr, len, flags, 0))
+    }
+
+    fn status(mem: &GuestMemoryMmap) -> u8 {
+        mem.read_obj(GuestAddress(STATUS)).unwrap()
+    }
+
+    fn run(mem: &GuestMemoryMmap, backend: &mut BlockBackend, descs: &[RawDescriptor]) -> u32 {
+        let vq = MockSplitQueue::new(mem, 16);
+        let chain = vq.build_desc_chain(descs).unwrap();
+        backend.handle(mem, chain)
+    }
+
+    #[test]
+    fn read_copies_image_sectors_and_reports_ok() {
+        let mem = mem();
+        let (_tmp, mut b) = image(false, None);
+        header(&mem, VIRTIO_BLK_T_IN, 1);
+
+        let used = run(
+            &mem,
+            &mut b,
+            &[d(HDR, 16, 0), d(DATA, 1024, W), d(STATUS, 1, W)],
+        );
+
+        assert_eq!(used, 1025);
+        assert_eq!(status(&mem), S_OK);
+        let mut buf = vec![0u8; 1024];
+        mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
+        let expect: Vec<u8> = (512..1536).map(|i| (i % 251) as u8).collect();
+        assert_eq!(buf, expect);
+    }
+
+    #[test]
+    fn write_reaches_the_image() {
+        let mem = mem();
+        let (tmp, mut b) = image(false, None);
+        header(&mem, VIRTIO_BLK_T_OUT, 2);
+        mem.write_slice(&[0xab; 512], GuestAddress(DATA)).unwrap();
+
+        let used = run(
+            &mem,
+            &mut b,
+            &[d(HDR, 16, 0), d(DATA, 512, 0), d(STATUS, 1, W)],
+        );
+
+        assert_eq!(used, 1);
+        assert_eq!(status(&mem), S_OK);
+        let mut img = Vec::new();
+        std::fs::File::open(tmp.as_path())
+            .unwrap()
+            .read_to_end(&mut img)
+            .unwrap();
+        assert!(img[1024..1536].iter().all(|&x| x == 0xab));
+        assert_eq!(img[1536], (1536 % 251) as u8);
+    }
+
+    #[test]
+    fn read_past_the_end_is_ioerr_and_leaves_the_buffer_untouched() {
+        let mem = mem();
+        let (_tmp, mut b) = image(false, None);
+        header(&mem, VIRTIO_BLK_T_IN, 15);
+        mem.write_slice(&[0x5a; 1024], GuestAddress(DATA)).unwrap();
+
+        let used = run(
+            &mem,
+            &mut b,
+            &[d(HDR, 16, 0), d(DATA, 1024, W), d(STATUS, 1, W)],
+        );
+
+        assert_eq!(used, 1);
+        assert_eq!(status(&mem), S_IOERR);
+        let mut buf = [0u8; 1024];
+        mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
+        assert!(buf.iter().all(|&x| x == 0x5a));
+    }
+
+    #[test]
+    fn sector_overflow_is_ioerr() {
+        let mem = mem();
+        let (_tmp, mut b) = image(false, None);
+        header(&mem, VIRTIO_BLK_T_IN, u64::MAX);
+
+        run(
+            &mem,
+            &mut b,
+            &[d(HDR, 16, 0), d(DATA, 512, W), d(STATUS, 1, W)],
+        );
+
+        assert_eq!(status(&mem), S_IOERR);
+    }
+
+    #[test]
+    fn unknown_request_type_is_unsupp() {
+        let mem = mem();
+        let (_tmp, mut b) = image(false, None);
+        header(&mem, 0x77, 0);
+
+        run(&mem, &mut b, &[d(HDR, 16, 0), d(STATUS, 1, W)]);
+
+        assert_eq!(status(&mem), S_UNSUPP);
+    }
+
+    #[test]
+    fn write_to_read_only_disk_is_ioerr_and_image_unchanged() {
+        let mem = mem();
+        let (tmp, mut b) = image(true, None);
+        header(&mem, VIRTIO_BLK_T_OUT, 0);
+        mem.write_slice(&[0xab; 512], GuestAddress(DATA)).unwrap();
+
+        run(
+            &mem,
+            &mut b,
+            &[d(HDR, 16, 0), d(DATA, 512, 0), d(STATUS, 1, W)],
+        );
+
+        assert_eq!(status(&mem), S_IOERR);
+        let img = std::fs::read(tmp.as_path()).unwrap();
+        assert_eq!(img[0..3], [0, 1, 2]);
+    }
+
+    #[test]
+    fn readable_status_descriptor_gets_no_answer() {
+        let mem = mem();
+        let (_tmp, mut b) = image(false, None);
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+
+        let used = run(
+            &mem,
+            &mut b,
+            &[d(HDR, 16, 0), d(DATA, 512, W), d(STATUS, 1, 0)],
+        );
+
+        assert_eq!(used, 0);
+        assert_eq!(status(&mem), 0xff);
+    }
+
+    #[test]
+    fn read_into_a_readable_buffer_is_ioerr() {
+        let mem = mem();
+        let (_tmp, mut b) = image(false, None);
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+
+        run(
+            &mem,
+            &mut b,
+            &[d(HDR, 16, 0), d(DATA, 512, 0), d(STATUS, 1, W)],
+        );
+
+        assert_eq!(status(&mem), S_IOERR);
+    }
+
+    #[test]
+    fn buffer_outside_guest_memory_is_ioerr() {
+        let mem = mem();
+        let (_tmp, mut b) = image(false, None);
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+
+        run(
+            &mem,
+            &mut b,
+            &[d(HDR, 16, 0), d(0xff_fe00, 1024, W), d(STATUS, 1, W)],
+        );
+
+        assert_eq!(status(&mem), S_IOERR);
+    }
+
+    #[test]
+    fn short_header_is_ioerr() {
+        let mem = mem();
+        let (_tmp, mut b) = image(false, None);
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+
+        run(&mem, &mut b, &[d(HDR, 8, 0), d(STATUS, 1, W)]);
+
+        assert_eq!(status(&mem), S_IOERR);
+    }
+
+    #[test]
+    fn unaligned_data_length_is_ioerr() {
+        let mem = mem();
+        let (_tmp, mut b) = image(false, None);
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+
+        run(
+            &mem,
+            &mut b,
+            &[d(HDR, 16, 0), d(DATA, 100, W), d(STATUS, 1, W)],
+        );
+
+        assert_eq!(status(&mem), S_IOERR);
+    }
+
+    #[test]
+    fn get_id_returns_the_serial_padded_to_20_bytes() {
+        let mem = mem();
+        let (_tmp, mut b) = image(false, Some("remio-disk"));
+        header(&mem, VIRTIO_BLK_T_GET_ID, 0);
+        mem.write_slice(&[0xee; 20], GuestAddress(DATA)).unwrap();
+
+        let used = run(
+            &mem,
+            &mut b,
+            &[d(HDR, 16, 0), d(DATA, 20, W), d(STATUS, 1, W)],
+        );
+
+        assert_eq!(used, 21);
+        let mut id = [0u8; 20];
+        mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(&id[..10], b"remio-disk");
+        assert_eq!(id[10..], [0; 10]);
+    }
+
+    #[test]
+    fn flush_reports_ok() {
+        let mem = mem();
+        let (_tmp, mut b) = image(false, None);
+        header(&mem, VIRTIO_BLK_T_FLUSH, 0);
+
+        assert_eq!(run(&mem, &mut b, &[d(HDR, 16, 0), d(STATUS, 1, W)]), 1);
+        assert_eq!(status(&mem), S_OK);
+    }
+
+    fn discard_seg(mem: &GuestMemoryMmap, sector: u64, num: u32, flags: u32) {
+        mem.write_obj(sector.to_le(), GuestAddress(DATA)).unwrap();
+        mem.write_obj(num.to_le(), GuestAddress(DATA + 8)).unwrap();
+        mem.write_obj(flags.to_le(), GuestAddress(DATA + 12))
+            .unwrap();
+    }
+
+    #[test]
+    fn write_zeroes_and_discard_zero_the_range() {
+        for (kind, flags) in [
+            (VIRTIO_BLK_T_WRITE_ZEROES, 0),
+            (
+                VIRTIO_BLK_T_WRITE_ZEROES,
+                VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+            ),
+            (VIRTIO_BLK_T_DISCARD, 0),
+        ] {
+            let mem = mem();
+            let (tmp, mut b) = image(false, None);
+            header(&mem, kind, 0);
+            discard_seg(&mem, 8, 8, flags);
+
+            run(
+                &mem,
+                &mut b,
+                &[d(HDR, 16, 0), d(DATA, 16, 0), d(STATUS, 1, W)],
+            );
+
+            assert_eq!(status(&mem), S_OK, "type {kind}");
+            let img = std::fs::read(tmp.as_path()).unwrap();
+            assert_eq!(img.len(), 16 * 512);
+            assert!(img[4096..].iter().all(|&x| x == 0), "type {kind}");
+            assert_eq!(img[4095], (4095 % 251) as u8);
+        }
+    }
+
+    #[test]
+    fn discard_past_the_end_is_ioerr_and_with_flags_unsupp() {
+        let mem = mem();
+        let (_tmp, mut b) = image(false, None);
+        header(&mem, VIRTIO_BLK_T_DISCARD, 0);
+        discard_seg(&mem, 12, 8, 0);
+        run(
+            &mem,
+            &mut b,
+            &[d(HDR, 16, 0), d(DATA, 16, 0), d(STATUS, 1, W)],
+        );
+        assert_eq!(status(&mem), S_IOERR);
+
+        discard_seg(&mem, 0, 8, 1);
+        run(
+            &mem,
+            &mut b,
+            &[d(HDR, 16, 0), d(DATA, 16, 0), d(STATUS, 1, W)],
+        );
+        assert_eq!(status(&mem), S_UNSUPP);
+    }
+
+    #[test]
+    fn indirect_chain_is_followed() {
+        let mem = mem();
+        let (_tmp, mut b) = image(false, None);
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        let table = GuestAddress(0x4_0000);
+        let next = VRING_DESC_F_NEXT as u16;
+        for (i, desc) in [
+            Descriptor::new(HDR, 16, next, 1),
+            Descriptor::new(DATA, 512, W | next, 2),
+            Descriptor::new(STATUS, 1, W, 0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            mem.write_obj(
+                RawDescriptor::from(desc),
+                table.unchecked_add(16 * i as u64),
+            )
+            .unwrap();
+        }
+
+        let used = run(
+            &mem,
+            &mut b,
+            &[d(table.0, 48, VRING_DESC_F_INDIRECT as u16)],
+        );
+
+        assert_eq!(used, 513);
+        assert_eq!(status(&mem), S_OK);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(DATA + 5)).unwrap(), 5);
+    }
+
+    #[test]
+    fn worker_completes_a_notified_request_and_interrupts() {
+        let mem = mem();
+        let (_tmp, b) = image(false, None);
+        let mut dev = BlockDevice::new(b);
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0x8_0000), 16);
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        vq.add_desc_chains(
+            &[
+                RawDescriptor::from(Descriptor::new(HDR, 16, VRING_DESC_F_NEXT as u16, 1)),
+                RawDescriptor::from(Descriptor::new(DATA, 512, W | VRING_DESC_F_NEXT as u16, 2)),
+                d(STATUS, 1, W),
+            ],
+            0,
+        )
+        .unwrap();
+        let queue: Queue = vq.create_queue().unwrap();
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = EventFd::new(0).unwrap();
+        let shared = crate::device::SharedStatus::default();
+        let interrupt = Arc::new(Interrupt::new(shared.clone(), irq.try_clone().unwrap()));
+        dev.activate(ActivateContext {
+            mem: mem.clone(),
+            queues: vec![queue],
+            queue_evts: vec![evt.try_clone().unwrap()],
+            interrupt,
+            acked_features: 0,
+        })
+        .unwrap();
+
+        evt.write(1).unwrap();
+        irq.read().unwrap(); // Blocks until the worker interrupts.
+
+        assert_eq!(vq.used().idx().load(), 1);
+        assert_eq!(status(&mem), S_OK);
+        assert_eq!(
+            shared
+                .interrupt_status
+                .load(std::sync::atomic::Ordering::SeqCst),
+            1
+        );
+        dev.reset();
+        assert!(dev.backend.is_some());
+    }
+}

@@ -1,0 +1,494 @@
+//! virtio-console (virtio 1.2 §5.3) with one port (no MULTIPORT): receiveq 0, transmitq 1.
+//! The port is backed by this process's stdin/stdout, a pseudo-terminal, or a UNIX stream
+//! socket (listening; one client at a time).
+
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Address, Bytes, GuestMemory, GuestMemoryMmap, Permissions};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::device::{
+    check_avail, drain_queue, fail_device, ActivateContext, ActivateError, EventLoop, Interrupt,
+    QueueError, VirtioDevice, Worker, STOP_TOKEN,
+};
+use crate::sys::{open_pty, Pty};
+use crate::warn_rl;
+
+/// Queue size we offer.
+pub const QUEUE_SIZE: u16 = 256;
+const RX_BUF: usize = 4096;
+
+/// Where the port's bytes come from and go to.
+#[derive(Debug)]
+pub enum ConsolePort {
+    /// stdin / stdout of this process.
+    Stdio,
+    /// A pseudo-terminal (the slave is kept open).
+    Pty(Pty),
+    /// A listening UNIX socket and its current client.
+    Socket {
+        /// The listener.
+        listener: UnixListener,
+        /// The connected client, if any.
+        client: Option<UnixStream>,
+        /// The socket path (removed on drop).
+        path: PathBuf,
+    },
+}
+
+impl ConsolePort {
+    /// A new PTY port; `alias`, if given, becomes a symlink to the slave.
+    pub fn pty(alias: Option<&Path>) -> io::Result<Self> {
+        let pty = open_pty()?;
+        if let Some(alias) = alias {
+            let _ = std::fs::remove_file(alias);
+            std::os::unix::fs::symlink(&pty.path, alias)?;
+        }
+        Ok(Self::Pty(pty))
+    }
+
+    /// A port listening on a UNIX socket at `path` (a stale socket file is replaced).
+    pub fn socket(path: &Path) -> io::Result<Self> {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path)?;
+        listener.set_nonblocking(true)?;
+        Ok(Self::Socket {
+            listener,
+            client: None,
+            path: path.to_owned(),
+        })
+    }
+
+    /// The PTY slave path, for a PTY port.
+    pub fn pty_path(&self) -> Option<&Path> {
+        match self {
+            Self::Pty(p) => Some(&p.path),
+            _ => None,
+        }
+    }
+
+    fn input_fd(&self) -> Option<RawFd> {
+        match self {
+            Self::Stdio => Some(io::stdin().as_raw_fd()),
+            Self::Pty(p) => Some(p.master.as_raw_fd()),
+            Self::Socket { client, .. } => client.as_ref().map(AsRawFd::as_raw_fd),
+        }
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Stdio => io::stdin().read(buf),
+            Self::Pty(p) => p.master.read(buf),
+            Self::Socket { client, .. } => match client {
+                Some(c) => c.read(buf),
+                None => Ok(0),
+            },
+        }
+    }
+
+    /// Writes guest bytes `[addr, addr+len)` to the port; output without a reader is dropped.
+    fn write_from(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        addr: vm_memory::GuestAddress,
+        len: usize,
+    ) -> io::Result<()> {
+        let r = match self {
+            Self::Stdio => mem.write_all_volatile_to(addr, &mut io::stdout(), len),
+            Self::Pty(p) => mem.write_all_volatile_to(addr, &mut p.master, len),
+            Self::Socket { client, .. } => match client {
+                Some(c) => mem.write_all_volatile_to(addr, c, len),
+                None => Ok(()),
+            },
+        };
+        r.map_err(io::Error::other)
+    }
+
+    fn drop_client(&mut self) {
+        if let Self::Socket { client, .. } = self {
+            *client = None;
+        }
+    }
+}
+
+impl Drop for ConsolePort {
+    fn drop(&mut self) {
+        if let Self::Socket { path, .. } = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// The console device.
+#[derive(Debug)]
+pub struct ConsoleDevice {
+    port: Option<ConsolePort>,
+    returned: std::sync::Arc<std::sync::Mutex<Option<ConsolePort>>>,
+    worker: Option<Worker>,
+    /// struct virtio_console_config: cols, rows, max_nr_ports, emerg_wr (all 0: no features).
+    config: [u8; 12],
+}
+
+impl ConsoleDevice {
+    /// A console on `port`.
+    pub fn new(port: ConsolePort) -> Self {
+        Self {
+            port: Some(port),
+            returned: Default::default(),
+            worker: None,
+            config: [0; 12],
+        }
+    }
+}
+
+impl VirtioDevice for ConsoleDevice {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_CONSOLE
+    }
+    fn avail_features(&self) -> u64 {
+        (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        crate::device::read_config_bytes(&self.config, offset, data);
+    }
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        // emerg_wr needs VIRTIO_CONSOLE_F_EMERG_WRITE, which we do not offer.
+        warn_rl!("virtio-console: config write at {offset:#x} ignored");
+    }
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        if self.worker.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let ActivateContext {
+            mem,
+            queues,
+            queue_evts,
+            interrupt,
+            ..
+        } = ctx;
+        let got = queues.len();
+        let (Ok([rxq, txq]), Ok([rx_evt, tx_evt])) = (
+            <[Queue; 2]>::try_from(queues),
+            <[EventFd; 2]>::try_from(queue_evts),
+        ) else {
+            return Err(ActivateError::QueueCount { expected: 2, got });
+        };
+        let port = self
+            .port
+            .take()
+            .or_else(|| self.returned.lock().ok().and_then(|mut r| r.take()))
+            .ok_or(ActivateError::AlreadyActive)?;
+        let returned = self.returned.clone();
+        self.worker = Some(
+            Worker::spawn("virtio-console", move |stop| {
+                let mut w = ConsoleWorker {
+                    port,
+                    mem,
+                    rxq,
+                    txq,
+                    interrupt,
+                    pending: vec![0; RX_BUF],
+                    pending_start: 0,
+                    pending_end: 0,
+                };
+                w.run(&rx_evt, &tx_evt, &stop);
+                if let Ok(mut r) = returned.lock() {
+                    *r = Some(w.port);
+                }
+            })
+            .map_err(ActivateError::Backend)?,
+        );
+        Ok(())
+    }
+    fn reset(&mut self) {
+        if let Some(mut w) = self.worker.take() {
+            w.stop();
+        }
+        if self.port.is_none() {
+            self.port = self.returned.lock().ok().and_then(|mut r| r.take());
+        }
+    }
+}
+
+struct ConsoleWorker {
+    port: ConsolePort,
+    mem: GuestMemoryMmap,
+    rxq: Queue,
+    txq: Queue,
+    interrupt: std::sync::Arc<Interrupt>,
+    pending: Vec<u8>,
+    pending_start: usize,
+    pending_end: usize,
+}
+
+const RX_TOKEN: u64 = 0;
+const TX_TOKEN: u64 = 1;
+const INPUT_TOKEN: u64 = 2;
+const LISTEN_TOKEN: u64 = 3;
+
+impl ConsoleWorker {
+    fn run(&mut self, rx_evt: &EventFd, tx_evt: &EventFd, stop: &EventFd) {
+        let mut ev = match EventLoop::new() {
+            Ok(ev) => ev,
+            Err(e) => return fail_device(&self.interrupt, "virtio-console epoll", &e),
+        };
+        let mut setup = ev
+            .add(rx_evt, RX_TOKEN)
+            .and(ev.add(tx_evt, TX_TOKEN))
+            .and(ev.add(stop, STOP_TOKEN));
+        if let ConsolePort::Socket { listener, .. } = &self.port {
+            setup = setup.and(ev.add(listener, LISTEN_TOKEN));
+        }
+        if let Err(e) = setup {
+            return fail_device(&self.interrupt, "virtio-console epoll", &e);
+        }
+        let mut input_fd = self.port.input_fd();
+        if let Some(fd) = input_fd {
+            if let Err(e) = ev.add_raw(fd, INPUT_TOKEN) {
+                // stdin redirected from a regular file cannot be polled.
+                log::warn!("virtio-console: input not pollable ({e}); input disabled");
+                input_fd = None;
+            }
+        }
+        let mut input_on = input_fd.is_some();
+        let mut tokens = Vec::with_capacity(8);
+        loop {
+            if let Err(e) = ev.wait(-1, &mut tokens) {
+                return fail_device(&self.interrupt, "virtio-console epoll", &e);
+            }
+            for &t in &tokens {
+                let result = match t {
+                    STOP_TOKEN => return,
+                    TX_TOKEN => {
+                        let _ = tx_evt.read();
+                        self.transmit()
+                    }
+                    RX_TOKEN => {
+                        let _ = rx_evt.read();
+                        self.receive()
+                    }
+                    INPUT_TOKEN => {
+                        if self.pending_start == self.pending_end {
+                            self.read_input(&ev, &mut input_fd);
+                        }
+                        self.receive()
+                    }
+                    LISTEN_TOKEN => {
+                        self.accept(&ev, &mut input_fd);
+                        input_on = input_fd.is_some();
+                        Ok(())
+                    }
+                    _ => Ok(()),
+                };
+                if let Err(e) = result {
+                    return fail_device(&self.interrupt, "virtio-console queue", &e);
+                }
+            }
+            // Stop polling input while bytes wait for receive buffers.
+            let want = self.pending_start == self.pending_end;
+            if let Some(fd) = input_fd {
+                if want != input_on {
+                    if let Err(e) = ev.set_enabled(fd, INPUT_TOKEN, want) {
+                        warn_rl!("virtio-console: epoll modify: {e}");
+                    }
+                    input_on = want;
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self, ev: &EventLoop, input_fd: &mut Option<RawFd>) {
+        let ConsolePort::Socket {
+            listener, client, ..
+        } = &mut self.port
+        else {
+            return;
+        };
+        let Ok((stream, _)) = listener.accept() else {
+            return;
+        };
+        if client.is_some() {
+            // One client at a time: refuse the newcomer.
+            drop(stream);
+            return;
+        }
+        match ev.add(&stream, INPUT_TOKEN) {
+            Ok(()) => {
+                *input_fd = Some(stream.as_raw_fd());
+                *client = Some(stream);
+            }
+            Err(e) => warn_rl!("virtio-console: cannot poll client: {e}"),
+        }
+    }
+
+    fn read_input(&mut self, ev: &EventLoop, input_fd: &mut Option<RawFd>) {
+        match self.port.read(&mut self.pending) {
+            Ok(0) | Err(_) => {
+                // EOF or error: stop polling this input (a socket client is dropped).
+                if let Some(fd) = input_fd.take() {
+                    let _ = ev.remove(fd);
+                }
+                self.port.drop_client();
+            }
+            Ok(n) => {
+                self.pending_start = 0;
+                self.pending_end = n;
+            }
+        }
+    }
+
+    /// Moves pending input into receive buffers.
+    fn receive(&mut self) -> Result<(), QueueError> {
+        let mem = &self.mem;
+        let q = &mut self.rxq;
+        let mut used_any = false;
+        while self.pending_start < self.pending_end {
+            check_avail(q, mem)?;
+            let next = q.iter(mem)?.next();
+            let Some(chain) = next else {
+                if q.enable_notification(mem)? {
+                    continue;
+                }
+                break;
+            };
+            let head = chain.head_index();
+            let mut written = 0usize;
+            for d in chain {
+                if self.pending_start >= self.pending_end {
+                    break;
+                }
+                if !d.is_write_only() {
+                    continue;
+                }
+                let len = (d.len() as usize).min(self.pending_end - self.pending_start);
+                if !mem.check_range(d.addr(), len, Permissions::Write) {
+                    warn_rl!("virtio-console: rx buffer outside guest memory");
+                    break;
+                }
+                let src = &self.pending[self.pending_start..self.pending_start + len];
+                if mem.write_slice(src, d.addr()).is_err() {
+                    break;
+                }
+                self.pending_start += len;
+                written += len;
+            }
+            q.add_used(mem, head, u32::try_from(written).unwrap_or(0))?;
+            used_any = true;
+        }
+        if used_any && q.needs_notification(mem)? {
+            self.interrupt.signal_used_queue();
+        }
+        Ok(())
+    }
+
+    /// Sends every transmit buffer to the port.
+    fn transmit(&mut self) -> Result<(), QueueError> {
+        let port = &mut self.port;
+        let mem = &self.mem;
+        let mut broken = false;
+        drain_queue(&mut self.txq, mem, &self.interrupt, |chain| {
+            for d in chain {
+                if d.is_write_only() || broken {
+                    continue;
+                }
+                let len = d.len() as usize;
+                if d.addr().checked_add(d.len().into()).is_none()
+                    || !mem.check_range(d.addr(), len, Permissions::Read)
+                {
+                    warn_rl!("virtio-console: tx buffer outside guest memory");
+                    break;
+                }
+                if let Err(e) = port.write_from(mem, d.addr(), len) {
+                    warn_rl!("virtio-console: output: {e}");
+                    broken = true;
+                }
+            }
+            0
+        })?;
+        if broken {
+            self.port.drop_client();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestAddress;
+
+    #[test]
+    fn socket_port_carries_bytes_both_ways() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let path = dir.as_path().join("console.sock");
+        let mut dev = ConsoleDevice::new(ConsolePort::socket(&path).unwrap());
+        let rxvq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+        let txvq = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
+        let w = u16::try_from(VRING_DESC_F_WRITE).unwrap();
+        rxvq.add_desc_chains(
+            &[RawDescriptor::from(Descriptor::new(0x8_0000, 64, w, 0))],
+            0,
+        )
+        .unwrap();
+        mem.write_slice(b"hello guest", GuestAddress(0x9_0000))
+            .unwrap();
+        txvq.add_desc_chains(
+            &[RawDescriptor::from(Descriptor::new(0x9_0000, 11, 0, 0))],
+            0,
+        )
+        .unwrap();
+        let evts: Vec<EventFd> = (0..2)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        let irq = EventFd::new(0).unwrap();
+        let shared = crate::device::SharedStatus::default();
+        dev.activate(ActivateContext {
+            mem: mem.clone(),
+            queues: vec![rxvq.create_queue().unwrap(), txvq.create_queue().unwrap()],
+            queue_evts: evts.iter().map(|e| e.try_clone().unwrap()).collect(),
+            interrupt: Arc::new(Interrupt::new(shared.clone(), irq.try_clone().unwrap())),
+            acked_features: 0,
+        })
+        .unwrap();
+        let mut client = UnixStream::connect(&path).unwrap();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+
+        // Host -> guest.
+        client.write_all(b"hi host").unwrap();
+        irq.read().unwrap();
+        let mut got = [0u8; 7];
+        mem.read_slice(&mut got, GuestAddress(0x8_0000)).unwrap();
+        assert_eq!(&got, b"hi host");
+        assert_eq!(rxvq.used().idx().load(), 1);
+
+        // Guest -> host.
+        evts[1].write(1).unwrap();
+        let mut out = [0u8; 11];
+        client.read_exact(&mut out).unwrap();
+        assert_eq!(&out, b"hello guest");
+        assert_eq!(shared.interrupt_status.load(Ordering::SeqCst) & 1, 1);
+
+        dev.reset();
+    }
+}

@@ -1,0 +1,489 @@
+//! virtio-net (virtio 1.2 §5.1): receiveq 0, transmitq 1, no control queue, no offloads.
+//! Backends: a TAP interface (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, 12-byte header) or a UNIX
+//! datagram socket carrying bare Ethernet frames (the device adds / strips the header).
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::path::{Path, PathBuf};
+
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap, Permissions};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::device::{
+    check_avail, drain_queue, fail_device, ActivateContext, ActivateError, EventLoop, Interrupt,
+    QueueError, VirtioDevice, Worker, STOP_TOKEN,
+};
+use crate::warn_rl;
+
+/// Queue size we offer.
+pub const QUEUE_SIZE: u16 = 256;
+/// `struct virtio_net_hdr_v1` (virtio 1.2 §5.1.6): 12 bytes with VERSION_1.
+pub const NET_HDR_LEN: usize = 12;
+/// Largest frame plus header we move (64 KiB frame, as TAP may deliver without offloads).
+const FRAME_MAX: usize = 65536 + NET_HDR_LEN;
+
+/// Where frames go.
+#[derive(Debug)]
+pub enum NetBackend {
+    /// A TAP interface; reads and writes carry the 12-byte virtio-net header.
+    Tap(File),
+    /// A UNIX datagram socket; one bare frame per datagram.
+    Socket {
+        /// The bound socket.
+        sock: UnixDatagram,
+        /// Where frames go; learnt from the last sender if not configured.
+        peer: Option<PeerAddr>,
+        /// Bound path (removed on drop).
+        path: PathBuf,
+    },
+}
+
+/// The socket backend's peer.
+#[derive(Debug)]
+pub enum PeerAddr {
+    /// Configured path.
+    Path(PathBuf),
+    /// Learnt from a received datagram.
+    Learnt(SocketAddr),
+}
+
+impl NetBackend {
+    /// Opens TAP interface `name`.
+    pub fn tap(name: &str) -> io::Result<Self> {
+        crate::sys::open_tap(name, 12).map(Self::Tap)
+    }
+
+    /// Binds a datagram socket at `path` (a stale file is replaced), sending to `peer`.
+    pub fn socket(path: &Path, peer: Option<&Path>) -> io::Result<Self> {
+        let _ = std::fs::remove_file(path);
+        let sock = UnixDatagram::bind(path)?;
+        sock.set_nonblocking(true)?;
+        Ok(Self::Socket {
+            sock,
+            peer: peer.map(|p| PeerAddr::Path(p.to_owned())),
+            path: path.to_owned(),
+        })
+    }
+
+    fn fd(&self) -> RawFd {
+        match self {
+            Self::Tap(f) => f.as_raw_fd(),
+            Self::Socket { sock, .. } => sock.as_raw_fd(),
+        }
+    }
+
+    /// Receives one frame into `buf` as header + frame; `Ok(None)` when nothing is there.
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        let r = match self {
+            Self::Tap(f) => f.read(buf),
+            Self::Socket { sock, peer, .. } => {
+                let (hdr, frame) = buf.split_at_mut(NET_HDR_LEN);
+                hdr.fill(0);
+                match sock.recv_from(frame) {
+                    Ok((n, from)) => {
+                        if !matches!(peer, Some(PeerAddr::Path(_))) && from.as_pathname().is_some()
+                        {
+                            *peer = Some(PeerAddr::Learnt(from));
+                        }
+                        Ok(n + NET_HDR_LEN)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        match r {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends header + frame.
+    fn send(&mut self, pkt: &[u8]) -> io::Result<()> {
+        match self {
+            Self::Tap(f) => f.write(pkt).map(drop),
+            Self::Socket { sock, peer, .. } => {
+                let frame = pkt.get(NET_HDR_LEN..).unwrap_or(&[]);
+                match peer {
+                    Some(PeerAddr::Path(p)) => sock.send_to(frame, p).map(drop),
+                    Some(PeerAddr::Learnt(a)) => sock.send_to_addr(frame, a).map(drop),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for NetBackend {
+    fn drop(&mut self) {
+        if let Self::Socket { path, .. } = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// The network device.
+#[derive(Debug)]
+pub struct NetDevice {
+    backend: Option<NetBackend>,
+    returned: std::sync::Arc<std::sync::Mutex<Option<NetBackend>>>,
+    worker: Option<Worker>,
+    features: u64,
+    /// struct virtio_net_config: mac[6], status (LINK_UP), max_virtqueue_pairs.
+    config: [u8; 10],
+}
+
+impl NetDevice {
+    /// A network device on `backend` with MAC `mac` (VIRTIO_NET_F_MAC if given).
+    pub fn new(backend: NetBackend, mac: Option<[u8; 6]>) -> Self {
+        let mut features = (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_NET_F_STATUS);
+        let mut config = [0u8; 10];
+        if let Some(mac) = mac {
+            features |= 1 << VIRTIO_NET_F_MAC;
+            config[..6].copy_from_slice(&mac);
+        }
+        config[6..8].copy_from_slice(
+            &u16::try_from(VIRTIO_NET_S_LINK_UP)
+                .unwrap_or(1)
+                .to_le_bytes(),
+        );
+        config[8..10].copy_from_slice(&1u16.to_le_bytes());
+        Self {
+            backend: Some(backend),
+            returned: Default::default(),
+            worker: None,
+            features,
+            config,
+        }
+    }
+}
+
+impl VirtioDevice for NetDevice {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+    fn avail_features(&self) -> u64 {
+        self.features
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        crate::device::read_config_bytes(&self.config, offset, data);
+    }
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        // The MAC is writable only with VIRTIO_NET_F_CTRL_MAC_ADDR-era legacy; ignore.
+        warn_rl!("virtio-net: config write at {offset:#x} ignored");
+    }
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        if self.worker.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let ActivateContext {
+            mem,
+            queues,
+            queue_evts,
+            interrupt,
+            ..
+        } = ctx;
+        let got = queues.len();
+        let (Ok([rxq, txq]), Ok([rx_evt, tx_evt])) = (
+            <[Queue; 2]>::try_from(queues),
+            <[EventFd; 2]>::try_from(queue_evts),
+        ) else {
+            return Err(ActivateError::QueueCount { expected: 2, got });
+        };
+        let backend = self
+            .backend
+            .take()
+            .or_else(|| self.returned.lock().ok().and_then(|mut r| r.take()))
+            .ok_or(ActivateError::AlreadyActive)?;
+        let returned = self.returned.clone();
+        self.worker = Some(
+            Worker::spawn("virtio-net", move |stop| {
+                let mut w = NetWorker {
+                    backend,
+                    mem,
+                    rxq,
+                    txq,
+                    interrupt,
+                    rx_buf: vec![0; FRAME_MAX],
+                    rx_len: 0,
+                    tx_buf: vec![0; FRAME_MAX],
+                };
+                w.run(&rx_evt, &tx_evt, &stop);
+                if let Ok(mut r) = returned.lock() {
+                    *r = Some(w.backend);
+                }
+            })
+            .map_err(ActivateError::Backend)?,
+        );
+        Ok(())
+    }
+    fn reset(&mut self) {
+        if let Some(mut w) = self.worker.take() {
+            w.stop();
+        }
+        if self.backend.is_none() {
+            self.backend = self.returned.lock().ok().and_then(|mut r| r.take());
+        }
+    }
+}
+
+struct NetWorker {
+    backend: NetBackend,
+    mem: GuestMemoryMmap,
+    rxq: Queue,
+    txq: Queue,
+    interrupt: std::sync::Arc<Interrupt>,
+    /// A received frame waiting for a receive buffer (`rx_len` bytes, 0 if none).
+    rx_buf: Vec<u8>,
+    rx_len: usize,
+    tx_buf: Vec<u8>,
+}
+
+const RX_TOKEN: u64 = 0;
+const TX_TOKEN: u64 = 1;
+const BACKEND_TOKEN: u64 = 2;
+
+impl NetWorker {
+    fn run(&mut self, rx_evt: &EventFd, tx_evt: &EventFd, stop: &EventFd) {
+        let mut ev = match EventLoop::new() {
+            Ok(ev) => ev,
+            Err(e) => return fail_device(&self.interrupt, "virtio-net epoll", &e),
+        };
+        let fd = self.backend.fd();
+        if let Err(e) = ev
+            .add(rx_evt, RX_TOKEN)
+            .and(ev.add(tx_evt, TX_TOKEN))
+            .and(ev.add(stop, STOP_TOKEN))
+            .and(ev.add_raw(fd, BACKEND_TOKEN))
+        {
+            return fail_device(&self.interrupt, "virtio-net epoll", &e);
+        }
+        let mut backend_on = true;
+        let mut tokens = Vec::with_capacity(4);
+        loop {
+            if let Err(e) = ev.wait(-1, &mut tokens) {
+                return fail_device(&self.interrupt, "virtio-net epoll", &e);
+            }
+            for &t in &tokens {
+                let r = match t {
+                    STOP_TOKEN => return,
+                    TX_TOKEN => {
+                        let _ = tx_evt.read();
+                        self.transmit()
+                    }
+                    RX_TOKEN => {
+                        let _ = rx_evt.read();
+                        self.receive()
+                    }
+                    _ => self.receive(),
+                };
+                if let Err(e) = r {
+                    return fail_device(&self.interrupt, "virtio-net queue", &e);
+                }
+            }
+            // While a frame waits for a buffer, stop polling the backend.
+            let want = self.rx_len == 0;
+            if want != backend_on {
+                if let Err(e) = ev.set_enabled(fd, BACKEND_TOKEN, want) {
+                    warn_rl!("virtio-net: epoll modify: {e}");
+                }
+                backend_on = want;
+            }
+        }
+    }
+
+    /// Moves frames from the backend into receive buffers while both exist.
+    fn receive(&mut self) -> Result<(), QueueError> {
+        let mem = &self.mem;
+        let mut used_any = false;
+        loop {
+            if self.rx_len == 0 {
+                match self.backend.recv(&mut self.rx_buf) {
+                    Ok(Some(n)) if n > NET_HDR_LEN => self.rx_len = n,
+                    Ok(Some(_)) => continue,
+                    Ok(None) => break,
+                    Err(e) => {
+                        warn_rl!("virtio-net: backend receive: {e}");
+                        break;
+                    }
+                }
+                // num_buffers = 1 (virtio 1.2 §5.1.6.4: without MRG_RXBUF, set to 1).
+                self.rx_buf[10..12].copy_from_slice(&1u16.to_le_bytes());
+            }
+            check_avail(&self.rxq, mem)?;
+            let next = self.rxq.iter(mem)?.next();
+            let Some(chain) = next else {
+                if self.rxq.enable_notification(mem)? {
+                    continue;
+                }
+                break;
+            };
+            let head = chain.head_index();
+            let frame = &self.rx_buf[..self.rx_len];
+            let mut off = 0usize;
+            let mut ok = true;
+            for d in chain {
+                if off == frame.len() {
+                    break;
+                }
+                let len = (d.len() as usize).min(frame.len() - off);
+                if !d.is_write_only() || !mem.check_range(d.addr(), len, Permissions::Write) {
+                    ok = false;
+                    break;
+                }
+                if mem.write_slice(&frame[off..off + len], d.addr()).is_err() {
+                    ok = false;
+                    break;
+                }
+                off += len;
+            }
+            if !ok || off < frame.len() {
+                warn_rl!("virtio-net: receive buffer unusable or too small; frame dropped");
+                self.rxq.add_used(mem, head, 0)?;
+            } else {
+                self.rxq
+                    .add_used(mem, head, u32::try_from(off).unwrap_or(0))?;
+            }
+            used_any = true;
+            self.rx_len = 0;
+        }
+        if used_any && self.rxq.needs_notification(mem)? {
+            self.interrupt.signal_used_queue();
+        }
+        Ok(())
+    }
+
+    /// Sends every transmit chain (header + frame) to the backend.
+    fn transmit(&mut self) -> Result<(), QueueError> {
+        let mem = &self.mem;
+        let buf = &mut self.tx_buf;
+        let backend = &mut self.backend;
+        drain_queue(&mut self.txq, mem, &self.interrupt, |chain| {
+            let mut len = 0usize;
+            for d in chain {
+                let n = d.len() as usize;
+                let Some(dst) = buf.get_mut(len..len.saturating_add(n)) else {
+                    warn_rl!("virtio-net: oversized transmit chain dropped");
+                    return 0;
+                };
+                if d.is_write_only() || mem.read_slice(dst, d.addr()).is_err() {
+                    warn_rl!("virtio-net: bad transmit descriptor; frame dropped");
+                    return 0;
+                }
+                len += n;
+            }
+            if len <= NET_HDR_LEN {
+                warn_rl!("virtio-net: transmit chain shorter than the header");
+                return 0;
+            }
+            if let Err(e) = backend.send(&buf[..len]) {
+                warn_rl!("virtio-net: backend send: {e}");
+            }
+            0
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestAddress;
+
+    #[test]
+    fn socket_backend_carries_frames_both_ways() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let dev_path = dir.as_path().join("dev.sock");
+        let peer_path = dir.as_path().join("peer.sock");
+        let peer = UnixDatagram::bind(&peer_path).unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let backend = NetBackend::socket(&dev_path, Some(&peer_path)).unwrap();
+        let mut dev = NetDevice::new(backend, Some([2, 0, 0, 0, 0, 1]));
+        let mut mac = [0u8; 6];
+        dev.read_config(0, &mut mac);
+        assert_eq!(mac, [2, 0, 0, 0, 0, 1]);
+
+        let rxvq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+        let txvq = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
+        let w = u16::try_from(VRING_DESC_F_WRITE).unwrap();
+        rxvq.add_desc_chains(
+            &[RawDescriptor::from(Descriptor::new(0x8_0000, 2048, w, 0))],
+            0,
+        )
+        .unwrap();
+        let mut pkt = vec![0u8; NET_HDR_LEN];
+        pkt.extend_from_slice(b"outgoing-frame");
+        mem.write_slice(&pkt, GuestAddress(0x9_0000)).unwrap();
+        txvq.add_desc_chains(
+            &[RawDescriptor::from(Descriptor::new(
+                0x9_0000,
+                u32::try_from(pkt.len()).unwrap(),
+                0,
+                0,
+            ))],
+            0,
+        )
+        .unwrap();
+        let evts: Vec<EventFd> = (0..2)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        let irq = EventFd::new(0).unwrap();
+        dev.activate(ActivateContext {
+            mem: mem.clone(),
+            queues: vec![rxvq.create_queue().unwrap(), txvq.create_queue().unwrap()],
+            queue_evts: evts.iter().map(|e| e.try_clone().unwrap()).collect(),
+            interrupt: Arc::new(Interrupt::new(Default::default(), irq.try_clone().unwrap())),
+            acked_features: 0,
+        })
+        .unwrap();
+
+        // Guest -> peer: the header is stripped.
+        evts[1].write(1).unwrap();
+        let mut got = [0u8; 64];
+        let n = peer.recv(&mut got).unwrap();
+        assert_eq!(&got[..n], b"outgoing-frame");
+
+        // Peer -> guest: a header with num_buffers = 1 is prepended.
+        peer.send_to(b"incoming-frame", &dev_path).unwrap();
+        for _ in 0..5000 {
+            if rxvq.used().idx().load() == 1 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut buf = [0u8; NET_HDR_LEN + 14];
+        mem.read_slice(&mut buf, GuestAddress(0x8_0000)).unwrap();
+        assert_eq!(buf[10..12], [1, 0]);
+        assert_eq!(&buf[NET_HDR_LEN..], b"incoming-frame");
+        assert_eq!(rxvq.used().idx().load(), 1);
+
+        dev.reset();
+    }
+
+    #[test]
+    fn tap_backend_opens_when_root_is_available() {
+        match NetBackend::tap("remiotest0") {
+            Ok(NetBackend::Tap(_)) => {}
+            Ok(_) => panic!("not a TAP backend"),
+            Err(e) => eprintln!("SKIP tap_backend_opens_when_root_is_available: {e}"),
+        }
+    }
+}

@@ -1,0 +1,647 @@
+//! The request loop: one thread per device takes requests from its `DmSession` (ATTACH),
+//! decodes them into register accesses on the [`MmioTransport`] and completes them; and
+//! [`serve`], which sets up every device of a [`Config`].
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use remio_abi::uapi::{BAO_IO_READ, BAO_IO_WRITE};
+use remio_api::{ApiError, DmApi, DmSession, IoeventfdSpec, VirtioRequest};
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::{Config, DeviceConfig};
+use crate::devices::build_device;
+use crate::transport::{MmioTransport, NotifyRegistrar, RegistrarError};
+use crate::warn_rl;
+
+/// Errors setting up the devices of a config.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Opening the DM, or mapping its shared memory, failed.
+    #[error("DM {dm_id}: {source}")]
+    Session {
+        /// The DM.
+        dm_id: u32,
+        /// The cause.
+        #[source]
+        source: ApiError,
+    },
+    /// The device backend (image, TAP, PTY, socket) could not be opened.
+    #[error("DM {dm_id}: device backend: {source}")]
+    Backend {
+        /// The DM.
+        dm_id: u32,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The runner thread could not be started.
+    #[error("DM {dm_id}: cannot spawn the runner: {source}")]
+    Spawn {
+        /// The DM.
+        dm_id: u32,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Registers a device's eventfds through its session: one ioeventfd per queue on
+/// QueueNotify (len 4, datamatch = queue index) and one irqfd (spec/remote-io.md, "How a
+/// virtio device model uses it").
+pub struct SessionRegistrar {
+    session: Arc<dyn DmSession>,
+    notify_addr: u64,
+    /// Which queue ioeventfds were assigned (a refused one is served by the control path).
+    assigned: Vec<bool>,
+}
+
+impl std::fmt::Debug for SessionRegistrar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionRegistrar")
+            .field("notify_addr", &self.notify_addr)
+            .field("assigned", &self.assigned)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SessionRegistrar {
+    /// A registrar for the device whose MMIO window starts at `mmio_base`.
+    pub fn new(session: Arc<dyn DmSession>, mmio_base: u64) -> Self {
+        Self {
+            session,
+            notify_addr: mmio_base.saturating_add(u64::from(VIRTIO_MMIO_QUEUE_NOTIFY)),
+            assigned: Vec::new(),
+        }
+    }
+
+    fn spec(&self, queue: usize) -> IoeventfdSpec {
+        IoeventfdSpec {
+            addr: self.notify_addr,
+            len: 4,
+            datamatch: Some(queue as u64),
+        }
+    }
+}
+
+impl NotifyRegistrar for SessionRegistrar {
+    fn register(&mut self, queue_evts: &[EventFd], irqfd: &EventFd) -> Result<(), RegistrarError> {
+        self.session
+            .assign_irqfd(irqfd)
+            .map_err(RegistrarError::Irqfd)?;
+        self.assigned.clear();
+        for (i, evt) in queue_evts.iter().enumerate() {
+            let ok = match self.session.assign_ioeventfd(evt, self.spec(i)) {
+                Ok(()) => true,
+                Err(e) => {
+                    log::warn!("virtio: ioeventfd for queue {i} refused ({e}); QueueNotify will use the control path");
+                    false
+                }
+            };
+            self.assigned.push(ok);
+        }
+        Ok(())
+    }
+
+    fn unregister(&mut self, queue_evts: &[EventFd], irqfd: &EventFd) {
+        for (i, evt) in queue_evts.iter().enumerate() {
+            if self.assigned.get(i).copied().unwrap_or(false) {
+                if let Err(e) = self.session.deassign_ioeventfd(evt, self.spec(i)) {
+                    log::warn!("virtio: deassigning ioeventfd of queue {i}: {e}");
+                }
+            }
+        }
+        self.assigned.clear();
+        if let Err(e) = self.session.deassign_irqfd(irqfd) {
+            log::warn!("virtio: deassigning irqfd: {e}");
+        }
+    }
+}
+
+/// Turns one request into a register access and returns the completed request.
+///
+/// `addr` is guest-physical: the offset is `addr - mmio_base`; an address outside
+/// `[mmio_base, mmio_base + mmio_size)`, an unknown op or width is logged and answered with 0.
+pub fn handle_request(
+    transport: &mut MmioTransport,
+    mmio_base: u64,
+    mmio_size: u64,
+    req: &VirtioRequest,
+) -> VirtioRequest {
+    let mut done = *req;
+    let offset = req.addr.checked_sub(mmio_base).filter(|&o| o < mmio_size);
+    let width = match req.access_width {
+        1 => Some(1),
+        2 => Some(2),
+        4 => Some(4),
+        8 => Some(8),
+        _ => None,
+    };
+    let (Some(offset), Some(width)) = (offset, width) else {
+        warn_rl!(
+            "virtio: request at {:#x} width {} outside the device window",
+            req.addr,
+            req.access_width
+        );
+        if req.op == BAO_IO_READ {
+            done.value = 0;
+        }
+        return done;
+    };
+    match req.op {
+        BAO_IO_READ => done.value = transport.read(offset, width),
+        BAO_IO_WRITE => {
+            let mask = if width == 8 {
+                u64::MAX
+            } else {
+                (1u64 << (width * 8)) - 1
+            };
+            transport.write(offset, width, req.value & mask);
+        }
+        op => warn_rl!("virtio: request with unknown op {op}"),
+    }
+    done
+}
+
+/// One device: its session, transport and request thread.
+pub struct DeviceRunner {
+    dm_id: u32,
+    transport: Arc<Mutex<MmioTransport>>,
+    stopping: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for DeviceRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceRunner")
+            .field("dm_id", &self.dm_id)
+            .field("stopping", &self.stopping)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeviceRunner {
+    /// Starts the request thread of a device: ATTACH, decode, complete, until the session
+    /// reports [`ApiError::ShuttingDown`] / [`ApiError::Disconnected`] or the runner is
+    /// stopped (checked after each request).
+    pub fn spawn(
+        session: Arc<dyn DmSession>,
+        transport: MmioTransport,
+        mmio_base: u64,
+        mmio_size: u64,
+    ) -> std::io::Result<Self> {
+        let dm_id = session.info().id;
+        let transport = Arc::new(Mutex::new(transport));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (t, s) = (transport.clone(), stopping.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("remio-dm{dm_id}"))
+            .spawn(move || run(&*session, &t, &s, mmio_base, mmio_size))?;
+        Ok(Self {
+            dm_id,
+            transport,
+            stopping,
+            thread: Some(thread),
+        })
+    }
+
+    /// The DM this runner serves.
+    pub fn dm_id(&self) -> u32 {
+        self.dm_id
+    }
+
+    /// The transport (to inspect it, or to reset it).
+    pub fn transport(&self) -> &Arc<Mutex<MmioTransport>> {
+        &self.transport
+    }
+
+    /// Whether the request thread has exited.
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Stops the device: resets the transport (device workers stopped, eventfds deassigned)
+    /// and asks the request thread to exit. The thread is blocked in ATTACH and exits after
+    /// the next request (answered first) or when the session shuts down: the `DmSession`
+    /// API has no way to interrupt a waiting ATTACH.
+    pub fn stop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        match self.transport.lock() {
+            Ok(mut t) => t.reset(),
+            Err(p) => p.into_inner().reset(),
+        }
+        if self.is_finished() {
+            self.join();
+        }
+    }
+
+    /// Waits for the request thread to exit.
+    pub fn join(&mut self) {
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                log::error!("virtio: runner of DM {} panicked", self.dm_id);
+            }
+        }
+    }
+}
+
+fn run(
+    session: &dyn DmSession,
+    transport: &Mutex<MmioTransport>,
+    stopping: &AtomicBool,
+    mmio_base: u64,
+    mmio_size: u64,
+) {
+    let dm_id = session.info().id;
+    while !stopping.load(Ordering::SeqCst) {
+        let req = match session.attach() {
+            Ok(r) => r,
+            Err(ApiError::ShuttingDown | ApiError::Disconnected) => break,
+            Err(e) => {
+                log::error!("virtio: DM {dm_id}: attach failed: {e}");
+                break;
+            }
+        };
+        let done = {
+            let mut t = match transport.lock() {
+                Ok(t) => t,
+                Err(p) => p.into_inner(),
+            };
+            handle_request(&mut t, mmio_base, mmio_size, &req)
+        };
+        if let Err(e) = session.complete(&done) {
+            warn_rl!("virtio: DM {dm_id}: complete failed: {e}");
+            if matches!(e, ApiError::ShuttingDown | ApiError::Disconnected) {
+                break;
+            }
+        }
+    }
+    log::info!("virtio: DM {dm_id}: runner exits");
+}
+
+/// Everything [`serve`] started.
+#[derive(Debug)]
+pub struct DeviceModelHandle {
+    runners: Vec<DeviceRunner>,
+    infos: Vec<DeviceInfo>,
+}
+
+/// What a started device reports (for the CLI to print).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// The DM.
+    pub dm_id: u32,
+    /// Human-readable description (type, backend, PTY slave path, ...).
+    pub description: String,
+}
+
+impl DeviceModelHandle {
+    /// What was started.
+    pub fn devices(&self) -> &[DeviceInfo] {
+        &self.infos
+    }
+
+    /// The runners (one per device).
+    pub fn runners(&self) -> &[DeviceRunner] {
+        &self.runners
+    }
+
+    /// Stops every device (see [`DeviceRunner::stop`]).
+    pub fn stop(mut self) {
+        for r in &mut self.runners {
+            r.stop();
+        }
+    }
+
+    /// Blocks until every runner has exited (their sessions shut down).
+    pub fn wait(mut self) {
+        for r in &mut self.runners {
+            r.join();
+        }
+    }
+}
+
+/// Opens a session per configured device, maps its shared memory, builds the device and
+/// starts its runner. On error, what was already started is stopped.
+pub fn serve(api: &dyn DmApi, config: &Config) -> Result<DeviceModelHandle, ServeError> {
+    let mut handle = DeviceModelHandle {
+        runners: Vec::new(),
+        infos: Vec::new(),
+    };
+    for dev in &config.devices {
+        match serve_one(api, dev) {
+            Ok((runner, info)) => {
+                handle.runners.push(runner);
+                handle.infos.push(info);
+            }
+            Err(e) => {
+                handle.stop();
+                return Err(e);
+            }
+        }
+    }
+    Ok(handle)
+}
+
+fn serve_one(
+    api: &dyn DmApi,
+    dev: &DeviceConfig,
+) -> Result<(DeviceRunner, DeviceInfo), ServeError> {
+    let dm_id = dev.dm_id;
+    let session: Arc<dyn DmSession> = Arc::from(
+        api.open(dm_id)
+            .map_err(|source| ServeError::Session { dm_id, source })?,
+    );
+    let info = session.info();
+    if let Some(expected) = dev.shmem_addr {
+        if expected != info.shmem_addr {
+            log::warn!(
+                "virtio: DM {dm_id}: config says shmem at {expected:#x}, the DM has {:#x}",
+                info.shmem_addr
+            );
+        }
+    }
+    let mem = session
+        .map_shmem(info.shmem_size)
+        .map_err(|source| ServeError::Session { dm_id, source })?;
+    let (device, description) =
+        build_device(&dev.kind).map_err(|source| ServeError::Backend { dm_id, source })?;
+    log::info!("virtio: DM {dm_id}: {description} at {:#x}", dev.mmio_base);
+    let registrar = SessionRegistrar::new(session.clone(), dev.mmio_base);
+    let transport = MmioTransport::new(device, mem, Box::new(registrar));
+    let runner = DeviceRunner::spawn(session, transport, dev.mmio_base, dev.mmio_size)
+        .map_err(|source| ServeError::Spawn { dm_id, source })?;
+    Ok((runner, DeviceInfo { dm_id, description }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::rng::RngDevice;
+    use remio_api::DmInfo;
+    use std::sync::mpsc::{channel, Receiver, Sender};
+    use std::time::Duration;
+    use virtio_bindings::virtio_mmio::*;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    const SHMEM: u64 = 0x5000_0000;
+    const MMIO: u64 = 0x0a00_3e00;
+
+    /// A channel-backed session: requests are fed by the test, completions collected,
+    /// eventfd registrations recorded. Dropping the request sender shuts it down.
+    struct FakeSession {
+        requests: Mutex<Receiver<VirtioRequest>>,
+        completions: Mutex<Sender<VirtioRequest>>,
+        mem: GuestMemoryMmap,
+        ioeventfds: Arc<Mutex<Vec<(EventFd, IoeventfdSpec)>>>,
+        irqfds: Arc<Mutex<Vec<EventFd>>>,
+        deassigned: Arc<Mutex<Vec<IoeventfdSpec>>>,
+    }
+
+    impl DmSession for FakeSession {
+        fn info(&self) -> DmInfo {
+            DmInfo {
+                id: 0,
+                shmem_addr: SHMEM,
+                shmem_size: 0x10_0000,
+                irq: 47,
+            }
+        }
+        fn attach(&self) -> remio_api::Result<VirtioRequest> {
+            self.requests
+                .lock()
+                .unwrap()
+                .recv()
+                .map_err(|_| ApiError::ShuttingDown)
+        }
+        fn complete(&self, req: &VirtioRequest) -> remio_api::Result<()> {
+            self.completions
+                .lock()
+                .unwrap()
+                .send(*req)
+                .map_err(|_| ApiError::Disconnected)
+        }
+        fn assign_ioeventfd(&self, fd: &EventFd, spec: IoeventfdSpec) -> remio_api::Result<()> {
+            self.ioeventfds
+                .lock()
+                .unwrap()
+                .push((fd.try_clone()?, spec));
+            Ok(())
+        }
+        fn deassign_ioeventfd(&self, _fd: &EventFd, spec: IoeventfdSpec) -> remio_api::Result<()> {
+            let mut v = self.ioeventfds.lock().unwrap();
+            let before = v.len();
+            v.retain(|(_, s)| *s != spec);
+            if v.len() == before {
+                return Err(ApiError::NotFound("ioeventfd".into()));
+            }
+            self.deassigned.lock().unwrap().push(spec);
+            Ok(())
+        }
+        fn assign_irqfd(&self, fd: &EventFd) -> remio_api::Result<()> {
+            self.irqfds.lock().unwrap().push(fd.try_clone()?);
+            Ok(())
+        }
+        fn deassign_irqfd(&self, _fd: &EventFd) -> remio_api::Result<()> {
+            self.irqfds
+                .lock()
+                .unwrap()
+                .pop()
+                .map(drop)
+                .ok_or_else(|| ApiError::NotFound("irqfd".into()))
+        }
+        fn map_shmem(&self, _len: u64) -> remio_api::Result<GuestMemoryMmap> {
+            Ok(self.mem.clone())
+        }
+    }
+
+    /// The frontend side of the fake: issues accesses and waits for their completion.
+    struct Bus {
+        tx: Sender<VirtioRequest>,
+        done: Receiver<VirtioRequest>,
+        next_id: u64,
+    }
+
+    impl Bus {
+        fn access(&mut self, op: u64, offset: u32, value: u64) -> u64 {
+            self.next_id += 1;
+            let req = VirtioRequest {
+                dm_id: 0,
+                addr: MMIO + u64::from(offset),
+                op,
+                value,
+                access_width: 4,
+                request_id: self.next_id,
+            };
+            self.tx.send(req).unwrap();
+            let done = self.done.recv_timeout(Duration::from_secs(5)).unwrap();
+            assert_eq!(done.request_id, self.next_id);
+            done.value
+        }
+        fn read(&mut self, offset: u32) -> u64 {
+            self.access(BAO_IO_READ, offset, 0)
+        }
+        fn write(&mut self, offset: u32, value: u64) {
+            self.access(BAO_IO_WRITE, offset, value);
+        }
+    }
+
+    /// Waits (up to 5 s) for a non-blocking eventfd to be signalled.
+    fn wait_evt(evt: &EventFd) {
+        for _ in 0..5000 {
+            if evt.read().is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        panic!("eventfd not signalled");
+    }
+
+    #[test]
+    fn driver_ok_registers_ioeventfd_and_irqfd_and_rekicks_the_queue() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(SHMEM), 0x10_0000)]).unwrap();
+        let (tx, rx) = channel();
+        let (done_tx, done) = channel();
+        let ioeventfds = Arc::new(Mutex::new(Vec::new()));
+        let irqfds = Arc::new(Mutex::new(Vec::new()));
+        let deassigned = Arc::new(Mutex::new(Vec::new()));
+        let session: Arc<dyn DmSession> = Arc::new(FakeSession {
+            requests: Mutex::new(rx),
+            completions: Mutex::new(done_tx),
+            mem: mem.clone(),
+            ioeventfds: ioeventfds.clone(),
+            irqfds: irqfds.clone(),
+            deassigned: deassigned.clone(),
+        });
+        let registrar = SessionRegistrar::new(session.clone(), MMIO);
+        let transport = MmioTransport::new(
+            Box::new(RngDevice::new(None)),
+            mem.clone(),
+            Box::new(registrar),
+        );
+        let mut runner = DeviceRunner::spawn(session, transport, MMIO, 0x200).unwrap();
+        let mut bus = Bus {
+            tx,
+            done,
+            next_id: 0,
+        };
+        // A request the driver made available before DRIVER_OK (its notify is lost).
+        let vq = MockSplitQueue::create(&mem, GuestAddress(SHMEM), 16);
+        let w = u16::try_from(VRING_DESC_F_WRITE).unwrap();
+        vq.add_desc_chains(
+            &[RawDescriptor::from(Descriptor::new(
+                SHMEM + 0x8000,
+                32,
+                w,
+                0,
+            ))],
+            0,
+        )
+        .unwrap();
+
+        // The Linux probe, through requests.
+        assert_eq!(bus.read(VIRTIO_MMIO_MAGIC_VALUE), 0x7472_6976);
+        assert_eq!(bus.read(VIRTIO_MMIO_DEVICE_ID), 4);
+        bus.write(VIRTIO_MMIO_STATUS, 0);
+        bus.write(VIRTIO_MMIO_STATUS, 1);
+        bus.write(VIRTIO_MMIO_STATUS, 3);
+        bus.write(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        bus.write(VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        bus.write(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        bus.write(VIRTIO_MMIO_DRIVER_FEATURES, 0);
+        bus.write(VIRTIO_MMIO_STATUS, 0xb);
+        assert_eq!(bus.read(VIRTIO_MMIO_STATUS), 0xb);
+        bus.write(VIRTIO_MMIO_QUEUE_SEL, 0);
+        bus.write(VIRTIO_MMIO_QUEUE_NUM, 16);
+        bus.write(VIRTIO_MMIO_QUEUE_DESC_LOW, vq.desc_table_addr().0);
+        bus.write(VIRTIO_MMIO_QUEUE_DESC_HIGH, 0);
+        bus.write(VIRTIO_MMIO_QUEUE_AVAIL_LOW, vq.avail_addr().0);
+        bus.write(VIRTIO_MMIO_QUEUE_AVAIL_HIGH, 0);
+        bus.write(VIRTIO_MMIO_QUEUE_USED_LOW, vq.used_addr().0);
+        bus.write(VIRTIO_MMIO_QUEUE_USED_HIGH, 0);
+        bus.write(VIRTIO_MMIO_QUEUE_READY, 1);
+        assert!(ioeventfds.lock().unwrap().is_empty());
+        bus.write(VIRTIO_MMIO_STATUS, 0xf);
+
+        // Registered at DRIVER_OK: one ioeventfd on QueueNotify matching queue 0, one irqfd.
+        let specs: Vec<IoeventfdSpec> = ioeventfds.lock().unwrap().iter().map(|e| e.1).collect();
+        assert_eq!(
+            specs,
+            vec![IoeventfdSpec {
+                addr: MMIO + 0x50,
+                len: 4,
+                datamatch: Some(0)
+            }]
+        );
+        let irq = irqfds.lock().unwrap()[0].try_clone().unwrap();
+        // The re-kick served the request made available before DRIVER_OK.
+        wait_evt(&irq);
+        assert_eq!(vq.used().idx().load(), 1);
+        assert_eq!(bus.read(VIRTIO_MMIO_INTERRUPT_STATUS), 1);
+        bus.write(VIRTIO_MMIO_INTERRUPT_ACK, 1);
+        assert_eq!(bus.read(VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+
+        // A notify delivered through the ioeventfd (what the dispatcher does) is served.
+        vq.add_desc_chains(
+            &[RawDescriptor::from(Descriptor::new(
+                SHMEM + 0x9000,
+                32,
+                w,
+                0,
+            ))],
+            1,
+        )
+        .unwrap();
+        ioeventfds.lock().unwrap()[0].0.write(1).unwrap();
+        wait_evt(&irq);
+        assert_eq!(vq.used().idx().load(), 2);
+
+        // Reset deassigns exactly what was assigned.
+        bus.write(VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(*deassigned.lock().unwrap(), specs);
+        assert!(irqfds.lock().unwrap().is_empty());
+        assert_eq!(bus.read(VIRTIO_MMIO_STATUS), 0);
+
+        // The session shutting down ends the runner.
+        drop(bus);
+        runner.join();
+        assert!(runner.is_finished());
+    }
+
+    #[test]
+    fn request_outside_the_window_reads_zero() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(SHMEM), 0x1000)]).unwrap();
+        let mut t = MmioTransport::new(
+            Box::new(RngDevice::new(None)),
+            mem,
+            Box::new(crate::transport::NoopRegistrar),
+        );
+        let req = |addr, width| VirtioRequest {
+            dm_id: 0,
+            addr,
+            op: BAO_IO_READ,
+            value: 0xdead,
+            access_width: width,
+            request_id: 3,
+        };
+
+        assert_eq!(
+            handle_request(&mut t, MMIO, 0x200, &req(MMIO - 4, 4)).value,
+            0
+        );
+        assert_eq!(
+            handle_request(&mut t, MMIO, 0x200, &req(MMIO + 0x200, 4)).value,
+            0
+        );
+        assert_eq!(handle_request(&mut t, MMIO, 0x200, &req(MMIO, 3)).value, 0);
+        assert_eq!(
+            handle_request(&mut t, MMIO, 0x200, &req(MMIO, 4)).value,
+            0x7472_6976
+        );
+    }
+}

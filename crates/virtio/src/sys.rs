@@ -1,0 +1,136 @@
+//! The few system calls the backends need that std and vmm-sys-util do not wrap: opening a
+//! pseudo-terminal and configuring a TAP device. All unsafe code of the crate is here.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+
+/// A pseudo-terminal: the master we serve, the slave kept open so that the master never
+/// reports hang-up while no client has the slave open, and the slave's path.
+#[derive(Debug)]
+pub struct Pty {
+    /// Master side.
+    pub master: File,
+    /// Slave side, kept open.
+    pub slave: File,
+    /// Path of the slave (`/dev/pts/N`).
+    pub path: PathBuf,
+}
+
+/// Opens a pseudo-terminal in raw mode.
+pub fn open_pty() -> io::Result<Pty> {
+    let mut master: libc::c_int = -1;
+    let mut slave: libc::c_int = -1;
+    // SAFETY: openpty writes two fds into the two valid `c_int`s we pass; the name, termios
+    // and winsize pointers may be null (then it does not use them).
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openpty succeeded, so both are fresh fds owned by nobody else.
+    let (master, slave) = unsafe {
+        (
+            File::from(OwnedFd::from_raw_fd(master)),
+            File::from(OwnedFd::from_raw_fd(slave)),
+        )
+    };
+    // SAFETY: a zeroed termios is a valid value to be overwritten by tcgetattr.
+    let mut tio: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `slave` is an open tty fd and `tio` a valid termios to fill.
+    if unsafe { libc::tcgetattr(slave.as_raw_fd(), &mut tio) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `tio` is a valid termios.
+    unsafe { libc::cfmakeraw(&mut tio) };
+    // SAFETY: `slave` is an open tty fd and `tio` a valid termios.
+    if unsafe { libc::tcsetattr(slave.as_raw_fd(), libc::TCSANOW, &tio) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let path = std::fs::read_link(format!("/proc/self/fd/{}", slave.as_raw_fd()))?;
+    Ok(Pty {
+        master,
+        slave,
+        path,
+    })
+}
+
+/// `struct ifreq` as TUNSETIFF uses it: name, flags, padding to the union's 24 bytes.
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// TUNSETIFF = _IOW('T', 202, int) (linux/if_tun.h).
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+/// TUNSETVNETHDRSZ = _IOW('T', 216, int).
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+/// TUNSETOFFLOAD = _IOW('T', 208, unsigned int).
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+
+/// Opens (creating if needed) TAP interface `name` with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+/// non-blocking, a `hdr_len`-byte virtio-net header and no offloads.
+pub fn open_tap(name: &str, hdr_len: i32) -> io::Result<File> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "TAP name must be 1 to 15 bytes",
+        ));
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open("/dev/net/tun")?;
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF reads and writes a `struct ifreq`; `req` has its layout and size
+    // (40 bytes) and lives across the call.
+    if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer we pass, which is valid.
+    if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &hdr_len) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TUNSETOFFLOAD takes its argument by value.
+    if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETOFFLOAD, 0 as libc::c_ulong) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pty_slave_path_is_a_pts_device() {
+        let pty = open_pty().unwrap();
+        assert!(pty.path.starts_with("/dev/pts"), "{}", pty.path.display());
+    }
+
+    #[test]
+    fn tap_name_too_long_is_refused_before_any_syscall() {
+        let err = open_tap("a-name-longer-than-15", 12).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    }
+}

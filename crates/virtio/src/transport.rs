@@ -1,0 +1,903 @@
+//! The virtio-mmio transport, version 2 (virtio 1.2 §4.2.2), as a pure register file.
+//!
+//! [`MmioTransport::read`] and [`MmioTransport::write`] take an offset inside the device's
+//! MMIO window and an access width; they never fail and never panic, whatever the driver
+//! does: a bad access is logged (rate limited) and ignored, reads returning 0. The transport
+//! owns the status state machine ([`VALID_TRANSITIONS`]), feature negotiation and queue
+//! setup; at DRIVER_OK it creates one eventfd per queue and an irqfd, has them registered
+//! through a [`NotifyRegistrar`] (the runner's is backed by the `DmSession`), activates the
+//! device and re-kicks every queue so that a notify that raced activation is not lost.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::virtio_mmio::*;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::device::{ActivateContext, Interrupt, SharedStatus, VirtioDevice};
+use crate::warn_rl;
+
+/// MagicValue: "virt" in little endian (virtio 1.2 §4.2.2).
+pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
+/// Version of the modern (non-legacy) virtio-mmio interface (virtio 1.2 §4.2.2).
+pub const MMIO_VERSION: u32 = 2;
+/// VendorID we report ("RIO\0" would do; 0 like Firecracker: drivers ignore it).
+pub const MMIO_VENDOR_ID: u32 = 0;
+/// QueueReset register (virtio 1.2 §4.2.2; not in virtio-bindings 0.2.7). We do not offer
+/// VIRTIO_F_RING_RESET, so it is treated as an unknown register.
+pub const VIRTIO_MMIO_QUEUE_RESET: u32 = 0x0c0;
+/// Size of the MMIO window bao-virtio-dm and Linux device trees use per device.
+pub const MMIO_DEFAULT_SIZE: u64 = 0x200;
+
+const ACK: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
+const DRIVER: u32 = VIRTIO_CONFIG_S_DRIVER;
+const FEATURES_OK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
+const DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
+const FAILED: u32 = VIRTIO_CONFIG_S_FAILED;
+
+/// The status transitions a driver may make (virtio 1.2 §3.1.1), as (from, to). Besides
+/// these: writing 0 resets from anywhere, setting FAILED is allowed from anywhere, and
+/// rewriting the current value is a no-op. Everything else is refused and logged.
+pub const VALID_TRANSITIONS: [(u32, u32); 4] = [
+    (0, ACK),
+    (ACK, ACK | DRIVER),
+    (ACK | DRIVER, ACK | DRIVER | FEATURES_OK),
+    (
+        ACK | DRIVER | FEATURES_OK,
+        ACK | DRIVER | FEATURES_OK | DRIVER_OK,
+    ),
+];
+
+/// Why the driver could not be notified: registering eventfds with the dispatcher failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistrarError {
+    /// The session refused the irqfd.
+    #[error("irqfd registration: {0}")]
+    Irqfd(#[source] remio_api::ApiError),
+}
+
+/// Registers the eventfds of one activation with whatever delivers notifications: the
+/// `DmSession` in production, a recorder in tests, nothing in fuzzing.
+pub trait NotifyRegistrar: Send {
+    /// Registers `queue_evts[i]` for QueueNotify writes of value `i` and `irqfd` as the
+    /// device's frontend interrupt. A failed ioeventfd is not fatal (QueueNotify still
+    /// reaches the transport through the control path); a failed irqfd is.
+    fn register(&mut self, queue_evts: &[EventFd], irqfd: &EventFd) -> Result<(), RegistrarError>;
+    /// Undoes [`NotifyRegistrar::register`] (on reset).
+    fn unregister(&mut self, queue_evts: &[EventFd], irqfd: &EventFd);
+}
+
+/// A registrar that registers nothing (QueueNotify then always goes through the transport).
+#[derive(Debug, Default)]
+pub struct NoopRegistrar;
+
+impl NotifyRegistrar for NoopRegistrar {
+    fn register(&mut self, _: &[EventFd], _: &EventFd) -> Result<(), RegistrarError> {
+        Ok(())
+    }
+    fn unregister(&mut self, _: &[EventFd], _: &EventFd) {}
+}
+
+/// One queue's registers as the driver set them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct QueueRegs {
+    max_size: u16,
+    size: u16,
+    ready: bool,
+    desc: u64,
+    driver: u64,
+    device: u64,
+}
+
+impl QueueRegs {
+    fn new(max_size: u16) -> Self {
+        Self {
+            max_size,
+            size: max_size,
+            ..Self::default()
+        }
+    }
+}
+
+/// The eventfds of one activation.
+#[derive(Debug)]
+struct Activation {
+    queue_evts: Vec<EventFd>,
+    interrupt: Arc<Interrupt>,
+}
+
+/// Why DRIVER_OK could not activate the device.
+#[derive(Debug, thiserror::Error)]
+enum ActivationFailure {
+    #[error("queue {0} is not ready")]
+    QueueNotReady(usize),
+    #[error("queue {0}: size or ring addresses invalid or outside the shared memory")]
+    QueueInvalid(usize),
+    #[error("cannot create eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    #[error(transparent)]
+    Registrar(#[from] RegistrarError),
+    #[error("device: {0}")]
+    Device(#[from] crate::device::ActivateError),
+}
+
+/// The virtio-mmio register file of one device.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    registrar: Box<dyn NotifyRegistrar>,
+    shared: SharedStatus,
+    device_features: u64,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    queues: Vec<QueueRegs>,
+    shm_sel: u32,
+    active: Option<Activation>,
+}
+
+impl std::fmt::Debug for MmioTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmioTransport")
+            .field("device_type", &self.device.device_type())
+            .field("status", &self.status)
+            .field("driver_features", &self.driver_features)
+            .field("queues", &self.queues)
+            .field("active", &self.active.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MmioTransport {
+    /// A transport for `device` whose queues live in `mem`.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        registrar: Box<dyn NotifyRegistrar>,
+    ) -> Self {
+        let device_features = device.avail_features() | (1u64 << VIRTIO_F_VERSION_1);
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .map(|&m| QueueRegs::new(m))
+            .collect();
+        Self {
+            device,
+            mem,
+            registrar,
+            shared: SharedStatus::default(),
+            device_features,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            queues,
+            shm_sel: 0,
+            active: None,
+        }
+    }
+
+    /// The status word shared with the device workers (InterruptStatus, NEEDS_RESET, config
+    /// generation); a dispatcher fast path may read InterruptStatus from it.
+    pub fn shared_status(&self) -> &SharedStatus {
+        &self.shared
+    }
+
+    /// Whether the device is activated (DRIVER_OK accepted).
+    pub fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
+
+    /// The Status register as the driver reads it.
+    pub fn status(&self) -> u32 {
+        if self.shared.needs_reset.load(Ordering::SeqCst) {
+            self.status | VIRTIO_CONFIG_S_NEEDS_RESET
+        } else {
+            self.status
+        }
+    }
+
+    /// Reads `width` bytes at `offset` in the MMIO window. Bad accesses read 0.
+    pub fn read(&mut self, offset: u64, width: u32) -> u64 {
+        if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
+            return self.read_config(offset - u64::from(VIRTIO_MMIO_CONFIG), width);
+        }
+        let Some(reg) = register(offset, width) else {
+            warn_rl!("virtio-mmio: bad read at {offset:#x} width {width}");
+            return 0;
+        };
+        u64::from(self.read_register(reg))
+    }
+
+    /// Writes the low `width` bytes of `value` at `offset`. Bad accesses are ignored.
+    pub fn write(&mut self, offset: u64, width: u32, value: u64) {
+        if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
+            self.write_config(offset - u64::from(VIRTIO_MMIO_CONFIG), width, value);
+            return;
+        }
+        let Some(reg) = register(offset, width) else {
+            warn_rl!("virtio-mmio: bad write at {offset:#x} width {width}");
+            return;
+        };
+        let value = (value & 0xffff_ffff) as u32;
+        self.write_register(reg, value);
+    }
+
+    fn read_config(&mut self, offset: u64, width: u32) -> u64 {
+        let Some(len) = config_width(width) else {
+            warn_rl!("virtio-mmio: bad config read width {width}");
+            return 0;
+        };
+        let mut buf = [0u8; 8];
+        self.device.read_config(offset, &mut buf[..len]);
+        u64::from_le_bytes(buf)
+    }
+
+    fn write_config(&mut self, offset: u64, width: u32, value: u64) {
+        let Some(len) = config_width(width) else {
+            warn_rl!("virtio-mmio: bad config write width {width}");
+            return;
+        };
+        if self.status & DRIVER == 0 || self.status & FAILED != 0 {
+            warn_rl!(
+                "virtio-mmio: config write in status {:#x} ignored",
+                self.status
+            );
+            return;
+        }
+        let bytes = value.to_le_bytes();
+        self.device.write_config(offset, &bytes[..len]);
+    }
+
+    fn selected_queue(&self) -> Option<&QueueRegs> {
+        usize::try_from(self.queue_sel)
+            .ok()
+            .and_then(|i| self.queues.get(i))
+    }
+
+    fn read_register(&self, reg: u32) -> u32 {
+        match reg {
+            VIRTIO_MMIO_MAGIC_VALUE => MMIO_MAGIC_VALUE,
+            VIRTIO_MMIO_VERSION => MMIO_VERSION,
+            VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
+            VIRTIO_MMIO_VENDOR_ID => MMIO_VENDOR_ID,
+            VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
+                0 => (self.device_features & 0xffff_ffff) as u32,
+                1 => (self.device_features >> 32) as u32,
+                _ => 0,
+            },
+            VIRTIO_MMIO_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| q.max_size.into()),
+            VIRTIO_MMIO_QUEUE_READY => self.selected_queue().map_or(0, |q| q.ready.into()),
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.shared.interrupt_status.load(Ordering::SeqCst),
+            VIRTIO_MMIO_STATUS => self.status(),
+            // No shared memory regions (virtio 1.2 §4.2.2): length and base read as all ones.
+            VIRTIO_MMIO_SHM_LEN_LOW
+            | VIRTIO_MMIO_SHM_LEN_HIGH
+            | VIRTIO_MMIO_SHM_BASE_LOW
+            | VIRTIO_MMIO_SHM_BASE_HIGH => u32::MAX,
+            VIRTIO_MMIO_CONFIG_GENERATION => self.shared.config_generation.load(Ordering::SeqCst),
+            _ => {
+                warn_rl!("virtio-mmio: read of write-only or unknown register {reg:#x}");
+                0
+            }
+        }
+    }
+
+    fn write_register(&mut self, reg: u32, value: u32) {
+        match reg {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            VIRTIO_MMIO_DRIVER_FEATURES => self.write_driver_features(value),
+            VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = value,
+            VIRTIO_MMIO_QUEUE_NUM
+            | VIRTIO_MMIO_QUEUE_READY
+            | VIRTIO_MMIO_QUEUE_DESC_LOW
+            | VIRTIO_MMIO_QUEUE_DESC_HIGH
+            | VIRTIO_MMIO_QUEUE_AVAIL_LOW
+            | VIRTIO_MMIO_QUEUE_AVAIL_HIGH
+            | VIRTIO_MMIO_QUEUE_USED_LOW
+            | VIRTIO_MMIO_QUEUE_USED_HIGH => self.write_queue_register(reg, value),
+            VIRTIO_MMIO_QUEUE_NOTIFY => self.notify(value),
+            VIRTIO_MMIO_INTERRUPT_ACK => {
+                self.shared
+                    .interrupt_status
+                    .fetch_and(!value, Ordering::SeqCst);
+            }
+            VIRTIO_MMIO_STATUS => self.set_status(value),
+            VIRTIO_MMIO_SHM_SEL => self.shm_sel = value,
+            _ => warn_rl!("virtio-mmio: write of read-only or unknown register {reg:#x}"),
+        }
+    }
+
+    fn write_driver_features(&mut self, value: u32) {
+        if self.status & (DRIVER | FEATURES_OK | FAILED) != DRIVER {
+            warn_rl!(
+                "virtio-mmio: DriverFeatures write in status {:#x}",
+                self.status
+            );
+            return;
+        }
+        match self.driver_features_sel {
+            0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value),
+            1 => {
+                self.driver_features =
+                    (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
+            }
+            sel => warn_rl!("virtio-mmio: DriverFeatures write with selector {sel}"),
+        }
+    }
+
+    fn write_queue_register(&mut self, reg: u32, value: u32) {
+        if self.status & (FEATURES_OK | DRIVER_OK | FAILED) != FEATURES_OK {
+            warn_rl!(
+                "virtio-mmio: queue register {reg:#x} write in status {:#x}",
+                self.status
+            );
+            return;
+        }
+        let Some(q) = usize::try_from(self.queue_sel)
+            .ok()
+            .and_then(|i| self.queues.get_mut(i))
+        else {
+            warn_rl!(
+                "virtio-mmio: queue register write for queue {}",
+                self.queue_sel
+            );
+            return;
+        };
+        let low = |old: u64| (old & !0xffff_ffff) | u64::from(value);
+        let high = |old: u64| (old & 0xffff_ffff) | (u64::from(value) << 32);
+        match reg {
+            VIRTIO_MMIO_QUEUE_NUM => match u16::try_from(value) {
+                Ok(n) if n != 0 && n <= q.max_size && n.is_power_of_two() => q.size = n,
+                _ => warn_rl!("virtio-mmio: invalid QueueNum {value} (max {})", q.max_size),
+            },
+            VIRTIO_MMIO_QUEUE_READY => q.ready = value == 1,
+            VIRTIO_MMIO_QUEUE_DESC_LOW => q.desc = low(q.desc),
+            VIRTIO_MMIO_QUEUE_DESC_HIGH => q.desc = high(q.desc),
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW => q.driver = low(q.driver),
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH => q.driver = high(q.driver),
+            VIRTIO_MMIO_QUEUE_USED_LOW => q.device = low(q.device),
+            VIRTIO_MMIO_QUEUE_USED_HIGH => q.device = high(q.device),
+            _ => {}
+        }
+    }
+
+    /// QueueNotify arriving through the control path (no ioeventfd, or before DRIVER_OK).
+    fn notify(&self, value: u32) {
+        let Some(active) = &self.active else {
+            warn_rl!("virtio-mmio: QueueNotify({value}) before DRIVER_OK ignored");
+            return;
+        };
+        match usize::try_from(value)
+            .ok()
+            .and_then(|i| active.queue_evts.get(i))
+        {
+            Some(evt) => {
+                if let Err(e) = evt.write(1) {
+                    warn_rl!("virtio-mmio: queue eventfd write: {e}");
+                }
+            }
+            None => warn_rl!("virtio-mmio: QueueNotify for unknown queue {value}"),
+        }
+    }
+
+    fn set_status(&mut self, value: u32) {
+        // Linux writes back what it read, so NEEDS_RESET may come back: it is not driver-owned.
+        let new = value & !VIRTIO_CONFIG_S_NEEDS_RESET;
+        let old = self.status;
+        if new == 0 {
+            self.reset();
+            return;
+        }
+        if new == old {
+            return;
+        }
+        if new == old | FAILED {
+            self.status = new;
+            return;
+        }
+        if !VALID_TRANSITIONS.contains(&(old, new)) {
+            warn_rl!("virtio-mmio: refused status transition {old:#x} -> {new:#x}");
+            return;
+        }
+        match new & !old {
+            FEATURES_OK => {
+                if self.features_acceptable() {
+                    self.status = new;
+                } else {
+                    // The driver re-reads Status and sees FEATURES_OK unset (§3.1.1 step 6).
+                    warn_rl!(
+                        "virtio-mmio: driver features {:#x} not acceptable (device {:#x})",
+                        self.driver_features,
+                        self.device_features
+                    );
+                }
+            }
+            DRIVER_OK => match self.activate() {
+                Ok(()) => {
+                    self.status = new;
+                    self.kick_queues();
+                }
+                Err(e) => {
+                    warn_rl!("virtio-mmio: activation failed: {e}");
+                    self.status = new;
+                    self.shared.needs_reset.store(true, Ordering::SeqCst);
+                }
+            },
+            _ => self.status = new,
+        }
+    }
+
+    fn features_acceptable(&self) -> bool {
+        self.driver_features & !self.device_features == 0
+            && self.driver_features & (1u64 << VIRTIO_F_VERSION_1) != 0
+    }
+
+    fn activate(&mut self) -> Result<(), ActivationFailure> {
+        let event_idx = self.driver_features & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let mut queues = Vec::with_capacity(self.queues.len());
+        for (i, regs) in self.queues.iter().enumerate() {
+            if !regs.ready {
+                return Err(ActivationFailure::QueueNotReady(i));
+            }
+            let q = build_queue(regs, event_idx).ok_or(ActivationFailure::QueueInvalid(i))?;
+            if !q.is_valid(&self.mem) {
+                return Err(ActivationFailure::QueueInvalid(i));
+            }
+            queues.push(q);
+        }
+        let new_evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(ActivationFailure::EventFd);
+        let queue_evts = (0..queues.len())
+            .map(|_| new_evt())
+            .collect::<Result<Vec<_>, _>>()?;
+        let irqfd = new_evt()?;
+        let device_evts = queue_evts
+            .iter()
+            .map(|e| e.try_clone().map_err(ActivationFailure::EventFd))
+            .collect::<Result<Vec<_>, _>>()?;
+        let interrupt = Arc::new(Interrupt::new(self.shared.clone(), irqfd));
+        self.registrar.register(&queue_evts, interrupt.irqfd())?;
+        let ctx = ActivateContext {
+            mem: self.mem.clone(),
+            queues,
+            queue_evts: device_evts,
+            interrupt: interrupt.clone(),
+            acked_features: self.driver_features,
+        };
+        if let Err(e) = self.device.activate(ctx) {
+            self.registrar.unregister(&queue_evts, interrupt.irqfd());
+            return Err(e.into());
+        }
+        self.active = Some(Activation {
+            queue_evts,
+            interrupt,
+        });
+        Ok(())
+    }
+
+    /// Signals every queue's eventfd once, so that buffers made available before the
+    /// ioeventfds were registered are seen (conventions §7).
+    pub fn kick_queues(&self) {
+        if let Some(active) = &self.active {
+            for evt in &active.queue_evts {
+                if let Err(e) = evt.write(1) {
+                    warn_rl!("virtio-mmio: queue eventfd write: {e}");
+                }
+            }
+        }
+    }
+
+    /// Full device reset (Status written 0): stops the device's workers, drops and
+    /// deassigns the queue eventfds and irqfd, forgets features and queue setup.
+    pub fn reset(&mut self) {
+        if let Some(active) = self.active.take() {
+            self.device.reset();
+            self.registrar
+                .unregister(&active.queue_evts, active.interrupt.irqfd());
+        }
+        self.shared.reset();
+        self.status = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+        self.shm_sel = 0;
+        for q in &mut self.queues {
+            *q = QueueRegs::new(q.max_size);
+        }
+    }
+}
+
+impl Drop for MmioTransport {
+    fn drop(&mut self) {
+        self.reset();
+    }
+}
+
+fn build_queue(regs: &QueueRegs, event_idx: bool) -> Option<Queue> {
+    let mut q = Queue::new(regs.max_size).ok()?;
+    q.try_set_size(regs.size).ok()?;
+    let split = |a: u64| (Some((a & 0xffff_ffff) as u32), Some((a >> 32) as u32));
+    let (l, h) = split(regs.desc);
+    q.set_desc_table_address(l, h);
+    let (l, h) = split(regs.driver);
+    q.set_avail_ring_address(l, h);
+    let (l, h) = split(regs.device);
+    q.set_used_ring_address(l, h);
+    q.set_event_idx(event_idx);
+    q.set_ready(true);
+    Some(q)
+}
+
+/// The register at `offset` if the access is a naturally aligned 32-bit one.
+fn register(offset: u64, width: u32) -> Option<u32> {
+    if width != 4 || !offset.is_multiple_of(4) {
+        return None;
+    }
+    u32::try_from(offset).ok()
+}
+
+fn config_width(width: u32) -> Option<usize> {
+    match width {
+        1 | 2 | 4 | 8 => usize::try_from(width).ok(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::device::ActivateError;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Mutex;
+    use vm_memory::GuestAddress;
+
+    /// A device that records what the transport does to it.
+    #[derive(Debug, Default)]
+    pub(crate) struct ProbeDevice {
+        pub activations: Arc<AtomicUsize>,
+        pub resets: Arc<AtomicUsize>,
+        pub fail_activate: bool,
+        pub config: [u8; 8],
+        pub acked: Arc<AtomicUsize>,
+    }
+
+    impl VirtioDevice for ProbeDevice {
+        fn device_type(&self) -> u32 {
+            4
+        }
+        fn avail_features(&self) -> u64 {
+            (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX)
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 8]
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            crate::device::read_config_bytes(&self.config, offset, data);
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            for (i, b) in data.iter().enumerate() {
+                if let Some(slot) = usize::try_from(offset)
+                    .ok()
+                    .and_then(|o| o.checked_add(i))
+                    .and_then(|o| self.config.get_mut(o))
+                {
+                    *slot = *b;
+                }
+            }
+        }
+        fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+            if self.fail_activate {
+                return Err(ActivateError::AlreadyActive);
+            }
+            self.acked.store(
+                usize::try_from(ctx.acked_features).unwrap(),
+                Ordering::SeqCst,
+            );
+            self.activations.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.resets.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Records registrations: (number of queue eventfds, irqfd) per call.
+    #[derive(Debug, Default, Clone)]
+    pub(crate) struct RecordingRegistrar {
+        pub registered: Arc<Mutex<Vec<usize>>>,
+        pub unregistered: Arc<Mutex<Vec<usize>>>,
+    }
+
+    impl NotifyRegistrar for RecordingRegistrar {
+        fn register(&mut self, evts: &[EventFd], _: &EventFd) -> Result<(), RegistrarError> {
+            self.registered.lock().unwrap().push(evts.len());
+            Ok(())
+        }
+        fn unregister(&mut self, evts: &[EventFd], _: &EventFd) {
+            self.unregistered.lock().unwrap().push(evts.len());
+        }
+    }
+
+    pub(crate) fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0x1000_0000), 0x10_0000)]).unwrap()
+    }
+
+    fn reg(r: u32) -> u64 {
+        u64::from(r)
+    }
+
+    /// Does what Linux's virtio_mmio probe + virtio core do up to DRIVER_OK, with queues laid
+    /// at `base`. Returns the final status read back.
+    pub(crate) fn linux_probe(t: &mut MmioTransport, base: u64, features: u64) -> u32 {
+        assert_eq!(t.read(reg(VIRTIO_MMIO_MAGIC_VALUE), 4), 0x7472_6976);
+        assert_eq!(t.read(reg(VIRTIO_MMIO_VERSION), 4), 2);
+        assert_ne!(t.read(reg(VIRTIO_MMIO_DEVICE_ID), 4), 0);
+        t.read(reg(VIRTIO_MMIO_VENDOR_ID), 4);
+        t.write(reg(VIRTIO_MMIO_STATUS), 4, 0);
+        t.write(reg(VIRTIO_MMIO_STATUS), 4, u64::from(ACK));
+        t.write(reg(VIRTIO_MMIO_STATUS), 4, u64::from(ACK | DRIVER));
+        t.write(reg(VIRTIO_MMIO_DEVICE_FEATURES_SEL), 4, 1);
+        let mut dev = t.read(reg(VIRTIO_MMIO_DEVICE_FEATURES), 4) << 32;
+        t.write(reg(VIRTIO_MMIO_DEVICE_FEATURES_SEL), 4, 0);
+        dev |= t.read(reg(VIRTIO_MMIO_DEVICE_FEATURES), 4);
+        let drv = dev & features;
+        t.write(reg(VIRTIO_MMIO_DRIVER_FEATURES_SEL), 4, 1);
+        t.write(reg(VIRTIO_MMIO_DRIVER_FEATURES), 4, drv >> 32);
+        t.write(reg(VIRTIO_MMIO_DRIVER_FEATURES_SEL), 4, 0);
+        t.write(reg(VIRTIO_MMIO_DRIVER_FEATURES), 4, drv & 0xffff_ffff);
+        let s = t.read(reg(VIRTIO_MMIO_STATUS), 4);
+        t.write(reg(VIRTIO_MMIO_STATUS), 4, s | u64::from(FEATURES_OK));
+        if t.read(reg(VIRTIO_MMIO_STATUS), 4) & u64::from(FEATURES_OK) == 0 {
+            return t.status();
+        }
+        let mut addr = base;
+        for sel in 0..2u64 {
+            t.write(reg(VIRTIO_MMIO_QUEUE_SEL), 4, sel);
+            assert_eq!(t.read(reg(VIRTIO_MMIO_QUEUE_READY), 4), 0);
+            let max = t.read(reg(VIRTIO_MMIO_QUEUE_NUM_MAX), 4);
+            t.write(reg(VIRTIO_MMIO_QUEUE_NUM), 4, max);
+            for (lo, hi) in [
+                (VIRTIO_MMIO_QUEUE_DESC_LOW, VIRTIO_MMIO_QUEUE_DESC_HIGH),
+                (VIRTIO_MMIO_QUEUE_AVAIL_LOW, VIRTIO_MMIO_QUEUE_AVAIL_HIGH),
+                (VIRTIO_MMIO_QUEUE_USED_LOW, VIRTIO_MMIO_QUEUE_USED_HIGH),
+            ] {
+                t.write(reg(lo), 4, addr & 0xffff_ffff);
+                t.write(reg(hi), 4, addr >> 32);
+                addr += 0x1000;
+            }
+            t.write(reg(VIRTIO_MMIO_QUEUE_READY), 4, 1);
+        }
+        let s = t.read(reg(VIRTIO_MMIO_STATUS), 4);
+        t.write(reg(VIRTIO_MMIO_STATUS), 4, s | u64::from(DRIVER_OK));
+        t.status()
+    }
+
+    fn transport(dev: ProbeDevice, registrar: RecordingRegistrar) -> MmioTransport {
+        MmioTransport::new(Box::new(dev), mem(), Box::new(registrar))
+    }
+
+    #[test]
+    fn linux_probe_reaches_driver_ok_and_activates_once() {
+        let dev = ProbeDevice::default();
+        let activations = dev.activations.clone();
+        let acked = dev.acked.clone();
+        let registrar = RecordingRegistrar::default();
+        let mut t = transport(dev, registrar.clone());
+
+        let status = linux_probe(&mut t, 0x1000_0000, u64::MAX);
+
+        assert_eq!(status, ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+        assert_eq!(activations.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            acked.load(Ordering::SeqCst) as u64,
+            (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX)
+        );
+        assert_eq!(*registrar.registered.lock().unwrap(), vec![2]);
+    }
+
+    #[test]
+    fn reset_stops_device_deassigns_and_allows_a_second_probe() {
+        let dev = ProbeDevice::default();
+        let (activations, resets) = (dev.activations.clone(), dev.resets.clone());
+        let registrar = RecordingRegistrar::default();
+        let mut t = transport(dev, registrar.clone());
+        linux_probe(&mut t, 0x1000_0000, u64::MAX);
+
+        t.write(reg(VIRTIO_MMIO_STATUS), 4, 0);
+
+        assert_eq!(t.read(reg(VIRTIO_MMIO_STATUS), 4), 0);
+        assert_eq!(resets.load(Ordering::SeqCst), 1);
+        assert_eq!(*registrar.unregistered.lock().unwrap(), vec![2]);
+        t.write(reg(VIRTIO_MMIO_QUEUE_SEL), 4, 0);
+        assert_eq!(t.read(reg(VIRTIO_MMIO_QUEUE_READY), 4), 0);
+
+        let status = linux_probe(&mut t, 0x1001_0000, u64::MAX);
+
+        assert_eq!(status, ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+        assert_eq!(activations.load(Ordering::SeqCst), 2);
+        assert_eq!(*registrar.registered.lock().unwrap(), vec![2, 2]);
+    }
+
+    #[test]
+    fn features_without_version_1_are_refused_at_features_ok() {
+        let mut t = transport(ProbeDevice::default(), RecordingRegistrar::default());
+
+        let status = linux_probe(&mut t, 0x1000_0000, !(1u64 << VIRTIO_F_VERSION_1));
+
+        assert_eq!(status, ACK | DRIVER);
+    }
+
+    #[test]
+    fn skipping_a_status_step_is_refused() {
+        let mut t = transport(ProbeDevice::default(), RecordingRegistrar::default());
+        t.write(reg(VIRTIO_MMIO_STATUS), 4, u64::from(ACK));
+
+        t.write(
+            reg(VIRTIO_MMIO_STATUS),
+            4,
+            u64::from(ACK | DRIVER | DRIVER_OK),
+        );
+
+        assert_eq!(t.status(), ACK);
+    }
+
+    #[test]
+    fn failed_may_be_set_from_any_state() {
+        let mut t = transport(ProbeDevice::default(), RecordingRegistrar::default());
+        t.write(reg(VIRTIO_MMIO_STATUS), 4, u64::from(ACK));
+
+        t.write(reg(VIRTIO_MMIO_STATUS), 4, u64::from(ACK | FAILED));
+
+        assert_eq!(t.status(), ACK | FAILED);
+    }
+
+    #[test]
+    fn activation_failure_sets_needs_reset() {
+        let dev = ProbeDevice {
+            fail_activate: true,
+            ..ProbeDevice::default()
+        };
+        let registrar = RecordingRegistrar::default();
+        let mut t = transport(dev, registrar.clone());
+
+        let status = linux_probe(&mut t, 0x1000_0000, u64::MAX);
+
+        assert_ne!(status & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        assert!(!t.is_active());
+        assert_eq!(*registrar.unregistered.lock().unwrap(), vec![2]);
+    }
+
+    #[test]
+    fn queue_outside_shared_memory_fails_activation() {
+        let mut t = transport(ProbeDevice::default(), RecordingRegistrar::default());
+
+        let status = linux_probe(&mut t, 0x2000_0000, u64::MAX);
+
+        assert_ne!(status & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        assert!(!t.is_active());
+    }
+
+    #[test]
+    fn queue_num_must_be_a_power_of_two_within_max() {
+        let mut t = transport(ProbeDevice::default(), RecordingRegistrar::default());
+        for s in [ACK, ACK | DRIVER] {
+            t.write(reg(VIRTIO_MMIO_STATUS), 4, u64::from(s));
+        }
+        t.write(reg(VIRTIO_MMIO_DRIVER_FEATURES_SEL), 4, 1);
+        t.write(reg(VIRTIO_MMIO_DRIVER_FEATURES), 4, 1);
+        t.write(
+            reg(VIRTIO_MMIO_STATUS),
+            4,
+            u64::from(ACK | DRIVER | FEATURES_OK),
+        );
+        t.write(reg(VIRTIO_MMIO_QUEUE_SEL), 4, 0);
+
+        for bad in [0u64, 3, 32, 1 << 20] {
+            t.write(reg(VIRTIO_MMIO_QUEUE_NUM), 4, bad);
+        }
+        t.write(reg(VIRTIO_MMIO_QUEUE_NUM), 4, 4);
+
+        assert_eq!(t.queues[0].size, 4);
+    }
+
+    #[test]
+    fn interrupt_ack_clears_only_the_acked_bits() {
+        let mut t = transport(ProbeDevice::default(), RecordingRegistrar::default());
+        t.shared_status()
+            .interrupt_status
+            .store(3, Ordering::SeqCst);
+
+        t.write(reg(VIRTIO_MMIO_INTERRUPT_ACK), 4, 1);
+
+        assert_eq!(t.read(reg(VIRTIO_MMIO_INTERRUPT_STATUS), 4), 2);
+    }
+
+    #[test]
+    fn registers_need_aligned_32_bit_accesses() {
+        let mut t = transport(ProbeDevice::default(), RecordingRegistrar::default());
+
+        assert_eq!(t.read(reg(VIRTIO_MMIO_MAGIC_VALUE), 2), 0);
+        assert_eq!(t.read(1, 4), 0);
+        assert_eq!(t.read(0xf8, 4), 0);
+        t.write(reg(VIRTIO_MMIO_STATUS), 8, u64::from(ACK));
+        assert_eq!(t.status(), 0);
+    }
+
+    #[test]
+    fn config_space_takes_1_2_4_8_byte_accesses() {
+        let dev = ProbeDevice {
+            config: [1, 2, 3, 4, 5, 6, 7, 8],
+            ..ProbeDevice::default()
+        };
+        let mut t = transport(dev, RecordingRegistrar::default());
+        let cfg = reg(VIRTIO_MMIO_CONFIG);
+
+        assert_eq!(t.read(cfg, 1), 1);
+        assert_eq!(t.read(cfg + 2, 2), 0x0403);
+        assert_eq!(t.read(cfg + 4, 4), 0x0807_0605);
+        assert_eq!(t.read(cfg, 8), 0x0807_0605_0403_0201);
+        assert_eq!(t.read(cfg + 6, 8), 0x0807);
+        assert_eq!(t.read(cfg, 3), 0);
+        t.write(reg(VIRTIO_MMIO_STATUS), 4, u64::from(ACK));
+        t.write(reg(VIRTIO_MMIO_STATUS), 4, u64::from(ACK | DRIVER));
+        t.write(cfg + 1, 2, 0xaabb);
+        assert_eq!(t.read(cfg, 4), 0x04aa_bb01);
+    }
+
+    #[test]
+    fn no_shared_memory_regions_are_reported() {
+        let mut t = transport(ProbeDevice::default(), RecordingRegistrar::default());
+        t.write(reg(VIRTIO_MMIO_SHM_SEL), 4, 0);
+
+        assert_eq!(t.read(reg(VIRTIO_MMIO_SHM_LEN_LOW), 4), 0xffff_ffff);
+        assert_eq!(t.read(reg(VIRTIO_MMIO_SHM_LEN_HIGH), 4), 0xffff_ffff);
+    }
+
+    #[test]
+    fn control_path_notify_after_driver_ok_signals_the_queue_eventfd() {
+        let mut t = transport(ProbeDevice::default(), RecordingRegistrar::default());
+        linux_probe(&mut t, 0x1000_0000, u64::MAX);
+        let evt = t.active.as_ref().unwrap().queue_evts[1]
+            .try_clone()
+            .unwrap();
+        // Drain the re-kick.
+        assert_eq!(evt.read().unwrap(), 1);
+
+        t.write(reg(VIRTIO_MMIO_QUEUE_NOTIFY), 4, 1);
+        t.write(reg(VIRTIO_MMIO_QUEUE_NOTIFY), 4, 7);
+
+        assert_eq!(evt.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn arbitrary_accesses_never_panic() {
+        let mut t = transport(ProbeDevice::default(), RecordingRegistrar::default());
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let offset = (x >> 8) % 0x220;
+            let width = [1u32, 2, 3, 4, 8][usize::try_from(x % 5).unwrap()];
+            if x & 0x100 == 0 {
+                t.read(offset, width);
+            } else {
+                t.write(offset, width, x.rotate_left(17) % 0x200);
+            }
+        }
+        crate::fuzz::mmio_transport(&[0xff; 64]);
+    }
+}
