@@ -55,7 +55,9 @@ pub enum IrqFdError {
 /// handler is called inline on the trapping frontend thread, after the request is queued and
 /// with no lock held (see the crate docs); it never runs on two threads at once (a raise while
 /// it runs makes it run once more). A raise with no handler (and no eventfd) installed is
-/// latched and delivered once on install, from a short-lived thread. [`InterruptController::free_irq`]
+/// latched and delivered once on install, from a short-lived thread (as if another CPU took
+/// it; if the handler is freed before that thread runs, the interrupt stays latched).
+/// [`InterruptController::free_irq`]
 /// returns when the handler is not running on another thread and will not run again (called
 /// from inside the handler itself, it returns at once). [`BackendVm::irq_eventfd`] is the
 /// polling alternative: the eventfd is signalled on every raise (both may be used together).

@@ -13,6 +13,7 @@
 //!   handler is installed (from a short-lived thread, as if another CPU took it, so that an
 //!   installer holding a lock the handler takes cannot deadlock) or an eventfd is requested
 //!   (the eventfd is signalled).
+//! - A handler that panics is logged and treated as having returned.
 //! - Removing the handler waits until it is not running on any other thread; after that it is
 //!   never called again.
 
@@ -91,7 +92,11 @@ impl IrqLine {
         while let Some(handler) = s.handler.clone() {
             s.rerun = false;
             drop(s);
-            handler();
+            // A panicking handler must not leave the line "running" forever (free_irq would
+            // hang) nor unwind through the trapping vCPU thread: log it and carry on.
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler())).is_err() {
+                log::error!("an interrupt handler panicked; the interrupt is treated as handled");
+            }
             s = lock(&self.state);
             if !s.rerun {
                 break;
@@ -184,6 +189,16 @@ mod tests {
         assert!(line.install(Arc::new(move || lock(&tx).send(()).unwrap()), false));
         rx.recv_timeout(Duration::from_secs(10)).unwrap();
         assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
+    }
+
+    #[test]
+    fn panicking_handler_does_not_wedge_the_line() {
+        let line = Arc::new(IrqLine::default());
+        line.install(Arc::new(|| panic!("handler bug")), false);
+        assert_eq!(line.raise(), Raised::Delivered);
+        // Not left "running": removal returns and the next raise latches.
+        line.remove();
+        assert_eq!(line.raise(), Raised::Latched);
     }
 
     #[test]

@@ -122,6 +122,8 @@ pub use config::{
     ConfigError, HypConfig, RemioDeviceConfig, Role, ShmemConfig, VmConfig, MAX_SLOTS,
 };
 pub use frontend::{AccessError, Completion, FrontendDevice, FrontendVm, SinkError};
+/// Re-exported for [`FrontendVm::access`].
+pub use remio_abi::RemioOp;
 
 use irq::IrqLine;
 use slots::SlotPool;
