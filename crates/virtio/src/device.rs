@@ -355,4 +355,26 @@ mod tests {
         assert_eq!(shared.config_generation.load(Ordering::SeqCst), 1);
         assert_eq!(irqfd.read().unwrap(), 1);
     }
+
+    #[test]
+    fn avail_index_too_far_ahead_is_a_queue_error() {
+        use virtio_queue::mock::MockSplitQueue;
+        use vm_memory::GuestAddress;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let mut queue: Queue = vq.create_queue().unwrap();
+        vq.avail().idx().store(100);
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let interrupt = Interrupt::new(SharedStatus::default(), irqfd);
+        let mut handled = 0;
+
+        let err = drain_queue(&mut queue, &mem, &interrupt, |_| {
+            handled += 1;
+            0
+        })
+        .unwrap_err();
+
+        assert!(matches!(err, QueueError::AvailOverrun { avail: 100, .. }));
+        assert_eq!(handled, 0);
+    }
 }

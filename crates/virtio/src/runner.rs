@@ -613,6 +613,31 @@ mod tests {
         assert!(runner.is_finished());
     }
 
+    struct NoDms;
+
+    impl DmApi for NoDms {
+        fn open(&self, dm_id: u32) -> remio_api::Result<Box<dyn DmSession>> {
+            Err(ApiError::NoSuchDm(dm_id))
+        }
+    }
+
+    #[test]
+    fn serve_reports_the_dm_that_cannot_be_opened() {
+        let config =
+            Config::from_toml_str("[[device]]\ndm_id = 7\ntype = \"rng\"\nmmio_base = 0x1000\n")
+                .unwrap();
+
+        let err = serve(&NoDms, &config).unwrap_err();
+
+        assert!(matches!(
+            err,
+            ServeError::Session {
+                dm_id: 7,
+                source: ApiError::NoSuchDm(7)
+            }
+        ));
+    }
+
     #[test]
     fn request_outside_the_window_reads_zero() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(SHMEM), 0x1000)]).unwrap();

@@ -290,3 +290,65 @@ fn run_rng(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestAddress;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    }
+
+    #[test]
+    fn request_is_filled_up_to_the_budget() {
+        let mem = mem();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let w = u16::try_from(VRING_DESC_F_WRITE).unwrap();
+        let chain = vq
+            .build_desc_chain(&[
+                RawDescriptor::from(Descriptor::new(0x8_0000, 64, w, 0)),
+                RawDescriptor::from(Descriptor::new(0x9_0000, 64, w, 0)),
+            ])
+            .unwrap();
+
+        let used = fill_request(&mem, chain, 100, &mut [0u8; 16]);
+
+        assert_eq!(used, 100);
+        let mut second = [0u8; 64];
+        mem.read_slice(&mut second, GuestAddress(0x9_0000)).unwrap();
+        assert!(second[36..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn readable_and_out_of_memory_buffers_get_nothing() {
+        let mem = mem();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let w = u16::try_from(VRING_DESC_F_WRITE).unwrap();
+        let chain = vq
+            .build_desc_chain(&[
+                RawDescriptor::from(Descriptor::new(0x8_0000, 64, 0, 0)),
+                RawDescriptor::from(Descriptor::new(0xff_fff0, 64, w, 0)),
+            ])
+            .unwrap();
+
+        assert_eq!(fill_request(&mem, chain, u64::MAX, &mut [0u8; 16]), 0);
+    }
+
+    #[test]
+    fn token_bucket_grants_at_most_its_rate_then_refills() {
+        let start = Instant::now();
+        let mut b = TokenBucket::new(1000);
+        b.last = start;
+
+        assert_eq!(b.take(600, start), 600);
+        assert_eq!(b.take(600, start), 400);
+        assert_eq!(b.take(1, start), 0);
+        assert!(b.wait_time() > Duration::ZERO);
+        assert_eq!(b.take(1000, start + Duration::from_millis(500)), 500);
+        assert_eq!(b.take(5000, start + Duration::from_secs(10)), 1000);
+    }
+}
