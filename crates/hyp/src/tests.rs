@@ -995,3 +995,76 @@ fn many_threads_on_two_devices_all_complete_exactly_once() {
     assert_eq!(s.timeouts, 0);
     assert_eq!((s.reads, s.writes), (1200, 1200));
 }
+
+#[test]
+fn timeouts_racing_completions_account_for_every_request_exactly_once() {
+    let (hyp, f, b) = setup(2, Some(Duration::from_millis(2)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let backend = {
+        let (b, stop, refused) = (b.clone(), Arc::clone(&stop), Arc::clone(&refused));
+        thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                for dm in 0..2 {
+                    let r = ask(&b, dm);
+                    if r.status != 0 {
+                        continue;
+                    }
+                    n += 1;
+                    // Vary the service time around the timeout.
+                    thread::sleep(Duration::from_micros((n % 7) * 700));
+                    let op = RemioOp::from_raw(r.op).unwrap_or(RemioOp::Read);
+                    if complete(&b, dm, op, r.request_id, r.addr).status != 0 {
+                        refused.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                thread::yield_now();
+            }
+        })
+    };
+    let workers: Vec<_> = (0..4u64)
+        .map(|t| {
+            let f = f.clone();
+            thread::spawn(move || {
+                for i in 0..100u64 {
+                    let addr = if t % 2 == 0 { WIN0 } else { WIN1 } + (i % 16) * 4;
+                    let c = f.access(RemioOp::Read, addr, 4, 0).unwrap();
+                    let expected = if c.timed_out { 0 } else { addr };
+                    assert_eq!(c.value, expected, "a read got another request's value");
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    // Let the backend finish what it holds, then check the books.
+    assert!(wait_until(|| {
+        let s = hyp.stats();
+        s.abandoned_completions == s.timeouts_abandoned
+    }));
+    stop.store(true, Ordering::SeqCst);
+    backend.join().unwrap();
+
+    let s = hyp.stats();
+    assert_eq!(
+        refused.load(Ordering::SeqCst),
+        0,
+        "a completion of an asked request was refused"
+    );
+    assert_eq!(s.requests + s.timeouts_no_slot, 400);
+    assert_eq!(
+        s.completions + s.timeouts_pending + s.timeouts_abandoned,
+        s.requests
+    );
+    assert_eq!(
+        s.timeouts,
+        s.timeouts_pending + s.timeouts_abandoned + s.timeouts_no_slot
+    );
+    // No slot leaked: with an inline backend, both slots serve accesses again.
+    install_echo_dispatcher(&b, 0, 20);
+    for i in 0..4 {
+        assert_eq!(f.read(WIN0 + 4 * i, 4), Ok(WIN0 + 4 * i));
+    }
+}
