@@ -97,12 +97,13 @@ pub enum CompleteError {
     /// The op is neither `BAO_IO_WRITE` nor `BAO_IO_READ`. EINVAL.
     #[error("op {0} is not WRITE or READ")]
     InvalidOp(u64),
-    /// The hypervisor refused the arguments (status 3: no such request slot for this DM,
-    /// or the op does not echo the request's). EINVAL.
+    /// The hypervisor refused the arguments (status 3: no such request slot for this DM, the
+    /// request is not awaiting completion — e.g. it was completed already — or the op does
+    /// not echo the request's). EINVAL.
     #[error("the hypervisor refused the completion's arguments")]
     InvalidArgs,
-    /// The hypervisor reported failure (status 1: the request is not awaiting completion,
-    /// e.g. completed already or timed out). ENOENT.
+    /// The hypervisor reported failure (status 1; Bao's Remote I/O does not use it for
+    /// completions, kept for hypervisors that do). ENOENT.
     #[error("the request is not awaiting completion")]
     NotPending,
     /// The hypervisor does not know the Remote I/O hypercall (status 2). ENOSYS.

@@ -288,8 +288,9 @@ impl Hypercall for FakeHyp {
                             slot.state = SlotState::Complete(v);
                             RemioRet::default()
                         } else {
+                            // As remio-hyp does: a slot not PROCESSING is invalid arguments.
                             s.refused_completions += 1;
-                            RemioRet::with_status(RemioStatus::Failure.negated())
+                            RemioRet::with_status(RemioStatus::InvalidArgs.negated())
                         }
                     }
                     _ => {

@@ -128,8 +128,8 @@ fn complete_forces_the_dm_id_and_refuses_other_ops() {
     bad.op = 2;
     assert_eq!(dm1.complete(&bad), Err(CompleteError::InvalidOp(2)));
     dm1.complete(&req).unwrap();
-    // A second completion is refused by the hypervisor.
-    assert_eq!(dm1.complete(&req), Err(CompleteError::NotPending));
+    // A second completion is refused by the hypervisor (the slot is no longer PROCESSING).
+    assert_eq!(dm1.complete(&req), Err(CompleteError::InvalidArgs));
     assert_eq!(CompleteError::NotPending.errno(), libc::ENOENT);
 }
 
