@@ -5,7 +5,7 @@
 mod bench;
 mod dm;
 mod guest;
-mod platform;
+use remio::platform;
 mod run;
 
 use clap::{Parser, Subcommand};
