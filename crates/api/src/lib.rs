@@ -4,7 +4,40 @@
 //! as one trait, [`DmSession`], reached through [`DmApi::open`] (the driver's `DM_GET_INFO`).
 //! Device models (`remio-virtio`) are written against these traits only, so the same code
 //! runs in-process on our dispatcher, in another process over a UNIX socket, and on Bao
-//! hardware against the C driver's ioctls.
+//! hardware against the C driver's ioctls:
+//!
+//! - [`InProcessApi`]: straight onto a `remio_dispatcher::Dispatcher`; enforces the session
+//!   rules and the cleanup when a session ends (see [`inprocess`]).
+//! - [`SocketApi`] / [`SocketServer`]: the same operations over a `SOCK_SEQPACKET` socket, fds
+//!   by `SCM_RIGHTS`; the protocol is specified in [`wire`], the transport in [`socket`].
+//! - [`KernelApi`]: the C driver's ioctls behind the [`Ioctl`] trait (see [`kernel`]).
+//!
+//! Session rules common to all: one session per DM at a time (`EBUSY`); a completion naming
+//! another DM is `EPERM`, one naming a request the session does not hold is `ENOENT`, one that
+//! does not echo the request is `EINVAL`; `map_shmem(0)` or beyond the shmem size is `EINVAL`.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use remio_api::{DmApi, InProcessApi, SocketApi, SocketServer, SocketServerConfig};
+//! use remio_dispatcher::Dispatcher;
+//! # use remio_hyp::{HypConfig, Hypervisor, RemioDeviceConfig, Role, ShmemConfig, VmConfig};
+//! # let dev = |role, mmio_size, irq| RemioDeviceConfig { bind_key: 7, role,
+//! #     mmio_base: if mmio_size > 0 { 0xa000_0000 } else { 0 }, mmio_size, irq, shmem_id: 0,
+//! #     shmem_base: 0x5000_0000 };
+//! # let hyp = Hypervisor::new(HypConfig {
+//! #     shmem: vec![ShmemConfig { id: 0, size: 0x10000, backing: None }],
+//! #     vms: vec![VmConfig { id: 1, remio_devices: vec![dev(Role::Frontend, 0x200, 40)] },
+//! #               VmConfig { id: 2, remio_devices: vec![dev(Role::Backend, 0, 52)] }],
+//! #     slots: 1, timeout: None }).unwrap();
+//! # let backend = hyp.backend(2).unwrap();
+//! let dispatcher = Dispatcher::new(Arc::new(backend.clone()), Arc::new(backend));
+//! let api = Arc::new(InProcessApi::new(dispatcher));
+//! let path = std::env::temp_dir().join(format!("remio-doc-{}.sock", std::process::id()));
+//! let server = SocketServer::bind(&path, api, SocketServerConfig::default()).unwrap();
+//! // A device-model process would do this; no DM was created on this dispatcher yet.
+//! let err = SocketApi::connect(server.path()).open(0).err().unwrap();
+//! assert_eq!(err.errno(), libc::ENOENT);
+//! ```
 
 use std::sync::Arc;
 
