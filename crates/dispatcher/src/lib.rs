@@ -52,7 +52,6 @@
 //! # Example
 //!
 //! ```
-//! # #[cfg(feature = "testing")] {
 //! use std::sync::Arc;
 //! use remio_dispatcher::{Dispatcher, DmDescription, testing::FakeHyp};
 //! use remio_abi::uapi::BAO_IO_READ;
@@ -68,7 +67,6 @@
 //! req.value = 0x7472_6976; // "virt"
 //! dm.complete(&req).unwrap();
 //! assert_eq!(hyp.completion(slot), Some(0x7472_6976));
-//! # }
 //! ```
 
 mod client;
