@@ -6,6 +6,7 @@
 
 mod child;
 mod floors;
+mod paths;
 mod plot;
 mod stats;
 
@@ -72,6 +73,22 @@ impl Report {
         });
     }
 
+    fn add_target(
+        &mut self,
+        key: &'static str,
+        value: f64,
+        unit: &'static str,
+        target: &'static str,
+    ) {
+        self.metrics.push(Metric {
+            key,
+            value,
+            unit,
+            ratio: None,
+            target: Some(target),
+        });
+    }
+
     fn add_ratio(
         &mut self,
         key: &'static str,
@@ -80,13 +97,17 @@ impl Report {
         floor: (&'static str, f64),
         target: &'static str,
     ) {
-        let ratio = if floor.1 > 0.0 { value / floor.1 } else { f64::NAN };
+        let ratio = if floor.1 > 0.0 {
+            value / floor.1
+        } else {
+            f64::NAN
+        };
         self.metrics.push(Metric {
             key,
             value,
             unit,
             ratio: Some((floor.0, ratio)),
-            target: Some(target),
+            target: (!target.is_empty()).then_some(target),
         });
     }
 }
@@ -114,6 +135,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if selected("notify") {
         notify(&mut report, args.iterations)?;
     }
+    if selected("scale") {
+        scale(&mut report, &dir.0)?;
+    }
 
     if let Some(plot_dir) = &args.plot {
         write_plots(&mut report, plot_dir)?;
@@ -127,30 +151,91 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn control(report: &mut Report, dir: &std::path::Path, iterations: usize) -> anyhow::Result<()> {
+    eprintln!("control: socket floor, then register reads served over the socket API ...");
     let mut floor = floors::socket_ping_pong(dir, iterations)?;
-    let floor_p50 = floor.percentile(50.0) as f64;
-    report.add("socket_floor_ns_p50", floor_p50, "ns");
+    let mut path = paths::control(dir, iterations)?;
+    let (floor50, floor99) = (ns(floor.percentile(50.0)), ns(floor.percentile(99.0)));
+    report.add("socket_floor_ns_p50", floor50, "ns");
+    report.add("socket_floor_ns_p99", floor99, "ns");
+    report.add_ratio(
+        "control_rtt_ns_p50",
+        ns(path.percentile(50.0)),
+        "ns",
+        ("socket_floor_ns_p50", floor50),
+        "<= 1.5x",
+    );
+    report.add_ratio(
+        "control_rtt_ns_p99",
+        ns(path.percentile(99.0)),
+        "ns",
+        ("socket_floor_ns_p99", floor99),
+        "",
+    );
     report.plots.push((
         "control".into(),
-        vec![("socket ping-pong floor".into(), floor)],
+        vec![
+            ("socket ping-pong floor".into(), floor),
+            ("control read over the socket API".into(), path),
+        ],
     ));
     Ok(())
 }
 
 fn notify(report: &mut Report, iterations: usize) -> anyhow::Result<()> {
+    eprintln!("notify: eventfd floor, then QueueNotify writes through the ioeventfd path ...");
     let mut floor = floors::eventfd_wake(iterations)?;
-    report.add("eventfd_floor_ns_p50", floor.percentile(50.0) as f64, "ns");
+    let (mut path, per_s) = paths::notify(iterations)?;
+    let floor50 = ns(floor.percentile(50.0));
+    report.add("eventfd_floor_ns_p50", floor50, "ns");
+    report.add_ratio(
+        "notify_ns_p50",
+        ns(path.percentile(50.0)),
+        "ns",
+        ("eventfd_floor_ns_p50", floor50),
+        "<= 1.2x",
+    );
+    report.add_target("notify_per_s", per_s, "1/s", ">= 500000");
     report.plots.push((
         "notify".into(),
-        vec![("eventfd wake floor".into(), floor)],
+        vec![
+            ("eventfd wake floor".into(), floor),
+            ("QueueNotify through ioeventfd".into(), path),
+        ],
     ));
     Ok(())
+}
+
+fn scale(report: &mut Report, dir: &std::path::Path) -> anyhow::Result<()> {
+    eprintln!("scale: control + notify mix on 1 DM, then on 16 DMs at once ...");
+    let duration = std::time::Duration::from_secs(3);
+    let one = paths::scale(dir, 1, duration)?;
+    let sixteen = paths::scale(dir, 16, duration)?;
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    report.add("scale_1dm_per_s", one, "1/s");
+    #[expect(clippy::cast_precision_loss, reason = "a core count")]
+    let ideal = one * cores as f64;
+    report.add_ratio(
+        "scale_16dm_per_s",
+        sixteen,
+        "1/s",
+        ("scale_1dm_per_s x cores", ideal),
+        ">= 0.9x",
+    );
+    report.add("idle_dm_bytes", paths::idle_dm_bytes()?, "B");
+    Ok(())
+}
+
+#[expect(clippy::cast_precision_loss, reason = "nanosecond figures")]
+fn ns(v: u64) -> f64 {
+    v as f64
 }
 
 fn run_child(role: &str, arg: Option<&std::path::Path>) -> anyhow::Result<()> {
     let arg = arg.context("--child needs --child-arg")?;
     match role {
         "socket-echo" => floors::socket_echo_child(arg),
+        "serve-dm" => paths::serve_dm_child(arg),
+        "idle-rss" => paths::idle_rss_child(arg),
         other => anyhow::bail!("unknown benchmark child role {other:?}"),
     }
 }
@@ -225,8 +310,11 @@ fn write_plots(report: &mut Report, dir: &std::path::Path) -> anyhow::Result<()>
             })
             .collect();
         let path = dir.join(format!("{name}.svg"));
-        std::fs::write(&path, plot::cdf_svg(&format!("remio bench: {name}"), &curves))
-            .with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(
+            &path,
+            plot::cdf_svg(&format!("remio bench: {name}"), &curves),
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("plot: {}", path.display());
     }
     Ok(())

@@ -18,12 +18,17 @@ const LEFT: f64 = 70.0;
 const RIGHT: f64 = 20.0;
 const TOP: f64 = 40.0;
 const BOTTOM: f64 = 50.0;
-const COLORS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf"];
+const COLORS: [&str; 6] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf",
+];
 
 /// Renders the CDFs of `series` as an SVG document.
 pub fn cdf_svg(title: &str, series: &[Series<'_>]) -> String {
     let (lo, hi) = bounds(series);
-    let (llo, lhi) = (lo.log10().floor(), hi.log10().ceil().max(lo.log10().floor() + 1.0));
+    let (llo, lhi) = (
+        lo.log10().floor(),
+        hi.log10().ceil().max(lo.log10().floor() + 1.0),
+    );
     let x_of = |ns: f64| LEFT + (ns.max(1.0).log10() - llo) / (lhi - llo) * (W - LEFT - RIGHT);
     let y_of = |q: f64| TOP + (1.0 - q) * (H - TOP - BOTTOM);
 
@@ -86,7 +91,11 @@ pub fn cdf_svg(title: &str, series: &[Series<'_>]) -> String {
         }
         let step = (n / 400).max(1);
         let mut d = String::new();
-        for (k, idx) in (0..n).step_by(step).chain(std::iter::once(n - 1)).enumerate() {
+        for (k, idx) in (0..n)
+            .step_by(step)
+            .chain(std::iter::once(n - 1))
+            .enumerate()
+        {
             #[expect(clippy::cast_precision_loss, reason = "plot coordinates")]
             let (x, y) = (
                 x_of(ser.sorted_ns[idx] as f64),

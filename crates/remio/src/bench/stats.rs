@@ -20,13 +20,9 @@ impl Samples {
 
     /// Records one sample.
     pub fn push(&mut self, d: Duration) {
-        self.ns.push(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        self.ns
+            .push(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         self.sorted = false;
-    }
-
-    /// Number of samples.
-    pub fn len(&self) -> usize {
-        self.ns.len()
     }
 
     fn sort(&mut self) {

@@ -1,0 +1,331 @@
+//! The remio paths being measured: control (a register read served by a device-model process
+//! over the socket API), notify (a QueueNotify write through the ioeventfd path), and scale
+//! (both mixed, over 1 and 16 DMs at once), plus the memory an idle DM costs.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use remio::platform::{DeviceConfig, Platform, PlatformConfig};
+use remio_api::socket::SocketApi;
+use remio_api::{DmApi, DmSession, VirtioRequest};
+use remio_dispatcher::IoeventfdConfig;
+use remio_hyp::FrontendVm;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::child::ChildProcess;
+use super::floors::{spin_for, stamp};
+use super::stats::Samples;
+
+/// What the device-model child answers to every read: a value the frontend can recognise, so
+/// that a read completed by a timeout (value 0) is never mistaken for a served one.
+const SERVED: u64 = 0x7269_6f6d;
+/// virtio-mmio QueueNotify (virtio 1.2 §4.2.2).
+const QUEUE_NOTIFY: u64 = 0x50;
+/// Register window of each device.
+const WINDOW: u64 = 0x200;
+const MMIO_BASE: u64 = 0xa000_0000;
+
+/// One Remote I/O device pair per DM, windows side by side, 64 KiB of shared memory each.
+fn platform(dms: u32, socket: Option<&Path>) -> anyhow::Result<Platform> {
+    let device = (0..dms)
+        .map(|i| DeviceConfig {
+            bind_key: i + 1,
+            mmio_base: MMIO_BASE + u64::from(i) * 0x1000,
+            mmio_size: WINDOW,
+            frontend_irq: 40 + i,
+            backend_irq: 80 + i,
+            shmem_base: 0x1_0000_0000 + u64::from(i) * 0x10_0000,
+            shmem_size: 0x1_0000,
+        })
+        .collect();
+    Platform::start(PlatformConfig {
+        socket: socket.map(Path::to_path_buf),
+        slots: 64,
+        timeout_ms: 10_000,
+        device,
+        shmem_backing: None,
+    })
+}
+
+fn base_of(dm: u32) -> u64 {
+    MMIO_BASE + u64::from(dm) * 0x1000
+}
+
+/// Reads until the device-model child answers, so that measuring starts with it attached.
+fn wait_served(fe: &FrontendVm, dms: u32) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for dm in 0..dms {
+        loop {
+            if fe.read(base_of(dm), 4).context("warm-up read")? == SERVED {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the device-model child never answered DM {dm}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    Ok(())
+}
+
+/// Control path: round trips of a register read served by a device-model process.
+pub fn control(dir: &Path, iterations: usize) -> anyhow::Result<Samples> {
+    let socket = dir.join("control.sock");
+    let platform = platform(1, Some(&socket))?;
+    let fe = platform.frontend().context("no frontend VM")?;
+    let _child = ChildProcess::spawn("serve-dm", &dir.join("control.sock:1"))?;
+    wait_served(&fe, 1)?;
+    let mut samples = Samples::with_capacity(iterations);
+    for _ in 0..iterations / 10 {
+        fe.read(base_of(0), 4)?;
+    }
+    for _ in 0..iterations {
+        let t0 = Instant::now();
+        let v = fe.read(base_of(0), 4)?;
+        samples.push(t0.elapsed());
+        anyhow::ensure!(v == SERVED, "a control read returned {v:#x}: timed out?");
+    }
+    Ok(samples)
+}
+
+/// The device-model child of [`control`] and [`scale`]: `SOCKET:N` serves DMs 0..N, one
+/// thread each, answering every read with [`SERVED`].
+pub fn serve_dm_child(arg: &Path) -> anyhow::Result<()> {
+    let arg = arg.to_str().context("child argument is not UTF-8")?;
+    let (socket, n) = arg.rsplit_once(':').context("expected SOCKET:N")?;
+    let n: u32 = n.parse().context("DM count")?;
+    let api = SocketApi::connect(socket);
+    let threads: Vec<_> = (0..n)
+        .map(|dm| {
+            let session = api.open(dm);
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                let session = session.with_context(|| format!("opening DM {dm}"))?;
+                serve(session.as_ref())
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join()
+            .map_err(|_| anyhow::anyhow!("a serving thread panicked"))??;
+    }
+    Ok(())
+}
+
+fn serve(session: &dyn DmSession) -> anyhow::Result<()> {
+    let mut req = session.attach()?;
+    loop {
+        let reply = VirtioRequest {
+            value: SERVED,
+            ..req
+        };
+        req = session.complete_and_attach(&reply)?;
+    }
+}
+
+/// An ioeventfd on DM `dm`'s QueueNotify for queue 0, as a virtio device model registers it.
+fn notify_eventfd(platform: &Platform, dm: u32) -> anyhow::Result<Arc<EventFd>> {
+    let fd = Arc::new(EventFd::new(0)?);
+    platform
+        .dispatcher()
+        .dm(dm)
+        .map_err(|e| anyhow::anyhow!("DM {dm}: {e}"))?
+        .ioeventfd(IoeventfdConfig {
+            fd: fd.clone(),
+            addr: base_of(dm) + QUEUE_NOTIFY,
+            len: 4,
+            datamatch: Some(0),
+            deassign: false,
+        })
+        .map_err(|e| anyhow::anyhow!("assigning the ioeventfd: {e}"))?;
+    Ok(fd)
+}
+
+/// Notify path: one-way latency from a QueueNotify write to the queue worker waking, and the
+/// rate at which writes go through.
+pub fn notify(iterations: usize) -> anyhow::Result<(Samples, f64)> {
+    let platform = platform(1, None)?;
+    let fe = platform.frontend().context("no frontend VM")?;
+    let fd = notify_eventfd(&platform, 0)?;
+    let ack = Arc::new(EventFd::new(0)?);
+    let base = Instant::now();
+    let sent_at = Arc::new(AtomicU64::new(0));
+    let total = iterations + iterations / 10;
+    let worker = {
+        let (fd, ack, sent_at) = (fd.clone(), ack.clone(), sent_at.clone());
+        std::thread::spawn(move || -> std::io::Result<Samples> {
+            let mut samples = Samples::with_capacity(iterations);
+            for i in 0..total {
+                fd.read()?;
+                let now = stamp(base);
+                if i >= total - iterations {
+                    samples.push(Duration::from_nanos(
+                        now.saturating_sub(sent_at.load(Ordering::Acquire)),
+                    ));
+                }
+                ack.write(1)?;
+            }
+            Ok(samples)
+        })
+    };
+    for _ in 0..total {
+        spin_for(Duration::from_micros(20));
+        sent_at.store(stamp(base), Ordering::Release);
+        fe.write(base_of(0) + QUEUE_NOTIFY, 4, 0)?;
+        ack.read()?;
+    }
+    let samples = worker
+        .join()
+        .map_err(|_| anyhow::anyhow!("notify worker panicked"))??;
+
+    // Throughput: the worker drains the counter while the frontend writes back to back.
+    let writes = (iterations * 10).max(100_000);
+    let stop = Arc::new(AtomicBool::new(false));
+    let drained = {
+        let (fd, stop) = (fd.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                n += fd.read().unwrap_or(0);
+            }
+            n
+        })
+    };
+    let t0 = Instant::now();
+    for _ in 0..writes {
+        fe.write(base_of(0) + QUEUE_NOTIFY, 4, 0)?;
+    }
+    let elapsed = t0.elapsed();
+    stop.store(true, Ordering::Release);
+    fd.write(1)?; // wake the drainer so it sees `stop`
+    let seen = drained
+        .join()
+        .map_err(|_| anyhow::anyhow!("drainer panicked"))?;
+    anyhow::ensure!(
+        seen >= writes as u64,
+        "the worker saw {seen} of {writes} notifies"
+    );
+    #[expect(clippy::cast_precision_loss, reason = "a rate")]
+    let per_s = writes as f64 / elapsed.as_secs_f64();
+    Ok((samples, per_s))
+}
+
+/// Scale: `dms` frontend threads, one per DM, each issuing a mix of one control read (served
+/// by the device-model child) and three QueueNotify writes (drained by a worker per DM), for
+/// `duration`. Returns aggregate requests per second.
+pub fn scale(dir: &Path, dms: u32, duration: Duration) -> anyhow::Result<f64> {
+    let socket = dir.join(format!("scale{dms}.sock"));
+    let platform = platform(dms, Some(&socket))?;
+    let fe = platform.frontend().context("no frontend VM")?;
+    let _child = ChildProcess::spawn(
+        "serve-dm",
+        Path::new(&format!("{}:{dms}", socket.display())),
+    )?;
+    wait_served(&fe, dms)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut drainers = Vec::new();
+    for dm in 0..dms {
+        let fd = notify_eventfd(&platform, dm)?;
+        let stop = stop.clone();
+        drainers.push((
+            fd.clone(),
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    let _ = fd.read();
+                }
+            }),
+        ));
+    }
+    let start = Arc::new(Barrier::new(usize::try_from(dms)? + 1));
+    let threads: Vec<_> = (0..dms)
+        .map(|dm| {
+            let (fe, start) = (fe.clone(), start.clone());
+            std::thread::spawn(move || -> anyhow::Result<u64> {
+                start.wait();
+                let t0 = Instant::now();
+                let mut n = 0u64;
+                while t0.elapsed() < duration {
+                    anyhow::ensure!(fe.read(base_of(dm), 4)? == SERVED, "read timed out");
+                    for _ in 0..3 {
+                        fe.write(base_of(dm) + QUEUE_NOTIFY, 4, 0)?;
+                    }
+                    n += 4;
+                }
+                Ok(n)
+            })
+        })
+        .collect();
+    start.wait();
+    let t0 = Instant::now();
+    let mut total = 0u64;
+    for t in threads {
+        total += t
+            .join()
+            .map_err(|_| anyhow::anyhow!("a scale thread panicked"))??;
+    }
+    let elapsed = t0.elapsed();
+    stop.store(true, Ordering::Release);
+    for (fd, t) in drainers {
+        fd.write(1)?;
+        let _ = t.join();
+    }
+    #[expect(clippy::cast_precision_loss, reason = "a rate")]
+    Ok(total as f64 / elapsed.as_secs_f64())
+}
+
+/// Resident memory per idle DM: the platform with 16 DMs minus the platform with 1, over 15.
+/// Each is built and measured in a fresh child process so that allocator reuse does not hide
+/// the difference.
+pub fn idle_dm_bytes() -> anyhow::Result<f64> {
+    let one = rss_of_child(1)?;
+    let sixteen = rss_of_child(16)?;
+    #[expect(clippy::cast_precision_loss, reason = "a size")]
+    Ok((sixteen.saturating_sub(one)) as f64 / 15.0)
+}
+
+fn rss_of_child(dms: u32) -> anyhow::Result<u64> {
+    let exe = std::env::current_exe()?;
+    let out = std::process::Command::new(exe)
+        .args([
+            "bench",
+            "--child",
+            "idle-rss",
+            "--child-arg",
+            &dms.to_string(),
+        ])
+        .output()
+        .context("running the idle-rss child")?;
+    anyhow::ensure!(out.status.success(), "idle-rss child failed");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .context("idle-rss child output")
+}
+
+/// The child of [`idle_dm_bytes`]: builds a platform with N DMs, each with a control client
+/// and an ioeventfd, and prints its resident set size in bytes.
+pub fn idle_rss_child(arg: &Path) -> anyhow::Result<()> {
+    let dms: u32 = arg.to_str().context("DM count")?.parse()?;
+    let platform = platform(dms, None)?;
+    // Kept alive until measured, as an idle device model's would be.
+    let mut eventfds = Vec::new();
+    let mut sessions = Vec::new();
+    for dm in 0..dms {
+        eventfds.push(notify_eventfd(&platform, dm)?);
+        sessions.push(platform.api().open(dm)?);
+    }
+    println!("{}", rss_bytes()?);
+    drop((sessions, eventfds));
+    Ok(())
+}
+
+fn rss_bytes() -> anyhow::Result<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm")?;
+    let pages: u64 = statm.split_whitespace().nth(1).context("statm")?.parse()?;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Ok(pages * u64::try_from(page).unwrap_or(4096))
+}
