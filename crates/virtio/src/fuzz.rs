@@ -1,11 +1,21 @@
 //! Entry points for fuzz targets (the `fuzz/` workspace drives them); they also run under
 //! `cargo test`. Each takes arbitrary bytes and must never panic.
 
-use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
-use crate::device::{ActivateContext, ActivateError, VirtioDevice};
-use crate::devices::block::{parse_block_request, BlockRequest, DiskGeometry};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::device::{
+    drain_queue, ActivateContext, ActivateError, Interrupt, SharedStatus, VirtioDevice,
+};
+use crate::devices::block::{parse_block_request, BlockBackend, BlockRequest, DiskGeometry};
+use crate::devices::console::{self, ConsolePort};
+use crate::devices::net::{self, NetBackend};
+use crate::devices::rng::{self, TokenBucket};
 use crate::transport::{MmioTransport, NoopRegistrar};
 
 /// Guest-physical base of the fuzzing memory.
@@ -110,6 +120,194 @@ pub fn block_request(data: &[u8]) {
     );
 }
 
+/// Bytes of guest memory each fuzzed virtqueue's rings occupy (room for 64 entries).
+const QUEUE_STRIDE: u64 = 0x800;
+/// Largest fuzzed queue size, so that a queue's rings fit in [`QUEUE_STRIDE`].
+const MAX_FUZZ_QUEUE_LOG2: u8 = 6;
+/// Chains served per pass at most is bounded by the queue size; passes per input:
+const MAX_PASSES: usize = 4;
+
+/// Guest memory holding `data` from [`FUZZ_MEM_BASE`] on, and `N` split virtqueues laid there:
+/// queue `i` has its descriptor table at `FUZZ_MEM_BASE + i * QUEUE_STRIDE`, then its avail
+/// ring, then its used ring, so that the descriptors, the avail ring and the buffers all come
+/// from the fuzz input. `header[0]` picks the queue size (1..=64), `header[1]` bit 0 EVENT_IDX.
+fn fuzz_queues<const N: usize>(
+    header: [u8; 2],
+    data: &[u8],
+) -> Option<(GuestMemoryMmap, [Queue; N])> {
+    let mem = fuzz_mem()?;
+    let n = data.len().min(FUZZ_MEM_SIZE);
+    mem.write_slice(&data[..n], GuestAddress(FUZZ_MEM_BASE))
+        .ok()?;
+    let size = 1u16 << (header[0] % (MAX_FUZZ_QUEUE_LOG2 + 1));
+    let mut queues = Vec::with_capacity(N);
+    for i in 0..N {
+        let desc = FUZZ_MEM_BASE + u64::try_from(i).ok()? * QUEUE_STRIDE;
+        let avail = desc + 16 * u64::from(size);
+        // flags, idx, ring[size], used_event; the used ring is 4-byte aligned.
+        let used = (avail + 6 + 2 * u64::from(size) + 3) & !3;
+        let mut q = Queue::new(size).ok()?;
+        q.set_desc_table_address(Some(low32(desc)), Some(high32(desc)));
+        q.set_avail_ring_address(Some(low32(avail)), Some(high32(avail)));
+        q.set_used_ring_address(Some(low32(used)), Some(high32(used)));
+        q.set_event_idx(header[1] & 1 == 1);
+        q.set_ready(true);
+        if !q.is_valid(&mem) {
+            return None;
+        }
+        queues.push(q);
+    }
+    Some((mem, queues.try_into().ok()?))
+}
+
+fn low32(a: u64) -> u32 {
+    u32::try_from(a & 0xffff_ffff).unwrap_or(0)
+}
+
+fn high32(a: u64) -> u32 {
+    u32::try_from(a >> 32).unwrap_or(0)
+}
+
+fn fuzz_interrupt() -> Option<Arc<Interrupt>> {
+    let irqfd = EventFd::new(libc::EFD_NONBLOCK).ok()?;
+    Some(Arc::new(Interrupt::new(SharedStatus::default(), irqfd)))
+}
+
+/// A path for a fuzzing backend socket, unique to this process.
+fn fuzz_socket_path(what: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("remio-fuzz-{what}-{}.sock", std::process::id()))
+}
+
+/// Splits the 2-byte queue header off `data`.
+fn split_header(data: &[u8]) -> Option<([u8; 2], &[u8])> {
+    match data {
+        [a, b, rest @ ..] => Some(([*a, *b], rest)),
+        _ => None,
+    }
+}
+
+/// virtio-rng over guest-laid descriptor chains: `data` is the queue header (2 bytes, see
+/// [`fuzz_queues`]), then guest memory. Serves the queue as the device's worker does (with a
+/// token bucket when the header's bit 1 is set).
+pub fn rng_chains(data: &[u8]) {
+    let Some((header, rest)) = split_header(data) else {
+        return;
+    };
+    let Some((mem, [mut queue])) = fuzz_queues::<1>(header, rest) else {
+        return;
+    };
+    let Some(interrupt) = fuzz_interrupt() else {
+        return;
+    };
+    let mut bucket = (header[1] & 2 != 0).then(|| TokenBucket::new(4096));
+    let mut scratch = [0u8; 256];
+    for _ in 0..MAX_PASSES {
+        if rng::serve(&mut queue, &mem, &interrupt, &mut bucket, &mut scratch).is_err() {
+            break;
+        }
+    }
+}
+
+/// virtio-blk over guest-laid descriptor chains, against a 64 KiB image (read-only when the
+/// header's bit 1 is set): parses, executes and answers every available request.
+pub fn block_chains(data: &[u8]) {
+    static IMAGES: OnceLock<Option<[Mutex<BlockBackend>; 2]>> = OnceLock::new();
+    let Some((header, rest)) = split_header(data) else {
+        return;
+    };
+    let Some(images) = IMAGES.get_or_init(|| {
+        let open = |ro: bool| {
+            let path = fuzz_socket_path(if ro { "blk-ro" } else { "blk-rw" });
+            std::fs::File::create(&path).ok()?.set_len(0x1_0000).ok()?;
+            let b = BlockBackend::open(&path, ro, Some("fuzz")).ok();
+            let _ = std::fs::remove_file(&path);
+            b.map(Mutex::new)
+        };
+        Some([open(false)?, open(true)?])
+    }) else {
+        return;
+    };
+    let mut backend = images[usize::from(header[1] >> 1 & 1)]
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    let Some((mem, [mut queue])) = fuzz_queues::<1>(header, rest) else {
+        return;
+    };
+    let Some(interrupt) = fuzz_interrupt() else {
+        return;
+    };
+    for _ in 0..MAX_PASSES {
+        if drain_queue(&mut queue, &mem, &interrupt, |chain| {
+            backend.handle(&mem, chain)
+        })
+        .is_err()
+        {
+            break;
+        }
+    }
+}
+
+/// virtio-console over guest-laid receive (queue 0) and transmit (queue 1) chains: `data` is
+/// the queue header, one byte `k`, then guest memory; the first `k * 16` bytes of guest memory
+/// are also the pending input. The port is a socket with no client (output is dropped after
+/// validation).
+pub fn console_chains(data: &[u8]) {
+    static PORT: Mutex<Option<ConsolePort>> = Mutex::new(None);
+    let Some((header, rest)) = split_header(data) else {
+        return;
+    };
+    let Some((&k, rest)) = rest.split_first() else {
+        return;
+    };
+    let Some((mem, queues)) = fuzz_queues::<2>(header, rest) else {
+        return;
+    };
+    let Some(interrupt) = fuzz_interrupt() else {
+        return;
+    };
+    let mut slot = PORT.lock().unwrap_or_else(PoisonError::into_inner);
+    let port = match slot.take() {
+        Some(p) => p,
+        None => match ConsolePort::socket(&fuzz_socket_path("console")) {
+            Ok(p) => p,
+            Err(_) => return,
+        },
+    };
+    let input = &rest[..rest.len().min(usize::from(k) * 16)];
+    let (port, _) = console::fuzz_passes(port, mem, queues, interrupt, input);
+    *slot = Some(port);
+}
+
+/// virtio-net over guest-laid receive (queue 0) and transmit (queue 1) chains, laid out as for
+/// [`console_chains`]; the first `k * 16` bytes are also a received frame (with its header).
+/// The backend is a datagram socket with no peer (frames are dropped after validation).
+pub fn net_chains(data: &[u8]) {
+    static BACKEND: Mutex<Option<NetBackend>> = Mutex::new(None);
+    let Some((header, rest)) = split_header(data) else {
+        return;
+    };
+    let Some((&k, rest)) = rest.split_first() else {
+        return;
+    };
+    let Some((mem, queues)) = fuzz_queues::<2>(header, rest) else {
+        return;
+    };
+    let Some(interrupt) = fuzz_interrupt() else {
+        return;
+    };
+    let mut slot = BACKEND.lock().unwrap_or_else(PoisonError::into_inner);
+    let backend = match slot.take() {
+        Some(b) => b,
+        None => match NetBackend::socket(&fuzz_socket_path("net"), None) {
+            Ok(b) => b,
+            Err(_) => return,
+        },
+    };
+    let frame = &rest[..rest.len().min(usize::from(k) * 16)];
+    let (backend, _) = net::fuzz_passes(backend, mem, queues, interrupt, frame);
+    *slot = Some(backend);
+}
+
 #[cfg(test)]
 #[expect(clippy::cast_possible_truncation, reason = "test constants are small")]
 mod tests {
@@ -133,8 +331,16 @@ mod tests {
             let data = pseudo_random(seed, 2048);
             mmio_transport(&data);
             block_request(&data);
+            rng_chains(&data);
+            block_chains(&data);
+            console_chains(&data);
+            net_chains(&data);
         }
         mmio_transport(&[]);
         block_request(&[]);
+        rng_chains(&[]);
+        block_chains(&[]);
+        console_chains(&[]);
+        net_chains(&[]);
     }
 }

@@ -424,6 +424,32 @@ impl ConsoleWorker {
     }
 }
 
+/// One receive pass (with `input` pending, at most one buffer's worth) and one transmit pass
+/// over guest-controlled queues, on `port`, which is handed back (the `fuzz` entry point).
+pub(crate) fn fuzz_passes(
+    port: ConsolePort,
+    mem: GuestMemoryMmap,
+    [rxq, txq]: [Queue; 2],
+    interrupt: std::sync::Arc<Interrupt>,
+    input: &[u8],
+) -> (ConsolePort, Result<(), QueueError>) {
+    let mut pending = vec![0; RX_BUF];
+    let n = input.len().min(RX_BUF);
+    pending[..n].copy_from_slice(&input[..n]);
+    let mut w = ConsoleWorker {
+        port,
+        mem,
+        rxq,
+        txq,
+        interrupt,
+        pending,
+        pending_start: 0,
+        pending_end: n,
+    };
+    let r = w.receive().and_then(|()| w.transmit());
+    (w.port, r)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

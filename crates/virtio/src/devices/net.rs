@@ -397,6 +397,33 @@ impl NetWorker {
     }
 }
 
+/// One receive pass (with `frame`, header included, waiting if longer than the header) and
+/// one transmit pass over guest-controlled queues, on `backend`, which is handed back (the
+/// `fuzz` entry point).
+pub(crate) fn fuzz_passes(
+    backend: NetBackend,
+    mem: GuestMemoryMmap,
+    [rxq, txq]: [Queue; 2],
+    interrupt: std::sync::Arc<Interrupt>,
+    frame: &[u8],
+) -> (NetBackend, Result<(), QueueError>) {
+    let mut rx_buf = vec![0; FRAME_MAX];
+    let n = frame.len().min(FRAME_MAX);
+    rx_buf[..n].copy_from_slice(&frame[..n]);
+    let mut w = NetWorker {
+        backend,
+        mem,
+        rxq,
+        txq,
+        interrupt,
+        rx_buf,
+        rx_len: if n > NET_HDR_LEN { n } else { 0 },
+        tx_buf: vec![0; FRAME_MAX],
+    };
+    let r = w.receive().and_then(|()| w.transmit());
+    (w.backend, r)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

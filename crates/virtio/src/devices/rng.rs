@@ -184,7 +184,7 @@ impl VirtioDevice for RngDevice {
 
 /// Serves as many requests as the bucket allows; `Ok(true)` if it ran dry with requests
 /// still pending.
-fn serve(
+pub(crate) fn serve(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     interrupt: &Interrupt,
