@@ -17,6 +17,7 @@
 //!   with [`ABANDONED_READ_VALUE`] (0) and a write as it was, so no frontend stays stalled.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use remio_abi::uapi::BAO_IO_READ;
@@ -94,6 +95,7 @@ impl DmApi for InProcessApi {
             dm,
             control,
             window,
+            control_ended: AtomicBool::new(false),
             state: Mutex::new(State::default()),
         }))
     }
@@ -114,6 +116,9 @@ pub struct InProcessSession {
     dm: Arc<Dm>,
     control: Arc<ControlClient>,
     window: Option<(u64, u64)>,
+    /// The control client was destroyed (by `shutdown` or drop): never destroy it twice, as
+    /// the DM's next session may own the control client by then.
+    control_ended: AtomicBool,
     state: Mutex<State>,
 }
 
@@ -133,6 +138,18 @@ impl InProcessSession {
     fn received(&self, req: VirtioRequest) -> VirtioRequest {
         self.state().outstanding.insert(req.request_id, req);
         req
+    }
+
+    /// Destroys this session's control client, once: its `attach` waiters return
+    /// `ShuttingDown` and the requests still queued to it go back to the DM.
+    fn end_control(&self) {
+        if self.control_ended.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.control.set_notifier(None);
+        if let Err(e) = self.dm.destroy_control_client() {
+            log::debug!("DM {}: session end: {e}", self.info.id);
+        }
     }
 
     fn config(fd: Arc<EventFd>, spec: IoeventfdSpec, deassign: bool) -> IoeventfdConfig {
@@ -165,6 +182,11 @@ impl DmSession for InProcessSession {
 
     fn set_notifier(&self, notifier: Option<Notifier>) -> Result<()> {
         self.control.set_notifier(notifier);
+        Ok(())
+    }
+
+    fn shutdown(&self) -> Result<()> {
+        self.end_control();
         Ok(())
     }
 
@@ -272,11 +294,8 @@ impl DmSession for InProcessSession {
 
 impl Drop for InProcessSession {
     fn drop(&mut self) {
-        self.control.set_notifier(None);
         // New requests now wait (held by the DM) for the next session.
-        if let Err(e) = self.dm.destroy_control_client() {
-            log::debug!("DM {}: session end: {e}", self.info.id);
-        }
+        self.end_control();
         let st = std::mem::take(&mut *self.state());
         for (spec, fd) in st.ioeventfds {
             if let Err(e) = self.dm.ioeventfd(Self::config(fd, spec, true)) {

@@ -233,6 +233,27 @@ pub trait DmSession: Send + Sync {
         let _ = notifier;
         Err(ApiError::NotSupported("set_notifier".into()))
     }
+
+    /// Ends the session's ATTACH side: every [`DmSession::attach`] (and
+    /// [`DmSession::complete_and_attach`], [`DmSession::try_attach`]) of this session, blocked
+    /// now or made later, returns [`ApiError::ShuttingDown`]. This is how a device model stops
+    /// a thread waiting in ATTACH with no request coming. Calling it again does nothing.
+    ///
+    /// - In-process: the session's control client is destroyed; requests queued to it and not
+    ///   attached go back to the DM for the next session, which may be opened at once. Requests
+    ///   already attached can still be completed on this session.
+    /// - Socket: the connection is shut down; every later call fails, and the platform ends the
+    ///   session as if the process had exited (requests attached and not completed are
+    ///   completed, reads with [`ABANDONED_READ_VALUE`]).
+    /// - Kernel driver: not available ([`ApiError::NotSupported`]). The posted driver has no
+    ///   call that wakes an ATTACH waiter, and closing the DM fd does not either (the blocked
+    ///   ioctl holds the file; the driver's release runs after it returns). Its waiters return
+    ///   only when the DM is destroyed.
+    ///
+    /// Implementations without it return [`ApiError::NotSupported`].
+    fn shutdown(&self) -> Result<()> {
+        Err(ApiError::NotSupported("shutdown".into()))
+    }
 }
 
 /// A way to reach the dispatcher: in-process, over a socket, or the kernel driver.

@@ -297,6 +297,36 @@ fn ending_a_session_completes_its_requests_and_drops_its_eventfds(stack: &Stack)
     assert_eq!(stack.hyp.stats().timeouts, 0);
 }
 
+fn shutdown_wakes_a_blocked_attach_and_refuses_later_ones(stack: &Stack) {
+    let s = open(stack, 0);
+    let waiter = {
+        let s = s.clone();
+        std::thread::spawn(move || s.attach())
+    };
+    // Let it block (if it has not yet, it must fail all the same).
+    std::thread::sleep(Duration::from_millis(20));
+
+    s.shutdown().unwrap();
+
+    assert_eq!(waiter.join().unwrap().unwrap_err().errno(), libc::ESHUTDOWN);
+    assert_eq!(s.attach().unwrap_err().errno(), libc::ESHUTDOWN);
+    s.shutdown().unwrap();
+    // The DM goes to the next session, which gets the next request.
+    let s2 = loop {
+        match stack.api().open(0) {
+            Ok(s) => break Arc::<dyn DmSession>::from(s),
+            Err(e) if e.errno() == libc::EBUSY => std::thread::sleep(Duration::from_millis(2)),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    // Ending the shut-down session leaves the new one alone.
+    drop(s);
+    let fe = stack.frontend();
+    let reader = std::thread::spawn(move || fe.read(MMIO[0] + 8, 4).unwrap());
+    serve_one(&s2, 5).join().unwrap();
+    assert_eq!(reader.join().unwrap(), 5);
+}
+
 macro_rules! suite {
     ($module:ident, $make:expr) => {
         mod $module {
@@ -312,6 +342,7 @@ macro_rules! suite {
                 map_shmem_is_the_dms_memory_within_bounds,
                 concurrent_attach_waiters_each_get_one_request,
                 ending_a_session_completes_its_requests_and_drops_its_eventfds,
+                shutdown_wakes_a_blocked_attach_and_refuses_later_ones,
             );
         }
     };

@@ -3,6 +3,7 @@
 use std::cell::RefCell;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 use vm_memory::GuestMemoryMmap;
@@ -47,6 +48,8 @@ thread_local! {
 pub struct SocketSession {
     info: DmInfo,
     conn: Conn,
+    /// [`DmSession::shutdown`] was called: a lost connection is `ShuttingDown` to `attach`.
+    shut: AtomicBool,
 }
 
 /// A reply and the fd that came with it.
@@ -225,13 +228,16 @@ impl SocketSession {
                 irq: info.irq,
             },
             conn,
+            shut: AtomicBool::new(false),
         })
     }
 
     fn expect_request(&self, req: &Request) -> Result<VirtioRequest> {
-        match self.conn.call(req, None)? {
-            (ReplyBody::Request(r), _) => Ok(r),
-            _ => Err(ApiError::Protocol("expected a request in the reply".into())),
+        match self.conn.call(req, None) {
+            Ok((ReplyBody::Request(r), _)) => Ok(r),
+            Ok(_) => Err(ApiError::Protocol("expected a request in the reply".into())),
+            Err(_) if self.shut.load(Ordering::Acquire) => Err(ApiError::ShuttingDown),
+            Err(e) => Err(e),
         }
     }
 
@@ -297,6 +303,14 @@ impl DmSession for SocketSession {
 
     fn complete_and_attach(&self, req: &VirtioRequest) -> Result<VirtioRequest> {
         self.expect_request(&Request::CompleteAttach(*req))
+    }
+
+    fn shutdown(&self) -> Result<()> {
+        self.shut.store(true, Ordering::Release);
+        // SAFETY: shutdown(2) on a socket we own; a reader blocked in recvmsg wakes with EOF
+        // and every waiter then sees the connection dead.
+        unsafe { libc::shutdown(self.conn.sock.as_raw_fd(), libc::SHUT_RDWR) };
+        Ok(())
     }
 
     fn assign_ioeventfd(&self, fd: &EventFd, spec: IoeventfdSpec) -> Result<()> {
