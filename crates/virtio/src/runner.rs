@@ -168,6 +168,7 @@ pub fn handle_request(
 /// One device: its session, transport and request thread.
 pub struct DeviceRunner {
     dm_id: u32,
+    session: Arc<dyn DmSession>,
     transport: Arc<Mutex<MmioTransport>>,
     stopping: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -195,12 +196,13 @@ impl DeviceRunner {
         let dm_id = session.info().id;
         let transport = Arc::new(Mutex::new(transport));
         let stopping = Arc::new(AtomicBool::new(false));
-        let (t, s) = (transport.clone(), stopping.clone());
+        let (t, s, sess) = (transport.clone(), stopping.clone(), session.clone());
         let thread = std::thread::Builder::new()
             .name(format!("remio-dm{dm_id}"))
-            .spawn(move || run(&*session, &t, &s, mmio_base, mmio_size))?;
+            .spawn(move || run(&*sess, &t, &s, mmio_base, mmio_size))?;
         Ok(Self {
             dm_id,
+            session,
             transport,
             stopping,
             thread: Some(thread),
@@ -222,17 +224,28 @@ impl DeviceRunner {
         self.thread.as_ref().is_none_or(JoinHandle::is_finished)
     }
 
-    /// Stops the device: resets the transport (device workers stopped, eventfds deassigned)
-    /// and asks the request thread to exit. The thread is blocked in ATTACH and exits after
-    /// the next request (answered first) or when the session shuts down: the `DmSession`
-    /// API has no way to interrupt a waiting ATTACH.
+    /// Stops the device: resets the transport (device workers stopped, eventfds deassigned),
+    /// then shuts the session down ([`DmSession::shutdown`]) so that the request thread,
+    /// blocked in ATTACH or not, exits, and joins it. A request being handled is answered
+    /// first. If the session cannot shut down (the kernel driver), the thread exits after the
+    /// next request or when the DM is destroyed, and is not waited for here.
     pub fn stop(&mut self) {
         self.stopping.store(true, Ordering::SeqCst);
         match self.transport.lock() {
             Ok(mut t) => t.reset(),
             Err(p) => p.into_inner().reset(),
         }
-        if self.is_finished() {
+        let shut = match self.session.shutdown() {
+            Ok(()) => true,
+            Err(e) => {
+                log::debug!(
+                    "virtio: DM {}: session shutdown: {e}; the runner exits at the next request",
+                    self.dm_id
+                );
+                false
+            }
+        };
+        if shut || self.is_finished() {
             self.join();
         }
     }
@@ -611,6 +624,81 @@ mod tests {
         drop(bus);
         runner.join();
         assert!(runner.is_finished());
+    }
+
+    /// The real platform: the hypervisor model (frontend VM 1, backend VM 2, one device),
+    /// its dispatcher with DM 0, and the in-process API.
+    fn platform() -> (Arc<remio_hyp::Hypervisor>, Arc<remio_api::InProcessApi>) {
+        use remio_hyp::{HypConfig, Hypervisor, RemioDeviceConfig, Role, ShmemConfig, VmConfig};
+        let dev = |role, mmio_size, irq| RemioDeviceConfig {
+            bind_key: 1,
+            role,
+            mmio_base: if mmio_size > 0 { MMIO } else { 0 },
+            mmio_size,
+            irq,
+            shmem_id: 0,
+            shmem_base: SHMEM,
+        };
+        let hyp = Hypervisor::new(HypConfig {
+            shmem: vec![ShmemConfig {
+                id: 0,
+                size: 0x10_0000,
+                backing: None,
+            }],
+            vms: vec![
+                VmConfig {
+                    id: 1,
+                    remio_devices: vec![dev(Role::Frontend, 0x200, 40)],
+                },
+                VmConfig {
+                    id: 2,
+                    remio_devices: vec![dev(Role::Backend, 0, 52)],
+                },
+            ],
+            slots: 2,
+            timeout: Some(Duration::from_secs(20)),
+        })
+        .unwrap();
+        let backend = hyp.backend(2).unwrap();
+        let d = backend.device(0).unwrap();
+        let dispatcher =
+            remio_dispatcher::Dispatcher::new(Arc::new(backend.clone()), Arc::new(backend.clone()));
+        dispatcher
+            .create_dm(remio_dispatcher::DmDescription {
+                id: 0,
+                shmem_addr: d.shmem_base,
+                shmem_size: d.shmem_size,
+                irq: d.irq,
+                shmem: Some(d.shmem.clone()),
+            })
+            .unwrap();
+        (hyp, Arc::new(remio_api::InProcessApi::new(dispatcher)))
+    }
+
+    #[test]
+    fn stop_with_no_request_pending_ends_the_runner_blocked_in_attach() {
+        let (hyp, api) = platform();
+        let session: Arc<dyn DmSession> = Arc::from(api.open(0).unwrap());
+        let mem = session.map_shmem(session.info().shmem_size).unwrap();
+        let registrar = SessionRegistrar::new(session.clone(), MMIO);
+        let transport =
+            MmioTransport::new(Box::new(RngDevice::new(None)), mem, Box::new(registrar));
+        let mut runner = DeviceRunner::spawn(session, transport, MMIO, 0x200).unwrap();
+        // One request served: the runner is in its ATTACH loop, and nothing else is coming.
+        let fe = hyp.frontend(1).unwrap();
+        assert_eq!(fe.read(MMIO, 4).unwrap(), 0x7472_6976);
+
+        // Stopped on another thread, so that a stop that never returns fails the test.
+        let (tx, rx) = channel();
+        let stopper = std::thread::spawn(move || {
+            runner.stop();
+            tx.send(runner.is_finished()).unwrap();
+        });
+
+        assert_eq!(rx.recv_timeout(Duration::from_secs(20)), Ok(true));
+        stopper.join().unwrap();
+        // The DM is free for the next device model.
+        assert!(api.open(0).is_ok());
     }
 
     struct NoDms;
