@@ -13,8 +13,12 @@
 //! - [`KernelApi`]: the C driver's ioctls behind the [`Ioctl`] trait (see [`kernel`]).
 //!
 //! Session rules common to all: one session per DM at a time (`EBUSY`); a completion naming
-//! another DM is `EPERM`, one naming a request the session does not hold is `ENOENT`, one that
-//! does not echo the request is `EINVAL`; `map_shmem(0)` or beyond the shmem size is `EINVAL`.
+//! another DM is `EPERM`, one naming a request the session does not hold (never attached, or
+//! completed already) is `ENOENT`, one that does not echo the request is `EINVAL`;
+//! `map_shmem(0)` or beyond the shmem size is `EINVAL`. A completion the session lets through
+//! but the hypervisor refuses (Remote I/O status 3, INVALID_ARGS: e.g. the request was
+//! completed behind the session's back) is `EINVAL`, as the dispatcher maps it; over the C
+//! driver ([`KernelApi`]) the driver itself reports every refused hypercall as `EIO`.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -86,8 +90,8 @@ pub struct IoeventfdSpec {
 /// | variant | errno | meaning |
 /// | --- | --- | --- |
 /// | `NoSuchDm` | ENOENT | no DM with this id |
-/// | `NotFound` | ENOENT | a deassign, or a completion, names nothing registered / pending |
-/// | `InvalidArgument` | EINVAL | a malformed argument (width, flags, length, overflow, op) |
+/// | `NotFound` | ENOENT | a deassign names nothing registered; a completion names a request the session does not hold (never attached, or completed already) |
+/// | `InvalidArgument` | EINVAL | a malformed argument (width, flags, length, overflow, op); a completion that does not echo its request; a completion the hypervisor refuses (status 3, INVALID_ARGS: not awaiting completion) |
 /// | `Exists` | EEXIST | the registration conflicts with an existing one |
 /// | `Busy` | EBUSY | the resource is in use (same irqfd twice, a second control session) |
 /// | `BadFd` | EBADF | the file descriptor is not an eventfd / not open |
@@ -96,7 +100,7 @@ pub struct IoeventfdSpec {
 /// | `NotSupported` | ENOTTY | an operation this implementation does not have |
 /// | `Disconnected` | ECONNRESET | the connection to the platform is gone |
 /// | `Protocol` | EPROTO | the peer sent something that does not decode |
-/// | `Io` | EIO (or the OS error) | a system call failed |
+/// | `Io` | EIO (or the OS error) | a system call failed; over the C driver, any hypercall the hypervisor refused |
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// No DM with this id.

@@ -327,6 +327,43 @@ fn shutdown_wakes_a_blocked_attach_and_refuses_later_ones(stack: &Stack) {
     assert_eq!(reader.join().unwrap(), 5);
 }
 
+/// The errno of each way a completion can be refused, through the in-process API and, for
+/// the hypervisor's refusal, at the dispatcher: pins the tables of `remio_api::ApiError` and
+/// of the dispatcher's crate docs.
+#[test]
+fn completion_refusals_map_to_their_documented_errnos() {
+    let stack = Stack::new(TIMEOUT);
+    let dm = stack.dispatcher.dm(0).unwrap();
+    let s = open(&stack, 0);
+    let fe = stack.frontend();
+    let reader = std::thread::spawn(move || fe.read(MMIO[0] + 0x70, 4).unwrap());
+    let r = s.attach().unwrap();
+    let mut never = r;
+    never.request_id = r.request_id + 1;
+    let mut foreign = r;
+    foreign.dm_id = 1;
+    let mut altered = r;
+    altered.access_width = 2;
+
+    // The session's own rules.
+    assert_eq!(s.complete(&never).unwrap_err().errno(), libc::ENOENT);
+    assert_eq!(s.complete(&foreign).unwrap_err().errno(), libc::EPERM);
+    assert_eq!(s.complete(&altered).unwrap_err().errno(), libc::EINVAL);
+    // The hypervisor's INVALID_ARGS (status 3) for a request not awaiting completion: the
+    // dispatcher's CompleteError::InvalidArgs, EINVAL.
+    let hyp_refusal = dm.complete(&never).unwrap_err();
+    assert_eq!(hyp_refusal, remio_dispatcher::CompleteError::InvalidArgs);
+    assert_eq!(hyp_refusal.errno(), libc::EINVAL);
+    // A request completed behind the session's back: the session lets it through, the
+    // hypervisor refuses it, and the session reports that as EINVAL.
+    let mut done = r;
+    done.value = 0x77;
+    dm.complete(&done).unwrap();
+    assert_eq!(reader.join().unwrap(), 0x77);
+    assert_eq!(s.complete(&done).unwrap_err().errno(), libc::EINVAL);
+    assert_eq!(stack.hyp.stats().timeouts, 0);
+}
+
 macro_rules! suite {
     ($module:ident, $make:expr) => {
         mod $module {
