@@ -96,7 +96,7 @@ impl NotifyRegistrar for SessionRegistrar {
             let ok = match self.session.assign_ioeventfd(evt, self.spec(i)) {
                 Ok(()) => true,
                 Err(e) => {
-                    log::warn!("virtio: ioeventfd for queue {i} refused ({e}); QueueNotify will use the control path");
+                    warn_rl!("virtio: ioeventfd for queue {i} refused ({e}); QueueNotify will use the control path");
                     false
                 }
             };
@@ -109,20 +109,20 @@ impl NotifyRegistrar for SessionRegistrar {
         for (i, evt) in queue_evts.iter().enumerate() {
             if self.assigned.get(i).copied().unwrap_or(false) {
                 if let Err(e) = self.session.deassign_ioeventfd(evt, self.spec(i)) {
-                    log::warn!("virtio: deassigning ioeventfd of queue {i}: {e}");
+                    warn_rl!("virtio: deassigning ioeventfd of queue {i}: {e}");
                 }
             }
         }
         self.assigned.clear();
         if let Err(e) = self.session.deassign_irqfd(irqfd) {
-            log::warn!("virtio: deassigning irqfd: {e}");
+            warn_rl!("virtio: deassigning irqfd: {e}");
         }
     }
 }
 
 /// Turns one request into a register access and returns the completed request.
 ///
-/// `addr` is guest-physical: the offset is `addr - mmio_base`; an address outside
+/// `addr` is guest-physical: the offset is `addr - mmio_base`; an access not wholly inside
 /// `[mmio_base, mmio_base + mmio_size)`, an unknown op or width is logged and answered with 0.
 pub fn handle_request(
     transport: &mut MmioTransport,
@@ -131,7 +131,6 @@ pub fn handle_request(
     req: &VirtioRequest,
 ) -> VirtioRequest {
     let mut done = *req;
-    let offset = req.addr.checked_sub(mmio_base).filter(|&o| o < mmio_size);
     let width = match req.access_width {
         1 => Some(1),
         2 => Some(2),
@@ -139,6 +138,11 @@ pub fn handle_request(
         8 => Some(8),
         _ => None,
     };
+    // The whole access [offset, offset + width) must be inside the window (conventions §6).
+    let offset = req.addr.checked_sub(mmio_base).filter(|&o| {
+        o.checked_add(req.access_width)
+            .is_some_and(|end| end <= mmio_size)
+    });
     let (Some(offset), Some(width)) = (offset, width) else {
         warn_rl!(
             "virtio: request at {:#x} width {} outside the device window",
@@ -752,6 +756,12 @@ mod tests {
             0
         );
         assert_eq!(handle_request(&mut t, MMIO, 0x200, &req(MMIO, 3)).value, 0);
+        // Starts inside, ends outside: refused as a whole (here MagicValue past a 2-byte window).
+        assert_eq!(handle_request(&mut t, MMIO, 2, &req(MMIO, 4)).value, 0);
+        assert_eq!(
+            handle_request(&mut t, u64::MAX - 8, 0x200, &req(u64::MAX - 2, 8)).value,
+            0
+        );
         assert_eq!(
             handle_request(&mut t, MMIO, 0x200, &req(MMIO, 4)).value,
             0x7472_6976

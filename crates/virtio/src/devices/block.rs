@@ -393,8 +393,9 @@ impl BlockBackend {
         let kind = req.kind.ok_or(S_IOERR)?;
         match kind {
             RequestType::In | RequestType::Out => {
-                // Cannot overflow: sector + len was checked against the capacity.
-                let offset = req.sector * SECTOR_SIZE;
+                // sector + len was checked against the capacity, so this does not overflow for
+                // a capacity taken from a file size; checked all the same (guest-derived).
+                let offset = req.sector.checked_mul(SECTOR_SIZE).ok_or(S_IOERR)?;
                 self.file
                     .seek(SeekFrom::Start(offset))
                     .map_err(|e| ioerr(&e))?;

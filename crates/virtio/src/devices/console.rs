@@ -258,7 +258,7 @@ impl ConsoleWorker {
         if let Some(fd) = input_fd {
             if let Err(e) = ev.add_raw(fd, INPUT_TOKEN) {
                 // stdin redirected from a regular file cannot be polled.
-                log::warn!("virtio-console: input not pollable ({e}); input disabled");
+                warn_rl!("virtio-console: input not pollable ({e}); input disabled");
                 input_fd = None;
             }
         }
