@@ -313,7 +313,7 @@ pub mod native {
                     options(nostack),
                 );
             }
-            riscv64::decode(out).unwrap_or_else(|e| RemioRet::with_status(-e.0.abs()))
+            riscv64::decode(out).unwrap_or_else(|e| RemioRet::with_status(-e.0.saturating_abs()))
         }
     }
 }
