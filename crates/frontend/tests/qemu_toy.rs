@@ -4,7 +4,11 @@
 //!
 //! Skips (loudly) when qemu-system-x86_64 or the guest artifacts (`remio guest build`) are
 //! missing.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_possible_truncation)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -171,12 +175,18 @@ fn guest_virtio_mmio_probes_one_device_per_window_through_the_bridge() {
     )
     .unwrap();
 
-    let script = "ls /sys/bus/virtio/devices; for d in /sys/bus/virtio/devices/*; do echo DEV $(cat $d/device) $(cat $d/vendor); done; dmesg | grep -i remio";
+    let default_script = "ls /sys/bus/virtio/devices; for d in /sys/bus/virtio/devices/*; do echo DEV $(cat $d/device) $(cat $d/vendor); done; dmesg | grep -i remio";
+    // REMIO_TOY_SCRIPT replaces the guest script (for poking at the guest by hand).
+    let script = std::env::var("REMIO_TOY_SCRIPT").unwrap_or_else(|_| default_script.to_owned());
     let opts = QemuOptions {
         qemu,
         kernel,
         initrd,
-        cmdline_extra: format!("remio.exec={}", base64(script.as_bytes())),
+        cmdline_extra: format!(
+            "{} remio.exec={}",
+            std::env::var("REMIO_TOY_CMDLINE").unwrap_or_default(),
+            base64(script.as_bytes())
+        ),
         extra_args: vec![],
     };
     let start = Instant::now();

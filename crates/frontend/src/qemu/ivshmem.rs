@@ -53,6 +53,8 @@ impl Interrupt {
 #[derive(Debug)]
 pub struct IvshmemServer {
     path: PathBuf,
+    /// A duplicate of the listening socket, shut down to wake the accept loop on drop.
+    listener: UnixListener,
     vectors: Vec<Interrupt>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -106,6 +108,7 @@ impl IvshmemServer {
     pub fn start(path: &Path, vectors: usize) -> Result<Self, IvshmemError> {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
+        let waker = listener.try_clone()?;
         let shm = shm_memfd()?;
         let vectors: Vec<Interrupt> = (0..vectors)
             .map(|_| EventFd::new(EFD_NONBLOCK).map(|e| Interrupt(Arc::new(e))))
@@ -121,6 +124,12 @@ impl IvshmemServer {
                     for conn in listener.incoming() {
                         if stop.load(Ordering::Acquire) {
                             break;
+                        }
+                        if let Err(e) = &conn {
+                            // EINVAL: shut down by drop. Anything else: avoid a busy loop.
+                            if e.raw_os_error() == Some(libc::EINVAL) {
+                                break;
+                            }
                         }
                         match conn.and_then(|c| greet(&c, &shm, &vectors).map(|()| c)) {
                             Ok(c) => {
@@ -140,6 +149,7 @@ impl IvshmemServer {
         };
         Ok(Self {
             path: path.to_owned(),
+            listener: waker,
             vectors,
             stop,
             thread: Some(thread),
@@ -165,8 +175,10 @@ impl IvshmemServer {
 impl Drop for IvshmemServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        // Wake the accept loop so it sees the flag.
-        let _ = UnixStream::connect(&self.path);
+        // Wake the accept loop so it sees the flag: shutting a listening socket down makes a
+        // blocked accept fail (connecting would not work if the socket file is already gone).
+        // SAFETY: shutdown(2) on a descriptor we own; no memory is involved.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -214,5 +226,14 @@ mod tests {
         assert!(server.interrupt(2).is_none());
         drop(server);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn drop_returns_even_when_the_socket_file_is_already_gone() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/remio-ivsh").unwrap();
+        let path = dir.as_path().join("iv.sock");
+        let server = IvshmemServer::start(&path, 1).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        drop(server); // must not hang in join
     }
 }

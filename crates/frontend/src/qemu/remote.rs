@@ -2,6 +2,7 @@
 //! one trapped access on the Remote I/O device whose window it hits.
 
 use std::os::fd::{AsFd, OwnedFd};
+
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -79,6 +80,39 @@ pub struct Decoded {
     pub addr: u64,
     /// Width in bytes.
     pub width: u8,
+}
+
+/// Checks that every region backed by the RAM file maps it identically (guest-physical address
+/// = file offset), which is what the hypervisor model and the device models assume with the
+/// shared memory at guest-physical 0. QEMU splits RAM around the legacy BIOS area, so several
+/// regions of the same file are normal. Returns whether the layout is as expected.
+pub fn check_ram_layout(ram: &RamIdentity, regions: &[SysmemRegion], fds: &[OwnedFd]) -> bool {
+    let mut covered = 0u64;
+    let mut ok = true;
+    for (r, fd) in regions.iter().zip(fds) {
+        if !ram.is_same_file(fd.as_fd()) {
+            continue;
+        }
+        covered = covered.saturating_add(r.size);
+        let identity = u64::try_from(r.offset).is_ok_and(|o| o == r.gpa);
+        let inside = r.gpa.checked_add(r.size).is_some_and(|end| end <= ram.size);
+        if !identity || !inside {
+            log::error!(
+                "qemu remote: guest RAM region gpa {:#x} size {:#x} is at file offset {:#x}:                  the devices' shared memory would not match the guest's RAM",
+                r.gpa,
+                r.size,
+                r.offset
+            );
+            ok = false;
+        }
+    }
+    if covered == 0 && !regions.is_empty() {
+        log::warn!("qemu remote: QEMU's memory layout does not include the shared RAM file");
+        ok = false;
+    } else if ok {
+        log::debug!("qemu remote: guest RAM is the shared memory ({covered:#x} bytes mapped 1:1)");
+    }
+    ok
 }
 
 /// The remote's state: config space, window bases and the last memory layout.
@@ -264,21 +298,7 @@ impl Remote {
                 );
             }
             if let Some(ram) = &self.ram {
-                let at_zero = used.iter().zip(&fds).find(|(r, _)| r.gpa == 0);
-                match at_zero {
-                    Some((r, fd)) if ram.is_same_file(fd.as_fd()) && r.offset == 0 && r.size == ram.size => {
-                        log::debug!("qemu remote: guest RAM is the shared memory file ({:#x} bytes at 0)", r.size);
-                    }
-                    Some((r, fd)) => log::warn!(
-                        "qemu remote: guest RAM at 0 is not the shared memory file: size {:#x} (want {:#x}), offset {:#x}, same file {}",
-                        r.size,
-                        ram.size,
-                        r.offset,
-                        ram.is_same_file(fd.as_fd())
-                    ),
-                    None if used.is_empty() => {}
-                    None => log::warn!("qemu remote: no guest RAM region at guest-physical 0"),
-                }
+                check_ram_layout(ram, &used, &fds);
             }
             self.last_layout = used;
         }
@@ -467,6 +487,21 @@ mod tests {
         program_bar(&mut r, 0xfe00_0000);
         assert_eq!(r.handle(Request::DeviceReset, vec![]), Some(0));
         assert_eq!(r.config().bar0_base(), 0);
+    }
+
+    #[test]
+    fn ram_split_around_the_bios_hole_is_accepted_but_a_shifted_mapping_is_not() {
+        let ram = super::super::GuestRam::new(4 << 20).unwrap();
+        let id = ram.identity().unwrap();
+        let fd = || OwnedFd::from(ram.file().try_clone().unwrap());
+        let region = |gpa, size, offset| SysmemRegion { gpa, size, offset };
+        let split = [region(0, 0xf0000, 0), region(0x100000, 0x300000, 0x100000)];
+        assert!(check_ram_layout(&id, &split, &[fd(), fd()]));
+        let shifted = [region(0x1000, 0x1000, 0)];
+        assert!(!check_ram_layout(&id, &shifted, &[fd()]));
+        let other = super::super::GuestRam::new(2 << 20).unwrap();
+        let foreign = OwnedFd::from(other.file().try_clone().unwrap());
+        assert!(!check_ram_layout(&id, &[region(0, 0x1000, 0)], &[foreign]));
     }
 
     fn send(sock: &mut UnixStream, cmd: i32, payload: &[u8]) {
