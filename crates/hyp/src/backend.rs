@@ -235,10 +235,16 @@ impl BackendVm {
             s.value = args.value;
         }
         s.state = SlotState::Complete;
-        // Notified under the slot lock: the only thread that can wait on this condvar now is
-        // the frontend that owns the request (a later owner cannot claim it before it is FREE).
-        slot.done.notify_one();
+        // The owner sets `sleeping` under this lock before it waits, so reading it here loses
+        // no wake-up. The wake comes after the lock is released: notified under the lock, the
+        // woken frontend would find the lock still held and block on it a second time. A late
+        // wake can only reach a later owner of the slot (once this one took its value and freed
+        // it), which sees its own request not COMPLETE and waits again.
+        let wake = s.sleeping;
         drop(s);
+        if wake {
+            slot.done.notify_one();
+        }
         bump(&self.hyp.stats.completions);
         RemioRet::with_status(0)
     }

@@ -259,6 +259,7 @@ impl Hypervisor {
             op,
             value,
             abandoned: false,
+            sleeping: false,
         };
         lock(&pair.fifo).push_back(idx);
         bump(&self.stats.requests);
@@ -274,6 +275,7 @@ impl Hypervisor {
             if s.state == SlotState::Complete {
                 return self.take(s, idx, op);
             }
+            s.sleeping = true;
             s = match deadline {
                 None => slot
                     .done
@@ -282,6 +284,7 @@ impl Hypervisor {
                 Some(d) => {
                     let now = Instant::now();
                     if now >= d {
+                        s.sleeping = false;
                         break;
                     }
                     slot.done
@@ -290,6 +293,7 @@ impl Hypervisor {
                         .0
                 }
             };
+            s.sleeping = false;
         }
 
         // Timed out. Lock order is FIFO then slot, so let go of the slot first.

@@ -40,6 +40,10 @@ struct LineState {
     running: Option<ThreadId>,
     /// Raised again while running: run once more.
     rerun: bool,
+    /// Threads waiting in [`IrqLine::remove`] for the handler to stop running: only then does
+    /// a raise end with a wake-up (a futex wake per interrupt otherwise costs a system call on
+    /// every trapped access).
+    removers: usize,
 }
 
 /// One interrupt line. Lock order: a line's lock is a leaf (nothing else is taken under it).
@@ -104,8 +108,11 @@ impl IrqLine {
         }
         s.rerun = false;
         s.running = None;
+        let wake = s.removers > 0;
         drop(s);
-        self.idle.notify_all();
+        if wake {
+            self.idle.notify_all();
+        }
         Raised::Delivered
     }
 
@@ -142,9 +149,11 @@ impl IrqLine {
         let me = thread::current().id();
         let mut s = lock(&self.state);
         s.handler = None;
+        s.removers += 1;
         while s.running.is_some_and(|t| t != me) {
             s = self.idle.wait(s).unwrap_or_else(PoisonError::into_inner);
         }
+        s.removers -= 1;
     }
 
     /// An eventfd signalled on every raise (created on first use; later calls return clones of

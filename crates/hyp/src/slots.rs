@@ -44,6 +44,9 @@ pub(crate) struct SlotInner {
     /// The frontend gave up (timeout) while the backend held the request: the next valid
     /// completion frees the slot instead of completing anything.
     pub abandoned: bool,
+    /// The owning frontend sleeps on [`Slot::done`]: a completion must wake it. When it does
+    /// not sleep (it has not got there yet), the completion skips the futex wake.
+    pub sleeping: bool,
 }
 
 impl Default for SlotInner {
@@ -56,6 +59,7 @@ impl Default for SlotInner {
             op: RemioOp::Read,
             value: 0,
             abandoned: false,
+            sleeping: false,
         }
     }
 }
@@ -67,7 +71,8 @@ pub(crate) struct Slot {
     /// Owned by a request (from claim to release). Only the pool reads and writes it.
     claimed: AtomicBool,
     pub inner: Mutex<SlotInner>,
-    /// Signalled (under `inner`) when the slot becomes COMPLETE.
+    /// Signalled (just after `inner` is released) when the slot becomes COMPLETE while its
+    /// frontend sleeps.
     pub done: Condvar,
 }
 
