@@ -30,6 +30,9 @@ struct QueueState {
     ring: VecDeque<VirtioRequest>,
     capacity: usize,
     closed: bool,
+    /// Threads blocked in [`RequestQueue::pop_wait`]. A push signals `ready` only when some
+    /// thread waits: a futex wake with no sleeper is a wasted system call on every request.
+    waiters: usize,
 }
 
 /// One client's queue.
@@ -61,6 +64,7 @@ impl RequestQueue {
                 ring: VecDeque::with_capacity(capacity),
                 capacity,
                 closed: false,
+                waiters: 0,
             }),
             ready: Condvar::new(),
             notifier: RwLock::new(None),
@@ -69,14 +73,21 @@ impl RequestQueue {
 
     /// Queues `req`, wakes one waiter, then runs the notifier with no lock held.
     pub(crate) fn push(&self, req: VirtioRequest) -> Result<(), PushError> {
-        self.push_quiet(req)?;
-        self.ready.notify_one();
+        if self.enqueue(req)? {
+            self.ready.notify_one();
+        }
         self.notify();
         Ok(())
     }
 
     /// Queues `req` without waking anyone (used while the queue is not yet visible).
     pub(crate) fn push_quiet(&self, req: VirtioRequest) -> Result<(), PushError> {
+        self.enqueue(req).map(|_| ())
+    }
+
+    /// Queues `req`; returns whether a thread waits in `pop_wait` (read under the lock, so a
+    /// waiter that counted itself before this push is woken by the caller's notify).
+    fn enqueue(&self, req: VirtioRequest) -> Result<bool, PushError> {
         let mut s = lock(&self.state);
         if s.closed {
             return Err(PushError::Closed(req));
@@ -85,7 +96,7 @@ impl RequestQueue {
             return Err(PushError::Full(req));
         }
         s.ring.push_back(req);
-        Ok(())
+        Ok(s.waiters > 0)
     }
 
     fn notify(&self) {
@@ -106,7 +117,9 @@ impl RequestQueue {
             if s.closed {
                 return None;
             }
+            s.waiters += 1;
             s = wait(&self.ready, s);
+            s.waiters -= 1;
         }
     }
 
