@@ -165,6 +165,9 @@ struct Manifest {
     /// Module file stems in the order /init loads them.
     modules: Vec<String>,
     build_seconds: f64,
+    /// [`apt_lists_fingerprint`] when the packages were resolved.
+    #[serde(default)]
+    apt_lists: String,
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -320,6 +323,28 @@ fn resolve_packages() -> anyhow::Result<(String, Vec<Pkg>)> {
     Ok((abi, pkgs))
 }
 
+/// Names, sizes and mtimes of apt's package lists: changes whenever `apt-get update` fetched
+/// something new. Empty when they cannot be read (then packages are always resolved afresh).
+fn apt_lists_fingerprint() -> String {
+    let Ok(entries) = std::fs::read_dir("/var/lib/apt/lists") else {
+        return String::new();
+    };
+    let mut lists: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let meta = e.metadata().ok()?;
+            (name.contains("_Packages") || name.ends_with("Release"))
+                .then(|| format!("{name} {} {}", meta.len(), meta.mtime()))
+        })
+        .collect();
+    lists.sort();
+    if lists.is_empty() {
+        return String::new();
+    }
+    sha256_hex(lists.join("\n").as_bytes())
+}
+
 fn recipe_hash() -> String {
     let mut h = Sha256::new();
     for part in [GLUE_C, GLUE_KBUILD, IDS_H, INIT, IOBENCH_C] {
@@ -332,6 +357,20 @@ fn recipe_hash() -> String {
 
 fn glue_source_hash() -> String {
     sha256_hex(format!("{GLUE_C}\0{GLUE_KBUILD}\0{IDS_H}").as_bytes())
+}
+
+/// Writes through a temporary file and a rename, so a QEMU started meanwhile (other tests use
+/// these files) sees either the old or the new file, never half of one.
+fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
+fn write_manifest(dir: &Path, manifest: &Manifest) -> anyhow::Result<()> {
+    let json = serde_json::to_string_pretty(manifest)?;
+    write_atomic(&dir.join(MANIFEST), format!("{json}\n").as_bytes())
 }
 
 fn read_manifest(dir: &Path) -> Option<Manifest> {
@@ -361,7 +400,16 @@ fn build(dir: &Path, force: bool) -> anyhow::Result<()> {
         Path::new("/bin/busybox").is_file(),
         "/bin/busybox not found: install the Debian package `busybox-static` (scripts/setup does)"
     );
-    let (abi, packages) = resolve_packages()?;
+    // Resolving with apt-cache costs about a second per call: reuse the cached resolution while
+    // the apt package lists are unchanged.
+    let lists = apt_lists_fingerprint();
+    let cached = read_manifest(dir);
+    let (abi, packages) = match &cached {
+        Some(m) if !force && !lists.is_empty() && m.apt_lists == lists => {
+            (m.inputs.abi.clone(), m.inputs.packages.clone())
+        }
+        _ => resolve_packages()?,
+    };
     let inputs = Inputs {
         format: FORMAT,
         abi: abi.clone(),
@@ -381,8 +429,15 @@ fn build(dir: &Path, force: bool) -> anyhow::Result<()> {
         glue_source_sha256: glue_source_hash(),
     };
     if !force {
-        if let Some(m) = read_manifest(dir) {
+        if let Some(m) = cached {
             if m.inputs == inputs && outputs_intact(dir, &m) {
+                if m.apt_lists != lists {
+                    let m = Manifest {
+                        apt_lists: lists,
+                        ..m
+                    };
+                    write_manifest(dir, &m)?;
+                }
                 println!(
                     "guest: up to date ({abi}, {}), nothing to do",
                     dir.join(MANIFEST).display()
@@ -407,8 +462,9 @@ fn build(dir: &Path, force: bool) -> anyhow::Result<()> {
         run_shown(Command::new(tool("dpkg")?).arg("-x").arg(deb).arg(&root))?;
     }
     let kernel_src = root.join(format!("boot/vmlinuz-{abi}"));
-    std::fs::copy(&kernel_src, dir.join(KERNEL))
-        .with_context(|| format!("copying {}", kernel_src.display()))?;
+    let kernel =
+        std::fs::read(&kernel_src).with_context(|| format!("reading {}", kernel_src.display()))?;
+    write_atomic(&dir.join(KERNEL), &kernel)?;
 
     let glue_ko = build_glue(dir, &root, &abi)?;
     let iobench = build_iobench(dir)?;
@@ -421,7 +477,7 @@ fn build(dir: &Path, force: bool) -> anyhow::Result<()> {
         order.len()
     ));
     let cpio = pack_initramfs(&abi, &modules_dir, &order, &glue_ko, &iobench)?;
-    std::fs::write(dir.join(INITRAMFS), cpio)?;
+    write_atomic(&dir.join(INITRAMFS), &cpio)?;
 
     let mut modules: Vec<String> = order.iter().map(|(n, _)| n.clone()).collect();
     modules.push("remio_glue".into());
@@ -439,9 +495,9 @@ fn build(dir: &Path, force: bool) -> anyhow::Result<()> {
         inputs,
         modules,
         build_seconds: started.elapsed().as_secs_f64(),
+        apt_lists: lists,
     };
-    let json = serde_json::to_string_pretty(&manifest)?;
-    std::fs::write(dir.join(MANIFEST), format!("{json}\n"))?;
+    write_manifest(dir, &manifest)?;
     println!(
         "guest: built {abi} in {:.1} s: {} and {}",
         started.elapsed().as_secs_f64(),
@@ -534,7 +590,7 @@ fn build_glue(dir: &Path, root: &Path, abi: &str) -> anyhow::Result<PathBuf> {
         vermagic.starts_with(&format!("{abi} ")),
         "glue vermagic {vermagic:?} does not match {abi}"
     );
-    std::fs::copy(&ko, dir.join(GLUE_KO))?;
+    write_atomic(&dir.join(GLUE_KO), &std::fs::read(&ko)?)?;
     Ok(ko)
 }
 
