@@ -12,6 +12,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -446,7 +447,18 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
         }
     };
     let exe = std::env::current_exe().context("locating the remio binary")?;
-    let dm = Command::new(exe)
+    let mut dm_cmd = Command::new(exe);
+    // SAFETY: prctl is async-signal-safe; the closure touches no memory of the parent.
+    unsafe {
+        dm_cmd.pre_exec(|| {
+            // The device model must not outlive `remio run`, even if that is SIGKILLed.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let dm = dm_cmd
         .arg("dm")
         .arg("--config")
         .arg(&dm_config)
@@ -492,6 +504,8 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
 
     let started = Instant::now();
     let qemu_status = supervise(&mut session, timeout, started)?;
+    // QEMU must be gone before the console reader can see the end of its output.
+    session.kill_children();
     if let Some(r) = reader {
         let _ = r.join();
     }

@@ -92,10 +92,14 @@ pub fn command(opts: &QemuOptions, ends: &BridgeEnds) -> Command {
     let mut cmd = Command::new(&opts.qemu);
     cmd.args(args(opts, ends));
     let keep = [ends.proxy_fd, ends.ram_fd];
-    // SAFETY: the closure only calls fcntl, which is async-signal-safe, on descriptors that
+    // SAFETY: the closure only calls prctl and fcntl, which are async-signal-safe, on descriptors that
     // are open in the parent at fork time (the bridge owns them for its lifetime).
     unsafe {
         cmd.pre_exec(move || {
+            // QEMU must not outlive the bridge's process, even if that is SIGKILLed.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             for fd in keep {
                 if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
