@@ -946,7 +946,7 @@ fn boot(dir: &Path, exec: Option<&str>, timeout: u64) -> anyhow::Result<()> {
     cmd.args([
         // q35, not microvm: under TCG on a loaded host the kernel's TSC calibration against the
         // PIT fails, and microvm has no HPET or ACPI PM timer to fall back on: it then hangs
-        // after "tsc: Marking TSC unstable". q35 falls back to the HPET.
+        // after "tsc: Marking TSC unstable" (see guest/README.md). q35 falls back to the HPET.
         "-M",
         "q35",
         "-accel",
