@@ -110,9 +110,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn guest_dir(args: &DirArgs) -> PathBuf {
-    if let Some(dir) = &args.dir {
-        return dir.clone();
-    }
+    args.dir.clone().unwrap_or_else(default_dir)
+}
+
+/// Where the guest is cached unless a command says otherwise: `$REMIO_GUEST_DIR`, else
+/// `<workspace>/target/guest`.
+pub fn default_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("REMIO_GUEST_DIR") {
         return PathBuf::from(dir);
     }

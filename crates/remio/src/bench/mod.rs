@@ -6,6 +6,7 @@
 
 mod child;
 mod floors;
+mod guest;
 mod paths;
 mod plot;
 mod stats;
@@ -138,6 +139,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if selected("scale") {
         scale(&mut report, &dir.0)?;
     }
+    if selected("guest") {
+        guest(&mut report, &dir.0)?;
+    }
 
     if let Some(plot_dir) = &args.plot {
         write_plots(&mut report, plot_dir)?;
@@ -222,6 +226,52 @@ fn scale(report: &mut Report, dir: &std::path::Path) -> anyhow::Result<()> {
         ">= 0.9x",
     );
     report.add("idle_dm_bytes", paths::idle_dm_bytes()?, "B");
+    Ok(())
+}
+
+fn guest(report: &mut Report, dir: &std::path::Path) -> anyhow::Result<()> {
+    let guest_dir = crate::guest::default_dir();
+    anyhow::ensure!(
+        guest_dir.join("vmlinuz").exists(),
+        "no guest image in {} (run scripts/setup or `remio guest build`)",
+        guest_dir.display()
+    );
+    eprintln!(
+        "guest: the same kernel and disk, served by QEMU's virtio-blk-device, then by remio ..."
+    );
+    let disk = guest::make_disk(dir)?;
+    let qemu = guest::qemu(&disk, &guest_dir)?;
+    let remio = guest::remio(&disk)?;
+    report.add("guest.qemu_seq_read_mib_s", qemu.seq_mib_per_s, "MiB/s");
+    report.add_ratio(
+        "guest.seq_read_mib_s",
+        remio.seq_mib_per_s,
+        "MiB/s",
+        ("guest.qemu_seq_read_mib_s", qemu.seq_mib_per_s),
+        ">= 0.9x",
+    );
+    report.add("guest.qemu_randread_iops", qemu.rand_iops, "IOPS");
+    report.add_ratio(
+        "guest.randread_iops",
+        remio.rand_iops,
+        "IOPS",
+        ("guest.qemu_randread_iops", qemu.rand_iops),
+        ">= 0.6x",
+    );
+    report.add(
+        "guest.seq_read_ratio",
+        remio.seq_mib_per_s / qemu.seq_mib_per_s,
+        "x",
+    );
+    report.add(
+        "guest.randread_ratio",
+        remio.rand_iops / qemu.rand_iops,
+        "x",
+    );
+    if let Some(trapped) = remio.trapped {
+        // Every access of the run, boot and probe included, over the I/Os of the benchmark.
+        report.add("guest.trapped_per_io", trapped / remio.ios, "");
+    }
     Ok(())
 }
 
