@@ -11,7 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::irq::{lock, Raised};
 use crate::slots::SlotState;
-use crate::{bump, Hypervisor, Pair};
+use crate::{bump, Hypervisor, Pair, WaitHelper, WaitHelperError};
 
 /// ASK's "nothing for you" status: `+1`, not negated (`spec/remote-io.md`, the op table).
 const ASK_FAILED: i64 = RemioStatus::Failure as i64;
@@ -120,6 +120,23 @@ impl BackendVm {
     pub fn irq_eventfd(&self, irq: u32) -> Result<EventFd, IrqFdError> {
         let p = self.pair_by_irq(irq).ok_or(IrqFdError::NoSuchIrq(irq))?;
         p.backend_line.eventfd().map_err(IrqFdError::Io)
+    }
+
+    /// Installs (`Some`, replacing any) or removes (`None`) the wait helper of device `dm_id`:
+    /// what a frontend thread stalled on one of its accesses runs instead of sleeping (see
+    /// [`WaitHelper`]). Accesses that start after this returns use the new helper; a call of
+    /// the old one already in progress is not waited for (a helper is bounded by its access's
+    /// deadline and must cope with the server it belongs to going away).
+    pub fn set_wait_helper(
+        &self,
+        dm_id: usize,
+        helper: Option<WaitHelper>,
+    ) -> Result<(), WaitHelperError> {
+        let p = self
+            .pair(dm_id)
+            .ok_or(WaitHelperError::NoSuchDevice(dm_id))?;
+        p.wait_helper.set(helper);
+        Ok(())
     }
 
     fn pair(&self, dm_id: usize) -> Option<&Pair> {

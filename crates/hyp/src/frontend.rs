@@ -10,6 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::irq::lock;
 use crate::slots::{SlotInner, SlotState};
+use crate::wait::SlotWaiter;
 use crate::{bump, Hypervisor, Pair, TIMEOUT_READ_VALUE};
 
 /// One frontend device, as the frontend VM sees it.
@@ -139,7 +140,9 @@ impl FrontendVm {
     ///
     /// Takes a free slot (waiting for one if the pool is exhausted), records the request,
     /// pushes it on the device's FIFO, raises the backend interrupt (whose handler may run
-    /// inline on this thread), then stalls until COMPLETE or the timeout.
+    /// inline on this thread), runs the device's wait helper if one is installed and the
+    /// request is not COMPLETE yet (see [`crate::WaitHelper`]), then stalls until COMPLETE or
+    /// the timeout.
     pub fn access(
         &self,
         op: RemioOp,
@@ -269,6 +272,12 @@ impl Hypervisor {
             &self.stats.writes
         });
         self.raise_backend(pair);
+
+        if let Some(helper) = pair.wait_helper.get() {
+            if slot.lock().state != SlotState::Complete {
+                helper(&SlotWaiter { slot, deadline });
+            }
+        }
 
         let mut s = slot.lock();
         loop {

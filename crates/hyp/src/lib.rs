@@ -35,6 +35,15 @@
 //! runs makes the running thread call it once more (like Linux's edge flow handler), so every
 //! queued request is seen by some ASK loop. See [`BackendVm`] for latching and `free_irq`.
 //!
+//! # Wait helpers (not in Bao)
+//!
+//! Whoever serves a device may install a [`WaitHelper`] on it ([`BackendVm::set_wait_helper`]):
+//! a stalled frontend thread runs it instead of going straight to sleep, so that it can do the
+//! work that completes its own request (for a device model in another process: read its answer
+//! and complete the request) rather than wait for another thread to do it and wake it. The
+//! access still ends as before: COMPLETE, or the timeout. See [`SlotWaiter`] and the `wait`
+//! module.
+//!
 //! # Timeout (not in Bao)
 //!
 //! Bao has no timeout: a backend that never completes hangs the frontend vCPU forever
@@ -108,6 +117,7 @@ mod config;
 mod frontend;
 mod irq;
 mod slots;
+mod wait;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
@@ -124,6 +134,7 @@ pub use config::{
 pub use frontend::{AccessError, Completion, FrontendDevice, FrontendVm, SinkError};
 /// Re-exported for [`FrontendVm::access`].
 pub use remio_abi::RemioOp;
+pub use wait::{SlotWaiter, WaitHelper, WaitHelperError};
 
 use irq::IrqLine;
 use slots::SlotPool;
@@ -258,6 +269,9 @@ pub(crate) struct Pair {
     backend_line: Arc<IrqLine>,
     /// Raised by NOTIFY.
     frontend_line: Arc<IrqLine>,
+    /// Run by a stalled frontend instead of sleeping (see [`wait`]). Leaf lock; read on every
+    /// access, never held while the helper runs.
+    wait_helper: wait::HelperCell,
 }
 
 #[derive(Debug)]
@@ -379,6 +393,7 @@ impl Hypervisor {
                 fifo: Mutex::new(VecDeque::with_capacity(config.slots)),
                 backend_line: Arc::default(),
                 frontend_line: Arc::default(),
+                wait_helper: wait::HelperCell::default(),
             });
         }
 

@@ -1068,3 +1068,118 @@ fn timeouts_racing_completions_account_for_every_request_exactly_once() {
         assert_eq!(f.read(WIN0 + 4 * i, 4), Ok(WIN0 + 4 * i));
     }
 }
+
+#[test]
+fn a_wait_helper_runs_on_the_stalled_thread_and_may_complete_the_request_itself() {
+    let (hyp, f, b) = setup(4, Some(LONG));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let on = Arc::new(Mutex::new(None));
+    let (b2, calls2, on2) = (b.clone(), calls.clone(), on.clone());
+    b.set_wait_helper(
+        0,
+        Some(Arc::new(move |w: &SlotWaiter<'_>| {
+            calls2.fetch_add(1, Ordering::SeqCst);
+            *on2.lock().unwrap() = Some(thread::current().id());
+            assert!(!w.is_complete());
+            assert!(w.deadline().is_some());
+            let r = ask(&b2, 0);
+            assert_eq!(r.status, 0);
+            assert_eq!(
+                complete(&b2, 0, RemioOp::Read, r.request_id, 0x55).status,
+                0
+            );
+            assert!(w.is_complete());
+        })),
+    )
+    .unwrap();
+    assert_eq!(f.read(WIN0, 4).unwrap(), 0x55);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(*on.lock().unwrap(), Some(thread::current().id()));
+    assert_eq!(hyp.stats().completions, 1);
+}
+
+#[test]
+fn a_wait_helper_is_not_run_when_the_interrupt_handler_completed_the_request_inline() {
+    let (_hyp, f, b) = setup(4, Some(LONG));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let calls2 = calls.clone();
+    b.set_wait_helper(
+        0,
+        Some(Arc::new(move |_: &SlotWaiter<'_>| {
+            calls2.fetch_add(1, Ordering::SeqCst);
+        })),
+    )
+    .unwrap();
+    let b2 = b.clone();
+    b.request_irq(
+        20,
+        Arc::new(move || {
+            let r = ask(&b2, 0);
+            if r.status == 0 {
+                complete(&b2, 0, RemioOp::Write, r.request_id, 0);
+            }
+        }),
+    )
+    .unwrap();
+    f.write(WIN0, 4, 1).unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn an_access_whose_wait_helper_returns_early_still_waits_for_its_completion() {
+    let (_hyp, f, b) = setup(4, Some(LONG));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let calls2 = calls.clone();
+    b.set_wait_helper(
+        0,
+        Some(Arc::new(move |_: &SlotWaiter<'_>| {
+            calls2.fetch_add(1, Ordering::SeqCst);
+        })),
+    )
+    .unwrap();
+    let reader = spawn_read(&f, WIN0, 4);
+    assert!(wait_until(|| calls.load(Ordering::SeqCst) == 1));
+    let r = ask(&b, 0);
+    assert_eq!(complete(&b, 0, RemioOp::Read, r.request_id, 0x77).status, 0);
+    assert_eq!(reader.join().unwrap(), Ok(0x77));
+}
+
+#[test]
+fn the_timeout_bounds_an_access_whose_wait_helper_returns_early() {
+    let (hyp, f, b) = setup(4, Some(Duration::from_millis(30)));
+    b.set_wait_helper(0, Some(Arc::new(|_: &SlotWaiter<'_>| {})))
+        .unwrap();
+    let c = f.access(RemioOp::Read, WIN0, 4, 0).unwrap();
+    assert!(c.timed_out);
+    assert_eq!(hyp.stats().timeouts_pending, 1);
+}
+
+#[test]
+fn a_removed_wait_helper_is_not_run_and_unknown_devices_are_refused() {
+    let (_hyp, f, b) = setup(4, Some(LONG));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let calls2 = calls.clone();
+    b.set_wait_helper(
+        1,
+        Some(Arc::new(move |_: &SlotWaiter<'_>| {
+            calls2.fetch_add(1, Ordering::SeqCst);
+        })),
+    )
+    .unwrap();
+    b.set_wait_helper(1, None).unwrap();
+    let reader = spawn_read(&f, WIN1, 4);
+    let r = loop {
+        let r = ask(&b, 1);
+        if r.status == 0 {
+            break r;
+        }
+        thread::sleep(Duration::from_millis(1));
+    };
+    complete(&b, 1, RemioOp::Read, r.request_id, 9);
+    assert_eq!(reader.join().unwrap(), Ok(9));
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        b.set_wait_helper(2, None),
+        Err(WaitHelperError::NoSuchDevice(2))
+    );
+}
