@@ -83,8 +83,22 @@ pub fn send_msg(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io
     }
 }
 
-/// Receives one packet into `buf`. `Ok(None)` at end of stream (the peer closed).
+/// Receives one packet into `buf`. `Ok(None)` at end of stream (the peer closed). Blocks
+/// (bounded by `SO_RCVTIMEO`, see [`set_recv_timeout`]: then `WouldBlock`).
 pub fn recv_msg(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<Received>> {
+    recv_msg_flags(sock, buf, 0)
+}
+
+/// [`recv_msg`] without blocking (`MSG_DONTWAIT`): `WouldBlock` when no packet is queued.
+pub fn recv_msg_dontwait(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<Received>> {
+    recv_msg_flags(sock, buf, libc::MSG_DONTWAIT)
+}
+
+fn recv_msg_flags(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    flags: libc::c_int,
+) -> io::Result<Option<Received>> {
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -99,7 +113,8 @@ pub fn recv_msg(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<Recei
     msg.msg_controllen = space;
     let n = loop {
         // SAFETY: msg points at buf and control, both valid for writes of their lengths.
-        let r = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        let r =
+            unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC | flags) };
         if r >= 0 {
             break usize::try_from(r).unwrap_or(0);
         }
@@ -248,6 +263,20 @@ pub fn accept(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
 
 /// Sets `SO_SNDTIMEO`: a send blocked longer than `timeout` fails with `EAGAIN`.
 pub fn set_send_timeout(sock: BorrowedFd<'_>, timeout: std::time::Duration) -> io::Result<()> {
+    set_timeout(sock, libc::SO_SNDTIMEO, timeout)
+}
+
+/// Sets `SO_RCVTIMEO`: a blocking receive that waited `timeout` (rounded up to the kernel's
+/// tick) fails with `EAGAIN`. Receives with `MSG_DONTWAIT` are not affected.
+pub fn set_recv_timeout(sock: BorrowedFd<'_>, timeout: std::time::Duration) -> io::Result<()> {
+    set_timeout(sock, libc::SO_RCVTIMEO, timeout)
+}
+
+fn set_timeout(
+    sock: BorrowedFd<'_>,
+    opt: libc::c_int,
+    timeout: std::time::Duration,
+) -> io::Result<()> {
     let tv = libc::timeval {
         tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
         tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
@@ -257,7 +286,7 @@ pub fn set_send_timeout(sock: BorrowedFd<'_>, timeout: std::time::Duration) -> i
         libc::setsockopt(
             sock.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_SNDTIMEO,
+            opt,
             (&raw const tv).cast(),
             libc::socklen_t::try_from(size_of::<libc::timeval>()).unwrap_or(0),
         )

@@ -25,19 +25,36 @@ use remio_dispatcher::{ControlClient, Dispatcher, Dm, IoeventfdConfig};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::{ApiError, DmApi, DmInfo, DmSession, IoeventfdSpec, Notifier, Result, VirtioRequest};
+use crate::{
+    ApiError, DmApi, DmInfo, DmSession, IoeventfdSpec, Notifier, Result, VirtioRequest, WaitHelper,
+};
 
 /// What a read returns when the session that received it ended without completing it. 0
 /// reads as "nothing" for the virtio-mmio registers a driver polls (InterruptStatus,
 /// QueueReady, Status), the same choice as the hypervisor model's timeout.
 pub const ABANDONED_READ_VALUE: u64 = 0;
 
+/// How a session installs its [`WaitHelper`] on its device: `hook(dm_id, helper)` installs
+/// (`Some`) or removes (`None`) the helper of DM `dm_id`'s device. The platform that built the
+/// dispatcher provides it (it knows what serves the DM's backend interrupt: with the
+/// hypervisor model, `remio_hyp::BackendVm::set_wait_helper`); it returns whether it did.
+pub type WaitHelperHook = Arc<dyn Fn(u32, Option<WaitHelper>) -> bool + Send + Sync>;
+
 /// The device-model API of a [`Dispatcher`] in this process.
-#[derive(Debug)]
 pub struct InProcessApi {
     dispatcher: Arc<Dispatcher>,
     /// DM id → frontend MMIO window `(base, size)`, where the platform knows it.
     windows: RwLock<HashMap<u32, (u64, u64)>>,
+    /// See [`InProcessApi::set_wait_helper_hook`].
+    wait_hook: RwLock<Option<WaitHelperHook>>,
+}
+
+impl std::fmt::Debug for InProcessApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InProcessApi")
+            .field("dispatcher", &self.dispatcher)
+            .finish_non_exhaustive()
+    }
 }
 
 impl InProcessApi {
@@ -46,7 +63,18 @@ impl InProcessApi {
         Self {
             dispatcher,
             windows: RwLock::new(HashMap::new()),
+            wait_hook: RwLock::new(None),
         }
+    }
+
+    /// Lets sessions install a wait helper on their device ([`DmSession::set_wait_helper`])
+    /// through `hook`. Without one, `set_wait_helper` is `ENOTTY`. Sessions opened afterwards
+    /// use it.
+    pub fn set_wait_helper_hook(&self, hook: WaitHelperHook) {
+        *self
+            .wait_hook
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(hook);
     }
 
     /// Declares DM `dm_id`'s frontend MMIO window: ioeventfds outside it are refused (`EPERM`).
@@ -95,6 +123,12 @@ impl DmApi for InProcessApi {
             dm,
             control,
             window,
+            wait_hook: self
+                .wait_hook
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+            helper_installed: Mutex::new(false),
             control_ended: AtomicBool::new(false),
             state: Mutex::new(State::default()),
         }))
@@ -116,6 +150,11 @@ pub struct InProcessSession {
     dm: Arc<Dm>,
     control: Arc<ControlClient>,
     window: Option<(u64, u64)>,
+    wait_hook: Option<WaitHelperHook>,
+    /// A wait helper of this session is installed. Held while installing or removing one, so
+    /// that the session's end (which removes it before the next session can open) and an
+    /// install cannot interleave.
+    helper_installed: Mutex<bool>,
     /// The control client was destroyed (by `shutdown` or drop): never destroy it twice, as
     /// the DM's next session may own the control client by then.
     control_ended: AtomicBool,
@@ -145,6 +184,18 @@ impl InProcessSession {
     fn end_control(&self) {
         if self.control_ended.swap(true, Ordering::AcqRel) {
             return;
+        }
+        {
+            let mut installed = self
+                .helper_installed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if *installed {
+                if let Some(hook) = &self.wait_hook {
+                    hook(self.info.id, None);
+                }
+                *installed = false;
+            }
         }
         self.control.set_notifier(None);
         if let Err(e) = self.dm.destroy_control_client() {
@@ -187,6 +238,30 @@ impl DmSession for InProcessSession {
 
     fn shutdown(&self) -> Result<()> {
         self.end_control();
+        Ok(())
+    }
+
+    fn set_wait_helper(&self, helper: Option<WaitHelper>) -> Result<()> {
+        let Some(hook) = &self.wait_hook else {
+            return Err(ApiError::NotSupported(
+                "this platform offers no wait helper".into(),
+            ));
+        };
+        let mut installed = self
+            .helper_installed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let install = helper.is_some();
+        if install && self.control_ended.load(Ordering::Acquire) {
+            return Err(ApiError::ShuttingDown);
+        }
+        if !hook(self.info.id, helper) {
+            return Err(ApiError::NotSupported(format!(
+                "no wait helper for DM {}",
+                self.info.id
+            )));
+        }
+        *installed = install;
         Ok(())
     }
 

@@ -56,7 +56,7 @@ pub mod kernel;
 pub mod socket;
 pub mod wire;
 
-pub use inprocess::{InProcessApi, InProcessSession, ABANDONED_READ_VALUE};
+pub use inprocess::{InProcessApi, InProcessSession, WaitHelperHook, ABANDONED_READ_VALUE};
 pub use kernel::{Ioctl, KernelApi, SysIoctl};
 pub use socket::{SocketApi, SocketServer, SocketServerConfig};
 
@@ -185,6 +185,21 @@ impl ApiError {
 /// [`DmSession::set_notifier`].
 pub type Notifier = Arc<dyn Fn() + Send + Sync>;
 
+/// A frontend access stalled on a request of a session's DM, as a [`WaitHelper`] sees it.
+pub trait AccessWait {
+    /// Whether the access's request is complete (the helper should return).
+    fn is_complete(&self) -> bool;
+    /// When the access times out (`None`: never). A helper returns well before it.
+    fn deadline(&self) -> Option<std::time::Instant>;
+}
+
+/// Run by a frontend thread stalled on one of the DM's requests, on that thread, instead of
+/// sleeping (the hypervisor model's wait helper, `remio_hyp::WaitHelper`, reached through
+/// whatever platform serves the session; see [`DmSession::set_wait_helper`]). It may do the
+/// work that completes requests, and returns when [`AccessWait::is_complete`] holds, or
+/// earlier: the access then waits as usual. It must not block for long.
+pub type WaitHelper = Arc<dyn Fn(&dyn AccessWait) + Send + Sync>;
+
 /// Result alias for the API.
 pub type Result<T> = std::result::Result<T, ApiError>;
 
@@ -236,6 +251,18 @@ pub trait DmSession: Send + Sync {
     fn set_notifier(&self, notifier: Option<Notifier>) -> Result<()> {
         let _ = notifier;
         Err(ApiError::NotSupported("set_notifier".into()))
+    }
+
+    /// Installs (`Some`, replacing any) or removes (`None`) the [`WaitHelper`] of this
+    /// session's device: what a frontend thread stalled on one of the DM's requests runs
+    /// instead of sleeping. The socket server uses it so that the stalled thread reads the
+    /// device model's answer itself (see [`crate::socket`]). When `set_wait_helper(None)`
+    /// returns, no new access calls the old helper; a call already running is not waited for.
+    /// The session's end removes it. Implementations without it (and platforms that do not
+    /// offer it) return [`ApiError::NotSupported`].
+    fn set_wait_helper(&self, helper: Option<WaitHelper>) -> Result<()> {
+        let _ = helper;
+        Err(ApiError::NotSupported("set_wait_helper".into()))
     }
 
     /// Ends the session's ATTACH side: every [`DmSession::attach`] (and

@@ -364,6 +364,63 @@ fn completion_refusals_map_to_their_documented_errnos() {
     assert_eq!(stack.hyp.stats().timeouts, 0);
 }
 
+/// Several frontend threads trap on one DM at once while several device-model threads serve
+/// it: each access gets the answer to its own request (the value names the address), none
+/// times out, every request is completed once. Over the socket, stalled frontends take turns
+/// reading the device model's answers (see `remio_api::socket`); this checks that whoever
+/// reads, the completions reach the right accesses.
+fn several_frontends_and_several_serving_threads_on_one_dm_all_complete(stack: &Stack) {
+    const FRONTENDS: u64 = 4;
+    const READS: u64 = 300;
+    let s = open(stack, 0);
+    let servers: Vec<_> = (0..3)
+        .map(|_| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let Ok(mut r) = s.attach() else {
+                    return;
+                };
+                loop {
+                    if r.op == BAO_IO_READ {
+                        r.value = r.addr ^ 0x5a5a;
+                    }
+                    match s.complete_and_attach(&r) {
+                        Ok(next) => r = next,
+                        Err(_) => return,
+                    }
+                }
+            })
+        })
+        .collect();
+    let frontends: Vec<_> = (0..FRONTENDS)
+        .map(|i| {
+            let fe = stack.frontend();
+            std::thread::spawn(move || {
+                for k in 0..READS {
+                    let addr = MMIO[0] + 8 * i + 0x40 * (k % 4);
+                    assert_eq!(fe.read(addr, 4).unwrap(), addr ^ 0x5a5a);
+                    if k % 10 == 0 {
+                        fe.write(addr, 4, k).unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for f in frontends {
+        f.join().unwrap();
+    }
+    s.shutdown().unwrap();
+    for t in servers {
+        t.join().unwrap();
+    }
+    let st = stack.hyp.stats();
+    assert_eq!(st.timeouts, 0);
+    assert!(eventually(|| {
+        let st = stack.hyp.stats();
+        st.requests == st.completions
+    }));
+}
+
 macro_rules! suite {
     ($module:ident, $make:expr) => {
         mod $module {
@@ -380,6 +437,7 @@ macro_rules! suite {
                 concurrent_attach_waiters_each_get_one_request,
                 ending_a_session_completes_its_requests_and_drops_its_eventfds,
                 shutdown_wakes_a_blocked_attach_and_refuses_later_ones,
+                several_frontends_and_several_serving_threads_on_one_dm_all_complete,
             );
         }
     };

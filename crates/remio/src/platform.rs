@@ -217,6 +217,15 @@ impl Platform {
         let intc: Arc<dyn InterruptController> = Arc::new(backend.clone());
         let dispatcher = Dispatcher::new(hc, intc);
         let api = Arc::new(InProcessApi::new(dispatcher.clone()));
+        // Sessions may install a wait helper on their device (the socket server does, so that
+        // a stalled frontend reads the device model's answer itself). DM id = backend dm_id.
+        let b = backend.clone();
+        api.set_wait_helper_hook(Arc::new(move |dm_id, helper| {
+            let helper = helper.map(|h| -> remio_hyp::WaitHelper {
+                Arc::new(move |w: &remio_hyp::SlotWaiter<'_>| h(&HypWait(w)))
+            });
+            usize::try_from(dm_id).is_ok_and(|dm| b.set_wait_helper(dm, helper).is_ok())
+        }));
         let frontends: Vec<_> = hyp
             .frontend_vm_ids()
             .into_iter()
@@ -281,6 +290,19 @@ impl Platform {
     /// The (first) frontend VM, for in-process frontends.
     pub fn frontend(&self) -> Option<FrontendVm> {
         self.frontend_vm.and_then(|id| self.hyp.frontend(id))
+    }
+}
+
+/// The hypervisor model's stalled access, as the API's wait helpers see it.
+struct HypWait<'a, 'b>(&'a remio_hyp::SlotWaiter<'b>);
+
+impl remio_api::AccessWait for HypWait<'_, '_> {
+    fn is_complete(&self) -> bool {
+        self.0.is_complete()
+    }
+
+    fn deadline(&self) -> Option<std::time::Instant> {
+        self.0.deadline()
     }
 }
 

@@ -1,6 +1,6 @@
 //! The platform side: serves any [`crate::DmApi`] on a socket path, one session a connection.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
@@ -8,14 +8,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::fdpass;
 use crate::wire::{self, ReplyBody, Request, HEADER_SIZE, MAX_IN_FLIGHT, MAX_MESSAGE};
-use crate::{ApiError, DmApi, DmSession, IoeventfdSpec, Notifier};
+use crate::{AccessWait, ApiError, DmApi, DmSession, IoeventfdSpec, Notifier, WaitHelper};
 use remio_abi::uapi::{
     BAO_IOEVENTFD_FLAG_DATAMATCH, BAO_IOEVENTFD_FLAG_DEASSIGN, BAO_IRQFD_FLAG_DEASSIGN,
 };
@@ -167,7 +167,13 @@ fn accept_loop(
         if let Err(e) = fdpass::set_send_timeout(sock.as_fd(), config.send_timeout) {
             log::warn!("api socket: SO_SNDTIMEO: {e}");
         }
-        let conn = Arc::new(Conn::new(sock));
+        let conn = match Conn::new(sock) {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                log::error!("api socket: cannot set up a connection: {e}");
+                continue;
+            }
+        };
         {
             let mut list = lock(conns);
             list.retain(|c| c.strong_count() > 0);
@@ -188,11 +194,84 @@ fn accept_loop(
 
 thread_local! {
     static REPLY_BUF: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(MAX_MESSAGE));
+    /// The connection (its address) whose control queue this thread last queued a request to,
+    /// through the notifier: a frontend thread that has just done so may read that
+    /// connection's answer itself ([`Conn::help`]).
+    static QUEUED_ON: Cell<usize> = const { Cell::new(0) };
 }
 
+/// How long a frontend thread reading the connection ([`Conn::help`]) waits for one packet
+/// before it hands reading back to the connection thread and sleeps as usual. A device model
+/// answers a register access in microseconds; this only bounds the cases where the access is
+/// completed by something else than the device model's answer (an in-process I/O client, the
+/// DM's destruction).
+const READER_TIMEOUT: Duration = Duration::from_millis(1);
+
+/// A frontend thread reads the connection only if its access's deadline is further away than
+/// this (the kernel rounds [`READER_TIMEOUT`] up to its tick), so that reading never delays
+/// the hypervisor's timeout.
+const READER_SLACK: Duration = Duration::from_millis(50);
+
+/// epoll data of the socket and of the kick eventfd.
+const EV_SOCK: u64 = 0;
+const EV_KICK: u64 = 1;
+
 /// One connection: the socket, its session once OPEN succeeded, and the ATTACHes waiting.
+///
+/// # Who reads the socket (leader/follower)
+///
+/// Packets are read and handled by one thread at a time, in arrival order: the *reader*. It is
+/// either the connection thread ([`serve`]) or a frontend thread stalled on an access whose
+/// request it has just queued to this connection's DM ([`Conn::help`], run through the
+/// hypervisor's wait helper). A frontend reader reads with blocking `recvmsg` and handles
+/// ATTACH, COMPLETE and COMPLETE_ATTACH itself (what the notifier already does on frontend
+/// threads), so the device model's answer wakes the stalled frontend directly instead of
+/// waking the connection thread, which then had to wake the frontend. Any other packet (or one
+/// that does not decode) it *stashes* for the connection thread and stops reading.
+///
+/// The connection thread waits in `epoll_wait`, on the socket (`EPOLLIN | EPOLLONESHOT`: an
+/// event disarms the interest until it is re-armed) and on `kick` (level-triggered), and reads
+/// with `MSG_DONTWAIT`. `SOCK_SEQPACKET` wakes every epoll waiter but only the first blocked
+/// reader, so a frontend that reads disarms the connection thread's interest for that time.
+///
+/// The protocol, all under `reader` (whose flags say who reads):
+///
+/// - A frontend takes the role only if nobody has it (`!server && !frontend`), nothing is
+///   stashed and the connection is not `closed`; it then disarms the socket's interest
+///   (`EPOLL_CTL_MOD` to no event). Otherwise it returns and sleeps as before.
+/// - It reads until its request is COMPLETE, a read waited [`READER_TIMEOUT`], its deadline is
+///   near, the stream ends or fails, or a packet must be stashed. Then it gives the role back:
+///   clears `frontend`, stores the stash if any, and re-arms the interest. Re-arming checks the
+///   socket's current state (level), so a packet that arrived meanwhile, or the end of the
+///   stream, wakes the connection thread; a stash is signalled through `kick`.
+/// - The connection thread, woken by either, takes the role if no frontend has it (else it
+///   waits again: its interest stays disarmed, and the frontend re-arms it when it leaves),
+///   handles the stash first (arrival order), reads until `EAGAIN`, then gives the role back
+///   and re-arms. At the end of the stream (or a fatal packet) it keeps the role, sets
+///   `closed` (no frontend takes the role again), removes the wait helper and waits until no
+///   helper call is running (`gate`), then ends the session as before.
+///
+/// Invariants: (1) at most one thread reads or handles packets (the role is exclusive), so
+/// packets are handled once, in order; (2) whenever nobody holds the role and the connection
+/// is open, the socket's interest is armed or the connection thread is awake and about to take
+/// the role, so no packet is left unread and the end of the stream is always seen by the
+/// connection thread, which alone ends the session (a kill -9 of the device model behaves as
+/// before); (3) a frontend reads at most [`READER_TIMEOUT`] past its last packet and never
+/// past `deadline - READER_SLACK`, so the hypervisor's timeout still bounds every access (the
+/// replies it sends are bounded by `send_timeout`, as the notifier's always were).
 struct Conn {
     sock: OwnedFd,
+    /// The connection thread's epoll set: `sock` (data [`EV_SOCK`]) and `kick` ([`EV_KICK`]).
+    epoll: OwnedFd,
+    /// Signalled when a frontend reader stashed a packet for the connection thread.
+    kick: EventFd,
+    /// Who reads the socket (see above). Taken with no other lock of this connection held,
+    /// except that `waiters` may be taken while handling a packet under the role (not the
+    /// lock).
+    reader: Mutex<Reader>,
+    /// Counts wait-helper calls running on frontend threads, so that the session's end waits
+    /// for them (none then holds this connection).
+    gate: Arc<HelperGate>,
     session: OnceLock<Arc<dyn DmSession>>,
     /// Whether the session delivers through a notifier (else the pump thread attaches).
     notified: AtomicBool,
@@ -209,6 +288,61 @@ impl std::fmt::Debug for Conn {
     }
 }
 
+/// Who reads the socket; see [`Conn`].
+#[derive(Default)]
+struct Reader {
+    /// The connection thread reads.
+    server: bool,
+    /// A frontend thread reads.
+    frontend: bool,
+    /// The session is ending: no frontend reads any more.
+    closed: bool,
+    /// A packet a frontend reader read but left to the connection thread.
+    stashed: Option<Stashed>,
+}
+
+/// A packet read by a frontend reader and left to the connection thread.
+struct Stashed {
+    bytes: Vec<u8>,
+    recv: fdpass::Received,
+}
+
+/// Wait-helper calls in progress; closed at the session's end.
+#[derive(Default)]
+struct HelperGate {
+    /// (closed, calls running)
+    state: Mutex<(bool, usize)>,
+    idle: Condvar,
+}
+
+impl HelperGate {
+    fn enter(&self) -> bool {
+        let mut g = lock(&self.state);
+        if g.0 {
+            return false;
+        }
+        g.1 += 1;
+        true
+    }
+
+    fn exit(&self) {
+        let mut g = lock(&self.state);
+        g.1 -= 1;
+        if g.0 && g.1 == 0 {
+            self.idle.notify_all();
+        }
+    }
+
+    /// Refuses new calls and waits until none runs.
+    fn close_and_wait(&self) {
+        let mut g = lock(&self.state);
+        g.0 = true;
+        while g.1 > 0 {
+            g = self.idle.wait(g).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
 #[derive(Default)]
 struct Waiters {
     /// `(opcode, tag)` of each ATTACH waiting, oldest first.
@@ -217,9 +351,38 @@ struct Waiters {
 }
 
 impl Conn {
-    fn new(sock: OwnedFd) -> Self {
-        Self {
+    fn new(sock: OwnedFd) -> io::Result<Self> {
+        fdpass::set_recv_timeout(sock.as_fd(), READER_TIMEOUT)?;
+        // SAFETY: plain epoll_create1; the result is checked before it is owned.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if ep < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: ep is a new descriptor nobody else owns.
+        let epoll = unsafe { OwnedFd::from_raw_fd(ep) };
+        let kick = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+        epoll_ctl(
+            epoll.as_fd(),
+            libc::EPOLL_CTL_ADD,
+            sock.as_fd(),
+            EPOLL_ARMED,
+            EV_SOCK,
+        )?;
+        // SAFETY: the eventfd is open for the lifetime of the borrow.
+        let kick_fd = unsafe { BorrowedFd::borrow_raw(kick.as_raw_fd()) };
+        epoll_ctl(
+            epoll.as_fd(),
+            libc::EPOLL_CTL_ADD,
+            kick_fd,
+            libc::EPOLLIN as u32,
+            EV_KICK,
+        )?;
+        Ok(Self {
             sock,
+            epoll,
+            kick,
+            reader: Mutex::new(Reader::default()),
+            gate: Arc::default(),
             session: OnceLock::new(),
             notified: AtomicBool::new(false),
             waiters: Mutex::new(Waiters {
@@ -227,7 +390,122 @@ impl Conn {
                 closed: false,
             }),
             pump_cv: Condvar::new(),
+        })
+    }
+
+    /// Sets the connection thread's interest in the socket (`EPOLL_CTL_MOD`).
+    fn interest(&self, events: u32) -> io::Result<()> {
+        epoll_ctl(
+            self.epoll.as_fd(),
+            libc::EPOLL_CTL_MOD,
+            self.sock.as_fd(),
+            events,
+            EV_SOCK,
+        )
+    }
+
+    /// Blocks the connection thread until the socket or `kick` has an event (clearing `kick`).
+    fn wait_event(&self) -> io::Result<()> {
+        // SAFETY: epoll_event is plain data; all-zero is valid.
+        let mut events: [libc::epoll_event; 2] = unsafe { std::mem::zeroed() };
+        let n = loop {
+            // SAFETY: events has room for 2 entries, as passed.
+            let r = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), 2, -1) };
+            if r >= 0 {
+                break usize::try_from(r).unwrap_or(0);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        };
+        if events[..n].iter().any(|e| e.u64 == EV_KICK) {
+            // Non-blocking: a concurrent clear leaves nothing to read, which is fine.
+            let _ = self.kick.read();
         }
+        Ok(())
+    }
+
+    /// A frontend thread's turn as the reader (the wait helper's body; see [`Conn`]): reads
+    /// and handles packets until `w`'s request is COMPLETE, or hands back at once if it should
+    /// not read.
+    fn help(&self, w: &dyn AccessWait) {
+        let me = std::ptr::from_ref(self) as usize;
+        if QUEUED_ON.with(|q| q.replace(0)) != me {
+            return;
+        }
+        let near = |d: Instant| d.saturating_duration_since(Instant::now()) <= READER_SLACK;
+        if w.deadline().is_some_and(near) || w.is_complete() || !self.take_reader() {
+            return;
+        }
+        let mut buf = [0u8; MAX_MESSAGE + 1];
+        let mut stash = None;
+        while !w.is_complete() && !w.deadline().is_some_and(near) {
+            // Blocks at most READER_TIMEOUT (SO_RCVTIMEO). End of stream, timeout or error:
+            // give the role back; the connection thread sees the socket's state.
+            let Ok(Some(r)) = fdpass::recv_msg(self.sock.as_fd(), &mut buf) else {
+                break;
+            };
+            if let Some(s) = self.handle_in_frontend(&buf, r) {
+                stash = Some(s);
+                break;
+            }
+        }
+        self.leave_reader(stash);
+    }
+
+    fn take_reader(&self) -> bool {
+        let mut rd = lock(&self.reader);
+        if rd.server || rd.frontend || rd.closed || rd.stashed.is_some() {
+            return false;
+        }
+        // Disarmed: only EPOLLERR/EPOLLHUP remain, and EPOLLONESHOT limits those to one wake
+        // of the connection thread, which then finds the role taken and waits again.
+        if let Err(e) = self.interest(libc::EPOLLONESHOT as u32) {
+            log::debug!("api socket: epoll_ctl: {e}");
+            return false;
+        }
+        rd.frontend = true;
+        true
+    }
+
+    fn leave_reader(&self, stash: Option<Stashed>) {
+        let mut kick = stash.is_some();
+        {
+            let mut rd = lock(&self.reader);
+            rd.frontend = false;
+            rd.stashed = stash;
+            if let Err(e) = self.interest(EPOLL_ARMED) {
+                // Wake the connection thread anyway: it reads and re-arms itself.
+                log::warn!("api socket: epoll_ctl: {e}");
+                kick = true;
+            }
+        }
+        if kick {
+            if let Err(e) = self.kick.write(1) {
+                log::error!("api socket: cannot wake the connection thread: {e}");
+            }
+        }
+    }
+
+    /// Handles a packet on a frontend reader if it is ATTACH, COMPLETE or COMPLETE_ATTACH;
+    /// otherwise hands it back to be stashed.
+    fn handle_in_frontend(&self, buf: &[u8], r: fdpass::Received) -> Option<Stashed> {
+        let msg = &buf[..r.len];
+        if !r.truncated && !r.fds_truncated && r.fds.is_empty() {
+            if let (Ok((tag, req)), Some(session)) =
+                (wire::decode_request(msg, 0), self.session.get())
+            {
+                // Anything else is re-decoded and handled by the connection thread.
+                if handle_control(self, session, tag, req).is_ok() {
+                    return None;
+                }
+            }
+        }
+        Some(Stashed {
+            bytes: msg.to_vec(),
+            recv: r,
+        })
     }
 
     fn shutdown(&self) {
@@ -268,6 +546,7 @@ impl Conn {
         let Some(session) = self.session.get() else {
             return;
         };
+        QUEUED_ON.with(|q| q.set(std::ptr::from_ref(self) as usize));
         loop {
             let mut w = lock(&self.waiters);
             let Some(&(opcode, tag)) = w.queue.front() else {
@@ -293,6 +572,9 @@ impl Conn {
     /// else remembered until one is.
     fn attach(&self, session: &Arc<dyn DmSession>, opcode: u16, tag: u32) {
         let mut w = lock(&self.waiters);
+        if w.closed {
+            return;
+        }
         if w.queue.len() >= MAX_IN_FLIGHT {
             drop(w);
             self.error(
@@ -321,55 +603,64 @@ impl Conn {
     }
 }
 
-/// Serves one connection until it closes; then drops its session.
+/// Serves one connection until it closes; then drops its session. See [`Conn`] for how the
+/// reading is shared with frontend threads.
 fn serve(conn: &Arc<Conn>, api: &dyn DmApi) {
     let mut buf = [0u8; MAX_MESSAGE + 1];
     let mut pump: Option<JoinHandle<()>> = None;
-    loop {
-        let r = match fdpass::recv_msg(conn.sock.as_fd(), &mut buf) {
-            Ok(Some(r)) => r,
-            Ok(None) => break,
-            Err(e) => {
-                log::debug!("api socket: receive failed: {e}");
+    'conn: loop {
+        if let Err(e) = conn.wait_event() {
+            log::error!("api socket: epoll_wait: {e}; closing the connection");
+            break;
+        }
+        let stashed = {
+            let mut rd = lock(&conn.reader);
+            if rd.frontend {
+                // A frontend reads; it re-arms the interest when it leaves.
+                continue;
+            }
+            rd.server = true;
+            rd.stashed.take()
+        };
+        if let Some(st) = stashed {
+            if !process(conn, api, &st.bytes, st.recv, &mut pump) {
                 break;
             }
-        };
-        let msg = &buf[..r.len];
-        if r.truncated || r.fds_truncated {
-            // The packet is whole-or-nothing; answer it if its header is readable.
-            match wire::Header::decode(msg) {
-                Some(h) if r.len >= HEADER_SIZE => {
-                    let errno = if r.truncated {
-                        libc::EINVAL
-                    } else {
-                        libc::EBADF
-                    };
-                    conn.reply(h.opcode, h.tag, Err(errno), None);
-                    continue;
+        }
+        loop {
+            match fdpass::recv_msg_dontwait(conn.sock.as_fd(), &mut buf) {
+                Ok(Some(r)) => {
+                    let len = r.len;
+                    if !process(conn, api, &buf[..len], r, &mut pump) {
+                        break 'conn;
+                    }
                 }
-                _ => {
-                    log::warn!("api socket: corrupt oversized packet; closing the connection");
-                    break;
+                Ok(None) => break 'conn,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    log::debug!("api socket: receive failed: {e}");
+                    break 'conn;
                 }
             }
         }
-        let (tag, req) = match wire::decode_request(msg, r.fds.len()) {
-            Ok(d) => d,
-            Err(e) => match e.reply() {
-                Some((opcode, tag, errno)) => {
-                    conn.reply(opcode, tag, Err(errno), None);
-                    continue;
-                }
-                None => {
-                    log::warn!("api socket: {e}; closing the connection");
-                    break;
-                }
-            },
-        };
-        let fd = r.fds.into_iter().next();
-        handle(conn, api, tag, req, fd, &mut pump);
+        let mut rd = lock(&conn.reader);
+        rd.server = false;
+        if let Err(e) = conn.interest(EPOLL_ARMED) {
+            log::error!("api socket: epoll_ctl: {e}; closing the connection");
+            rd.server = true;
+            break;
+        }
     }
-    // End of the session: stop deliveries, fail whatever waits, drop the session.
+    // End of the session. No frontend reads from now on (`closed`), none runs the helper
+    // (gate), so none holds this connection; then stop deliveries, fail whatever waits, drop
+    // the session.
+    lock(&conn.reader).closed = true;
+    if let Some(session) = conn.session.get() {
+        if conn.notified.load(Ordering::Acquire) {
+            let _ = session.set_wait_helper(None);
+        }
+    }
+    conn.gate.close_and_wait();
     if let Some(session) = conn.session.get() {
         if conn.notified.load(Ordering::Acquire) {
             let _ = session.set_notifier(None);
@@ -386,6 +677,80 @@ fn serve(conn: &Arc<Conn>, api: &dyn DmApi) {
         // The pump exits when its blocking attach returns (see `pump_loop`).
         drop(p);
     }
+}
+
+/// Handles one packet on the connection thread; false: close the connection.
+fn process(
+    conn: &Arc<Conn>,
+    api: &dyn DmApi,
+    msg: &[u8],
+    r: fdpass::Received,
+    pump: &mut Option<JoinHandle<()>>,
+) -> bool {
+    if r.truncated || r.fds_truncated {
+        // The packet is whole-or-nothing; answer it if its header is readable.
+        return match wire::Header::decode(msg) {
+            Some(h) if r.len >= HEADER_SIZE => {
+                let errno = if r.truncated {
+                    libc::EINVAL
+                } else {
+                    libc::EBADF
+                };
+                conn.reply(h.opcode, h.tag, Err(errno), None);
+                true
+            }
+            _ => {
+                log::warn!("api socket: corrupt oversized packet; closing the connection");
+                false
+            }
+        };
+    }
+    let (tag, req) = match wire::decode_request(msg, r.fds.len()) {
+        Ok(d) => d,
+        Err(e) => {
+            return match e.reply() {
+                Some((opcode, tag, errno)) => {
+                    conn.reply(opcode, tag, Err(errno), None);
+                    true
+                }
+                None => {
+                    log::warn!("api socket: {e}; closing the connection");
+                    false
+                }
+            }
+        }
+    };
+    let fd = r.fds.into_iter().next();
+    handle(conn, api, tag, req, fd, pump);
+    true
+}
+
+/// ATTACH, COMPLETE and COMPLETE_ATTACH of an open session: what a frontend reader may handle
+/// (it only completes requests, pops queued ones and sends replies, as the notifier does on
+/// frontend threads). Any other request is handed back.
+fn handle_control(
+    conn: &Conn,
+    session: &Arc<dyn DmSession>,
+    tag: u32,
+    req: Request,
+) -> Result<(), Request> {
+    let opcode = req.opcode();
+    match req {
+        Request::Attach => conn.attach(session, opcode, tag),
+        Request::CompleteAttach(r) => {
+            if let Err(e) = session.complete(&r) {
+                conn.error(opcode, tag, &e);
+            } else {
+                conn.attach(session, opcode, tag);
+            }
+        }
+        Request::Complete(r) => match session.complete(&r) {
+            Ok(()) => conn.reply(opcode, tag, Ok(&ReplyBody::Empty), None),
+            Err(e) => conn.error(opcode, tag, &e),
+        },
+        other => return Err(other),
+    }
+    Ok(())
 }
 
 fn handle(
@@ -412,21 +777,15 @@ fn handle(
         }
         (_, Some(s)) => s.clone(),
     };
+    let req = match handle_control(conn, &session, tag, req) {
+        Ok(()) => return,
+        Err(req) => req,
+    };
     let result: crate::Result<ReplyBody> = match req {
-        Request::Open { .. } => return,
-        Request::Attach => {
-            conn.attach(&session, opcode, tag);
-            return;
-        }
-        Request::CompleteAttach(r) => {
-            if let Err(e) = session.complete(&r) {
-                conn.error(opcode, tag, &e);
-            } else {
-                conn.attach(&session, opcode, tag);
-            }
-            return;
-        }
-        Request::Complete(r) => session.complete(&r).map(|()| ReplyBody::Empty),
+        Request::Open { .. }
+        | Request::Attach
+        | Request::CompleteAttach(_)
+        | Request::Complete(_) => return,
         Request::Ioeventfd(io) => eventfd(fd).and_then(|efd| {
             const KNOWN: u32 = BAO_IOEVENTFD_FLAG_DATAMATCH | BAO_IOEVENTFD_FLAG_DEASSIGN;
             if io.flags & !KNOWN != 0 || io.reserved != 0 {
@@ -504,6 +863,22 @@ fn open(
     match session.set_notifier(Some(notifier)) {
         Ok(()) => {
             conn.notified.store(true, Ordering::Release);
+            // Frontend threads stalled on this DM may read the answers themselves (see
+            // `Conn`). Without a helper (a platform that offers none) they sleep until this
+            // connection's thread completes their requests, as before.
+            let (weak, gate) = (Arc::downgrade(conn), conn.gate.clone());
+            let helper: WaitHelper = Arc::new(move |w: &dyn AccessWait| {
+                if !gate.enter() {
+                    return;
+                }
+                if let Some(c) = weak.upgrade() {
+                    c.help(w);
+                }
+                gate.exit();
+            });
+            if let Err(e) = session.set_wait_helper(Some(helper)) {
+                log::debug!("api socket: no wait helper: {e}");
+            }
             // A request may have been queued before the notifier was in place.
             conn.deliver();
         }
@@ -561,6 +936,25 @@ fn pump_loop(conn: &Conn, session: &dyn DmSession) {
             (None, Err(_)) => {}
         }
     }
+}
+
+/// The connection thread's interest in the socket while nobody else reads it.
+const EPOLL_ARMED: u32 = (libc::EPOLLIN | libc::EPOLLONESHOT) as u32;
+
+fn epoll_ctl(
+    epoll: BorrowedFd<'_>,
+    op: libc::c_int,
+    fd: BorrowedFd<'_>,
+    events: u32,
+    data: u64,
+) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events, u64: data };
+    // SAFETY: both fds are open for the call; ev is a valid epoll_event.
+    let r = unsafe { libc::epoll_ctl(epoll.as_raw_fd(), op, fd.as_raw_fd(), &mut ev) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Checks that `fd` is an eventfd and takes ownership of it as one.

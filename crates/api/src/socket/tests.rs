@@ -15,7 +15,10 @@ use vmm_sys_util::eventfd::EventFd;
 use super::*;
 use crate::fdpass;
 use crate::wire::{self, op, ReplyBody, Request, MAX_IN_FLIGHT, MAX_MESSAGE};
-use crate::{ApiError, DmApi, DmInfo, DmSession, IoeventfdSpec, Notifier, VirtioRequest};
+use crate::{
+    AccessWait, ApiError, DmApi, DmInfo, DmSession, IoeventfdSpec, Notifier, VirtioRequest,
+    WaitHelper,
+};
 
 const SHMEM_ADDR: u64 = 0x5000_0000;
 const SHMEM_SIZE: u64 = 0x10000;
@@ -30,6 +33,8 @@ struct FakeDm {
     irqfds: AtomicUsize,
     sessions_dropped: AtomicUsize,
     shmem: std::fs::File,
+    /// The wait helper the server installed, if any.
+    helper: Mutex<Option<WaitHelper>>,
 }
 
 impl FakeDm {
@@ -49,6 +54,7 @@ impl FakeDm {
             irqfds: AtomicUsize::new(0),
             sessions_dropped: AtomicUsize::new(0),
             shmem,
+            helper: Mutex::new(None),
         })
     }
 
@@ -105,6 +111,10 @@ impl DmSession for FakeSession {
     }
     fn set_notifier(&self, n: Option<Notifier>) -> crate::Result<()> {
         *self.0.notifier.lock().unwrap() = n;
+        Ok(())
+    }
+    fn set_wait_helper(&self, h: Option<WaitHelper>) -> crate::Result<()> {
+        *self.0.helper.lock().unwrap() = h;
         Ok(())
     }
     fn complete(&self, req: &VirtioRequest) -> crate::Result<()> {
@@ -538,4 +548,143 @@ fn replies_match_their_tags_when_answered_out_of_order() {
     dm.push(req(8));
     let (r2, _) = raw.recv().unwrap();
     assert_eq!((r2.tag, r2.result), (40, Ok(ReplyBody::Request(req(8)))));
+}
+
+/// A stalled access as the wait helper sees it: complete once `done` says so.
+struct FakeWait<F: Fn() -> bool>(F);
+
+impl<F: Fn() -> bool> AccessWait for FakeWait<F> {
+    fn is_complete(&self) -> bool {
+        (self.0)()
+    }
+    fn deadline(&self) -> Option<Instant> {
+        None
+    }
+}
+
+/// What a frontend thread does after queuing a request: the notifier runs on it (so the
+/// connection may be read by it), then the installed wait helper.
+fn queue_and_help(dm: &FakeDm, r: VirtioRequest, done: impl Fn() -> bool) {
+    dm.push(r);
+    let h = dm.helper.lock().unwrap().clone().unwrap();
+    h(&FakeWait(done));
+}
+
+#[test]
+fn the_server_installs_a_wait_helper_and_removes_it_when_the_session_ends() {
+    let (dm, srv) = server("helper.sock");
+    let raw = Raw::opened(&srv);
+    assert!(dm.helper.lock().unwrap().is_some());
+    drop(raw);
+    assert!(eventually(
+        || dm.sessions_dropped.load(Ordering::SeqCst) == 1
+    ));
+    assert!(dm.helper.lock().unwrap().is_none());
+}
+
+#[test]
+fn packets_arriving_while_a_frontend_reads_all_get_their_replies() {
+    // A frontend thread keeps reading (its access never completes until the end) while the
+    // device model sends completions and other requests: the completions are handled by
+    // whichever thread reads, the other requests are left to the connection thread (stashed
+    // when the frontend read them), and every packet gets its reply.
+    let (dm, srv) = server("leftbehind.sock");
+    let raw = Arc::new(Raw::opened(&srv));
+    let finished = Arc::new(AtomicUsize::new(0));
+    let client = {
+        let (raw, finished) = (raw.clone(), finished.clone());
+        std::thread::spawn(move || {
+            for i in 0..50u32 {
+                let tag = 10 + i;
+                // A packet the frontend reader must leave to the connection thread...
+                raw.request(&Request::MapShmem { len: 0x1000 }, tag);
+                let (reply, fds) = raw.recv().unwrap();
+                assert_eq!(reply.tag, tag);
+                assert!(matches!(
+                    reply.result,
+                    Ok(ReplyBody::Shmem { len: 0x1000, .. })
+                ));
+                assert_eq!(fds.len(), 1);
+                // ...and one it handles itself.
+                raw.request(&Request::Complete(req(u64::from(i))), tag);
+                let (reply, _) = raw.recv().unwrap();
+                assert_eq!(
+                    (reply.tag, reply.result.ok()),
+                    (tag, Some(ReplyBody::Empty))
+                );
+                if i % 7 == 0 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            finished.store(1, Ordering::SeqCst);
+        })
+    };
+    let end = Instant::now() + Duration::from_secs(20);
+    while finished.load(Ordering::SeqCst) == 0 && Instant::now() < end {
+        queue_and_help(&dm, req(1000), || false);
+    }
+    client.join().unwrap();
+    let done: Vec<u64> = dm
+        .completed
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.request_id)
+        .collect();
+    assert_eq!(done, (0..50).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_frontend_reader_returns_once_its_request_is_complete() {
+    let (dm, srv) = server("ownreq.sock");
+    let raw = Arc::new(Raw::opened(&srv));
+    raw.request(&Request::Attach, 2);
+    let client = {
+        let raw = raw.clone();
+        std::thread::spawn(move || {
+            let (reply, _) = raw.recv().unwrap();
+            let Ok(ReplyBody::Request(r)) = reply.result else {
+                panic!("expected a request");
+            };
+            let done = VirtioRequest { value: 7, ..r };
+            raw.request(&Request::CompleteAttach(done), 3);
+        })
+    };
+    let is_done = || {
+        dm.completed
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|r| r.request_id == 5)
+    };
+    queue_and_help(&dm, req(5), is_done);
+    // Whether this thread or the connection thread handled the completion, it happens.
+    assert!(eventually(is_done));
+    client.join().unwrap();
+    let got = dm.completed.lock().unwrap().clone();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].value, 7);
+}
+
+#[test]
+fn the_end_of_the_stream_while_a_frontend_reads_still_ends_the_session() {
+    let (dm, srv) = server("eofreader.sock");
+    let raw = Raw::opened(&srv);
+    let closer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(5));
+        drop(raw);
+    });
+    let end = Instant::now() + Duration::from_secs(20);
+    while dm.sessions_dropped.load(Ordering::SeqCst) == 0 && Instant::now() < end {
+        let Some(h) = dm.helper.lock().unwrap().clone() else {
+            break;
+        };
+        dm.push(req(1));
+        h(&FakeWait(|| false));
+    }
+    closer.join().unwrap();
+    assert!(eventually(
+        || dm.sessions_dropped.load(Ordering::SeqCst) == 1
+    ));
+    assert_eq!(srv.connections(), 0);
 }

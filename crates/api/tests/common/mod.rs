@@ -78,6 +78,14 @@ impl Stack {
         let intc: Arc<dyn InterruptController> = Arc::new(backend.clone());
         let dispatcher = Dispatcher::new(hc, intc);
         let inprocess = Arc::new(InProcessApi::new(dispatcher.clone()));
+        // As the platform does: sessions may install a wait helper on their device.
+        let b = backend.clone();
+        inprocess.set_wait_helper_hook(Arc::new(move |dm_id, helper| {
+            let helper = helper.map(|h| -> remio_hyp::WaitHelper {
+                Arc::new(move |w: &remio_hyp::SlotWaiter<'_>| h(&HypWait(w)))
+            });
+            b.set_wait_helper(dm_id as usize, helper).is_ok()
+        }));
         for d in backend.devices() {
             let id = u32::try_from(d.dm_id).unwrap();
             dispatcher
@@ -116,6 +124,18 @@ impl Stack {
 
     pub fn frontend(&self) -> FrontendVm {
         self.hyp.frontend(1).unwrap()
+    }
+}
+
+struct HypWait<'a, 'b>(&'a remio_hyp::SlotWaiter<'b>);
+
+impl remio_api::AccessWait for HypWait<'_, '_> {
+    fn is_complete(&self) -> bool {
+        self.0.is_complete()
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.0.deadline()
     }
 }
 
