@@ -20,6 +20,7 @@ use crate::irqfd::{IrqfdError, IrqfdServer};
 use crate::queue::RequestQueue;
 use crate::ratelimit::RateLimit;
 use crate::router::{InstallError, Routed, Router};
+use crate::statusword::{StatusPage, StatusWordConfig, StatusWordError};
 
 /// How a DM is described to [`crate::Dispatcher::create_dm`]: the platform description the
 /// driver reads from its device tree node (the i-th `reg` and `interrupts` entries).
@@ -141,6 +142,9 @@ pub struct DmStats {
     pub to_io_client: u64,
     /// Claimed by the ioeventfd client (signalled and completed inline).
     pub to_ioeventfd: u64,
+    /// Answered from the status word (InterruptStatus read or InterruptACK write, completed
+    /// inline).
+    pub to_status_word: u64,
     /// Kept for a control client that did not exist yet.
     pub held: u64,
     /// Completed with 0 because the target queue was full.
@@ -160,6 +164,7 @@ struct Counters {
     to_control: AtomicU64,
     to_io_client: AtomicU64,
     to_ioeventfd: AtomicU64,
+    to_status_word: AtomicU64,
     held: AtomicU64,
     overflow: AtomicU64,
     completed_by_dispatcher: AtomicU64,
@@ -353,6 +358,17 @@ impl Dm {
                 .read()
                 .unwrap_or_else(PoisonError::into_inner);
             if !t.is_empty() {
+                // The status word first: its registers never overlap an ioeventfd, and a
+                // read of InterruptStatus is the most frequent access that gets here.
+                if let Some(value) = t
+                    .status_word()
+                    .and_then(|s| s.serve(req.op, req.addr, req.access_width, req.value))
+                {
+                    drop(t);
+                    bump(&self.counters.to_status_word);
+                    self.complete_with(&req, value);
+                    return;
+                }
                 let claimed = match req.op {
                     BAO_IO_WRITE => t.on_write(req.addr, req.access_width, req.value),
                     BAO_IO_READ => t.covers_read(req.addr, req.access_width),
@@ -592,6 +608,49 @@ impl Dm {
             .len()
     }
 
+    /// Registers the DM's status word (see [`crate::StatusPage`] and the module docs of the
+    /// status-word client): a new shared page whose word answers 4-byte reads of
+    /// `cfg.status_addr` and whose bits 4-byte writes to `cfg.ack_addr` clear, inline on the
+    /// dispatching thread. Returns the page, whose file the device model maps. One per DM;
+    /// dropped by [`Dm::unregister_status_word`] or the DM's destruction.
+    ///
+    /// # Errors
+    /// [`StatusWordError::Misaligned`] (EINVAL); [`StatusWordError::Exists`] or
+    /// [`StatusWordError::IoeventfdConflict`] (EEXIST); [`StatusWordError::ShuttingDown`];
+    /// [`StatusWordError::Io`] if the page cannot be made.
+    pub fn register_status_word(
+        &self,
+        cfg: StatusWordConfig,
+    ) -> Result<Arc<StatusPage>, StatusWordError> {
+        let page = Arc::new(StatusPage::new()?);
+        self.ioeventfds
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .register_status_word(cfg, page.clone())?;
+        Ok(page)
+    }
+
+    /// Removes the status word if it is `page` (accesses to its registers are routed as usual
+    /// from now on).
+    ///
+    /// # Errors
+    /// [`StatusWordError::NotFound`] if `page` is not the registered one.
+    pub fn unregister_status_word(&self, page: &Arc<StatusPage>) -> Result<(), StatusWordError> {
+        self.ioeventfds
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .unregister_status_word(page)
+    }
+
+    /// Whether a status word is registered.
+    pub fn has_status_word(&self) -> bool {
+        self.ioeventfds
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .status_word()
+            .is_some()
+    }
+
     /// IRQFD: each signal of `fd` injects the frontend interrupt (one NOTIFY per read of the
     /// counter). An eventfd already signalled injects once at once.
     ///
@@ -783,6 +842,7 @@ impl Dm {
             to_control: c.to_control.load(Ordering::Relaxed),
             to_io_client: c.to_io_client.load(Ordering::Relaxed),
             to_ioeventfd: c.to_ioeventfd.load(Ordering::Relaxed),
+            to_status_word: c.to_status_word.load(Ordering::Relaxed),
             held: c.held.load(Ordering::Relaxed),
             overflow: c.overflow.load(Ordering::Relaxed),
             completed_by_dispatcher: c.completed_by_dispatcher.load(Ordering::Relaxed),

@@ -11,6 +11,8 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::statusword::{StatusPage, StatusWordConfig, StatusWordError, StatusWordReg};
+
 /// An IOEVENTFD request (`struct bao_ioeventfd`, decoded).
 #[derive(Debug, Clone)]
 pub struct IoeventfdConfig {
@@ -145,10 +147,12 @@ impl Registration {
     }
 }
 
-/// A DM's ioeventfd registrations, keyed by address.
+/// A DM's ioeventfd registrations, keyed by address, and its status word (kept here so that
+/// the two never overlap: both are checked under the one lock).
 #[derive(Debug, Default)]
 pub(crate) struct IoeventfdTable {
     regs: BTreeMap<u64, Vec<Registration>>,
+    status_word: Option<StatusWordReg>,
     closed: bool,
 }
 
@@ -195,6 +199,13 @@ impl IoeventfdTable {
             }
             return Ok(());
         }
+        if self
+            .status_word
+            .as_ref()
+            .is_some_and(|s| s.overlaps(cfg.addr, u64::from(cfg.len)))
+        {
+            return Err(IoeventfdError::Exists(cfg.addr));
+        }
         let list = self.regs.entry(cfg.addr).or_default();
         if list.iter().any(|r| r.conflicts(cfg.len, cfg.datamatch)) {
             return Err(IoeventfdError::Exists(cfg.addr));
@@ -238,9 +249,59 @@ impl IoeventfdTable {
             })
     }
 
-    /// Whether any registration exists (a cheap pre-check for the data path).
+    /// Whether any registration (ioeventfd or status word) exists (a cheap pre-check for
+    /// the data path).
     pub(crate) fn is_empty(&self) -> bool {
-        self.regs.is_empty()
+        self.regs.is_empty() && self.status_word.is_none()
+    }
+
+    /// Registers the status word: both addresses 4-byte aligned, not overlapping an
+    /// ioeventfd, and none registered yet.
+    pub(crate) fn register_status_word(
+        &mut self,
+        cfg: StatusWordConfig,
+        page: Arc<StatusPage>,
+    ) -> Result<(), StatusWordError> {
+        if self.closed {
+            return Err(StatusWordError::ShuttingDown);
+        }
+        for addr in [cfg.status_addr, cfg.ack_addr] {
+            if addr % 4 != 0 || addr.checked_add(4).is_none() {
+                return Err(StatusWordError::Misaligned(addr));
+            }
+        }
+        if self.status_word.is_some() {
+            return Err(StatusWordError::Exists);
+        }
+        let reg = StatusWordReg { cfg, page };
+        if let Some((&addr, _)) = self
+            .regs
+            .range(cfg.status_addr.min(cfg.ack_addr).saturating_sub(7)..)
+            .find(|(&a, list)| list.iter().any(|r| reg.overlaps(a, u64::from(r.len))))
+        {
+            return Err(StatusWordError::IoeventfdConflict(addr));
+        }
+        self.status_word = Some(reg);
+        Ok(())
+    }
+
+    /// Removes the status word if it is `page`.
+    pub(crate) fn unregister_status_word(
+        &mut self,
+        page: &Arc<StatusPage>,
+    ) -> Result<(), StatusWordError> {
+        match &self.status_word {
+            Some(r) if Arc::ptr_eq(&r.page, page) => {
+                self.status_word = None;
+                Ok(())
+            }
+            _ => Err(StatusWordError::NotFound),
+        }
+    }
+
+    /// The status word, if registered.
+    pub(crate) fn status_word(&self) -> Option<&StatusWordReg> {
+        self.status_word.as_ref()
     }
 
     /// Number of registrations.
@@ -252,6 +313,7 @@ impl IoeventfdTable {
     pub(crate) fn close(&mut self) {
         self.closed = true;
         self.regs.clear();
+        self.status_word = None;
     }
 }
 

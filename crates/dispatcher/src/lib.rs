@@ -10,6 +10,9 @@
 //!   (a matching write signals its eventfd and is completed at once), else to the
 //!   [`IoClient`] whose range holds the whole access, else to the [`ControlClient`], else to
 //!   the DM's held queue until a control client exists. Pause/resume, irqfds, stats.
+//! - The status-word client ([`Dm::register_status_word`]): InterruptStatus reads and
+//!   InterruptACK writes answered inline from a word shared with the device model
+//!   ([`StatusPage`]), like the ioeventfd client, checked under the same lock.
 //! - Queues are fixed rings of `BAO_IO_CLIENT_QUEUE_MAX` requests; a full ring completes the
 //!   request with 0 (and logs) rather than lose or stall it. No allocation per request and
 //!   no global lock on the data path: a request takes the DM's ioeventfd read lock, its
@@ -40,6 +43,11 @@
 //! | | `Exists` | EEXIST |
 //! | | `NotFound` | ENOENT |
 //! | | `ShuttingDown` | ESHUTDOWN |
+//! | [`StatusWordError`] | `Misaligned`, `TooSmall` | EINVAL |
+//! | | `Exists`, `IoeventfdConflict` | EEXIST |
+//! | | `NotFound` | ENOENT |
+//! | | `ShuttingDown` | ESHUTDOWN |
+//! | | `Io(e)` | `e`'s OS errno, else EIO |
 //! | [`IrqfdError`] | `Busy` | EBUSY |
 //! | | `NotFound` | ENOENT |
 //! | | `BadFd` | EBADF |
@@ -78,6 +86,7 @@ mod irqfd;
 mod queue;
 mod ratelimit;
 mod router;
+mod statusword;
 mod sync;
 
 #[cfg(any(test, feature = "testing"))]
@@ -95,3 +104,4 @@ pub use ioeventfd::{same_file, IoeventfdConfig, IoeventfdError};
 pub use irqfd::IrqfdError;
 pub use queue::Notifier;
 pub use router::RangeError;
+pub use statusword::{StatusPage, StatusWordConfig, StatusWordError, STATUS_PAGE_SIZE};

@@ -441,6 +441,135 @@ fn ioeventfd_write_signals_and_completes_inline() {
     assert_eq!(dm.stats().to_ioeventfd, 2);
 }
 
+const STATUS: StatusWordConfig = StatusWordConfig {
+    status_addr: 0x60,
+    ack_addr: 0x64,
+};
+
+#[test]
+fn status_word_read_returns_the_word_inline() {
+    let (hyp, disp) = setup(1);
+    let dm = disp.create_dm(desc(&hyp, 0)).unwrap();
+    let control = dm.create_control_client().unwrap();
+    let page = dm.register_status_word(STATUS).unwrap();
+    page.word()
+        .fetch_or(0b11, std::sync::atomic::Ordering::Release);
+    let s = hyp.trap(0, BAO_IO_READ, 0x60, 4, 0);
+    // Completed before trap() returned, without the device model.
+    assert_eq!(hyp.completion(s), Some(0b11));
+    assert!(control.try_attach().is_none());
+    assert_eq!(dm.stats().to_status_word, 1);
+    assert_eq!(dm.stats().to_control, 0);
+}
+
+#[test]
+fn status_word_ack_clears_exactly_the_bits_written() {
+    let (hyp, disp) = setup(1);
+    let dm = disp.create_dm(desc(&hyp, 0)).unwrap();
+    let control = dm.create_control_client().unwrap();
+    let page = dm.register_status_word(STATUS).unwrap();
+    page.word()
+        .store(0b1011, std::sync::atomic::Ordering::Release);
+    let s = hyp.trap(0, BAO_IO_WRITE, 0x64, 4, 0b0010);
+    assert!(hyp.completion(s).is_some(), "completed inline");
+    assert_eq!(page.load(), 0b1001);
+    // Bits above 32 of the trapped value do not reach the word.
+    hyp.trap(0, BAO_IO_WRITE, 0x64, 4, 0xffff_ffff_0000_0001);
+    assert_eq!(page.load(), 0b1000);
+    assert!(control.try_attach().is_none());
+    assert_eq!(dm.stats().to_status_word, 2);
+}
+
+#[test]
+fn status_word_other_widths_and_directions_fall_through_to_the_device_model() {
+    let (hyp, disp) = setup(1);
+    let dm = disp.create_dm(desc(&hyp, 0)).unwrap();
+    let control = dm.create_control_client().unwrap();
+    let page = dm.register_status_word(STATUS).unwrap();
+    page.word().store(1, std::sync::atomic::Ordering::Release);
+    for (op, addr, width) in [
+        (BAO_IO_READ, 0x60, 1),
+        (BAO_IO_READ, 0x60, 2),
+        (BAO_IO_READ, 0x60, 8),
+        (BAO_IO_WRITE, 0x64, 2),
+        (BAO_IO_WRITE, 0x60, 4),
+        (BAO_IO_READ, 0x64, 4),
+        (BAO_IO_READ, 0x62, 2),
+    ] {
+        hyp.trap(0, op, addr, width, 1);
+        let r = control.try_attach().expect("routed to the device model");
+        assert_eq!((r.op, r.addr, r.access_width), (op, addr, width));
+    }
+    assert_eq!(page.load(), 1, "no fall-through access touched the word");
+    assert_eq!(dm.stats().to_status_word, 0);
+}
+
+#[test]
+fn status_word_registration_is_validated() {
+    let (hyp, disp) = setup(1);
+    let dm = disp.create_dm(desc(&hyp, 0)).unwrap();
+    for bad in [
+        StatusWordConfig {
+            status_addr: 0x62,
+            ack_addr: 0x64,
+        },
+        StatusWordConfig {
+            status_addr: 0x60,
+            ack_addr: u64::MAX - 3,
+        },
+    ] {
+        let e = dm.register_status_word(bad).unwrap_err();
+        assert_eq!(e.errno(), libc::EINVAL, "{bad:?}");
+    }
+    // An ioeventfd on either register (even one byte of it) conflicts, both ways round.
+    let fd = efd();
+    dm.ioeventfd(ioevfd(&fd, 0x67, 1, None)).unwrap();
+    let e = dm.register_status_word(STATUS).unwrap_err();
+    assert!(matches!(e, StatusWordError::IoeventfdConflict(0x67)));
+    assert_eq!(e.errno(), libc::EEXIST);
+    let mut d = ioevfd(&fd, 0x67, 1, None);
+    d.deassign = true;
+    dm.ioeventfd(d).unwrap();
+    let page = dm.register_status_word(STATUS).unwrap();
+    assert_eq!(
+        dm.ioeventfd(ioevfd(&fd, 0x60, 0, None)),
+        Err(IoeventfdError::Exists(0x60))
+    );
+    dm.ioeventfd(ioevfd(&fd, 0x50, 4, None)).unwrap();
+    // One per DM.
+    let e = dm.register_status_word(STATUS).unwrap_err();
+    assert!(matches!(e, StatusWordError::Exists));
+    // Unregistering names the page; afterwards the registers reach the device model again.
+    let other = Arc::new(StatusPage::new().unwrap());
+    assert!(matches!(
+        dm.unregister_status_word(&other),
+        Err(StatusWordError::NotFound)
+    ));
+    dm.unregister_status_word(&page).unwrap();
+    assert!(!dm.has_status_word());
+    let control = dm.create_control_client().unwrap();
+    hyp.trap(0, BAO_IO_READ, 0x60, 4, 0);
+    assert!(control.try_attach().is_some());
+}
+
+#[test]
+fn destroying_the_dm_drops_its_status_word() {
+    let (hyp, disp) = setup(1);
+    let dm = disp.create_dm(desc(&hyp, 0)).unwrap();
+    let page = dm.register_status_word(STATUS).unwrap();
+    disp.destroy_dm(0).unwrap();
+    assert!(!dm.has_status_word());
+    assert!(matches!(
+        dm.register_status_word(STATUS),
+        Err(StatusWordError::ShuttingDown)
+    ));
+    assert_eq!(
+        Arc::strong_count(&page),
+        1,
+        "the DM no longer holds the page"
+    );
+}
+
 #[test]
 fn deassign_does_not_reassign() {
     let (hyp, disp) = setup(1);
