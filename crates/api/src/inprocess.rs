@@ -13,7 +13,7 @@
 //! - Dropping the session (a device model that exits, or whose socket connection ends)
 //!   destroys the control client, so later requests wait for the next session (they are held
 //!   by the DM, bounded by the hypervisor's timeout); deassigns every ioeventfd and irqfd the
-//!   session assigned; and completes every request it received but did not complete, a read
+//!   session assigned, and drops its status word; and completes every request it received but did not complete, a read
 //!   with [`ABANDONED_READ_VALUE`] (0) and a write as it was, so no frontend stays stalled.
 
 use std::collections::HashMap;
@@ -21,12 +21,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use remio_abi::uapi::BAO_IO_READ;
-use remio_dispatcher::{ControlClient, Dispatcher, Dm, IoeventfdConfig};
+use remio_dispatcher::{
+    ControlClient, Dispatcher, Dm, IoeventfdConfig, StatusPage, StatusWordConfig,
+};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::{
-    ApiError, DmApi, DmInfo, DmSession, IoeventfdSpec, Notifier, Result, VirtioRequest, WaitHelper,
+    ApiError, DmApi, DmInfo, DmSession, IoeventfdSpec, Notifier, Result, StatusWord,
+    StatusWordSpec, VirtioRequest, WaitHelper,
 };
 
 /// What a read returns when the session that received it ended without completing it. 0
@@ -142,6 +145,7 @@ struct State {
     outstanding: HashMap<u64, VirtioRequest>,
     ioeventfds: Vec<(IoeventfdSpec, Arc<EventFd>)>,
     irqfds: Vec<Arc<EventFd>>,
+    status_word: Option<Arc<StatusPage>>,
 }
 
 /// One session on one DM.
@@ -357,6 +361,36 @@ impl DmSession for InProcessSession {
         Ok(())
     }
 
+    fn register_status_word(&self, spec: StatusWordSpec) -> Result<StatusWord> {
+        if self.control_ended.load(Ordering::Acquire) {
+            return Err(ApiError::ShuttingDown);
+        }
+        if let Some((base, size)) = self.window {
+            let end = base.saturating_add(size);
+            for addr in [spec.status_addr, spec.ack_addr] {
+                let inside = addr >= base && addr.checked_add(4).is_some_and(|e| e <= end);
+                if !inside {
+                    return Err(ApiError::PermissionDenied(format!(
+                        "status word register at {addr:#x} is outside the DM's window"
+                    )));
+                }
+            }
+        }
+        let mut st = self.state();
+        if st.status_word.is_some() {
+            return Err(ApiError::Exists("this session has a status word".into()));
+        }
+        let page = self
+            .dm
+            .register_status_word(StatusWordConfig {
+                status_addr: spec.status_addr,
+                ack_addr: spec.ack_addr,
+            })
+            .map_err(|e| errno_error(e.errno(), &e))?;
+        st.status_word = Some(page.clone());
+        Ok(StatusWord::new(page))
+    }
+
     fn map_shmem(&self, len: u64) -> Result<GuestMemoryMmap> {
         crate::check_shmem_len(len, self.info.shmem_size)?;
         let file = self
@@ -380,6 +414,11 @@ impl Drop for InProcessSession {
         for fd in st.irqfds {
             if let Err(e) = self.dm.irqfd_deassign(&fd) {
                 log::debug!("DM {}: session end: irqfd deassign: {e}", self.info.id);
+            }
+        }
+        if let Some(page) = st.status_word {
+            if let Err(e) = self.dm.unregister_status_word(&page) {
+                log::debug!("DM {}: session end: status word: {e}", self.info.id);
             }
         }
         let abandoned = st.outstanding.len();

@@ -493,6 +493,19 @@ mod tests {
     }
 
     #[test]
+    fn the_driver_has_no_status_word_and_no_ioctl_is_issued_for_it() {
+        let (rec, _api, s, _dm_fd) = setup();
+        let spec = crate::StatusWordSpec {
+            status_addr: 0xa000_0060,
+            ack_addr: 0xa000_0064,
+        };
+        let e = s.register_status_word(spec).unwrap_err();
+        assert!(matches!(e, ApiError::NotSupported(_)));
+        assert_eq!(e.errno(), libc::ENOTTY);
+        assert!(rec.calls.lock().unwrap().is_empty());
+    }
+
+    #[test]
     fn irqfd_assign_and_deassign_issue_0x4008a605() {
         let (rec, _api, s, dm_fd) = setup();
         let efd = EventFd::new(0).unwrap();

@@ -54,11 +54,13 @@ pub mod fdpass;
 pub mod inprocess;
 pub mod kernel;
 pub mod socket;
+pub mod statusword;
 pub mod wire;
 
 pub use inprocess::{InProcessApi, InProcessSession, WaitHelperHook, ABANDONED_READ_VALUE};
 pub use kernel::{Ioctl, KernelApi, SysIoctl};
 pub use socket::{SocketApi, SocketServer, SocketServerConfig};
+pub use statusword::{StatusWord, StatusWordSpec};
 
 /// What `DM_GET_INFO` returns about a device model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -263,6 +265,19 @@ pub trait DmSession: Send + Sync {
     fn set_wait_helper(&self, helper: Option<WaitHelper>) -> Result<()> {
         let _ = helper;
         Err(ApiError::NotSupported("set_wait_helper".into()))
+    }
+
+    /// Registers the session's status word (see [`statusword`]): the platform allocates a
+    /// small shared page whose word answers 4-byte reads of `spec.status_addr` and whose bits
+    /// 4-byte writes to `spec.ack_addr` clear, without reaching the device model. A virtio
+    /// device model keeps InterruptStatus in [`StatusWord::word`]. One per session
+    /// (`EEXIST`); addresses 4-byte aligned (`EINVAL`), inside the DM's MMIO window where it
+    /// is known (`EPERM`) and not overlapping an ioeventfd (`EEXIST`). It stays registered
+    /// until the session ends. Implementations without it (the kernel driver) return
+    /// [`ApiError::NotSupported`]: the device model then serves the registers itself.
+    fn register_status_word(&self, spec: StatusWordSpec) -> Result<StatusWord> {
+        let _ = spec;
+        Err(ApiError::NotSupported("register_status_word".into()))
     }
 
     /// Ends the session's ATTACH side: every [`DmSession::attach`] (and

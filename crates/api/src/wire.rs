@@ -32,12 +32,15 @@
 //! | 5 | IOEVENTFD | `bao_ioeventfd` (32; its `fd` field is ignored, send 0) | 1 eventfd | — | 0 |
 //! | 6 | IRQFD | `bao_irqfd` (8; its `fd` field is ignored, send 0) | 1 eventfd | — | 0 |
 //! | 7 | MAP_SHMEM | `len: u64` | 0 | `offset: u64, len: u64` | 1 (the shmem file) |
+//! | 8 | STATUS_WORD | `status_addr: u64, ack_addr: u64` | 0 | — | 1 (the status-word file) |
 //!
 //! The structs are the driver's UAPI layouts (`spec/remote-io.md`), encoded field by field
 //! ([`remio_abi::uapi::WireStruct`]). OPEN must be the first message and is accepted once.
 //! The reply to MAP_SHMEM carries a file to `mmap` at `offset` for `len` bytes, placed at the
 //! DM's `shmem_addr`. COMPLETE_ATTACH whose completion fails is answered with the completion's
-//! errno and no attach is made.
+//! errno and no attach is made. The reply to STATUS_WORD carries the file whose first 4 bytes
+//! are the session's status word ([`crate::statusword`]); the client maps it shared. Its
+//! errnos are those of [`crate::DmSession::register_status_word`].
 //!
 //! # Errors
 //!
@@ -94,6 +97,8 @@ pub mod op {
     pub const IRQFD: u16 = 6;
     /// Get the shared-memory file.
     pub const MAP_SHMEM: u16 = 7;
+    /// Register the session's status word and get its file.
+    pub const STATUS_WORD: u16 = 8;
 }
 
 /// A message header.
@@ -164,6 +169,13 @@ pub enum Request {
         /// Bytes to map.
         len: u64,
     },
+    /// STATUS_WORD.
+    StatusWord {
+        /// The InterruptStatus register.
+        status_addr: u64,
+        /// The InterruptACK register.
+        ack_addr: u64,
+    },
 }
 
 impl Request {
@@ -177,6 +189,7 @@ impl Request {
             Self::Ioeventfd(_) => op::IOEVENTFD,
             Self::Irqfd(_) => op::IRQFD,
             Self::MapShmem { .. } => op::MAP_SHMEM,
+            Self::StatusWord { .. } => op::STATUS_WORD,
         }
     }
 
@@ -208,6 +221,13 @@ impl Request {
             Self::Ioeventfd(i) => i.encode(out),
             Self::Irqfd(i) => i.encode(out),
             Self::MapShmem { len } => out.extend_from_slice(&len.to_le_bytes()),
+            Self::StatusWord {
+                status_addr,
+                ack_addr,
+            } => {
+                out.extend_from_slice(&status_addr.to_le_bytes());
+                out.extend_from_slice(&ack_addr.to_le_bytes());
+            }
         }
     }
 }
@@ -228,11 +248,13 @@ pub enum ReplyBody {
         /// Bytes to map.
         len: u64,
     },
+    /// STATUS_WORD: no payload; the attached file holds the word at offset 0.
+    StatusWord,
 }
 
 impl ReplyBody {
     fn nfds(&self) -> u8 {
-        u8::from(matches!(self, Self::Shmem { .. }))
+        u8::from(matches!(self, Self::Shmem { .. } | Self::StatusWord))
     }
 }
 
@@ -254,7 +276,7 @@ pub fn encode_reply(opcode: u16, tag: u32, reply: Result<&ReplyBody, i32>, out: 
     .encode(&mut h);
     out.extend_from_slice(&h);
     match reply {
-        Ok(ReplyBody::Empty) | Err(_) => {}
+        Ok(ReplyBody::Empty | ReplyBody::StatusWord) | Err(_) => {}
         Ok(ReplyBody::Info(i)) => i.encode(out),
         Ok(ReplyBody::Request(r)) => r.encode(out),
         Ok(ReplyBody::Shmem { offset, len }) => {
@@ -338,6 +360,17 @@ pub fn decode_request(msg: &[u8], fds_received: usize) -> Result<(u32, Request),
                 len: u64::from_le_bytes(b),
             }
         }
+        op::STATUS_WORD => {
+            let b: [u8; 16] = payload.try_into().map_err(|_| malformed)?;
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[..8]);
+            let status_addr = u64::from_le_bytes(a);
+            a.copy_from_slice(&b[8..]);
+            Request::StatusWord {
+                status_addr,
+                ack_addr: u64::from_le_bytes(a),
+            }
+        }
         op::ATTACH => return Err(malformed),
         _ => return Err(WireError::UnknownOpcode { tag, opcode }),
     };
@@ -389,6 +422,7 @@ pub fn decode_reply(msg: &[u8], fds_received: usize) -> Result<Reply, WireError>
             ReplyBody::Request(VirtioRequest::decode(payload).ok_or(WireError::Corrupt)?)
         }
         op::COMPLETE | op::IOEVENTFD | op::IRQFD if payload.is_empty() => ReplyBody::Empty,
+        op::STATUS_WORD if payload.is_empty() => ReplyBody::StatusWord,
         op::MAP_SHMEM if payload.len() == 16 => {
             let mut a = [0u8; 8];
             a.copy_from_slice(&payload[..8]);
@@ -442,6 +476,10 @@ mod tests {
             }),
             Request::Irqfd(Irqfd { fd: 0, flags: 1 }),
             Request::MapShmem { len: 4096 },
+            Request::StatusWord {
+                status_addr: 0xa000_0060,
+                ack_addr: 0xa000_0064,
+            },
         ]
     }
 
@@ -482,6 +520,7 @@ mod tests {
                     len: 1 << 20,
                 },
             ),
+            (op::STATUS_WORD, ReplyBody::StatusWord),
         ];
         let mut buf = Vec::new();
         for (opcode, body) in bodies {
@@ -585,6 +624,27 @@ mod tests {
             decode_request(&buf, 1).unwrap_err().reply().map(|r| r.2),
             Some(libc::EBADF)
         );
+    }
+
+    #[test]
+    fn status_word_needs_both_addresses_and_its_reply_the_file() {
+        let mut buf = Vec::new();
+        Request::StatusWord {
+            status_addr: 0x60,
+            ack_addr: 0x64,
+        }
+        .encode(7, &mut buf);
+        assert_eq!(
+            decode_request(&buf[..buf.len() - 8], 0)
+                .unwrap_err()
+                .reply(),
+            Some((op::STATUS_WORD, 7, libc::EINVAL))
+        );
+        encode_reply(op::STATUS_WORD, 7, Ok(&ReplyBody::StatusWord), &mut buf);
+        assert_eq!(buf[3], 1, "the reply announces the file");
+        assert_eq!(decode_reply(&buf, 0), Err(WireError::Corrupt));
+        buf[3] = 0;
+        assert_eq!(decode_reply(&buf, 0), Err(WireError::Corrupt));
     }
 
     #[test]

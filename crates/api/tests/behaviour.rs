@@ -297,6 +297,80 @@ fn ending_a_session_completes_its_requests_and_drops_its_eventfds(stack: &Stack)
     assert_eq!(stack.hyp.stats().timeouts, 0);
 }
 
+/// The status word answers InterruptStatus reads and InterruptACK writes in the platform:
+/// the device model's session never sees them, its bits are what the frontend reads, and the
+/// acknowledgement clears exactly the written bits in the device model's own mapping. Other
+/// widths still reach the device model; bad registrations are refused with their errno; the
+/// session's end drops it.
+fn status_word_answers_interrupt_status_and_ack_without_the_device_model(stack: &Stack) {
+    use remio_api::StatusWordSpec;
+    let s = open(stack, 0);
+    let spec = StatusWordSpec {
+        status_addr: MMIO[0] + 0x60,
+        ack_addr: MMIO[0] + 0x64,
+    };
+    let outside = StatusWordSpec {
+        status_addr: MMIO[0] + MMIO_SIZE,
+        ..spec
+    };
+    assert_eq!(
+        s.register_status_word(outside).unwrap_err().errno(),
+        libc::EPERM
+    );
+    let misaligned = StatusWordSpec {
+        status_addr: MMIO[0] + 0x62,
+        ..spec
+    };
+    assert_eq!(
+        s.register_status_word(misaligned).unwrap_err().errno(),
+        libc::EINVAL
+    );
+    let sw = s.register_status_word(spec).unwrap();
+    assert_eq!(
+        s.register_status_word(spec).unwrap_err().errno(),
+        libc::EEXIST
+    );
+    let e = EventFd::new(0).unwrap();
+    let on_ack = IoeventfdSpec {
+        addr: MMIO[0] + 0x64,
+        len: 4,
+        datamatch: None,
+    };
+    assert_eq!(
+        s.assign_ioeventfd(&e, on_ack).unwrap_err().errno(),
+        libc::EEXIST
+    );
+
+    sw.word().fetch_or(0b11, Ordering::Release);
+    let fe = stack.frontend();
+    assert_eq!(fe.read(MMIO[0] + 0x60, 4).unwrap(), 0b11);
+    fe.write(MMIO[0] + 0x64, 4, 0b01).unwrap();
+    assert_eq!(sw.word().load(Ordering::Acquire), 0b10);
+    assert_eq!(fe.read(MMIO[0] + 0x60, 4).unwrap(), 0b10);
+    let dm = stack.dispatcher.dm(0).unwrap();
+    assert_eq!(dm.stats().to_status_word, 3);
+    assert_eq!(dm.stats().to_control, 0, "nothing reached the session");
+
+    // A 2-byte read of the same register is the device model's.
+    let t = serve_one(&s, 0x77);
+    assert_eq!(fe.read(MMIO[0] + 0x60, 2).unwrap(), 0x77);
+    assert_eq!(t.join().unwrap().access_width, 2);
+
+    drop(s);
+    assert!(eventually(|| !dm.has_status_word()));
+    // The next session's device model answers the register again.
+    let s2 = loop {
+        match stack.api().open(0) {
+            Ok(s) => break Arc::<dyn DmSession>::from(s),
+            Err(e) if e.errno() == libc::EBUSY => std::thread::sleep(Duration::from_millis(2)),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let t = serve_one(&s2, 5);
+    assert_eq!(stack.frontend().read(MMIO[0] + 0x60, 4).unwrap(), 5);
+    t.join().unwrap();
+}
+
 fn shutdown_wakes_a_blocked_attach_and_refuses_later_ones(stack: &Stack) {
     let s = open(stack, 0);
     let waiter = {
@@ -438,6 +512,7 @@ macro_rules! suite {
                 ending_a_session_completes_its_requests_and_drops_its_eventfds,
                 shutdown_wakes_a_blocked_attach_and_refuses_later_ones,
                 several_frontends_and_several_serving_threads_on_one_dm_all_complete,
+                status_word_answers_interrupt_status_and_ack_without_the_device_model,
             );
         }
     };

@@ -340,4 +340,20 @@ impl DmSession for SocketSession {
             )),
         }
     }
+    fn register_status_word(&self, spec: crate::StatusWordSpec) -> Result<crate::StatusWord> {
+        let req = Request::StatusWord {
+            status_addr: spec.status_addr,
+            ack_addr: spec.ack_addr,
+        };
+        match self.conn.call(&req, None)? {
+            (ReplyBody::StatusWord, Some(fd)) => {
+                let page = remio_dispatcher::StatusPage::from_file(std::fs::File::from(fd))
+                    .map_err(|e| ApiError::Protocol(format!("status-word file: {e}")))?;
+                Ok(crate::StatusWord::new(std::sync::Arc::new(page)))
+            }
+            _ => Err(ApiError::Protocol(
+                "STATUS_WORD answered without its file".into(),
+            )),
+        }
+    }
 }
