@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -212,6 +212,11 @@ const READER_TIMEOUT: Duration = Duration::from_millis(1);
 /// the hypervisor's timeout.
 const READER_SLACK: Duration = Duration::from_millis(50);
 
+/// While frontends take turns reading, the connection thread wakes at least this often to
+/// re-arm its interest in the socket, which a leaving frontend may leave disarmed (see
+/// [`Conn`]): the bound on how long a packet no frontend reads may wait then.
+const IDLE_REARM_MS: libc::c_int = 5;
+
 /// epoll data of the socket and of the kick eventfd.
 const EV_SOCK: u64 = 0;
 const EV_KICK: u64 = 1;
@@ -238,27 +243,48 @@ const EV_KICK: u64 = 1;
 ///
 /// - A frontend takes the role only if nobody has it (`!server && !frontend`), nothing is
 ///   stashed and the connection is not `closed`; it then disarms the socket's interest
-///   (`EPOLL_CTL_MOD` to no event). Otherwise it returns and sleeps as before.
+///   (`EPOLL_CTL_MOD` to no event) unless it is disarmed already (`armed`). Otherwise it
+///   returns and sleeps as before (a frontend that queued a request but does not read because
+///   its deadline is near arms the interest if nobody reads).
 /// - It reads until its request is COMPLETE, a read waited [`READER_TIMEOUT`], its deadline is
 ///   near, the stream ends or fails, or a packet must be stashed. Then it gives the role back:
 ///   clears `frontend`, stores the stash if any, and re-arms the interest. Re-arming checks the
 ///   socket's current state (level), so a packet that arrived meanwhile, or the end of the
 ///   stream, wakes the connection thread; a stash is signalled through `kick`.
-/// - The connection thread, woken by either, takes the role if no frontend has it (else it
-///   waits again: its interest stays disarmed, and the frontend re-arms it when it leaves),
-///   handles the stash first (arrival order), reads until `EAGAIN`, then gives the role back
-///   and re-arms. At the end of the stream (or a fatal packet) it keeps the role, sets
-///   `closed` (no frontend takes the role again), removes the wait helper and waits until no
-///   helper call is running (`gate`), then ends the session as before.
+/// - *Deferred re-arm*: re-arming costs a system call on the critical path of every access, as
+///   does the next frontend's disarm. So a leaving frontend leaves the interest disarmed when
+///   no answer is due — the device model holds no request (`at_dm` = 0: requests handed out
+///   minus completions) and one of its threads waits in ATTACH (so the next request is handed
+///   out by the notifier of the frontend that queues it, which then reads) — provided the
+///   connection thread sleeps with a timeout (`timed`): it then wakes within
+///   [`IDLE_REARM_MS`], takes the role if free, reads what is there and re-arms. The
+///   connection thread sleeps timed while frontends took turns in its last period and without
+///   a timeout once a whole period passed without one; a frontend that would defer while it
+///   sleeps untimed re-arms and kicks it once, to switch it to timed sleeps.
+/// - The connection thread, woken by any of these, takes the role if no frontend has it (else
+///   it waits again: its interest stays disarmed, and the frontend re-arms it when it leaves
+///   or leaves it to the next timed wake), handles the stash first (arrival order), reads until
+///   `EAGAIN`, then gives the role back and re-arms. At the end of the stream (or a fatal
+///   packet) it keeps the role, sets `closed` (no frontend takes the role again), removes the
+///   wait helper and waits until no helper call is running (`gate`), then ends the session as
+///   before.
 ///
 /// Invariants: (1) at most one thread reads or handles packets (the role is exclusive), so
 /// packets are handled once, in order; (2) whenever nobody holds the role and the connection
-/// is open, the socket's interest is armed or the connection thread is awake and about to take
-/// the role, so no packet is left unread and the end of the stream is always seen by the
-/// connection thread, which alone ends the session (a kill -9 of the device model behaves as
-/// before); (3) a frontend reads at most [`READER_TIMEOUT`] past its last packet and never
-/// past `deadline - READER_SLACK`, so the hypervisor's timeout still bounds every access (the
-/// replies it sends are bounded by `send_timeout`, as the notifier's always were).
+/// is open, the socket's interest is armed, or the connection thread is awake and about to
+/// take the role, or (deferred) the device model holds no request and the connection thread
+/// sleeps at most [`IDLE_REARM_MS`]; so no packet is left unread, an answer a stalled
+/// frontend waits for is never left to the timed wake (it is counted in `at_dm` before its
+/// request is sent, so the reader leaving after that re-arms; a frontend that queues a
+/// request and does not read arms), and the end of the stream is always seen by the
+/// connection thread (within [`IDLE_REARM_MS`] if nothing was due), which alone ends the
+/// session (a kill -9 of the device model behaves as before); (3) a frontend reads at most
+/// [`READER_TIMEOUT`] past its last packet and never past `deadline - READER_SLACK`, so the
+/// hypervisor's timeout still bounds every access (the replies it sends are bounded by
+/// `send_timeout`, as the notifier's always were). One exception to "never left to the timed
+/// wake": a request handed out by a thread that is not a stalled frontend (the notifier run
+/// by a DM lifecycle operation such as `resume`) while the interest is deferred is answered
+/// within [`IDLE_REARM_MS`].
 struct Conn {
     sock: OwnedFd,
     /// The connection thread's epoll set: `sock` (data [`EV_SOCK`]) and `kick` ([`EV_KICK`]).
@@ -269,6 +295,10 @@ struct Conn {
     /// except that `waiters` may be taken while handling a packet under the role (not the
     /// lock).
     reader: Mutex<Reader>,
+    /// Requests handed to the device model and not completed yet (an estimate the device
+    /// model can only push up, by not completing: then every frontend re-arms, as without the
+    /// deferral).
+    at_dm: AtomicUsize,
     /// Counts wait-helper calls running on frontend threads, so that the session's end waits
     /// for them (none then holds this connection).
     gate: Arc<HelperGate>,
@@ -299,6 +329,17 @@ struct Reader {
     closed: bool,
     /// A packet a frontend reader read but left to the connection thread.
     stashed: Option<Stashed>,
+    /// The connection thread's interest in the socket is armed (or its one-shot event fired
+    /// and the connection thread has yet to see it).
+    armed: bool,
+    /// The connection thread sleeps (or is about to) with a timeout of [`IDLE_REARM_MS`]: a
+    /// leaving frontend may then leave the interest disarmed. Only the connection thread sets
+    /// it.
+    timed: bool,
+    /// Frontend turns taken (activity, for the connection thread to choose `timed`).
+    takes: u64,
+    /// `kick` was written and the connection thread has not taken the role since.
+    kicked: bool,
 }
 
 /// A packet read by a frontend reader and left to the connection thread.
@@ -381,7 +422,11 @@ impl Conn {
             sock,
             epoll,
             kick,
-            reader: Mutex::new(Reader::default()),
+            reader: Mutex::new(Reader {
+                armed: true,
+                ..Reader::default()
+            }),
+            at_dm: AtomicUsize::new(0),
             gate: Arc::default(),
             session: OnceLock::new(),
             notified: AtomicBool::new(false),
@@ -404,13 +449,17 @@ impl Conn {
         )
     }
 
-    /// Blocks the connection thread until the socket or `kick` has an event (clearing `kick`).
-    fn wait_event(&self) -> io::Result<()> {
+    /// Blocks the connection thread until the socket or `kick` has an event (clearing `kick`)
+    /// or `timeout_ms` passed (-1: never). Returns whether the socket's event fired (which
+    /// disarmed the one-shot interest).
+    fn wait_event(&self, timeout_ms: libc::c_int) -> io::Result<bool> {
         // SAFETY: epoll_event is plain data; all-zero is valid.
         let mut events: [libc::epoll_event; 2] = unsafe { std::mem::zeroed() };
         let n = loop {
             // SAFETY: events has room for 2 entries, as passed.
-            let r = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), 2, -1) };
+            let r = unsafe {
+                libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), 2, timeout_ms)
+            };
             if r >= 0 {
                 break usize::try_from(r).unwrap_or(0);
             }
@@ -423,7 +472,7 @@ impl Conn {
             // Non-blocking: a concurrent clear leaves nothing to read, which is fine.
             let _ = self.kick.read();
         }
-        Ok(())
+        Ok(events[..n].iter().any(|e| e.u64 == EV_SOCK))
     }
 
     /// A frontend thread's turn as the reader (the wait helper's body; see [`Conn`]): reads
@@ -435,7 +484,16 @@ impl Conn {
             return;
         }
         let near = |d: Instant| d.saturating_duration_since(Instant::now()) <= READER_SLACK;
-        if w.deadline().is_some_and(near) || w.is_complete() || !self.take_reader() {
+        if w.is_complete() {
+            return;
+        }
+        if w.deadline().is_some_and(near) {
+            // Not reading: the answer must wake the connection thread.
+            self.ensure_armed();
+            return;
+        }
+        if !self.take_reader() {
+            // Whoever reads sees `at_dm` > 0 (counted before this attempt) and re-arms.
             return;
         }
         let mut buf = [0u8; MAX_MESSAGE + 1];
@@ -460,13 +518,47 @@ impl Conn {
             return false;
         }
         // Disarmed: only EPOLLERR/EPOLLHUP remain, and EPOLLONESHOT limits those to one wake
-        // of the connection thread, which then finds the role taken and waits again.
-        if let Err(e) = self.interest(libc::EPOLLONESHOT as u32) {
-            log::debug!("api socket: epoll_ctl: {e}");
-            return false;
+        // of the connection thread, which then finds the role taken and waits again. Left
+        // disarmed by the previous frontend: nothing to do.
+        if rd.armed {
+            if let Err(e) = self.interest(libc::EPOLLONESHOT as u32) {
+                log::debug!("api socket: epoll_ctl: {e}");
+                return false;
+            }
+            rd.armed = false;
         }
         rd.frontend = true;
+        rd.takes = rd.takes.wrapping_add(1);
         true
+    }
+
+    /// Arms the connection thread's interest unless someone reads (who will) or it is armed.
+    fn ensure_armed(&self) {
+        let mut rd = lock(&self.reader);
+        if rd.armed || rd.frontend || rd.server || rd.closed {
+            return;
+        }
+        match self.interest(EPOLL_ARMED) {
+            Ok(()) => rd.armed = true,
+            Err(e) => {
+                log::warn!("api socket: epoll_ctl: {e}");
+                drop(rd);
+                self.wake_server();
+            }
+        }
+    }
+
+    /// The device model completed a request it held.
+    fn completed(&self) {
+        let _ = self
+            .at_dm
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+    }
+
+    fn wake_server(&self) {
+        if let Err(e) = self.kick.write(1) {
+            log::error!("api socket: cannot wake the connection thread: {e}");
+        }
     }
 
     fn leave_reader(&self, stash: Option<Stashed>) {
@@ -475,16 +567,36 @@ impl Conn {
             let mut rd = lock(&self.reader);
             rd.frontend = false;
             rd.stashed = stash;
-            if let Err(e) = self.interest(EPOLL_ARMED) {
-                // Wake the connection thread anyway: it reads and re-arms itself.
-                log::warn!("api socket: epoll_ctl: {e}");
+            // Nothing the device model holds, and a thread of it waits in ATTACH (so a new
+            // request is handed out by the notifier of the frontend that queues it, which then
+            // reads): no answer is due. The interest may stay disarmed if the connection
+            // thread wakes on its own within IDLE_REARM_MS; the next frontend then need not
+            // disarm it.
+            let quiet = !kick
+                && self.at_dm.load(Ordering::SeqCst) == 0
+                && !lock(&self.waiters).queue.is_empty();
+            let defer = quiet && rd.timed;
+            if !defer && !rd.armed {
+                match self.interest(EPOLL_ARMED) {
+                    Ok(()) => rd.armed = true,
+                    Err(e) => {
+                        // Wake the connection thread anyway: it reads and re-arms itself.
+                        log::warn!("api socket: epoll_ctl: {e}");
+                        kick = true;
+                    }
+                }
+            }
+            // Frontends are busy but the connection thread sleeps without a timeout: wake it
+            // once so that it switches to timed sleeps and later frontends can defer.
+            if quiet && !rd.timed && !rd.kicked {
                 kick = true;
+            }
+            if kick {
+                rd.kicked = true;
             }
         }
         if kick {
-            if let Err(e) = self.kick.write(1) {
-                log::error!("api socket: cannot wake the connection thread: {e}");
-            }
+            self.wake_server();
         }
     }
 
@@ -556,6 +668,7 @@ impl Conn {
                 Ok(Some(req)) => {
                     w.queue.pop_front();
                     drop(w);
+                    self.at_dm.fetch_add(1, Ordering::SeqCst);
                     self.reply(opcode, tag, Ok(&ReplyBody::Request(req)), None);
                 }
                 Ok(None) => return,
@@ -592,6 +705,7 @@ impl Conn {
         match session.try_attach() {
             Ok(Some(req)) => {
                 drop(w);
+                self.at_dm.fetch_add(1, Ordering::SeqCst);
                 self.reply(opcode, tag, Ok(&ReplyBody::Request(req)), None);
             }
             Ok(None) => w.queue.push_back((opcode, tag)),
@@ -608,18 +722,32 @@ impl Conn {
 fn serve(conn: &Arc<Conn>, api: &dyn DmApi) {
     let mut buf = [0u8; MAX_MESSAGE + 1];
     let mut pump: Option<JoinHandle<()>> = None;
+    let mut takes_seen = 0u64;
     'conn: loop {
-        if let Err(e) = conn.wait_event() {
-            log::error!("api socket: epoll_wait: {e}; closing the connection");
-            break;
-        }
+        let timeout = if lock(&conn.reader).timed {
+            IDLE_REARM_MS
+        } else {
+            -1
+        };
+        let fired = match conn.wait_event(timeout) {
+            Ok(f) => f,
+            Err(e) => {
+                log::error!("api socket: epoll_wait: {e}; closing the connection");
+                break;
+            }
+        };
         let stashed = {
             let mut rd = lock(&conn.reader);
+            if fired {
+                rd.armed = false;
+            }
             if rd.frontend {
-                // A frontend reads; it re-arms the interest when it leaves.
+                // A frontend reads; it re-arms the interest when it leaves (or leaves it to
+                // this thread's timed wake).
                 continue;
             }
             rd.server = true;
+            rd.kicked = false;
             rd.stashed.take()
         };
         if let Some(st) = stashed {
@@ -645,10 +773,17 @@ fn serve(conn: &Arc<Conn>, api: &dyn DmApi) {
         }
         let mut rd = lock(&conn.reader);
         rd.server = false;
-        if let Err(e) = conn.interest(EPOLL_ARMED) {
-            log::error!("api socket: epoll_ctl: {e}; closing the connection");
-            rd.server = true;
-            break;
+        // Timed sleeps while frontends take turns (so that they may leave the interest
+        // disarmed), untimed once a whole period passed without one.
+        rd.timed = rd.takes != takes_seen;
+        takes_seen = rd.takes;
+        if !rd.armed {
+            if let Err(e) = conn.interest(EPOLL_ARMED) {
+                log::error!("api socket: epoll_ctl: {e}; closing the connection");
+                rd.server = true;
+                break;
+            }
+            rd.armed = true;
         }
     }
     // End of the session. No frontend reads from now on (`closed`), none runs the helper
@@ -741,11 +876,15 @@ fn handle_control(
             if let Err(e) = session.complete(&r) {
                 conn.error(opcode, tag, &e);
             } else {
+                conn.completed();
                 conn.attach(session, opcode, tag);
             }
         }
         Request::Complete(r) => match session.complete(&r) {
-            Ok(()) => conn.reply(opcode, tag, Ok(&ReplyBody::Empty), None),
+            Ok(()) => {
+                conn.completed();
+                conn.reply(opcode, tag, Ok(&ReplyBody::Empty), None);
+            }
             Err(e) => conn.error(opcode, tag, &e),
         },
         other => return Err(other),
@@ -814,23 +953,6 @@ fn handle(
             }
             .map(|()| ReplyBody::Empty)
         }),
-        Request::StatusWord {
-            status_addr,
-            ack_addr,
-        } => {
-            let spec = crate::StatusWordSpec {
-                status_addr,
-                ack_addr,
-            };
-            match session.register_status_word(spec) {
-                Ok(sw) => {
-                    let file = sw.page().file().as_fd();
-                    conn.reply(opcode, tag, Ok(&ReplyBody::StatusWord), Some(file));
-                }
-                Err(e) => conn.error(opcode, tag, &e),
-            }
-            return;
-        }
         Request::MapShmem { len } => {
             match shmem_file(&*session, len) {
                 Ok((file, offset)) => {
@@ -939,6 +1061,7 @@ fn pump_loop(conn: &Conn, session: &dyn DmSession) {
         let waiter = lock(&conn.waiters).queue.pop_front();
         match (waiter, got) {
             (Some((opcode, tag)), Ok(req)) => {
+                conn.at_dm.fetch_add(1, Ordering::SeqCst);
                 conn.reply(opcode, tag, Ok(&ReplyBody::Request(req)), None);
             }
             (Some((opcode, tag)), Err(e)) => conn.error(opcode, tag, &e),

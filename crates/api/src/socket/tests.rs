@@ -688,3 +688,43 @@ fn the_end_of_the_stream_while_a_frontend_reads_still_ends_the_session() {
     ));
     assert_eq!(srv.connections(), 0);
 }
+
+#[test]
+fn a_packet_nobody_reads_after_frontends_left_the_interest_disarmed_is_still_handled() {
+    // The device model answers each request with COMPLETE_ATTACH (so a thread of it always
+    // waits in ATTACH and it holds no request when the frontend leaves): frontends may then
+    // leave the connection thread's interest disarmed. A packet sent afterwards, with no
+    // frontend reading, must still be handled.
+    let (dm, srv) = server("deferred.sock");
+    let raw = Arc::new(Raw::opened(&srv));
+    raw.request(&Request::Attach, 2);
+    let rounds = 20u64;
+    let client = {
+        let raw = raw.clone();
+        std::thread::spawn(move || {
+            for _ in 0..rounds {
+                let (reply, _) = raw.recv().unwrap();
+                let Ok(ReplyBody::Request(r)) = reply.result else {
+                    panic!("expected a request");
+                };
+                raw.request(&Request::CompleteAttach(r), reply.tag);
+            }
+        })
+    };
+    for id in 0..rounds {
+        let done = || {
+            dm.completed
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|r| r.request_id == id)
+        };
+        queue_and_help(&dm, req(id), done);
+        assert!(eventually(done));
+    }
+    client.join().unwrap();
+    raw.request(&Request::MapShmem { len: 0x1000 }, 99);
+    let (reply, fds) = raw.recv().unwrap();
+    assert_eq!(reply.tag, 99);
+    assert_eq!(fds.len(), 1);
+}
