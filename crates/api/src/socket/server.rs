@@ -953,6 +953,23 @@ fn handle(
             }
             .map(|()| ReplyBody::Empty)
         }),
+        Request::StatusWord {
+            status_addr,
+            ack_addr,
+        } => {
+            let spec = crate::StatusWordSpec {
+                status_addr,
+                ack_addr,
+            };
+            match session.register_status_word(spec) {
+                Ok(sw) => {
+                    let file = sw.page().file().as_fd();
+                    conn.reply(opcode, tag, Ok(&ReplyBody::StatusWord), Some(file));
+                }
+                Err(e) => conn.error(opcode, tag, &e),
+            }
+            return;
+        }
         Request::MapShmem { len } => {
             match shmem_file(&*session, len) {
                 Ok((file, offset)) => {
