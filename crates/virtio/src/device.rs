@@ -15,13 +15,56 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::warn_rl;
 
+/// Where InterruptStatus lives: in this process (the default), or in the status word the
+/// session shares with the dispatcher ([`remio_api::DmSession::register_status_word`]), which
+/// then answers the driver's InterruptStatus reads and InterruptACK writes itself. Either way
+/// it derefs to the one `AtomicU32` every user updates atomically; bits are set (`fetch_or`,
+/// `SeqCst`, so at least `Release`) before the irqfd is signalled.
+#[derive(Clone, Debug)]
+pub struct InterruptStatusWord(WordBacking);
+
+#[derive(Clone, Debug)]
+enum WordBacking {
+    Local(Arc<AtomicU32>),
+    Shared(remio_api::StatusWord),
+}
+
+impl Default for InterruptStatusWord {
+    fn default() -> Self {
+        Self(WordBacking::Local(Arc::default()))
+    }
+}
+
+impl InterruptStatusWord {
+    /// InterruptStatus kept in the dispatcher-shared `word`.
+    pub fn shared(word: remio_api::StatusWord) -> Self {
+        Self(WordBacking::Shared(word))
+    }
+
+    /// Whether it is the dispatcher-shared word.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.0, WordBacking::Shared(_))
+    }
+}
+
+impl std::ops::Deref for InterruptStatusWord {
+    type Target = AtomicU32;
+
+    fn deref(&self) -> &AtomicU32 {
+        match &self.0 {
+            WordBacking::Local(w) => w,
+            WordBacking::Shared(w) => w.word(),
+        }
+    }
+}
+
 /// The state a transport shares with the workers of its device: InterruptStatus, the
 /// DEVICE_NEEDS_RESET flag and ConfigGeneration. It lives as long as the transport; an
 /// [`Interrupt`] (one per activation) holds clones of it.
 #[derive(Clone, Debug, Default)]
 pub struct SharedStatus {
     /// InterruptStatus (virtio 1.2 §4.2.2): bit 0 used buffer, bit 1 configuration change.
-    pub interrupt_status: Arc<AtomicU32>,
+    pub interrupt_status: InterruptStatusWord,
     /// Set by a device that cannot go on; the transport reports DEVICE_NEEDS_RESET in Status.
     pub needs_reset: Arc<AtomicBool>,
     /// ConfigGeneration (virtio 1.2 §4.2.2), bumped on every device-side config change.

@@ -33,9 +33,11 @@ mod sys;
 pub mod transport;
 
 pub use config::{Config, ConfigError, DeviceConfig, DeviceKind};
-pub use device::{ActivateContext, ActivateError, Interrupt, SharedStatus, VirtioDevice};
+pub use device::{
+    ActivateContext, ActivateError, Interrupt, InterruptStatusWord, SharedStatus, VirtioDevice,
+};
 pub use runner::{
-    handle_request, serve, DeviceInfo, DeviceModelHandle, DeviceRunner, ServeError,
-    SessionRegistrar,
+    handle_request, serve, share_interrupt_status, DeviceInfo, DeviceModelHandle, DeviceRunner,
+    ServeError, SessionRegistrar,
 };
 pub use transport::{MmioTransport, NoopRegistrar, NotifyRegistrar, RegistrarError};

@@ -7,8 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use remio_abi::uapi::{BAO_IO_READ, BAO_IO_WRITE};
-use remio_api::{ApiError, DmApi, DmSession, IoeventfdSpec, VirtioRequest};
-use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
+use remio_api::{ApiError, DmApi, DmSession, IoeventfdSpec, StatusWordSpec, VirtioRequest};
+use virtio_bindings::virtio_mmio::{
+    VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INTERRUPT_STATUS, VIRTIO_MMIO_QUEUE_NOTIFY,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{Config, DeviceConfig};
@@ -116,6 +118,47 @@ impl NotifyRegistrar for SessionRegistrar {
         self.assigned.clear();
         if let Err(e) = self.session.deassign_irqfd(irqfd) {
             warn_rl!("virtio: deassigning irqfd: {e}");
+        }
+    }
+}
+
+/// Registers the session's status word on InterruptStatus/InterruptACK of the device whose
+/// window starts at `mmio_base` and keeps the transport's InterruptStatus in it, so that the
+/// dispatcher answers those registers and the runner never sees them. Call it before the
+/// driver can reach DRIVER_OK (at setup). Where the session has no status word (the kernel
+/// driver: [`ApiError::NotSupported`]) or refuses it, the transport keeps serving the
+/// registers itself, as before; also on a transport already active (too late to move the
+/// word). Returns whether the word is in use.
+pub fn share_interrupt_status(
+    session: &dyn DmSession,
+    transport: &mut MmioTransport,
+    mmio_base: u64,
+) -> bool {
+    let spec = StatusWordSpec {
+        status_addr: mmio_base.saturating_add(u64::from(VIRTIO_MMIO_INTERRUPT_STATUS)),
+        ack_addr: mmio_base.saturating_add(u64::from(VIRTIO_MMIO_INTERRUPT_ACK)),
+    };
+    let dm_id = session.info().id;
+    if transport.is_active() {
+        // Activation handed the local word to the device: too late to move it.
+        log::warn!("virtio: DM {dm_id}: transport already active; InterruptStatus served here");
+        return false;
+    }
+    match session.register_status_word(spec) {
+        Ok(word) => {
+            let used = transport.use_status_word(word);
+            log::debug!("virtio: DM {dm_id}: InterruptStatus answered by the dispatcher: {used}");
+            used
+        }
+        Err(ApiError::NotSupported(_)) => {
+            log::debug!("virtio: DM {dm_id}: no status word; InterruptStatus served here");
+            false
+        }
+        Err(e) => {
+            log::warn!(
+                "virtio: DM {dm_id}: status word refused ({e}); InterruptStatus served here"
+            );
+            false
         }
     }
 }
@@ -387,7 +430,8 @@ fn serve_one(
         build_device(&dev.kind).map_err(|source| ServeError::Backend { dm_id, source })?;
     log::info!("virtio: DM {dm_id}: {description} at {:#x}", dev.mmio_base);
     let registrar = SessionRegistrar::new(session.clone(), dev.mmio_base);
-    let transport = MmioTransport::new(device, mem, Box::new(registrar));
+    let mut transport = MmioTransport::new(device, mem, Box::new(registrar));
+    share_interrupt_status(&*session, &mut transport, dev.mmio_base);
     let runner = DeviceRunner::spawn(session, transport, dev.mmio_base, dev.mmio_size)
         .map_err(|source| ServeError::Spawn { dm_id, source })?;
     Ok((runner, DeviceInfo { dm_id, description }))
@@ -703,6 +747,71 @@ mod tests {
         stopper.join().unwrap();
         // The DM is free for the next device model.
         assert!(api.open(0).is_ok());
+    }
+
+    #[test]
+    fn with_a_status_word_interrupt_status_never_reaches_the_runner() {
+        let (hyp, api) = platform();
+        let session: Arc<dyn DmSession> = Arc::from(api.open(0).unwrap());
+        let mem = session.map_shmem(session.info().shmem_size).unwrap();
+        let registrar = SessionRegistrar::new(session.clone(), MMIO);
+        let mut transport =
+            MmioTransport::new(Box::new(RngDevice::new(None)), mem, Box::new(registrar));
+        assert!(share_interrupt_status(&*session, &mut transport, MMIO));
+        let word = transport.shared_status().interrupt_status.clone();
+        let mut runner = DeviceRunner::spawn(session, transport, MMIO, 0x200).unwrap();
+        let fe = hyp.frontend(1).unwrap();
+        let dm = api.dispatcher().dm(0).unwrap();
+
+        word.fetch_or(
+            VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG,
+            Ordering::SeqCst,
+        );
+        assert_eq!(fe.read(MMIO + 0x60, 4).unwrap(), 3);
+        fe.write(MMIO + 0x64, 4, 1).unwrap();
+        assert_eq!(word.load(Ordering::SeqCst), 2);
+        assert_eq!(dm.stats().to_status_word, 2);
+        assert_eq!(dm.stats().to_control, 0, "the runner saw none of them");
+
+        // Status 0 reaches the runner; the reset clears the word the dispatcher answers from.
+        fe.write(MMIO + 0x70, 4, 0).unwrap();
+        assert_eq!(fe.read(MMIO + 0x60, 4).unwrap(), 0);
+        runner.stop();
+    }
+
+    #[test]
+    fn without_a_status_word_the_runner_serves_interrupt_status_and_ack() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(SHMEM), 0x1000)]).unwrap();
+        let (tx, rx) = channel();
+        let (done_tx, done) = channel();
+        let session: Arc<dyn DmSession> = Arc::new(FakeSession {
+            requests: Mutex::new(rx),
+            completions: Mutex::new(done_tx),
+            mem: mem.clone(),
+            ioeventfds: Arc::default(),
+            irqfds: Arc::default(),
+            deassigned: Arc::default(),
+        });
+        let registrar = SessionRegistrar::new(session.clone(), MMIO);
+        let mut transport =
+            MmioTransport::new(Box::new(RngDevice::new(None)), mem, Box::new(registrar));
+        // The fake, like the kernel driver, has no status word (NotSupported).
+        assert!(!share_interrupt_status(&*session, &mut transport, MMIO));
+        let word = transport.shared_status().interrupt_status.clone();
+        assert!(!word.is_shared());
+        let mut runner = DeviceRunner::spawn(session, transport, MMIO, 0x200).unwrap();
+        let mut bus = Bus {
+            tx,
+            done,
+            next_id: 0,
+        };
+
+        word.fetch_or(3, Ordering::SeqCst);
+        assert_eq!(bus.read(VIRTIO_MMIO_INTERRUPT_STATUS), 3);
+        bus.write(VIRTIO_MMIO_INTERRUPT_ACK, 2);
+        assert_eq!(word.load(Ordering::SeqCst), 1);
+        drop(bus);
+        runner.join();
     }
 
     struct NoDms;

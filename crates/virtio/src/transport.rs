@@ -194,6 +194,25 @@ impl MmioTransport {
         &self.shared
     }
 
+    /// Keeps InterruptStatus in `word`, the status word shared with the dispatcher, from now
+    /// on (the dispatcher then answers the driver's InterruptStatus reads and InterruptACK
+    /// writes; reaching the transport they still work, on the same word). Only before
+    /// activation: activation hands the word to the device's [`Interrupt`]. The word is left
+    /// in place across resets, which clear it (Status 0 clears InterruptStatus). Returns
+    /// whether it was taken (`false` while active).
+    pub fn use_status_word(&mut self, word: remio_api::StatusWord) -> bool {
+        if self.active.is_some() {
+            return false;
+        }
+        let word = crate::device::InterruptStatusWord::shared(word);
+        word.store(
+            self.shared.interrupt_status.load(Ordering::SeqCst),
+            Ordering::SeqCst,
+        );
+        self.shared.interrupt_status = word;
+        true
+    }
+
     /// Whether the device is activated (DRIVER_OK accepted).
     pub fn is_active(&self) -> bool {
         self.active.is_some()
@@ -572,6 +591,8 @@ pub(crate) mod tests {
         pub fail_activate: bool,
         pub config: [u8; 8],
         pub acked: Arc<AtomicUsize>,
+        /// The interrupt of the last activation.
+        pub interrupt: Arc<Mutex<Option<Arc<Interrupt>>>>,
     }
 
     impl VirtioDevice for ProbeDevice {
@@ -607,6 +628,7 @@ pub(crate) mod tests {
                 Ordering::SeqCst,
             );
             self.activations.fetch_add(1, Ordering::SeqCst);
+            *self.interrupt.lock().unwrap() = Some(ctx.interrupt);
             Ok(())
         }
         fn reset(&mut self) {
@@ -811,6 +833,40 @@ pub(crate) mod tests {
         t.write(reg(VIRTIO_MMIO_QUEUE_NUM), 4, 4);
 
         assert_eq!(t.queues[0].size, 4);
+    }
+
+    #[test]
+    fn interrupt_status_lives_in_the_shared_word_and_reset_clears_it() {
+        let dev = ProbeDevice::default();
+        let interrupt = dev.interrupt.clone();
+        let mut t = transport(dev, RecordingRegistrar::default());
+        let page = Arc::new(remio_dispatcher::StatusPage::new().unwrap());
+        let word = remio_api::StatusWord::new(page.clone());
+        assert!(t.use_status_word(word.clone()));
+        assert!(t.shared_status().interrupt_status.is_shared());
+        linux_probe(&mut t, 0x1000_0000, u64::MAX);
+        let irq = interrupt.lock().unwrap().clone().unwrap();
+
+        // The device's interrupt sets its bit in the word the dispatcher answers from.
+        irq.signal_used_queue();
+        assert_eq!(page.load(), VIRTIO_MMIO_INT_VRING);
+        // An acknowledgement made by the dispatcher is what the transport sees, and the
+        // registers, should they reach the transport, use the same word.
+        page.ack(VIRTIO_MMIO_INT_VRING);
+        assert_eq!(t.read(reg(VIRTIO_MMIO_INTERRUPT_STATUS), 4), 0);
+        irq.signal_config_change();
+        assert_eq!(t.read(reg(VIRTIO_MMIO_INTERRUPT_STATUS), 4), 2);
+        // Too late to move it once active.
+        assert!(!t.use_status_word(word));
+
+        // Status 0 clears InterruptStatus in the shared word; the word stays in use, so the
+        // next activation's interrupt sets it there again.
+        t.write(reg(VIRTIO_MMIO_STATUS), 4, 0);
+        assert_eq!(page.load(), 0);
+        linux_probe(&mut t, 0x1000_0000, u64::MAX);
+        let irq2 = interrupt.lock().unwrap().clone().unwrap();
+        irq2.signal_used_queue();
+        assert_eq!(page.load(), VIRTIO_MMIO_INT_VRING);
     }
 
     #[test]
