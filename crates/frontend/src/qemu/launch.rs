@@ -1,11 +1,19 @@
 //! The QEMU command line that makes a guest a frontend of this bridge
 //! (`spec/qemu-frontend.md`, "Machine").
+//!
+//! The machine is `microvm`, which has neither an HPET nor an ACPI PM timer. Linux calibrates
+//! the TSC against the PIT, and under TCG that calibration fails when the host is busy (the
+//! kernel prints `tsc: Unable to calibrate against PIT`, then `Marking TSC unstable` and
+//! hangs). TCG's guest TSC is the host's TSC (QEMU's `cpu_get_ticks`), so the command line tells
+//! the kernel its rate with `tsc_early_khz=` ([`host_tsc_khz`]) and no calibration runs.
 
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 /// What to boot and how.
 #[derive(Clone, Debug)]
@@ -38,8 +46,96 @@ pub struct BridgeEnds {
     pub vectors: usize,
 }
 
+/// The host's TSC rate in kHz (what TCG's guest TSC runs at), measured once per process:
+/// the median of three 25 ms measurements of `rdtsc` against `CLOCK_MONOTONIC`; if that is
+/// implausible, `/proc/cpuinfo`'s `cpu MHz`. `None` when neither works (not x86_64).
+pub fn host_tsc_khz() -> Option<u64> {
+    static KHZ: OnceLock<Option<u64>> = OnceLock::new();
+    *KHZ.get_or_init(|| {
+        let khz = measure_tsc_khz().or_else(|| {
+            std::fs::read_to_string("/proc/cpuinfo")
+                .ok()
+                .and_then(|t| cpuinfo_khz(&t))
+        });
+        match khz {
+            Some(k) => log::debug!("host TSC: {k} kHz"),
+            None => {
+                log::warn!("host TSC rate unknown: the guest calibrates it (may hang under load)")
+            }
+        }
+        khz
+    })
+}
+
+/// Rates outside this range (kHz) are measurement errors.
+const PLAUSIBLE_TSC_KHZ: std::ops::RangeInclusive<u64> = 100_000..=10_000_000;
+
+#[cfg(target_arch = "x86_64")]
+fn measure_tsc_khz() -> Option<u64> {
+    /// One (monotonic ns, tsc) pair: the tsc read between two clock reads, from the tightest
+    /// of a few tries (a preemption between the reads would skew the pair).
+    fn pair(origin: Instant) -> (u128, u64) {
+        let mut best: Option<(u128, u128, u64)> = None;
+        for _ in 0..5 {
+            let a = origin.elapsed().as_nanos();
+            // SAFETY: rdtsc reads the time-stamp counter; no memory is involved and every
+            // x86_64 CPU has it.
+            let t = unsafe { core::arch::x86_64::_rdtsc() };
+            let b = origin.elapsed().as_nanos();
+            let width = b - a;
+            if best.is_none_or(|(w, _, _)| width < w) {
+                best = Some((width, a + width / 2, t));
+            }
+        }
+        best.map_or((0, 0), |(_, ns, t)| (ns, t))
+    }
+    let origin = Instant::now();
+    let mut rates: Vec<u64> = (0..3)
+        .filter_map(|_| {
+            let (n0, t0) = pair(origin);
+            std::thread::sleep(Duration::from_millis(25));
+            let (n1, t1) = pair(origin);
+            let ns = n1.checked_sub(n0).filter(|&d| d > 0)?;
+            let ticks = u128::from(t1.checked_sub(t0)?);
+            u64::try_from(ticks * 1_000_000 / ns).ok()
+        })
+        .collect();
+    rates.sort_unstable();
+    let median = *rates.get(rates.len() / 2)?;
+    PLAUSIBLE_TSC_KHZ.contains(&median).then_some(median)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn measure_tsc_khz() -> Option<u64> {
+    None
+}
+
+/// The first `cpu MHz` of a `/proc/cpuinfo` text, in kHz.
+fn cpuinfo_khz(cpuinfo: &str) -> Option<u64> {
+    let mhz: f64 = cpuinfo
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim() == "cpu MHz")?
+        .1
+        .trim()
+        .parse()
+        .ok()?;
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "checked against the plausible range right after"
+    )]
+    let khz = (mhz * 1000.0).round() as u64;
+    PLAUSIBLE_TSC_KHZ.contains(&khz).then_some(khz)
+}
+
 /// The full argument list (without the binary).
 pub fn args(opts: &QemuOptions, ends: &BridgeEnds) -> Vec<OsString> {
+    args_with_tsc(opts, ends, host_tsc_khz())
+}
+
+/// [`args`] with the guest's TSC rate given (`tsc_early_khz=`, omitted when `None`).
+fn args_with_tsc(opts: &QemuOptions, ends: &BridgeEnds, tsc_khz: Option<u64>) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::new();
     let mut push = |s: &str| a.push(s.into());
     push("-M");
@@ -78,6 +174,9 @@ pub fn args(opts: &QemuOptions, ends: &BridgeEnds) -> Vec<OsString> {
     a.push(opts.initrd.clone().into());
     a.push("-append".into());
     let mut cmdline = String::from("console=ttyS0 panic=-1");
+    if let Some(khz) = tsc_khz {
+        cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+    }
     if !opts.cmdline_extra.is_empty() {
         cmdline.push(' ');
         cmdline.push_str(&opts.cmdline_extra);
@@ -136,7 +235,7 @@ mod tests {
             ivshmem_path: "/tmp/iv".into(),
             vectors: 3,
         };
-        let a: Vec<String> = args(&opts, &ends)
+        let a: Vec<String> = args_with_tsc(&opts, &ends, Some(2_999_998))
             .into_iter()
             .map(|s| s.into_string().unwrap())
             .collect();
@@ -146,7 +245,30 @@ mod tests {
             256u64 << 20
         )));
         assert!(a.contains(&"ivshmem-doorbell,chardev=remio-iv,vectors=3".to_string()));
-        assert!(a.contains(&"console=ttyS0 panic=-1 remio.exec=true".to_string()));
+        assert!(
+            a.contains(&"console=ttyS0 panic=-1 tsc_early_khz=2999998 remio.exec=true".to_string())
+        );
         assert!(!a.iter().any(|s| s.split(' ').any(|w| w == "quiet")));
+    }
+
+    #[test]
+    fn cpuinfo_mhz_becomes_khz_and_nonsense_is_refused() {
+        let text = "processor\t: 0\ncpu MHz\t\t: 2999.998\ncache size\t: 512 KB\n";
+        assert_eq!(cpuinfo_khz(text), Some(2_999_998));
+        assert_eq!(cpuinfo_khz("cpu MHz\t: 0.001\n"), None);
+        assert_eq!(cpuinfo_khz("cpu MHz\t: fast\n"), None);
+        assert_eq!(cpuinfo_khz("model name\t: x\n"), None);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn measured_tsc_rate_is_plausible_and_repeatable() {
+        let khz = host_tsc_khz().expect("an x86_64 host has a TSC");
+        assert!(PLAUSIBLE_TSC_KHZ.contains(&khz));
+        let again = measure_tsc_khz().expect("a second measurement");
+        assert!(
+            khz.abs_diff(again) * 50 < khz,
+            "{khz} kHz, then {again} kHz"
+        );
     }
 }
