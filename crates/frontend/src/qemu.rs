@@ -8,10 +8,12 @@
 //! - [`ivshmem`]: the ivshmem-doorbell server; vector `i` is window `i`'s interrupt.
 //! - [`ram`]: guest RAM as a memfd that is also the Remote I/O shared memory.
 //! - [`launch`]: the QEMU command line.
+//! - [`failover`]: a window whose device model died answers as a failed device.
 //!
 //! [`Bridge`] ties them together: start it (socket served, ivshmem listening) *before* QEMU,
 //! then spawn QEMU from [`Bridge::qemu_command`].
 
+pub mod failover;
 mod hyp;
 pub mod ivshmem;
 pub mod launch;
@@ -27,6 +29,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+pub use failover::Failover;
 pub use ivshmem::{Interrupt, IvshmemServer};
 pub use launch::QemuOptions;
 pub use ram::GuestRam;
@@ -44,6 +47,9 @@ pub enum BridgeError {
     /// The RAM file could not be inspected.
     #[error(transparent)]
     Ram(#[from] ram::RamError),
+    /// The RAM file could not be mapped (for [`Failover`]).
+    #[error("mapping guest RAM: {0}")]
+    Map(String),
     /// Creating the socket pair or the thread failed.
     #[error("bridge: {0}")]
     Io(#[from] std::io::Error),
@@ -68,6 +74,17 @@ impl RateLimit {
     }
 }
 
+/// Maps the guest RAM file (shared) at guest-physical 0.
+fn map_ram(ram: &GuestRam) -> Result<vm_memory::GuestMemoryMmap, BridgeError> {
+    use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+    let size = usize::try_from(ram.size()).map_err(|e| BridgeError::Map(e.to_string()))?;
+    let region = MmapRegion::from_file(FileOffset::new(ram.file().try_clone()?, 0), size)
+        .map_err(|e| BridgeError::Map(e.to_string()))?;
+    let region = GuestRegionMmap::new(region, GuestAddress(0))
+        .ok_or_else(|| BridgeError::Map("RAM overflows the address space".into()))?;
+    GuestMemoryMmap::from_regions(vec![region]).map_err(|e| BridgeError::Map(e.to_string()))
+}
+
 /// A running bridge: the remote thread serving QEMU's proxy socket and the ivshmem server.
 #[derive(Debug)]
 pub struct Bridge {
@@ -76,13 +93,15 @@ pub struct Bridge {
     ram_size: u64,
     ivshmem: IvshmemServer,
     stats: Arc<RemoteStats>,
+    failover: Arc<Failover>,
     remote: Option<JoinHandle<Result<(), remote::RemoteError>>>,
 }
 
 impl Bridge {
     /// Starts serving: window `i` of the proxy's BAR0 forwards to the Remote I/O device whose
     /// frontend MMIO window starts at `windows[i]` through `target`; the ivshmem server
-    /// listens at `ivshmem_path` with one vector per window.
+    /// listens at `ivshmem_path` with one vector per window. Accesses pass through a
+    /// [`Failover`] ([`Bridge::fail_device`]).
     pub fn start(
         windows: Vec<u64>,
         target: Arc<dyn MmioTarget>,
@@ -90,10 +109,30 @@ impl Bridge {
         ivshmem_path: &Path,
     ) -> Result<Self, BridgeError> {
         let n = windows.len();
-        let remote = Remote::new(windows, target, Some(ram.identity()?))?;
+        let ivshmem = IvshmemServer::start(ivshmem_path, n)?;
+        let raise = (0..n)
+            .map(|i| {
+                let line = ivshmem.interrupt(i);
+                Box::new(move || {
+                    if let Some(Err(e)) = line.as_ref().map(Interrupt::raise) {
+                        log::warn!("qemu bridge: raising a failed device's interrupt: {e}");
+                    }
+                }) as failover::RaiseIrq
+            })
+            .collect();
+        let failover = Arc::new(Failover::new(
+            target,
+            windows.clone(),
+            Some(map_ram(ram)?),
+            raise,
+        ));
+        let remote = Remote::new(
+            windows,
+            Arc::clone(&failover) as Arc<dyn MmioTarget>,
+            Some(ram.identity()?),
+        )?;
         let stats = remote.stats();
         let (ours, theirs) = UnixStream::pair()?;
-        let ivshmem = IvshmemServer::start(ivshmem_path, n)?;
         let thread = std::thread::Builder::new()
             .name("remio-mpqemu".into())
             .spawn(move || {
@@ -109,8 +148,22 @@ impl Bridge {
             ram_size: ram.size(),
             ivshmem,
             stats,
+            failover,
             remote: Some(thread),
         })
+    }
+
+    /// Window `i`'s device model is dead: the window becomes a failed device whose requests
+    /// complete with errors ([`Failover`]). Idempotent.
+    pub fn fail_device(&self, i: usize) -> bool {
+        self.failover.fail(i)
+    }
+
+    /// Completes the requests queued on failed windows since the last call (call it
+    /// periodically once a device failed: a request the driver queued without a notify is
+    /// not left waiting).
+    pub fn sweep_failed(&self) {
+        self.failover.sweep();
     }
 
     /// Window `i`'s interrupt (ivshmem MSI-X vector `i`).
