@@ -9,6 +9,17 @@
 //!
 //! Every exit path kills QEMU and the device model and removes the temporary directory (unless
 //! `--keep`).
+//!
+//! If the device model dies while the guest runs, the guest does not hang and the platform
+//! keeps serving: register accesses the dead session had received are completed by the session
+//! cleanup (a read returns 0), and as soon as `remio run` sees the process gone it declares
+//! every window failed ([`remio_frontend::qemu::Failover`]). From then on the bridge answers
+//! those windows itself: Status reads DEVICE_NEEDS_RESET, every request in the virtqueues —
+//! already queued or added later — is returned to the driver (virtio-blk with
+//! `VIRTIO_BLK_S_IOERR`), so the guest's I/O fails with EIO in bounded time and its shell stays
+//! usable. The device model is not restarted: a new one could not take over the live
+//! virtqueues (their state died with it), and Linux's virtio drivers do not recover from
+//! DEVICE_NEEDS_RESET; failing the devices is the honest outcome.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -503,7 +514,7 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
     });
 
     let started = Instant::now();
-    let qemu_status = supervise(&mut session, timeout, started)?;
+    let qemu_status = supervise(&mut session, &bridge, n, timeout, started)?;
     // QEMU must be gone before the console reader can see the end of its output.
     session.kill_children();
     if let Some(r) = reader {
@@ -550,11 +561,17 @@ enum Outcome {
 
 fn supervise(
     session: &mut Session,
+    bridge: &Bridge,
+    devices: u32,
     timeout: Option<Duration>,
     started: Instant,
 ) -> anyhow::Result<Outcome> {
     let mut dm_reported = false;
     loop {
+        if dm_reported {
+            // Requests queued on the failed devices since the last pass fail now.
+            bridge.sweep_failed();
+        }
         if let Some(q) = session.qemu.as_mut() {
             if let Some(st) = q.try_wait()? {
                 return Ok(Outcome::Exited(st));
@@ -565,8 +582,11 @@ fn supervise(
                 if let Some(st) = dm.try_wait()? {
                     log::warn!(
                         "the device model exited ({st}); the platform keeps serving, the \
-                         guest's devices report errors"
+                         guest's devices fail their requests"
                     );
+                    for i in 0..devices {
+                        bridge.fail_device(i as usize);
+                    }
                     dm_reported = true;
                 }
             }

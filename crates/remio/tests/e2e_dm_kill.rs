@@ -1,8 +1,10 @@
-//! A device model killed with SIGKILL in the middle of a dd leaves the guest alive: its I/O
-//! fails (errors, not a hang), the guest finishes its script and powers off, and the platform
-//! keeps serving until then.
+//! A device model killed with SIGKILL in the middle of a dd leaves the guest alive: the
+//! requests in flight and every later one fail with EIO (the bridge answers the dead device's
+//! window as a failed device, `remio_frontend::qemu::Failover`), the guest finishes its script
+//! and powers off, and the platform keeps serving until then.
 #![allow(clippy::unwrap_used)]
 
+use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
 mod e2e_common;
@@ -33,6 +35,7 @@ fn killing_the_device_model_mid_dd_gives_io_errors_not_a_hang() {
                   do n=$((n+1)); done; echo DD-FAILED-AFTER $n; \
                   dd if=/dev/vda of=/dev/null bs=4096 count=1 iflag=direct 2>/dev/null; \
                   echo READ-AFTER $?; echo ALIVE";
+    let mut killed_at = None;
     let out = remio_exec_with(
         script,
         &[
@@ -44,25 +47,44 @@ fn killing_the_device_model_mid_dd_gives_io_errors_not_a_hang() {
             "2000",
         ],
         |pid| {
-            // Give the guest time to boot and start writing, then kill the device model.
             let start = Instant::now();
             let dm = loop {
                 if let Some(dm) = dm_child(pid) {
-                    break Some(dm);
+                    break dm;
                 }
-                if start.elapsed() > Duration::from_secs(30) {
-                    break None;
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "remio run started no device-model process"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            // Wait until the guest is writing (the sparse image gets blocks), let it go on a
+            // little, then kill the device model: the guest is mid-dd, whatever the load.
+            let writing = loop {
+                let blocks = std::fs::metadata(&img).map_or(0, |m| m.blocks());
+                if blocks > 0 {
+                    break true;
+                }
+                if start.elapsed() > GUEST_TIMEOUT / 2 {
+                    break false;
                 }
                 std::thread::sleep(Duration::from_millis(100));
             };
-            let dm = dm.expect("remio run started no device-model process");
-            std::thread::sleep(Duration::from_secs(10));
+            assert!(writing, "the guest never wrote to its disk");
+            std::thread::sleep(Duration::from_millis(500));
             // SAFETY: kill(2) on a pid we just found as our child's child; no memory involved.
             let r = unsafe { libc::kill(dm, libc::SIGKILL) };
             assert_eq!(r, 0);
+            killed_at = Some(Instant::now());
         },
     );
     assert_eq!(out.status, Some(0), "guest did not finish its script");
+    // The failure reaches the guest quickly: no access timeout (2 s) per request.
+    let after_kill = killed_at.unwrap().elapsed();
+    assert!(
+        after_kill < GUEST_TIMEOUT / 4,
+        "the guest needed {after_kill:?} after the kill to finish"
+    );
     assert!(out.stdout.contains("ALIVE"));
     let rounds: u32 = out
         .stdout
