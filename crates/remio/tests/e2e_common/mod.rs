@@ -3,7 +3,9 @@
 //! and the host see.
 //!
 //! A test skips, loudly, only when qemu-system-x86_64 or the guest artifacts are missing
-//! (scripts/setup installs both; CI runs it first).
+//! (scripts/setup installs both; CI runs it first), and fails instead with
+//! REMIO_REQUIRE_GUEST=1. Guests boot one at a time ([`boot_lock`]), and every run is bounded
+//! ([`GUEST_TIMEOUT`]).
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
@@ -18,23 +20,35 @@ pub fn guest_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/guest"))
 }
 
-/// `true` when the test can run; prints a loud SKIPPED line otherwise.
+/// Whether scripts/test asked for the guest tests to run rather than skip.
+fn guest_required() -> bool {
+    std::env::var_os("REMIO_REQUIRE_GUEST").is_some_and(|v| v == "1")
+}
+
+/// `true` when the test can run; prints a loud SKIPPED line otherwise, or fails when
+/// REMIO_REQUIRE_GUEST=1 (scripts/test sets it: there a skip would hide a broken setup).
 pub fn prerequisites(test: &str) -> bool {
     let qemu = std::env::var_os("PATH")
         .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").is_file()));
-    if !qemu {
-        eprintln!("\n*** SKIPPED {test}: qemu-system-x86_64 not found (run scripts/setup) ***\n");
-        return false;
-    }
     let dir = guest_dir();
-    if !dir.join("vmlinuz").is_file() || !dir.join("initramfs.cpio").is_file() {
-        eprintln!(
-            "\n*** SKIPPED {test}: guest artifacts missing in {} (run `remio guest build`) ***\n",
+    let missing = if !qemu {
+        Some("qemu-system-x86_64 not found (run scripts/setup)".to_owned())
+    } else if !dir.join("vmlinuz").is_file() || !dir.join("initramfs.cpio").is_file() {
+        Some(format!(
+            "guest artifacts missing in {} (run `remio guest build`)",
             dir.display()
-        );
-        return false;
+        ))
+    } else {
+        None
+    };
+    match missing {
+        None => true,
+        Some(why) if guest_required() => panic!("{test}: REMIO_REQUIRE_GUEST=1 but {why}"),
+        Some(why) => {
+            eprintln!("\n*** SKIPPED {test}: {why} ***\n");
+            false
+        }
     }
-    true
 }
 
 /// What one `remio run --exec` produced.
@@ -43,10 +57,54 @@ pub struct RunOutput {
     pub status: Option<i32>,
     pub stdout: String,
     pub stderr: String,
+    pub elapsed: Duration,
 }
 
-/// Serialises boots across the tests of one binary (two TCG guests on two cores contend).
-static BOOT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// How long one guest run may take (`remio run --timeout`). A boot takes 3-4 s idle and
+/// about 10 s with both cores busy; the longest script (ext4) adds a few seconds.
+pub const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The test gives up on (and kills) `remio run` this long after its own timeout.
+const GRACE: Duration = Duration::from_secs(30);
+
+/// One guest at a time, machine-wide: every e2e test, in every test binary and every cargo
+/// invocation, boots only while it holds an exclusive lock on this file (two TCG guests on two
+/// cores slow each other down past their timeouts). `flock` locks belong to an open file
+/// description, so this also serialises the threads of one test binary.
+const BOOT_LOCK_PATH: &str = "/tmp/remio-e2e-boot.lock";
+
+/// Holds the machine-wide boot lock until dropped.
+pub struct BootLock(std::fs::File);
+
+pub fn boot_lock() -> BootLock {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(BOOT_LOCK_PATH)
+        .expect("opening the e2e boot lock");
+    let waited = Instant::now();
+    file.lock().expect("locking the e2e boot lock");
+    if waited.elapsed() > Duration::from_secs(1) {
+        eprintln!(
+            "(waited {:?} for another guest to finish)",
+            waited.elapsed()
+        );
+    }
+    BootLock(file)
+}
+
+/// Kills `remio run` if the test panics while it runs (its children die with it).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
 
 /// Runs `remio run --exec script` with `extra` arguments and a wall-clock limit.
 pub fn remio_exec(script: &str, extra: &[&str]) -> RunOutput {
@@ -55,13 +113,14 @@ pub fn remio_exec(script: &str, extra: &[&str]) -> RunOutput {
 
 /// Like [`remio_exec`]; `during` runs once with the remio process id, while it runs.
 pub fn remio_exec_with(script: &str, extra: &[&str], during: impl FnOnce(u32)) -> RunOutput {
-    let _guard = BOOT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_remio"))
+    let _lock = boot_lock();
+    let start = Instant::now();
+    let child = Command::new(env!("CARGO_BIN_EXE_remio"))
         .arg("run")
         .arg("--exec")
         .arg(script)
         .arg("--timeout")
-        .arg("240")
+        .arg(GUEST_TIMEOUT.as_secs().to_string())
         .args(extra)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
@@ -69,8 +128,9 @@ pub fn remio_exec_with(script: &str, extra: &[&str], during: impl FnOnce(u32)) -
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawning remio");
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
+    let mut child = KillOnDrop(child);
+    let mut out = child.0.stdout.take().unwrap();
+    let mut err = child.0.stderr.take().unwrap();
     let t_out = std::thread::spawn(move || {
         let mut s = String::new();
         let _ = out.read_to_string(&mut s);
@@ -81,15 +141,15 @@ pub fn remio_exec_with(script: &str, extra: &[&str], during: impl FnOnce(u32)) -
         let _ = err.read_to_string(&mut s);
         s
     });
-    during(child.id());
-    let start = Instant::now();
+    during(child.0.id());
     let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
+        if let Some(st) = child.0.try_wait().unwrap() {
             break st.code();
         }
-        if start.elapsed() > Duration::from_secs(300) {
-            let _ = child.kill();
-            let _ = child.wait();
+        if start.elapsed() > GUEST_TIMEOUT + GRACE {
+            eprintln!("remio run did not stop after its own timeout: killing it");
+            let _ = child.0.kill();
+            let _ = child.0.wait();
             break None;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -98,10 +158,13 @@ pub fn remio_exec_with(script: &str, extra: &[&str], during: impl FnOnce(u32)) -
         status,
         stdout: t_out.join().unwrap(),
         stderr: t_err.join().unwrap(),
+        elapsed: start.elapsed(),
     };
     eprintln!(
-        "--- remio stdout ---\n{}\n--- remio stderr ---\n{}",
-        out.stdout, out.stderr
+        "--- remio stdout ({:.1} s) ---\n{}\n--- remio stderr ---\n{}",
+        out.elapsed.as_secs_f64(),
+        out.stdout,
+        out.stderr
     );
     out
 }
