@@ -799,6 +799,16 @@ impl Dm {
         };
         drop(server);
         self.final_drain();
+        let st = self.stats();
+        log::info!(
+            "DM {}: destroyed after {} requests: {} to the control client, {} answered by the \
+             status word, {} by ioeventfds",
+            self.info.id,
+            st.dispatched,
+            st.to_control,
+            st.to_status_word,
+            st.to_ioeventfd
+        );
         true
     }
 
