@@ -28,6 +28,9 @@ pub struct GuestFigures {
     pub ios: f64,
     /// Trapped register accesses during the run (remio only).
     pub trapped: Option<f64>,
+    /// Of those, answered inline in the dispatcher: (by the status word, by ioeventfds), from
+    /// the DMs' destruction log lines (remio only; `None` if the run did not log them).
+    pub in_dispatcher: Option<(f64, f64)>,
 }
 
 /// The guest command: both measurements, each printing one `IOBENCH` line.
@@ -83,6 +86,7 @@ pub fn remio(disk: &Path) -> anyhow::Result<GuestFigures> {
         })
         .map(Some)
         .context("`remio run` did not report its trapped accesses")?;
+    figures.in_dispatcher = parse_dispatcher_answers(&stderr);
     Ok(figures)
 }
 
@@ -153,7 +157,25 @@ pub fn parse_iobench(out: &str) -> anyhow::Result<GuestFigures> {
         rand_iops: iops,
         ios: seq_ios + rand_ios,
         trapped: None,
+        in_dispatcher: None,
     })
+}
+
+/// Sums the dispatcher's `DM n: destroyed after .. requests: .., S answered by the status
+/// word, I by ioeventfds` lines over all DMs: `(S, I)`, or `None` without such a line.
+pub fn parse_dispatcher_answers(log: &str) -> Option<(f64, f64)> {
+    let mut found = None;
+    for l in log.lines() {
+        let Some(i) = l.find(" answered by the status word, ") else {
+            continue;
+        };
+        let sw: f64 = l[..i].rsplit(' ').next()?.parse().ok()?;
+        let rest = &l[i + " answered by the status word, ".len()..];
+        let io: f64 = rest.split(' ').next()?.parse().ok()?;
+        let (a, b) = found.unwrap_or((0.0, 0.0));
+        found = Some((a + sw, b + io));
+    }
+    found
 }
 
 fn tail(s: &str) -> String {
@@ -173,6 +195,18 @@ mod tests {
         assert!((f.seq_mib_per_s - 123.45).abs() < 1e-9);
         assert!((f.rand_iops - 2500.0).abs() < 1e-9);
         assert!((f.ios - (64.0 + 12500.0)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn dispatcher_answers_are_summed_over_dms() {
+        let log =
+            "[INFO remio_dispatcher::dm] DM 0: destroyed after 10 requests: 4 to the control \
+                   client, 5 answered by the status word, 1 by ioeventfds\n\
+                   noise\n\
+                   [INFO remio_dispatcher::dm] DM 1: destroyed after 3 requests: 1 to the control \
+                   client, 2 answered by the status word, 0 by ioeventfds\n";
+        assert_eq!(parse_dispatcher_answers(log), Some((7.0, 1.0)));
+        assert_eq!(parse_dispatcher_answers("nothing here"), None);
     }
 
     #[test]

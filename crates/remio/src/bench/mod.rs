@@ -272,6 +272,11 @@ fn guest(report: &mut Report, dir: &std::path::Path) -> anyhow::Result<()> {
         // Every access of the run, boot and probe included, over the I/Os of the benchmark.
         report.add("guest.trapped_per_io", trapped / remio.ios, "");
     }
+    if let Some((status_word, ioeventfd)) = remio.in_dispatcher {
+        // Of those, answered inline in the dispatcher, without the device model.
+        report.add("guest.status_word_per_io", status_word / remio.ios, "");
+        report.add("guest.ioeventfd_per_io", ioeventfd / remio.ios, "");
+    }
     Ok(())
 }
 
