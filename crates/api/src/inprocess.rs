@@ -201,6 +201,14 @@ impl InProcessSession {
                 *installed = false;
             }
         }
+        // Before the control client goes: the DM's next session may open as soon as it has,
+        // and must find the status word free.
+        let page = self.state().status_word.take();
+        if let Some(page) = page {
+            if let Err(e) = self.dm.unregister_status_word(&page) {
+                log::debug!("DM {}: session end: status word: {e}", self.info.id);
+            }
+        }
         self.control.set_notifier(None);
         if let Err(e) = self.dm.destroy_control_client() {
             log::debug!("DM {}: session end: {e}", self.info.id);
@@ -362,9 +370,6 @@ impl DmSession for InProcessSession {
     }
 
     fn register_status_word(&self, spec: StatusWordSpec) -> Result<StatusWord> {
-        if self.control_ended.load(Ordering::Acquire) {
-            return Err(ApiError::ShuttingDown);
-        }
         if let Some((base, size)) = self.window {
             let end = base.saturating_add(size);
             for addr in [spec.status_addr, spec.ack_addr] {
@@ -377,6 +382,11 @@ impl DmSession for InProcessSession {
             }
         }
         let mut st = self.state();
+        // Under the state lock: the session's end sets this before it takes the word out of
+        // the state, so a word registered here is always unregistered by it.
+        if self.control_ended.load(Ordering::Acquire) {
+            return Err(ApiError::ShuttingDown);
+        }
         if st.status_word.is_some() {
             return Err(ApiError::Exists("this session has a status word".into()));
         }

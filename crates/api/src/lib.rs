@@ -285,9 +285,10 @@ pub trait DmSession: Send + Sync {
     /// now or made later, returns [`ApiError::ShuttingDown`]. This is how a device model stops
     /// a thread waiting in ATTACH with no request coming. Calling it again does nothing.
     ///
-    /// - In-process: the session's control client is destroyed; requests queued to it and not
-    ///   attached go back to the DM for the next session, which may be opened at once. Requests
-    ///   already attached can still be completed on this session.
+    /// - In-process: the session's status word is dropped and its control client destroyed;
+    ///   requests queued to it and not attached go back to the DM for the next session, which
+    ///   may be opened at once. Requests already attached can still be completed on this
+    ///   session.
     /// - Socket: the connection is shut down; every later call fails, and the platform ends the
     ///   session as if the process had exited (requests attached and not completed are
     ///   completed, reads with [`ABANDONED_READ_VALUE`]).

@@ -369,6 +369,10 @@ fn status_word_answers_interrupt_status_and_ack_without_the_device_model(stack: 
     let t = serve_one(&s2, 5);
     assert_eq!(stack.frontend().read(MMIO[0] + 0x60, 4).unwrap(), 5);
     t.join().unwrap();
+    // and may register its own word at once: the old one was dropped before it could open.
+    let sw2 = s2.register_status_word(spec).unwrap();
+    sw2.word().store(4, Ordering::Release);
+    assert_eq!(stack.frontend().read(MMIO[0] + 0x60, 4).unwrap(), 4);
 }
 
 fn shutdown_wakes_a_blocked_attach_and_refuses_later_ones(stack: &Stack) {
