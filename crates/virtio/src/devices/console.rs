@@ -44,9 +44,13 @@ pub enum ConsolePort {
 }
 
 impl ConsolePort {
-    /// A new PTY port; `alias`, if given, becomes a symlink to the slave.
+    /// A new PTY port; `alias`, if given, becomes a symlink to the slave. The master is
+    /// non-blocking: with nobody reading the slave, guest output is dropped once the PTY's
+    /// buffer is full instead of stalling the worker (Linux's virtio_console spins the vCPU
+    /// until the host takes each transmit buffer, so a stalled worker hangs the guest).
     pub fn pty(alias: Option<&Path>) -> io::Result<Self> {
         let pty = open_pty()?;
+        set_nonblocking(pty.master.as_raw_fd())?;
         if let Some(alias) = alias {
             let _ = std::fs::remove_file(alias);
             std::os::unix::fs::symlink(&pty.path, alias)?;
@@ -108,7 +112,10 @@ impl ConsolePort {
                 None => Ok(()),
             },
         };
-        r.map_err(io::Error::other)
+        r.map_err(|e| match e {
+            vm_memory::GuestMemoryError::IOError(io) => io,
+            other => io::Error::other(other),
+        })
     }
 
     fn drop_client(&mut self) {
@@ -116,6 +123,17 @@ impl ConsolePort {
             *client = None;
         }
     }
+}
+
+/// Sets O_NONBLOCK on `fd`.
+fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor the caller keeps open; F_GETFL/F_SETFL touch no memory.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl Drop for ConsolePort {
@@ -324,6 +342,11 @@ impl ConsoleWorker {
             drop(stream);
             return;
         }
+        // A client that stops reading must not stall the worker (see `ConsolePort::pty`).
+        if let Err(e) = stream.set_nonblocking(true) {
+            warn_rl!("virtio-console: client socket: {e}");
+            return;
+        }
         match ev.add(&stream, INPUT_TOKEN) {
             Ok(()) => {
                 *input_fd = Some(stream.as_raw_fd());
@@ -335,6 +358,11 @@ impl ConsoleWorker {
 
     fn read_input(&mut self, ev: &EventLoop, input_fd: &mut Option<RawFd>) {
         match self.port.read(&mut self.pending) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
             Ok(0) | Err(_) => {
                 // EOF or error: stop polling this input (a socket client is dropped).
                 if let Some(fd) = input_fd.take() {
@@ -410,9 +438,16 @@ impl ConsoleWorker {
                     warn_rl!("virtio-console: tx buffer outside guest memory");
                     break;
                 }
-                if let Err(e) = port.write_from(mem, d.addr(), len) {
-                    warn_rl!("virtio-console: output: {e}");
-                    broken = true;
+                match port.write_from(mem, d.addr(), len) {
+                    Ok(()) => {}
+                    // Nobody reads fast enough: drop the rest, like a serial line.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        warn_rl!("virtio-console: output dropped: nobody reads the port");
+                    }
+                    Err(e) => {
+                        warn_rl!("virtio-console: output: {e}");
+                        broken = true;
+                    }
                 }
             }
             0
@@ -515,6 +550,54 @@ mod tests {
         assert_eq!(&out, b"hello guest");
         assert_eq!(shared.interrupt_status.load(Ordering::SeqCst) & 1, 1);
 
+        dev.reset();
+    }
+
+    #[test]
+    fn output_to_a_pty_nobody_reads_is_dropped_instead_of_stalling_the_guest() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+        let mut dev = ConsoleDevice::new(ConsolePort::pty(None).unwrap());
+        let rxvq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+        let txvq = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
+        // 1 MiB of output: far more than a PTY buffers.
+        txvq.add_desc_chains(
+            &[RawDescriptor::from(Descriptor::new(
+                0x10_0000, 0x10_0000, 0, 0,
+            ))],
+            0,
+        )
+        .unwrap();
+        let evts: Vec<EventFd> = (0..2)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let shared = crate::device::SharedStatus::default();
+        dev.activate(ActivateContext {
+            mem: mem.clone(),
+            queues: vec![rxvq.create_queue().unwrap(), txvq.create_queue().unwrap()],
+            queue_evts: evts.iter().map(|e| e.try_clone().unwrap()).collect(),
+            interrupt: Arc::new(Interrupt::new(shared, irq.try_clone().unwrap())),
+            acked_features: 0,
+        })
+        .unwrap();
+
+        evts[1].write(1).unwrap();
+
+        let start = std::time::Instant::now();
+        let returned = loop {
+            if txvq.used().idx().load() == 1 {
+                break true;
+            }
+            if start.elapsed() > std::time::Duration::from_secs(10) {
+                break false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        if !returned {
+            // A stuck worker cannot be joined: leak it so the failure is reported.
+            std::mem::forget(dev);
+            panic!("the transmit buffer was never returned: the worker is stuck writing");
+        }
         dev.reset();
     }
 }
