@@ -216,7 +216,7 @@ const TOOLS: &[(&str, &str)] = &[
 ];
 
 /// Finds `tool` on PATH or in the sbin directories (depmod lives in /sbin).
-fn find_tool(tool: &str) -> Option<PathBuf> {
+pub fn find_tool(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))

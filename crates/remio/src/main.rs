@@ -6,6 +6,7 @@ mod bench;
 mod dm;
 mod guest;
 use remio::platform;
+mod hosttap;
 mod run;
 
 use clap::{Parser, Subcommand};

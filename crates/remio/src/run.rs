@@ -1,8 +1,9 @@
 //! `remio run`: one platform process (hypervisor model + dispatcher + device-model API socket +
 //! the QEMU bridge), one device-model process (`remio dm`) and QEMU booting the remio guest.
 //!
-//! With no arguments it is the demo: a fresh sparse disk, console and rng (and net with `--net
-//! TAP`) served through remio, and the guest's serial console on this terminal. `--exec CMD`
+//! With no arguments it is the demo: a fresh sparse disk, console, rng and, when a TAP can be
+//! made, net ([`crate::hosttap`]: host 10.77.0.1, guest 10.77.0.2) served through remio, and the
+//! guest's serial console on this terminal. `--exec CMD`
 //! runs CMD in the guest through the initramfs `/init` contract (`guest/README.md`: the command
 //! travels base64-encoded as `remio.exec=`, the guest prints `REMIO-EXEC-BEGIN`, the output,
 //! then `REMIO-EXIT <status>` and powers off), prints its output and exits with its status.
@@ -70,9 +71,14 @@ pub struct Args {
     /// Keep the temporary directory (disk image, sockets, generated config, logs).
     #[arg(long)]
     pub keep: bool,
-    /// Add a virtio-net device on this existing TAP interface.
-    #[arg(long)]
+    /// Add a virtio-net device: on this existing TAP interface, or `auto` for a new TAP with
+    /// the host at 10.77.0.1/24 and the guest's eth0 at 10.77.0.2/24 [default: auto in the
+    /// interactive demo when a TAP can be made, none with --exec].
+    #[arg(long, value_name = "TAP|auto", conflicts_with = "no_net")]
     pub net: Option<String>,
+    /// Leave out the virtio-net device.
+    #[arg(long)]
+    pub no_net: bool,
     /// Leave out the virtio console device.
     #[arg(long)]
     pub no_console: bool,
@@ -227,28 +233,6 @@ pub fn hyp_config(n: u32, ram: &GuestRam, access_timeout: Duration) -> anyhow::R
     })
 }
 
-/// Encodes `data` as standard base64 (what the guest's `base64 -d` reads).
-pub fn base64(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for c in data.chunks(3) {
-        let b = [
-            c[0],
-            c.get(1).copied().unwrap_or(0),
-            c.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4usize {
-            if i <= c.len() {
-                out.push(char::from(T[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 /// What a line of the guest's serial output means for `--exec`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConsoleLine {
@@ -274,22 +258,42 @@ pub fn classify(line: &str) -> ConsoleLine {
     ConsoleLine::Text
 }
 
-fn find_in_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
+fn guest_dir(args: &Args) -> PathBuf {
+    args.guest_dir
+        .clone()
+        .unwrap_or_else(crate::guest::default_dir)
 }
 
-fn guest_dir(args: &Args) -> PathBuf {
-    if let Some(d) = &args.guest_dir {
-        return d.clone();
+/// `--net auto`: make a TAP ([`crate::hosttap`]).
+const NET_AUTO: &str = "auto";
+
+/// The TAP `remio run` makes itself: with `--net auto` (an error when it cannot), and in the
+/// interactive demo unless `--net TAP` or `--no-net` (best effort: without net, saying why).
+fn host_tap(args: &Args) -> anyhow::Result<Option<crate::hosttap::HostTap>> {
+    let wanted = match args.net.as_deref() {
+        Some(NET_AUTO) => true,
+        Some(_) => return Ok(None),
+        None => !args.no_net && args.exec.is_none(),
+    };
+    if !wanted {
+        return Ok(None);
     }
-    if let Some(d) = std::env::var_os("REMIO_GUEST_DIR") {
-        return PathBuf::from(d);
+    match crate::hosttap::HostTap::create() {
+        Ok(tap) => {
+            log::info!(
+                "net: TAP {} with the host at {} (the guest's eth0 is {})",
+                tap.name(),
+                crate::hosttap::HOST_ADDR,
+                crate::hosttap::GUEST_ADDR
+            );
+            Ok(Some(tap))
+        }
+        Err(e) if args.net.is_some() => Err(e.context("--net auto: making a TAP")),
+        Err(e) => {
+            log::warn!("no TAP could be made, running without net: {e:#}");
+            Ok(None)
+        }
     }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/guest")
 }
 
 /// Set by SIGINT/SIGTERM/SIGHUP: stop and clean up.
@@ -385,7 +389,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
     let qemu = match &args.qemu {
         Some(q) => q.clone(),
-        None => find_in_path("qemu-system-x86_64").context(
+        None => crate::guest::find_tool("qemu-system-x86_64").context(
             "qemu-system-x86_64 not found: run scripts/setup (or `apt-get install qemu-system-x86`)",
         )?,
     };
@@ -431,7 +435,13 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
         (false, true) => ConsoleMode::Stdio,
         (false, false) => ConsoleMode::Pty,
     };
-    let devices = device_plan(&disk, console, !args.no_rng, args.net.as_deref());
+    let host_tap = host_tap(args)?;
+    let tap_name = match (&host_tap, &args.net) {
+        (Some(t), _) => Some(t.name().to_owned()),
+        (None, Some(name)) if name != NET_AUTO => Some(name.clone()),
+        (None, _) => None,
+    };
+    let devices = device_plan(&disk, console, !args.no_rng, tap_name.as_deref());
     let n = u32::try_from(devices.len()).context("too many devices")?;
     let hyp = Hypervisor::new(hyp_config(
         n,
@@ -481,10 +491,17 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
     log::info!("device model pid {}", dm.id());
     session.dm = Some(dm);
 
-    let mut cmdline_extra = String::new();
+    let mut cmdline_extra = Vec::new();
     if let Some(cmd) = &args.exec {
-        cmdline_extra = format!("remio.exec={}", base64(cmd.as_bytes()));
+        cmdline_extra.push(format!(
+            "remio.exec={}",
+            crate::guest::base64(cmd.as_bytes())
+        ));
     }
+    if host_tap.is_some() {
+        cmdline_extra.push(format!("remio.net={}", crate::hosttap::GUEST_ADDR));
+    }
+    let cmdline_extra = cmdline_extra.join(" ");
     let opts = QemuOptions {
         qemu,
         kernel,
@@ -535,6 +552,7 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
     drop(bridge);
     drop(platform);
     drop(session);
+    drop(host_tap);
 
     if !exec_mode {
         return Ok(None);
@@ -631,15 +649,6 @@ fn pump_exec_console(out: impl std::io::Read, verbose: bool, exit: &std::sync::M
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn base64_matches_the_standard_alphabet_and_padding() {
-        assert_eq!(base64(b""), "");
-        assert_eq!(base64(b"f"), "Zg==");
-        assert_eq!(base64(b"fo"), "Zm8=");
-        assert_eq!(base64(b"foo"), "Zm9v");
-        assert_eq!(base64(b"echo hi; exit 3"), "ZWNobyBoaTsgZXhpdCAz");
-    }
 
     #[test]
     fn console_markers_are_recognised_only_as_whole_lines() {
