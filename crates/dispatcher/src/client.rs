@@ -13,7 +13,6 @@ use remio_abi::{Hypercall, VirtioRequest};
 
 use crate::dm::Dm;
 use crate::queue::{Notifier, RequestQueue};
-use crate::ratelimit::RateLimit;
 use crate::router::RangeError;
 
 /// Errors of client creation and destruction.
@@ -160,14 +159,13 @@ fn client_thread<H>(queue: &RequestQueue, hc: &dyn Hypercall, dm_id: u32, mut ha
 where
     H: FnMut(&VirtioRequest) -> u64,
 {
-    let failed = RateLimit::new();
     while let Some(req) = queue.pop_wait() {
         // A panicking handler must not strand this and every later request.
         let v = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(&req)))
             .unwrap_or_else(|_| {
-                if failed.allow() {
-                    log::error!("I/O client of DM {dm_id}: handler panicked; completing with 0");
-                }
+                remio_ratelimit::error_rl!(
+                    "I/O client of DM {dm_id}: handler panicked; completing with 0"
+                );
                 0
             });
         let ret = hc.remote_io(&RemioArgs {
@@ -179,12 +177,10 @@ where
         });
         if let Err(s) = ret.check() {
             // The driver stops the thread here, stranding every later request; carry on.
-            if failed.allow() {
-                log::warn!(
-                    "I/O client of DM {dm_id}: completing request {} failed: {s}",
-                    req.request_id
-                );
-            }
+            remio_ratelimit::warn_rl!(
+                "I/O client of DM {dm_id}: completing request {} failed: {s}",
+                req.request_id
+            );
         }
     }
 }

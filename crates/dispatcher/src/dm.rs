@@ -18,7 +18,6 @@ use crate::gate::Gate;
 use crate::ioeventfd::{IoeventfdConfig, IoeventfdError, IoeventfdTable};
 use crate::irqfd::{IrqfdError, IrqfdServer};
 use crate::queue::RequestQueue;
-use crate::ratelimit::RateLimit;
 use crate::router::{InstallError, Routed, Router};
 use crate::statusword::{StatusPage, StatusWordConfig, StatusWordError};
 
@@ -103,10 +102,11 @@ pub enum CompleteError {
     /// not echo the request's). EINVAL.
     #[error("the hypervisor refused the completion's arguments")]
     InvalidArgs,
-    /// The hypervisor reported failure (status 1; Bao's Remote I/O does not use it for
-    /// completions, kept for hypervisors that do). ENOENT.
-    #[error("the request is not awaiting completion")]
-    NotPending,
+    /// The hypervisor reported a generic failure (status 1). Bao's Remote I/O never returns it
+    /// for a completion (a request that is not pending is status 3, [`Self::InvalidArgs`]);
+    /// it is kept so that a hypervisor that does is not mistaken for success. ENOENT.
+    #[error("the hypervisor reported failure (status 1)")]
+    HypervisorFailure,
     /// The hypervisor does not know the Remote I/O hypercall (status 2). ENOSYS.
     #[error("the hypervisor has no Remote I/O hypercall")]
     NoHypercall,
@@ -117,7 +117,7 @@ impl CompleteError {
     pub fn errno(&self) -> i32 {
         match self {
             Self::InvalidOp(_) | Self::InvalidArgs => libc::EINVAL,
-            Self::NotPending => libc::ENOENT,
+            Self::HypervisorFailure => libc::ENOENT,
             Self::NoHypercall => libc::ENOSYS,
         }
     }
@@ -126,7 +126,7 @@ impl CompleteError {
         match s {
             RemioStatus::InvalidArgs => Self::InvalidArgs,
             RemioStatus::InvalidHypercall => Self::NoHypercall,
-            RemioStatus::Success | RemioStatus::Failure => Self::NotPending,
+            RemioStatus::Success | RemioStatus::Failure => Self::HypervisorFailure,
         }
     }
 }
@@ -232,7 +232,6 @@ pub struct Dm {
     /// Leaf.
     irqfd: Mutex<IrqfdSlot>,
     counters: Counters,
-    log_limit: RateLimit,
 }
 
 impl std::fmt::Debug for Dm {
@@ -275,7 +274,6 @@ impl Dm {
             ioeventfds: RwLock::new(IoeventfdTable::default()),
             irqfd: Mutex::new(IrqfdSlot::default()),
             counters: Counters::default(),
-            log_limit: RateLimit::new(),
         })
     }
 
@@ -328,9 +326,11 @@ impl Dm {
                 // +1 is "nothing pending"; anything else is unexpected.
                 if ret.status != 1 {
                     bump(&self.counters.hypercall_errors);
-                    if self.log_limit.allow() {
-                        log::warn!("DM {}: ASK returned status {}", self.info.id, ret.status);
-                    }
+                    remio_ratelimit::warn_rl!(
+                        "DM {}: ASK returned status {}",
+                        self.info.id,
+                        ret.status
+                    );
                 }
                 break;
             }
@@ -388,14 +388,12 @@ impl Dm {
             Routed::Held => bump(&self.counters.held),
             Routed::Overflow(r) => {
                 bump(&self.counters.overflow);
-                if self.log_limit.allow() {
-                    log::warn!(
-                        "DM {}: client queue full, completing request {} at {:#x} with 0",
-                        self.info.id,
-                        r.request_id,
-                        r.addr
-                    );
-                }
+                remio_ratelimit::warn_rl!(
+                    "DM {}: client queue full, completing request {} at {:#x} with 0",
+                    self.info.id,
+                    r.request_id,
+                    r.addr
+                );
                 self.complete_with(&r, 0);
             }
             Routed::Closed(r) => {
@@ -420,14 +418,12 @@ impl Dm {
         });
         if ret.status != 0 {
             bump(&self.counters.hypercall_errors);
-            if self.log_limit.allow() {
-                log::warn!(
-                    "DM {}: completing request {} returned status {}",
-                    self.info.id,
-                    req.request_id,
-                    ret.status
-                );
-            }
+            remio_ratelimit::warn_rl!(
+                "DM {}: completing request {} returned status {}",
+                self.info.id,
+                req.request_id,
+                ret.status
+            );
         }
         ret
     }
@@ -467,7 +463,7 @@ impl Dm {
     ///
     /// # Errors
     /// [`CompleteError::InvalidOp`] for an op other than WRITE or READ; otherwise the
-    /// hypervisor's refusal ([`CompleteError::InvalidArgs`], [`CompleteError::NotPending`],
+    /// hypervisor's refusal ([`CompleteError::InvalidArgs`], [`CompleteError::HypervisorFailure`],
     /// [`CompleteError::NoHypercall`]).
     pub fn complete(&self, req: &VirtioRequest) -> Result<(), CompleteError> {
         if req.op != BAO_IO_WRITE && req.op != BAO_IO_READ {

@@ -228,7 +228,7 @@ impl IoeventfdTable {
             return false;
         };
         if let Err(e) = r.fd.write(1) {
-            log::warn!("ioeventfd at {addr:#x}: eventfd write failed: {e}");
+            remio_ratelimit::warn_rl!("ioeventfd at {addr:#x}: eventfd write failed: {e}");
         }
         true
     }

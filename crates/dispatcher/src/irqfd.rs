@@ -21,7 +21,6 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::ioeventfd::same_file;
-use crate::ratelimit::RateLimit;
 
 /// Errors of [`crate::Dm::irqfd_assign`] and [`crate::Dm::irqfd_deassign`].
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +87,6 @@ fn readable(fd: &EventFd) -> bool {
 
 fn run(shared: &Shared, hc: &dyn Hypercall, dm_id: u32) {
     let mut events = vec![EpollEvent::default(); 16];
-    let failed = RateLimit::new();
     loop {
         let n = match shared.epoll.wait(-1, &mut events) {
             Ok(n) => n,
@@ -121,9 +119,7 @@ fn run(shared: &Shared, hc: &dyn Hypercall, dm_id: u32) {
                 ..RemioArgs::default()
             });
             if let Err(s) = ret.check() {
-                if failed.allow() {
-                    log::warn!("irqfd of DM {dm_id}: NOTIFY failed: {s}");
-                }
+                remio_ratelimit::warn_rl!("irqfd of DM {dm_id}: NOTIFY failed: {s}");
             }
         }
     }

@@ -54,7 +54,7 @@
 //! | | `ShuttingDown` | ESHUTDOWN |
 //! | | `Io(e)` | `e`'s OS errno, else EIO |
 //! | [`CompleteError`] | `InvalidOp`, `InvalidArgs` (hypervisor status 3) | EINVAL |
-//! | | `NotPending` (hypervisor status 1) | ENOENT |
+//! | | `HypervisorFailure` (hypervisor status 1) | ENOENT |
 //! | | `NoHypercall` (hypervisor status 2) | ENOSYS |
 //!
 //! # Example
@@ -84,7 +84,6 @@ mod gate;
 mod ioeventfd;
 mod irqfd;
 mod queue;
-mod ratelimit;
 mod router;
 mod statusword;
 mod sync;

@@ -130,7 +130,7 @@ fn complete_forces_the_dm_id_and_refuses_other_ops() {
     dm1.complete(&req).unwrap();
     // A second completion is refused by the hypervisor (the slot is no longer PROCESSING).
     assert_eq!(dm1.complete(&req), Err(CompleteError::InvalidArgs));
-    assert_eq!(CompleteError::NotPending.errno(), libc::ENOENT);
+    assert_eq!(CompleteError::HypervisorFailure.errno(), libc::ENOENT);
 }
 
 #[test]

@@ -55,25 +55,6 @@ pub enum BridgeError {
     Io(#[from] std::io::Error),
 }
 
-/// A log limiter for guest-triggerable paths: the first 10 events, then one in 1000.
-#[derive(Debug, Default)]
-pub struct RateLimit {
-    seen: u64,
-}
-
-impl RateLimit {
-    /// A fresh limiter.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Whether this event may be logged.
-    pub fn allow(&mut self) -> bool {
-        self.seen += 1;
-        self.seen <= 10 || self.seen.is_multiple_of(1000)
-    }
-}
-
 /// Maps the guest RAM file (shared) at guest-physical 0.
 fn map_ram(ram: &GuestRam) -> Result<vm_memory::GuestMemoryMmap, BridgeError> {
     use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};

@@ -160,15 +160,13 @@ impl BackendVm {
 
     fn invalid(&self, args: &RemioArgs, why: &str) -> RemioRet {
         bump(&self.hyp.stats.invalid_hypercalls);
-        if self.hyp.log_limit.allow() {
-            log::warn!(
-                "VM {}: Remote I/O hypercall refused ({why}): dm_id {} op {} request_id {}",
-                self.vm_id(),
-                args.dm_id,
-                args.op,
-                args.request_id
-            );
-        }
+        remio_ratelimit::warn_rl!(
+            "VM {}: Remote I/O hypercall refused ({why}): dm_id {} op {} request_id {}",
+            self.vm_id(),
+            args.dm_id,
+            args.op,
+            args.request_id
+        );
         RemioRet::with_status(RemioStatus::InvalidArgs.negated())
     }
 

@@ -352,14 +352,12 @@ impl Hypervisor {
 
     fn timed_out(&self, pair: &Pair, addr: u64, why: &str) -> Completion {
         bump(&self.stats.timeouts);
-        if self.log_limit.allow() {
-            log::warn!(
-                "Remote I/O access at {addr:#x} (bind key {}) timed out after {:?}: {why}; \
-                 completing it (a read returns {TIMEOUT_READ_VALUE})",
-                pair.bind_key,
-                self.timeout.unwrap_or_default()
-            );
-        }
+        remio_ratelimit::warn_rl!(
+            "Remote I/O access at {addr:#x} (bind key {}) timed out after {:?}: {why}; \
+             completing it (a read returns {TIMEOUT_READ_VALUE})",
+            pair.bind_key,
+            self.timeout.unwrap_or_default()
+        );
         Completion {
             value: TIMEOUT_READ_VALUE,
             timed_out: true,

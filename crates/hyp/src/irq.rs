@@ -134,7 +134,7 @@ impl IrqLine {
                     line.raise();
                 });
             if let Err(e) = spawned {
-                log::warn!(
+                remio_ratelimit::warn_rl!(
                     "cannot spawn a thread for a latched interrupt ({e}); delivering inline"
                 );
                 self.raise();
@@ -176,7 +176,7 @@ fn signal(efd: &EventFd) {
     // EAGAIN means the counter is saturated: the consumer already has a wakeup pending.
     if let Err(e) = efd.write(1) {
         if e.kind() != io::ErrorKind::WouldBlock {
-            log::warn!("cannot signal an interrupt eventfd: {e}");
+            remio_ratelimit::warn_rl!("cannot signal an interrupt eventfd: {e}");
         }
     }
 }

@@ -125,7 +125,7 @@ use std::io;
 use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub use backend::{BackendDevice, BackendVm, IrqFdError};
 pub use config::{
@@ -205,49 +205,6 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Rate limit for logging on guest-triggerable paths: at most `PER_SECOND` messages a second.
-#[derive(Debug)]
-struct LogLimit {
-    start: Instant,
-    /// (second index << 32) | count in that second.
-    window: AtomicU64,
-}
-
-impl LogLimit {
-    const PER_SECOND: u64 = 10;
-
-    fn new() -> Self {
-        Self {
-            start: Instant::now(),
-            window: AtomicU64::new(0),
-        }
-    }
-
-    /// Whether a message may be logged now.
-    fn allow(&self) -> bool {
-        let sec = self.start.elapsed().as_secs() & 0xffff_ffff;
-        let mut cur = self.window.load(Ordering::Relaxed);
-        loop {
-            let (csec, count) = (cur >> 32, cur & 0xffff_ffff);
-            let next = if csec == sec {
-                if count >= Self::PER_SECOND {
-                    return false;
-                }
-                cur + 1
-            } else {
-                (sec << 32) | 1
-            };
-            match self
-                .window
-                .compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed)
-            {
-                Ok(_) => return true,
-                Err(v) => cur = v,
-            }
-        }
-    }
-}
-
 /// One Remote I/O pair (frontend + backend sharing a bind key).
 #[derive(Debug)]
 pub(crate) struct Pair {
@@ -300,7 +257,6 @@ pub struct Hypervisor {
     slots: SlotPool,
     timeout: Option<Duration>,
     stats: Counters,
-    log_limit: LogLimit,
 }
 
 impl Hypervisor {
@@ -404,7 +360,6 @@ impl Hypervisor {
             slots: SlotPool::new(config.slots),
             timeout: config.timeout,
             stats: Counters::default(),
-            log_limit: LogLimit::new(),
         }))
     }
 

@@ -13,7 +13,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::warn_rl;
+use remio_ratelimit::warn_rl;
 
 /// Where InterruptStatus lives: in this process (the default), or in the status word the
 /// session shares with the dispatcher ([`remio_api::DmSession::register_status_word`]), which

@@ -22,8 +22,6 @@
 //! # Ok(()) }
 //! ```
 
-pub mod ratelimit;
-
 pub mod config;
 pub mod device;
 pub mod devices;

@@ -16,7 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::config::{Config, DeviceConfig};
 use crate::devices::build_device;
 use crate::transport::{MmioTransport, NotifyRegistrar, RegistrarError};
-use crate::warn_rl;
+use remio_ratelimit::warn_rl;
 
 /// Errors setting up the devices of a config.
 #[derive(Debug, thiserror::Error)]

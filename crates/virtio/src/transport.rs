@@ -23,7 +23,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{ActivateContext, Interrupt, SharedStatus, VirtioDevice};
-use crate::warn_rl;
+use remio_ratelimit::warn_rl;
 
 /// MagicValue: "virt" in little endian (virtio 1.2 §4.2.2).
 pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;

@@ -175,7 +175,9 @@ impl Conn {
                     match slot {
                         Some(s @ Some(None)) => *s = Some(Some(answer)),
                         _ => {
-                            log::warn!("api socket: reply for a tag nobody waits for; closing");
+                            remio_ratelimit::warn_rl!(
+                                "api socket: reply for a tag nobody waits for; closing"
+                            );
                             self.mark_dead(&mut st);
                         }
                     }

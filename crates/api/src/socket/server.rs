@@ -151,7 +151,7 @@ fn accept_loop(
                     None => cred.uid == euid || cred.uid == 0,
                 };
                 if !allowed {
-                    log::warn!(
+                    remio_ratelimit::warn_rl!(
                         "api socket: refused pid {} uid {} (not allowed)",
                         cred.pid,
                         cred.uid
@@ -160,7 +160,7 @@ fn accept_loop(
                 }
             }
             Err(e) => {
-                log::warn!("api socket: no peer credentials: {e}");
+                remio_ratelimit::warn_rl!("api socket: no peer credentials: {e}");
                 continue;
             }
         }
@@ -644,7 +644,9 @@ impl Conn {
             fdpass::send_msg(self.sock.as_fd(), &buf, fds)
         });
         if let Err(e) = r {
-            log::warn!("api socket: reply not delivered ({e}); closing the connection");
+            remio_ratelimit::warn_rl!(
+                "api socket: reply not delivered ({e}); closing the connection"
+            );
             self.shutdown();
         }
     }
@@ -835,7 +837,9 @@ fn process(
                 true
             }
             _ => {
-                log::warn!("api socket: corrupt oversized packet; closing the connection");
+                remio_ratelimit::warn_rl!(
+                    "api socket: corrupt oversized packet; closing the connection"
+                );
                 false
             }
         };
@@ -849,7 +853,7 @@ fn process(
                     true
                 }
                 None => {
-                    log::warn!("api socket: {e}; closing the connection");
+                    remio_ratelimit::warn_rl!("api socket: {e}; closing the connection");
                     false
                 }
             }

@@ -44,7 +44,6 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::pci::WINDOW_SIZE;
 use super::remote::{MmioTarget, TargetError};
-use super::RateLimit;
 
 /// virtio-blk's IOERR status byte (virtio 1.2 §5.2.6).
 #[expect(
@@ -83,7 +82,6 @@ struct WindowState {
     queues: Vec<QueueShadow>,
     /// The last value read at each (offset, width), replayed once failed.
     reads: BTreeMap<(u64, u8), u64>,
-    log: RateLimit,
 }
 
 fn set_low(v: &mut u64, low: u64) {
@@ -215,7 +213,7 @@ impl Failover {
         };
         if !st.failed {
             st.failed = true;
-            log::warn!(
+            remio_ratelimit::warn_rl!(
                 "qemu bridge: window {i} (device id {}) has lost its device model: failing its \
                  requests (DEVICE_NEEDS_RESET)",
                 st.device_id
@@ -279,18 +277,16 @@ impl Failover {
         // Twice at most: a request added while we re-enable notifications is taken too.
         for _ in 0..2 {
             let (Some(avail_idx), Some(used_idx)) = (r16(q.avail + 2), r16(q.used + 2)) else {
-                if st.log.allow() {
-                    log::warn!("qemu bridge: a failed device's rings are outside guest RAM");
-                }
+                remio_ratelimit::warn_rl!(
+                    "qemu bridge: a failed device's rings are outside guest RAM"
+                );
                 return done;
             };
             let pending = avail_idx.wrapping_sub(used_idx);
             if pending > num {
-                if st.log.allow() {
-                    log::warn!(
-                        "qemu bridge: avail index {avail_idx} vs used {used_idx}: ring corrupt"
-                    );
-                }
+                remio_ratelimit::warn_rl!(
+                    "qemu bridge: avail index {avail_idx} vs used {used_idx}: ring corrupt"
+                );
                 return done;
             }
             for k in 0..pending {

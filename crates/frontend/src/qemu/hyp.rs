@@ -7,7 +7,7 @@ use std::sync::Arc;
 use remio_hyp::FrontendVm;
 
 use super::remote::{MmioTarget, TargetError};
-use super::{Bridge, BridgeError, GuestRam, RateLimit};
+use super::{Bridge, BridgeError, GuestRam};
 
 impl MmioTarget for FrontendVm {
     fn read(&self, addr: u64, width: u8) -> Result<u64, TargetError> {
@@ -43,12 +43,9 @@ impl Bridge {
             let Some(line) = bridge.interrupt(d.index) else {
                 continue;
             };
-            let limit = std::sync::Mutex::new(RateLimit::new());
             let sink = Arc::new(move || {
                 if let Err(e) = line.raise() {
-                    if limit.lock().is_ok_and(|mut l| l.allow()) {
-                        log::warn!("qemu bridge: raising an interrupt failed: {e}");
-                    }
+                    remio_ratelimit::warn_rl!("qemu bridge: raising an interrupt failed: {e}");
                 }
             });
             vm.set_interrupt_sink(d.index, sink)

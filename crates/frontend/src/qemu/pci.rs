@@ -46,10 +46,17 @@ pub struct ConfigSpace {
 }
 
 /// BAR0's size for `windows` windows: a power of two, at least one 4 KiB page.
-pub fn bar_size_for(windows: usize) -> u64 {
-    (windows as u64 * WINDOW_SIZE)
+///
+/// # Errors
+/// [`PciError::BadWindowCount`] outside `1..=MAX_WINDOWS`.
+pub fn bar_size_for(windows: usize) -> Result<u64, PciError> {
+    if windows == 0 || windows > MAX_WINDOWS {
+        return Err(PciError::BadWindowCount(windows));
+    }
+    // Bounded by MAX_WINDOWS: no overflow.
+    Ok((windows as u64 * WINDOW_SIZE)
         .next_power_of_two()
-        .max(0x1000)
+        .max(0x1000))
 }
 
 impl ConfigSpace {
@@ -57,10 +64,7 @@ impl ConfigSpace {
     /// non-prefetchable memory BAR), interrupt pin A (QEMU's shadow says so too), no
     /// capabilities, no ROM.
     pub fn new(windows: usize) -> Result<Self, PciError> {
-        if windows == 0 || windows > MAX_WINDOWS {
-            return Err(PciError::BadWindowCount(windows));
-        }
-        let bar_size = bar_size_for(windows);
+        let bar_size = bar_size_for(windows)?;
         let mut bytes = [0u8; CONFIG_SIZE];
         let mut wmask = [0u8; CONFIG_SIZE];
         put16(&mut bytes, 0x00, PROXY_VENDOR_ID);
@@ -224,5 +228,11 @@ mod tests {
         );
         assert!(ConfigSpace::new(33).is_err());
         assert_eq!(ConfigSpace::new(32).unwrap().bar_size(), 0x4000);
+        assert_eq!(bar_size_for(1), Ok(0x1000));
+        assert_eq!(bar_size_for(9), Ok(0x2000));
+        assert_eq!(
+            bar_size_for(usize::MAX),
+            Err(PciError::BadWindowCount(usize::MAX))
+        );
     }
 }

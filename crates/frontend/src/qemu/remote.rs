@@ -11,7 +11,6 @@ use std::time::Instant;
 use super::pci::{ConfigSpace, PciError, WINDOW_SIZE};
 use super::ram::RamIdentity;
 use super::wire::{Channel, Request, SysmemRegion, WireError};
-use super::RateLimit;
 
 /// The error a target returns for an access it could not perform.
 pub type TargetError = Box<dyn std::error::Error + Send + Sync>;
@@ -124,7 +123,6 @@ pub struct Remote {
     sysmem_fds: Vec<OwnedFd>,
     last_layout: Vec<SysmemRegion>,
     stats: Arc<RemoteStats>,
-    bad_access_log: RateLimit,
 }
 
 impl std::fmt::Debug for Remote {
@@ -153,7 +151,6 @@ impl Remote {
             sysmem_fds: Vec::new(),
             last_layout: Vec::new(),
             stats: Arc::new(RemoteStats::default()),
-            bad_access_log: RateLimit::new(),
         })
     }
 
@@ -197,9 +194,7 @@ impl Remote {
 
     fn bad(&mut self, what: std::fmt::Arguments<'_>) {
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
-        if self.bad_access_log.allow() {
-            log::warn!("qemu remote: {what}");
-        }
+        remio_ratelimit::warn_rl!("qemu remote: {what}");
     }
 
     /// Handles one request; returns the reply value when QEMU waits for one.

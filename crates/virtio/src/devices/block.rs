@@ -24,7 +24,7 @@ use crate::device::{
     drain_queue, fail_device, read_config_bytes, ActivateContext, ActivateError, EventLoop,
     Interrupt, VirtioDevice, Worker, STOP_TOKEN,
 };
-use crate::warn_rl;
+use remio_ratelimit::warn_rl;
 
 /// Sector size of the virtio-blk protocol (virtio 1.2 §5.2.6).
 pub const SECTOR_SIZE: u64 = 512;

@@ -19,7 +19,7 @@ use crate::device::{
     QueueError, VirtioDevice, Worker, STOP_TOKEN,
 };
 use crate::sys::{open_pty, Pty};
-use crate::warn_rl;
+use remio_ratelimit::warn_rl;
 
 /// Queue size we offer.
 pub const QUEUE_SIZE: u16 = 256;

@@ -20,7 +20,7 @@ use crate::device::{
     check_avail, drain_queue, fail_device, ActivateContext, ActivateError, EventLoop, Interrupt,
     QueueError, VirtioDevice, Worker, STOP_TOKEN,
 };
-use crate::warn_rl;
+use remio_ratelimit::warn_rl;
 
 /// Queue size we offer.
 pub const QUEUE_SIZE: u16 = 256;

@@ -1,4 +1,6 @@
-//! Rate-limited logging for guest-triggerable sites (conventions §4, §5).
+//! Rate-limited logging for sites a guest or a client can trigger in a loop (conventions §4,
+//! §5): a guest that loops on a bad descriptor, a local process that reconnects with garbage,
+//! must not flood the log.
 //!
 //! Each call site owns a [`LogLimiter`] (a `static` created by the [`warn_rl!`] macro) that lets
 //! through at most [`LogLimiter::BURST`] messages per second; the rest are counted and the
@@ -68,16 +70,33 @@ impl Default for LogLimiter {
     }
 }
 
+#[doc(hidden)]
+pub use log as __log;
+
 /// `log::warn!`, rate limited per call site.
 #[macro_export]
 macro_rules! warn_rl {
     ($($arg:tt)*) => {{
-        static LIMITER: $crate::ratelimit::LogLimiter = $crate::ratelimit::LogLimiter::new();
+        static LIMITER: $crate::LogLimiter = $crate::LogLimiter::new();
         if let Some(suppressed) = LIMITER.allow() {
             if suppressed > 0 {
-                log::warn!("({} similar messages suppressed)", suppressed);
+                $crate::__log::warn!("({} similar messages suppressed)", suppressed);
             }
-            log::warn!($($arg)*);
+            $crate::__log::warn!($($arg)*);
+        }
+    }};
+}
+
+/// `log::error!`, rate limited per call site.
+#[macro_export]
+macro_rules! error_rl {
+    ($($arg:tt)*) => {{
+        static LIMITER: $crate::LogLimiter = $crate::LogLimiter::new();
+        if let Some(suppressed) = LIMITER.allow() {
+            if suppressed > 0 {
+                $crate::__log::error!("({} similar messages suppressed)", suppressed);
+            }
+            $crate::__log::error!($($arg)*);
         }
     }};
 }
@@ -94,5 +113,26 @@ mod tests {
         // A window boundary may fall inside the loop, allowing at most two bursts.
         assert!(allowed >= LogLimiter::BURST as usize);
         assert!(allowed <= 2 * LogLimiter::BURST as usize);
+    }
+
+    #[test]
+    fn the_next_message_let_through_reports_how_many_were_suppressed() {
+        let limiter = LogLimiter::new();
+        let tries = 3 * LogLimiter::BURST;
+        let (mut allowed, mut reported) = (0, 0);
+        for _ in 0..tries {
+            if let Some(n) = limiter.allow() {
+                allowed += 1;
+                reported += n; // non-zero only if a window boundary fell inside the loop
+            }
+        }
+        assert!(allowed < tries, "some messages were suppressed");
+        // In the next window the count of what was dropped comes with the first message.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let next = limiter
+            .allow()
+            .expect("a new window lets a message through");
+        assert_eq!(reported + next, tries - allowed);
+        assert_eq!(limiter.allow(), Some(0));
     }
 }
