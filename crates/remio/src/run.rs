@@ -56,8 +56,10 @@ pub struct Args {
     /// the temporary directory).
     #[arg(long)]
     pub disk: Option<PathBuf>,
-    /// A device-model config for `remio dm` to use instead of the generated one.
-    #[arg(long)]
+    /// Serve the devices of this device-model config (TOML or bao-virtio-dm YAML, see
+    /// docs/configuration.md) instead of the ones the flags describe. Device i must be dm_id i
+    /// with mmio_base 0x10000000 + i * 0x200.
+    #[arg(long, conflicts_with_all = ["disk", "net", "no_net", "no_console", "no_rng"])]
     pub config: Option<PathBuf>,
     /// Run this shell command in the guest, print its output and exit with its status.
     #[arg(long)]
@@ -258,6 +260,80 @@ pub fn classify(line: &str) -> ConsoleLine {
     ConsoleLine::Text
 }
 
+/// The devices the flags ask for: `--disk` (or a fresh demo image in `tmp`), the console,
+/// rng, and net on `tap` or `--net TAP`.
+fn planned_devices(
+    args: &Args,
+    tmp: &Path,
+    tap: Option<&crate::hosttap::HostTap>,
+) -> anyhow::Result<Vec<DeviceSpec>> {
+    let disk = match &args.disk {
+        Some(d) => {
+            if !d.is_file() {
+                bail!("--disk {}: not a file", d.display());
+            }
+            d.canonicalize()?
+        }
+        None => {
+            let d = tmp.join("disk.img");
+            File::create(&d)?.set_len(DEMO_DISK_SIZE)?;
+            d
+        }
+    };
+    let console = match (args.no_console, args.exec.is_some()) {
+        (true, _) => ConsoleMode::Off,
+        (false, true) => ConsoleMode::Stdio,
+        (false, false) => ConsoleMode::Pty,
+    };
+    let tap_name = match (tap, &args.net) {
+        (Some(t), _) => Some(t.name().to_owned()),
+        (None, Some(name)) if name != NET_AUTO => Some(name.clone()),
+        (None, _) => None,
+    };
+    Ok(device_plan(
+        &disk,
+        console,
+        !args.no_rng,
+        tap_name.as_deref(),
+    ))
+}
+
+/// Checks a `--config` file against the layout `remio run` gives the guest (device `i` is
+/// `dm_id` i with its window at `MMIO_BASE + i * WINDOW`) and returns its device count.
+fn devices_in_user_config(path: &Path) -> anyhow::Result<u32> {
+    let config = remio_virtio::config::Config::from_file(path)
+        .with_context(|| format!("--config {}", path.display()))?;
+    check_layout(&config).with_context(|| format!("--config {}", path.display()))
+}
+
+/// See [`devices_in_user_config`].
+fn check_layout(config: &remio_virtio::config::Config) -> anyhow::Result<u32> {
+    let mut devices: Vec<_> = config.devices.iter().collect();
+    devices.sort_by_key(|d| d.dm_id);
+    if devices.is_empty() {
+        bail!("no devices");
+    }
+    if devices.len() > remio_frontend::qemu::pci::MAX_WINDOWS {
+        bail!(
+            "{} devices: the guest glue takes at most {}",
+            devices.len(),
+            remio_frontend::qemu::pci::MAX_WINDOWS
+        );
+    }
+    for (d, i) in devices.iter().zip(0u32..) {
+        let base = MMIO_BASE + u64::from(i) * WINDOW;
+        if d.dm_id != i || d.mmio_base != base {
+            bail!(
+                "device with dm_id {} at {:#x}: remio run numbers devices 0, 1, … with device i \
+                 at mmio_base {MMIO_BASE:#x} + i * {WINDOW:#x}; expected dm_id {i} at {base:#x}",
+                d.dm_id,
+                d.mmio_base
+            );
+        }
+    }
+    u32::try_from(devices.len()).context("too many devices")
+}
+
 fn guest_dir(args: &Args) -> PathBuf {
     args.guest_dir
         .clone()
@@ -417,32 +493,24 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
         keep: args.keep,
     };
 
-    let disk = match &args.disk {
-        Some(d) => {
-            if !d.is_file() {
-                bail!("--disk {}: not a file", d.display());
-            }
-            d.canonicalize()?
-        }
+    // With --config the user's file says what to serve; otherwise the plan from the flags.
+    let host_tap = if args.config.is_none() {
+        host_tap(args)?
+    } else {
+        None
+    };
+    let (n, dm_config) = match &args.config {
+        Some(c) => (devices_in_user_config(c)?, c.clone()),
         None => {
-            let d = tmp.join("disk.img");
-            File::create(&d)?.set_len(DEMO_DISK_SIZE)?;
-            d
+            let devices = planned_devices(args, &tmp, host_tap.as_ref())?;
+            let n = u32::try_from(devices.len()).context("too many devices")?;
+            let path = tmp.join("devices.toml");
+            let text = toml::to_string(&DmConfig { device: devices })
+                .context("serialising the device-model config")?;
+            std::fs::write(&path, text)?;
+            (n, path)
         }
     };
-    let console = match (args.no_console, args.exec.is_some()) {
-        (true, _) => ConsoleMode::Off,
-        (false, true) => ConsoleMode::Stdio,
-        (false, false) => ConsoleMode::Pty,
-    };
-    let host_tap = host_tap(args)?;
-    let tap_name = match (&host_tap, &args.net) {
-        (Some(t), _) => Some(t.name().to_owned()),
-        (None, Some(name)) if name != NET_AUTO => Some(name.clone()),
-        (None, _) => None,
-    };
-    let devices = device_plan(&disk, console, !args.no_rng, tap_name.as_deref());
-    let n = u32::try_from(devices.len()).context("too many devices")?;
     let hyp = Hypervisor::new(hyp_config(
         n,
         &ram,
@@ -457,16 +525,6 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
     let bridge = Bridge::for_frontend(&frontend, &ram, &tmp.join("ivshmem.sock"))
         .context("starting the QEMU bridge")?;
 
-    let dm_config = match &args.config {
-        Some(c) => c.clone(),
-        None => {
-            let path = tmp.join("devices.toml");
-            let text = toml::to_string(&DmConfig { device: devices })
-                .context("serialising the device-model config")?;
-            std::fs::write(&path, text)?;
-            path
-        }
-    };
     let exe = std::env::current_exe().context("locating the remio binary")?;
     let mut dm_cmd = Command::new(exe);
     // SAFETY: prctl is async-signal-safe; the closure touches no memory of the parent.
@@ -667,6 +725,21 @@ mod tests {
         let plan = device_plan(Path::new("/d.img"), ConsoleMode::Off, false, Some("tap0"));
         assert_eq!(plan[1].kind, "net");
         assert_eq!(plan[1].tap.as_deref(), Some("tap0"));
+    }
+
+    #[test]
+    fn a_user_config_must_follow_the_window_layout() {
+        let parse = |t: &str| remio_virtio::config::Config::from_toml_str(t).unwrap();
+        let good = parse(
+            "[[device]]\ndm_id = 1\ntype = \"rng\"\nmmio_base = 0x10000200\n\
+             [[device]]\ndm_id = 0\ntype = \"rng\"\nmmio_base = 0x10000000\n",
+        );
+        assert_eq!(check_layout(&good).unwrap(), 2);
+        let gap = parse("[[device]]\ndm_id = 1\ntype = \"rng\"\nmmio_base = 0x10000200\n");
+        let msg = format!("{:#}", check_layout(&gap).unwrap_err());
+        assert!(msg.contains("expected dm_id 0 at 0x10000000"), "{msg}");
+        let moved = parse("[[device]]\ndm_id = 0\ntype = \"rng\"\nmmio_base = 0xa003e00\n");
+        assert!(check_layout(&moved).is_err());
     }
 
     #[test]
