@@ -16,6 +16,8 @@ const RAND_SECS: u32 = 5;
 const QUEUE_DEPTH: u32 = 16;
 /// The disk both guests read.
 const DISK_MIB: u64 = 256;
+/// Wall-clock limit of one guest run (a run takes well under a minute).
+const RUN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// What one guest run measured.
 #[derive(Debug, Clone, Copy, Default)]
@@ -59,7 +61,7 @@ pub fn remio(disk: &Path) -> anyhow::Result<GuestFigures> {
             "--no-console",
             "--no-rng",
             "--timeout",
-            "600",
+            &RUN_TIMEOUT.as_secs().to_string(),
             "--disk",
         ])
         .arg(disk)
@@ -90,43 +92,99 @@ pub fn remio(disk: &Path) -> anyhow::Result<GuestFigures> {
     Ok(figures)
 }
 
+/// Runs `cmd` (stdin null, stdout captured) and kills it if it is still running after
+/// `limit`, which is then an error.
+fn output_within(
+    mut cmd: Command,
+    limit: std::time::Duration,
+) -> anyhow::Result<std::process::Output> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let start = std::time::Instant::now();
+    let pipes = (child.stdout.take(), child.stderr.take());
+    let reader = std::thread::spawn(move || {
+        use std::io::Read as _;
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let stderr = pipes.1.map(|mut e| {
+            std::thread::spawn(move || {
+                let _ = e.read_to_end(&mut err);
+                err
+            })
+        });
+        if let Some(mut o) = pipes.0 {
+            let _ = o.read_to_end(&mut out);
+        }
+        let err = stderr.and_then(|t| t.join().ok()).unwrap_or_default();
+        (out, err)
+    });
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("no result within {limit:?}: killed");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let (stdout, stderr) = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("output reader panicked"))?;
+    Ok(std::process::Output {
+        status,
+        stdout,
+        stderr,
+    })
+}
+
 /// The same guest with QEMU's own virtio-blk-device (virtio-mmio on microvm).
 pub fn qemu(disk: &Path, guest_dir: &Path) -> anyhow::Result<GuestFigures> {
-    let append = format!(
-        "console=ttyS0 panic=-1 remio.exec={}",
+    // As `remio run` boots it: one vCPU, and the TSC rate given so that the guest does not
+    // calibrate it (which can hang under load).
+    let mut append = String::from("console=ttyS0 panic=-1");
+    if let Some(khz) = remio_frontend::qemu::launch::host_tsc_khz() {
+        append.push_str(&format!(" tsc_early_khz={khz}"));
+    }
+    append.push_str(&format!(
+        " remio.exec={}",
         crate::guest::base64(guest_command().as_bytes())
-    );
-    let out = Command::new("qemu-system-x86_64")
-        .args([
-            "-M",
-            "microvm,acpi=on,rtc=on",
-            "-accel",
-            "tcg",
-            "-cpu",
-            "max",
-            "-m",
-            "256M",
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-            "-kernel",
-        ])
-        .arg(guest_dir.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(guest_dir.join("initramfs.cpio"))
-        .args(["-append", &append, "-drive"])
-        .arg(format!(
-            // QEMU's defaults (writeback cache, thread pool): the host page cache serves both
-            // sides alike, as remio's block device reads through it too.
-            "file={},format=raw,if=none,id=d0",
-            disk.display()
-        ))
-        .args(["-device", "virtio-blk-device,drive=d0"])
-        .stdin(Stdio::null())
-        .output()
+    ));
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-M",
+        "microvm,acpi=on,rtc=on",
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max",
+        "-smp",
+        "1",
+        "-m",
+        "256M",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+        "-kernel",
+    ])
+    .arg(guest_dir.join("vmlinuz"))
+    .arg("-initrd")
+    .arg(guest_dir.join("initramfs.cpio"))
+    .args(["-append", &append, "-drive"])
+    .arg(format!(
+        // QEMU's defaults (writeback cache, thread pool): the host page cache serves both
+        // sides alike, as remio's block device reads through it too.
+        "file={},format=raw,if=none,id=d0",
+        disk.display()
+    ))
+    .args(["-device", "virtio-blk-device,drive=d0"]);
+    let out = output_within(cmd, RUN_TIMEOUT)
         .context("running qemu-system-x86_64 (install the Debian package qemu-system-x86)")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     anyhow::ensure!(
