@@ -5,7 +5,8 @@
 //! touched; then [`BlockBackend::execute`] runs it.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Seek, SeekFrom};
+use std::io;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -396,19 +397,8 @@ impl BlockBackend {
                 // sector + len was checked against the capacity, so this does not overflow for
                 // a capacity taken from a file size; checked all the same (guest-derived).
                 let offset = req.sector.checked_mul(SECTOR_SIZE).ok_or(S_IOERR)?;
-                self.file
-                    .seek(SeekFrom::Start(offset))
+                transfer(&self.file, mem, &req.data, offset, kind == RequestType::In)
                     .map_err(|e| ioerr(&e))?;
-                for &(addr, len) in &req.data {
-                    let len = len as usize;
-                    if kind == RequestType::In {
-                        mem.read_exact_volatile_from(addr, &mut self.file, len)
-                            .map_err(|e| ioerr(&e))?;
-                    } else {
-                        mem.write_all_volatile_to(addr, &mut self.file, len)
-                            .map_err(|e| ioerr(&e))?;
-                    }
-                }
                 Ok(if kind == RequestType::In {
                     u32::try_from(req.data_len).unwrap_or(u32::MAX)
                 } else {
@@ -625,6 +615,91 @@ impl VirtioDevice for BlockDevice {
     }
 }
 
+/// Most iovecs one `preadv`/`pwritev` takes (Linux's `UIO_MAXIOV`).
+const IOV_MAX: usize = 1024;
+
+/// Moves the guest buffers `data` to or from the image at `offset`: one `preadv`/`pwritev`
+/// for the whole request (QEMU does the same), continuing after a short transfer. A read
+/// that reaches the end of the file is an error (the parser checked the request against the
+/// capacity, so the image shrank underneath us).
+fn transfer(
+    file: &File,
+    mem: &GuestMemoryMmap,
+    data: &[(GuestAddress, u32)],
+    offset: u64,
+    read: bool,
+) -> io::Result<()> {
+    // The guards keep the host mappings valid while the kernel uses the iovecs.
+    let mut guards = Vec::with_capacity(data.len());
+    // Reads from the image write guest memory and the other way round.
+    let access = if read {
+        Permissions::Write
+    } else {
+        Permissions::Read
+    };
+    for &(addr, len) in data {
+        let slices = mem
+            .get_slices(addr, len as usize, access)
+            .map_err(io::Error::other)?;
+        for slice in slices {
+            guards.push(slice.map_err(io::Error::other)?.ptr_guard_mut());
+        }
+    }
+    let mut iov: Vec<libc::iovec> = guards
+        .iter()
+        .filter(|g| g.len() > 0)
+        .map(|g| libc::iovec {
+            iov_base: g.as_ptr().cast(),
+            iov_len: g.len(),
+        })
+        .collect();
+    let mut pos = offset;
+    let mut first = 0;
+    while first < iov.len() {
+        let rest = &iov[first..];
+        let count = libc::c_int::try_from(rest.len().min(IOV_MAX)).unwrap_or(1);
+        let at =
+            libc::off_t::try_from(pos).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+        // SAFETY: every iovec points into guest memory mapped for the lifetime of `guards`,
+        // with the length vm-memory checked; the kernel reads or writes only those ranges.
+        let n = unsafe {
+            if read {
+                libc::preadv(file.as_raw_fd(), rest.as_ptr(), count, at)
+            } else {
+                libc::pwritev(file.as_raw_fd(), rest.as_ptr(), count, at)
+            }
+        };
+        let Ok(mut n) = usize::try_from(n) else {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        };
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the image ended before the request",
+            ));
+        }
+        pos += n as u64;
+        // Skip what was transferred; a partly done iovec is trimmed.
+        while n > 0 {
+            let v = &mut iov[first];
+            if n >= v.iov_len {
+                n -= v.iov_len;
+                first += 1;
+            } else {
+                // SAFETY: `n < iov_len`: the new base stays inside the same buffer.
+                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+                v.iov_len -= n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn run_block(
     backend: &mut BlockBackend,
     mem: GuestMemoryMmap,
@@ -736,6 +811,59 @@ mod tests {
         mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
         let expect: Vec<u8> = (512..1536).map(|i| (i % 251) as u8).collect();
         assert_eq!(buf, expect);
+    }
+
+    #[test]
+    fn scattered_segments_are_read_and_written_in_order() {
+        let mem = mem();
+        let (tmp, mut b) = image(false, None);
+        // Three segments of 512, 1024 and 512 bytes, out of address order: one preadv.
+        let segs = [(DATA + 0x2000, 512u32), (DATA, 1024), (DATA + 0x1000, 512)];
+        header(&mem, VIRTIO_BLK_T_IN, 3);
+        let mut descs = vec![d(HDR, 16, 0)];
+        descs.extend(segs.iter().map(|&(a, l)| d(a, l, W)));
+        descs.push(d(STATUS, 1, W));
+        assert_eq!(run(&mem, &mut b, &descs), 2049);
+        assert_eq!(status(&mem), S_OK);
+        let mut at = 3 * 512;
+        for &(addr, len) in &segs {
+            let mut buf = vec![0u8; len as usize];
+            mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+            let expect: Vec<u8> = (at..at + len as usize).map(|i| (i % 251) as u8).collect();
+            assert_eq!(buf, expect, "segment at {addr:#x}");
+            at += len as usize;
+        }
+
+        // And back: each segment filled with its own byte, written at sector 8.
+        for (k, &(addr, len)) in segs.iter().enumerate() {
+            mem.write_slice(&vec![0xa0 + k as u8; len as usize], GuestAddress(addr))
+                .unwrap();
+        }
+        header(&mem, VIRTIO_BLK_T_OUT, 8);
+        let mut descs = vec![d(HDR, 16, 0)];
+        descs.extend(segs.iter().map(|&(a, l)| d(a, l, 0)));
+        descs.push(d(STATUS, 1, W));
+        assert_eq!(run(&mem, &mut b, &descs), 1);
+        assert_eq!(status(&mem), S_OK);
+        let img = std::fs::read(tmp.as_path()).unwrap();
+        assert!(img[4096..4608].iter().all(|&x| x == 0xa0));
+        assert!(img[4608..5632].iter().all(|&x| x == 0xa1));
+        assert!(img[5632..6144].iter().all(|&x| x == 0xa2));
+        assert_eq!(img[6144], (6144 % 251) as u8);
+    }
+
+    #[test]
+    fn an_image_that_shrank_under_the_device_fails_the_read_instead_of_looping() {
+        let mem = mem();
+        let (tmp, mut b) = image(false, None);
+        tmp.as_file().set_len(512).unwrap();
+        header(&mem, VIRTIO_BLK_T_IN, 1);
+        run(
+            &mem,
+            &mut b,
+            &[d(HDR, 16, 0), d(DATA, 1024, W), d(STATUS, 1, W)],
+        );
+        assert_eq!(status(&mem), S_IOERR);
     }
 
     #[test]
