@@ -3,7 +3,8 @@
  * iobench: a small static block benchmark for the remio guest (fio would need its shared
  * libraries in the initramfs). Reads only; O_DIRECT so the guest page cache is not measured.
  *
- *   iobench seq  DEV MIB            sequential 1 MiB reads of the first MIB MiB
+ *   iobench seq  DEV MIB            MIB sequential 1 MiB reads, from the start of DEV and
+ *                                   wrapping around at its end
  *   iobench rand DEV SECONDS QD     4 KiB random reads, QD threads each with one read in flight
  *
  * Prints one line each:  IOBENCH seq mib_per_s=<f> bytes=<n> secs=<f>
@@ -46,14 +47,19 @@ static int seq(const char *dev, long mib)
 	const size_t bs = 1 << 20;
 	int fd = open_dev(dev);
 	void *buf;
-	uint64_t done = 0;
+	uint64_t done = 0, size = 0, mibs;
 	double t0, t;
 
+	if (ioctl(fd, BLKGETSIZE64, &size) || size < bs) {
+		fprintf(stderr, "iobench: %s: no size or smaller than 1 MiB\n", dev);
+		return 2;
+	}
+	mibs = size / bs;
 	if (posix_memalign(&buf, 4096, bs))
 		return 2;
 	t0 = now();
 	for (long i = 0; i < mib; i++) {
-		ssize_t n = pread(fd, buf, bs, (off_t)i * bs);
+		ssize_t n = pread(fd, buf, bs, (off_t)((uint64_t)i % mibs) * bs);
 
 		if (n <= 0) {
 			fprintf(stderr, "iobench: read at %ld MiB: %s\n", i, n ? strerror(errno) : "EOF");

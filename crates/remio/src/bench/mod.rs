@@ -36,6 +36,9 @@ pub struct Args {
     /// Samples per latency measurement.
     #[arg(long, default_value_t = 20_000)]
     iterations: usize,
+    /// Guest group: boots of each side (alternating QEMU and remio); medians are reported.
+    #[arg(long, default_value_t = 3)]
+    guest_runs: usize,
     /// Internal: run as a benchmark child process with this role.
     #[arg(long, hide = true)]
     child: Option<String>,
@@ -126,6 +129,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     anyhow::ensure!(args.iterations >= 100, "--iterations must be at least 100");
+    anyhow::ensure!(args.guest_runs >= 1, "--guest-runs must be at least 1");
     let selected = |g: &str| args.only.is_empty() || args.only.iter().any(|o| o == g);
     let dir = TempDir::new()?;
     let mut report = Report::default();
@@ -140,7 +144,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         scale(&mut report, &dir.0)?;
     }
     if selected("guest") {
-        guest(&mut report, &dir.0)?;
+        guest(&mut report, &dir.0, args.guest_runs)?;
     }
 
     if let Some(plot_dir) = &args.plot {
@@ -229,7 +233,7 @@ fn scale(report: &mut Report, dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn guest(report: &mut Report, dir: &std::path::Path) -> anyhow::Result<()> {
+fn guest(report: &mut Report, dir: &std::path::Path, runs: usize) -> anyhow::Result<()> {
     let guest_dir = crate::guest::default_dir();
     anyhow::ensure!(
         guest_dir.join("vmlinuz").exists(),
@@ -240,8 +244,17 @@ fn guest(report: &mut Report, dir: &std::path::Path) -> anyhow::Result<()> {
         "guest: the same kernel and disk, served by QEMU's virtio-blk-device, then by remio ..."
     );
     let disk = guest::make_disk(dir)?;
-    let qemu = guest::qemu(&disk, &guest_dir)?;
-    let remio = guest::remio(&disk)?;
+    // Alternating runs, medians: one pair alone swings with the machine's load.
+    let (mut qemu_runs, mut remio_runs) = (Vec::new(), Vec::new());
+    for round in 1..=runs {
+        eprintln!("guest: round {round}/{runs}");
+        qemu_runs.push(guest::qemu(&disk, &guest_dir)?);
+        remio_runs.push(guest::remio(&disk)?);
+    }
+    let (qemu, remio) = (
+        guest::GuestFigures::median(&qemu_runs),
+        guest::GuestFigures::median(&remio_runs),
+    );
     report.add("guest.qemu_seq_read_mib_s", qemu.seq_mib_per_s, "MiB/s");
     report.add_ratio(
         "guest.seq_read_mib_s",
