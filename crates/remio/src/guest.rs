@@ -940,39 +940,19 @@ fn boot(dir: &Path, exec: Option<&str>, timeout: u64) -> anyhow::Result<()> {
     let qemu = find_tool("qemu-system-x86_64").ok_or_else(|| {
         anyhow!("`qemu-system-x86_64` not found: install the Debian package `qemu-system-x86`")
     })?;
-    let mut append = String::from("console=ttyS0 panic=-1");
-    if let Some(cmd) = exec {
-        append.push_str(" remio.exec=");
-        append.push_str(&base64(cmd.as_bytes()));
-    }
+    let append = exec.map_or_else(String::new, |cmd| {
+        format!("remio.exec={}", base64(cmd.as_bytes()))
+    });
     let mut cmd = Command::new(qemu);
-    cmd.args([
-        // q35, not microvm: under TCG on a loaded host the kernel's TSC calibration against the
-        // PIT fails, and microvm has no HPET or ACPI PM timer to fall back on: it then hangs
-        // after "tsc: Marking TSC unstable" (see guest/README.md). q35 falls back to the HPET.
-        "-M",
+    // q35, not microvm: it boots the plain image with no remio devices, and has an HPET to fall
+    // back on should TSC calibration fail (see guest/README.md).
+    cmd.args(remio_frontend::qemu::launch::guest_args(
         "q35",
-        "-accel",
-        "tcg",
-        "-cpu",
-        "max",
-        "-m",
-        "256M",
-        "-smp",
-        "1",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-kernel",
-    ])
-    .arg(dir.join(KERNEL))
-    .arg("-initrd")
-    .arg(dir.join(INITRAMFS))
-    .arg("-append")
-    .arg(&append);
+        256,
+        &dir.join(KERNEL),
+        &dir.join(INITRAMFS),
+        &append,
+    ));
     let Some(_) = exec else {
         // Interactive: the console is ours.
         let status = cmd.status().context("starting QEMU")?;

@@ -10,7 +10,7 @@
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -134,54 +134,96 @@ pub fn args(opts: &QemuOptions, ends: &BridgeEnds) -> Vec<OsString> {
     args_with_tsc(opts, ends, host_tsc_khz())
 }
 
-/// [`args`] with the guest's TSC rate given (`tsc_early_khz=`, omitted when `None`).
-fn args_with_tsc(opts: &QemuOptions, ends: &BridgeEnds, tsc_khz: Option<u64>) -> Vec<OsString> {
-    let mut a: Vec<OsString> = Vec::new();
-    let mut push = |s: &str| a.push(s.into());
-    push("-M");
-    push("microvm,acpi=on,rtc=on,pcie=on,memory-backend=mem");
-    push("-accel");
-    push("tcg");
-    push("-cpu");
-    push("max");
-    push("-smp");
-    push("1");
-    push("-m");
-    push(&format!("{}M", ends.ram_size >> 20));
-    push("-object");
-    push(&format!(
-        "memory-backend-file,id=mem,size={},mem-path=/proc/self/fd/{},share=on",
-        ends.ram_size, ends.ram_fd
-    ));
-    push("-nodefaults");
-    push("-no-user-config");
-    push("-nographic");
-    push("-serial");
-    push("stdio");
-    push("-no-reboot");
-    push("-device");
-    push(&format!("x-pci-proxy-dev,id=remio0,fd={}", ends.proxy_fd));
-    push("-chardev");
-    a.push(OsString::from(format!(
-        "socket,id=remio-iv,path={}",
-        ends.ivshmem_path.display()
-    )));
-    a.push("-device".into());
-    a.push(format!("ivshmem-doorbell,chardev=remio-iv,vectors={}", ends.vectors).into());
-    a.push("-kernel".into());
-    a.push(opts.kernel.clone().into());
-    a.push("-initrd".into());
-    a.push(opts.initrd.clone().into());
-    a.push("-append".into());
+/// The arguments every remio guest boots with, whoever serves its devices (`remio run`, the
+/// QEMU baseline of `remio bench`, `remio guest boot`): `machine` under TCG with one vCPU and
+/// `ram_mib` of RAM, no default devices, the serial console on stdio, no reboot, and the kernel
+/// command line `console=ttyS0 panic=-1`, the TSC rate (see [`host_tsc_khz`]) and `cmdline_extra`.
+pub fn guest_args(
+    machine: &str,
+    ram_mib: u64,
+    kernel: &Path,
+    initrd: &Path,
+    cmdline_extra: &str,
+) -> Vec<OsString> {
+    guest_args_with_tsc(
+        machine,
+        ram_mib,
+        kernel,
+        initrd,
+        cmdline_extra,
+        host_tsc_khz(),
+    )
+}
+
+fn guest_args_with_tsc(
+    machine: &str,
+    ram_mib: u64,
+    kernel: &Path,
+    initrd: &Path,
+    cmdline_extra: &str,
+    tsc_khz: Option<u64>,
+) -> Vec<OsString> {
     let mut cmdline = String::from("console=ttyS0 panic=-1");
     if let Some(khz) = tsc_khz {
         cmdline.push_str(&format!(" tsc_early_khz={khz}"));
     }
-    if !opts.cmdline_extra.is_empty() {
+    if !cmdline_extra.is_empty() {
         cmdline.push(' ');
-        cmdline.push_str(&opts.cmdline_extra);
+        cmdline.push_str(cmdline_extra);
     }
+    let mut a: Vec<OsString> = [
+        "-M",
+        machine,
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max",
+        "-smp",
+        "1",
+        "-m",
+        &format!("{ram_mib}M"),
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+        "-kernel",
+    ]
+    .map(OsString::from)
+    .into();
+    a.push(kernel.into());
+    a.push("-initrd".into());
+    a.push(initrd.into());
+    a.push("-append".into());
     a.push(cmdline.into());
+    a
+}
+
+/// [`args`] with the guest's TSC rate given (`tsc_early_khz=`, omitted when `None`).
+fn args_with_tsc(opts: &QemuOptions, ends: &BridgeEnds, tsc_khz: Option<u64>) -> Vec<OsString> {
+    let mut a = guest_args_with_tsc(
+        "microvm,acpi=on,rtc=on,pcie=on,memory-backend=mem",
+        ends.ram_size >> 20,
+        &opts.kernel,
+        &opts.initrd,
+        &opts.cmdline_extra,
+        tsc_khz,
+    );
+    let more = [
+        "-object".to_owned(),
+        format!(
+            "memory-backend-file,id=mem,size={},mem-path=/proc/self/fd/{},share=on",
+            ends.ram_size, ends.ram_fd
+        ),
+        "-device".to_owned(),
+        format!("x-pci-proxy-dev,id=remio0,fd={}", ends.proxy_fd),
+        "-chardev".to_owned(),
+        format!("socket,id=remio-iv,path={}", ends.ivshmem_path.display()),
+        "-device".to_owned(),
+        format!("ivshmem-doorbell,chardev=remio-iv,vectors={}", ends.vectors),
+    ];
+    a.extend(more.into_iter().map(OsString::from));
     a.extend(opts.extra_args.iter().cloned());
     a
 }

@@ -167,40 +167,20 @@ fn output_within(
 
 /// The same guest with QEMU's own virtio-blk-device (virtio-mmio on microvm).
 pub fn qemu(disk: &Path, guest_dir: &Path) -> anyhow::Result<GuestFigures> {
-    // As `remio run` boots it: one vCPU, and the TSC rate given so that the guest does not
-    // calibrate it (which can hang under load).
-    let mut append = String::from("console=ttyS0 panic=-1");
-    if let Some(khz) = remio_frontend::qemu::launch::host_tsc_khz() {
-        append.push_str(&format!(" tsc_early_khz={khz}"));
-    }
-    append.push_str(&format!(
-        " remio.exec={}",
+    // Booted as `remio run` boots it (same arguments but for the machine's devices).
+    let exec = format!(
+        "remio.exec={}",
         crate::guest::base64(guest_command().as_bytes())
-    ));
+    );
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-M",
+    cmd.args(remio_frontend::qemu::launch::guest_args(
         "microvm,acpi=on,rtc=on",
-        "-accel",
-        "tcg",
-        "-cpu",
-        "max",
-        "-smp",
-        "1",
-        "-m",
-        "256M",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-kernel",
-    ])
-    .arg(guest_dir.join("vmlinuz"))
-    .arg("-initrd")
-    .arg(guest_dir.join("initramfs.cpio"))
-    .args(["-append", &append, "-drive"])
+        256,
+        &guest_dir.join("vmlinuz"),
+        &guest_dir.join("initramfs.cpio"),
+        &exec,
+    ))
+    .arg("-drive")
     .arg(format!(
         // QEMU's defaults (writeback cache, thread pool): the host page cache serves both
         // sides alike, as remio's block device reads through it too.
