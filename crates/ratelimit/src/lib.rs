@@ -73,32 +73,31 @@ impl Default for LogLimiter {
 #[doc(hidden)]
 pub use log as __log;
 
-/// `log::warn!`, rate limited per call site.
+/// `log::$level!`, rate limited per call site: what [`warn_rl!`] and [`error_rl!`] expand to.
+#[doc(hidden)]
 #[macro_export]
-macro_rules! warn_rl {
-    ($($arg:tt)*) => {{
+macro_rules! __log_rl {
+    ($level:ident, $($arg:tt)*) => {{
         static LIMITER: $crate::LogLimiter = $crate::LogLimiter::new();
         if let Some(suppressed) = LIMITER.allow() {
             if suppressed > 0 {
-                $crate::__log::warn!("({} similar messages suppressed)", suppressed);
+                $crate::__log::$level!("({} similar messages suppressed)", suppressed);
             }
-            $crate::__log::warn!($($arg)*);
+            $crate::__log::$level!($($arg)*);
         }
     }};
+}
+
+/// `log::warn!`, rate limited per call site.
+#[macro_export]
+macro_rules! warn_rl {
+    ($($arg:tt)*) => { $crate::__log_rl!(warn, $($arg)*) };
 }
 
 /// `log::error!`, rate limited per call site.
 #[macro_export]
 macro_rules! error_rl {
-    ($($arg:tt)*) => {{
-        static LIMITER: $crate::LogLimiter = $crate::LogLimiter::new();
-        if let Some(suppressed) = LIMITER.allow() {
-            if suppressed > 0 {
-                $crate::__log::error!("({} similar messages suppressed)", suppressed);
-            }
-            $crate::__log::error!($($arg)*);
-        }
-    }};
+    ($($arg:tt)*) => { $crate::__log_rl!(error, $($arg)*) };
 }
 
 #[cfg(test)]
