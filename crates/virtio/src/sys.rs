@@ -1,11 +1,142 @@
 //! The few system calls the backends need that std and vmm-sys-util do not wrap: opening a
-//! pseudo-terminal and configuring a TAP device. All unsafe code of the crate is here.
+//! pseudo-terminal, configuring a TAP device, O_NONBLOCK on a raw descriptor, and vectored
+//! image I/O into guest memory. All unsafe code of the crate is here.
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
+
+/// Sets O_NONBLOCK on `fd`.
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor the caller keeps open; F_GETFL/F_SETFL touch no memory.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Most iovecs one `preadv`/`pwritev` takes (Linux's `UIO_MAXIOV`).
+const IOV_MAX: usize = 1024;
+
+/// iovec storage reused by every request of a block device, so that its image I/O is one
+/// `preadv`/`pwritev` per request (QEMU does the same) without an allocation per request.
+#[derive(Debug, Default)]
+pub struct IoVecs(Vec<libc::iovec>);
+
+// SAFETY: the vector is only filled inside `transfer` and cleared before it returns, so its
+// raw pointers never outlive the call and never reach another thread.
+unsafe impl Send for IoVecs {}
+
+impl IoVecs {
+    /// Room for `n` segments before the first reallocation.
+    pub fn with_capacity(n: usize) -> Self {
+        Self(Vec::with_capacity(n))
+    }
+
+    /// Moves the guest buffers `data` to (`read`) or from the image `file` at `offset`,
+    /// continuing after a short transfer. Reaching the end of the file is an error: the block
+    /// parser checked the request against the capacity, so the image shrank underneath us.
+    pub fn transfer(
+        &mut self,
+        file: &File,
+        mem: &vm_memory::GuestMemoryMmap,
+        data: &[(vm_memory::GuestAddress, u32)],
+        offset: u64,
+        read: bool,
+    ) -> io::Result<()> {
+        let r = self
+            .fill(mem, data, read)
+            .and_then(|()| self.run(file, offset, read));
+        self.0.clear();
+        r
+    }
+
+    fn fill(
+        &mut self,
+        mem: &vm_memory::GuestMemoryMmap,
+        data: &[(vm_memory::GuestAddress, u32)],
+        read: bool,
+    ) -> io::Result<()> {
+        use vm_memory::{GuestMemory, Permissions};
+        // Reads from the image write guest memory and the other way round.
+        let access = if read {
+            Permissions::Write
+        } else {
+            Permissions::Read
+        };
+        for &(addr, len) in data {
+            let slices = mem
+                .get_slices(addr, len as usize, access)
+                .map_err(io::Error::other)?;
+            for slice in slices {
+                let slice = slice.map_err(io::Error::other)?;
+                if !slice.is_empty() {
+                    // The guard only matters for Xen foreign mappings (vm-memory's `xen`
+                    // feature, not built here): the pointer stays valid as long as `mem`.
+                    self.0.push(libc::iovec {
+                        iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                        iov_len: slice.len(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn run(&mut self, file: &File, offset: u64, read: bool) -> io::Result<()> {
+        let iov = &mut self.0;
+        let mut pos = offset;
+        let mut first = 0;
+        while first < iov.len() {
+            let rest = &iov[first..];
+            let count = libc::c_int::try_from(rest.len().min(IOV_MAX)).unwrap_or(1);
+            let at = libc::off_t::try_from(pos)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+            // SAFETY: every iovec points into guest memory that `fill` checked and that stays
+            // mapped for this call (the caller holds `mem`); the kernel touches only those
+            // ranges, reading them for pwritev and writing them for preadv.
+            let n = unsafe {
+                if read {
+                    libc::preadv(file.as_raw_fd(), rest.as_ptr(), count, at)
+                } else {
+                    libc::pwritev(file.as_raw_fd(), rest.as_ptr(), count, at)
+                }
+            };
+            let Ok(mut n) = usize::try_from(n) else {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            };
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the image ended before the request",
+                ));
+            }
+            pos += n as u64;
+            // Skip what was transferred; a partly done iovec is trimmed.
+            while n > 0 {
+                let v = &mut iov[first];
+                if n >= v.iov_len {
+                    n -= v.iov_len;
+                    first += 1;
+                } else {
+                    // SAFETY: `n < iov_len`: the new base stays inside the same buffer.
+                    v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+                    v.iov_len -= n;
+                    n = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+}
 
 /// A pseudo-terminal: the master we serve, the slave kept open so that the master never
 /// reports hang-up while no client has the slave open, and the slave's path.

@@ -5,8 +5,6 @@
 //! touched; then [`BlockBackend::execute`] runs it.
 
 use std::fs::{File, OpenOptions};
-use std::io;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -324,6 +322,8 @@ pub struct BlockBackend {
     disk: DiskGeometry,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
     req: BlockRequest,
+    /// Reused for every request's `preadv`/`pwritev` (no allocation per request).
+    iov: crate::sys::IoVecs,
 }
 
 impl BlockBackend {
@@ -346,6 +346,7 @@ impl BlockBackend {
                 data: Vec::with_capacity(SEG_MAX as usize),
                 ..BlockRequest::default()
             },
+            iov: crate::sys::IoVecs::with_capacity(SEG_MAX as usize),
         })
     }
 
@@ -397,7 +398,8 @@ impl BlockBackend {
                 // sector + len was checked against the capacity, so this does not overflow for
                 // a capacity taken from a file size; checked all the same (guest-derived).
                 let offset = req.sector.checked_mul(SECTOR_SIZE).ok_or(S_IOERR)?;
-                transfer(&self.file, mem, &req.data, offset, kind == RequestType::In)
+                self.iov
+                    .transfer(&self.file, mem, &req.data, offset, kind == RequestType::In)
                     .map_err(|e| ioerr(&e))?;
                 Ok(if kind == RequestType::In {
                     u32::try_from(req.data_len).unwrap_or(u32::MAX)
@@ -613,91 +615,6 @@ impl VirtioDevice for BlockDevice {
             self.backend = self.returned.lock().ok().and_then(|mut r| r.take());
         }
     }
-}
-
-/// Most iovecs one `preadv`/`pwritev` takes (Linux's `UIO_MAXIOV`).
-const IOV_MAX: usize = 1024;
-
-/// Moves the guest buffers `data` to or from the image at `offset`: one `preadv`/`pwritev`
-/// for the whole request (QEMU does the same), continuing after a short transfer. A read
-/// that reaches the end of the file is an error (the parser checked the request against the
-/// capacity, so the image shrank underneath us).
-fn transfer(
-    file: &File,
-    mem: &GuestMemoryMmap,
-    data: &[(GuestAddress, u32)],
-    offset: u64,
-    read: bool,
-) -> io::Result<()> {
-    // The guards keep the host mappings valid while the kernel uses the iovecs.
-    let mut guards = Vec::with_capacity(data.len());
-    // Reads from the image write guest memory and the other way round.
-    let access = if read {
-        Permissions::Write
-    } else {
-        Permissions::Read
-    };
-    for &(addr, len) in data {
-        let slices = mem
-            .get_slices(addr, len as usize, access)
-            .map_err(io::Error::other)?;
-        for slice in slices {
-            guards.push(slice.map_err(io::Error::other)?.ptr_guard_mut());
-        }
-    }
-    let mut iov: Vec<libc::iovec> = guards
-        .iter()
-        .filter(|g| g.len() > 0)
-        .map(|g| libc::iovec {
-            iov_base: g.as_ptr().cast(),
-            iov_len: g.len(),
-        })
-        .collect();
-    let mut pos = offset;
-    let mut first = 0;
-    while first < iov.len() {
-        let rest = &iov[first..];
-        let count = libc::c_int::try_from(rest.len().min(IOV_MAX)).unwrap_or(1);
-        let at =
-            libc::off_t::try_from(pos).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
-        // SAFETY: every iovec points into guest memory mapped for the lifetime of `guards`,
-        // with the length vm-memory checked; the kernel reads or writes only those ranges.
-        let n = unsafe {
-            if read {
-                libc::preadv(file.as_raw_fd(), rest.as_ptr(), count, at)
-            } else {
-                libc::pwritev(file.as_raw_fd(), rest.as_ptr(), count, at)
-            }
-        };
-        let Ok(mut n) = usize::try_from(n) else {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        };
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the image ended before the request",
-            ));
-        }
-        pos += n as u64;
-        // Skip what was transferred; a partly done iovec is trimmed.
-        while n > 0 {
-            let v = &mut iov[first];
-            if n >= v.iov_len {
-                n -= v.iov_len;
-                first += 1;
-            } else {
-                // SAFETY: `n < iov_len`: the new base stays inside the same buffer.
-                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
-                v.iov_len -= n;
-                n = 0;
-            }
-        }
-    }
-    Ok(())
 }
 
 fn run_block(

@@ -50,7 +50,7 @@ impl ConsolePort {
     /// until the host takes each transmit buffer, so a stalled worker hangs the guest).
     pub fn pty(alias: Option<&Path>) -> io::Result<Self> {
         let pty = open_pty()?;
-        set_nonblocking(pty.master.as_raw_fd())?;
+        crate::sys::set_nonblocking(pty.master.as_raw_fd())?;
         if let Some(alias) = alias {
             let _ = std::fs::remove_file(alias);
             std::os::unix::fs::symlink(&pty.path, alias)?;
@@ -123,17 +123,6 @@ impl ConsolePort {
             *client = None;
         }
     }
-}
-
-/// Sets O_NONBLOCK on `fd`.
-fn set_nonblocking(fd: RawFd) -> io::Result<()> {
-    // SAFETY: fcntl on a descriptor the caller keeps open; F_GETFL/F_SETFL touch no memory.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    // SAFETY: as above.
-    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 impl Drop for ConsolePort {
