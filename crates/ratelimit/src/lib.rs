@@ -5,6 +5,20 @@
 //! Each call site owns a [`LogLimiter`] (a `static` created by the [`warn_rl!`] macro) that lets
 //! through at most [`LogLimiter::BURST`] messages per second; the rest are counted and the
 //! count is reported with the next message let through.
+//!
+//! ```
+//! use remio_ratelimit::{warn_rl, LogLimiter};
+//!
+//! // A guest that hammers a bad register: the log gets a burst a second, not a flood.
+//! for offset in 0..1000u64 {
+//!     warn_rl!("bad access at offset {offset:#x}");
+//! }
+//!
+//! // The limiter alone, for a decision that is not a log line.
+//! let limiter = LogLimiter::new();
+//! let let_through = (0..100).filter(|_| limiter.allow().is_some()).count();
+//! assert!(let_through <= 2 * LogLimiter::BURST as usize);
+//! ```
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
