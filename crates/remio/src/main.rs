@@ -45,7 +45,43 @@ fn main() {
         Command::Bench(args) => bench::run(args),
     };
     if let Err(err) = result {
-        eprintln!("remio: {err:#}");
+        eprintln!("remio: {}", error_chain(&err));
         std::process::exit(1);
+    }
+}
+
+/// `err` and its causes joined by ": ", leaving out a cause that the message before it already
+/// ends with (many error types both show their source and return it as `source()`).
+fn error_chain(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_chain_names_each_cause_once() {
+        let io = std::io::Error::other("TAP name too long");
+        // A real error type that both prints its source and returns it.
+        let err = anyhow::Error::new(remio_virtio::device::ActivateError::Backend(io))
+            .context("starting the devices");
+        assert_eq!(
+            error_chain(&err),
+            "starting the devices: device backend: TAP name too long"
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_chain(&plain), "outer: inner");
     }
 }

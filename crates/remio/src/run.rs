@@ -548,6 +548,7 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
         .context("starting the device model (remio dm)")?;
     log::info!("device model pid {}", dm.id());
     session.dm = Some(dm);
+    wait_for_device_model(&mut session, &platform, n)?;
 
     let mut cmdline_extra = Vec::new();
     if let Some(cmd) = &args.exec {
@@ -625,6 +626,40 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
         (None, Outcome::Exited(st)) => {
             bail!("the guest stopped without reporting a status (QEMU {st})")
         }
+    }
+}
+
+/// How long the device model may take to open a session on every device.
+const DM_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Waits until the device model has a session on each of the `n` DMs, so that one that cannot
+/// start (a bad config, a TAP it cannot open) is an error of `remio run`, not a guest whose
+/// devices all fail.
+fn wait_for_device_model(session: &mut Session, platform: &Platform, n: u32) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        if let Some(dm) = session.dm.as_mut() {
+            if let Some(status) = dm.try_wait()? {
+                bail!("the device model failed to start ({status}); its error is above");
+            }
+        }
+        let ready = (0..n).all(|i| {
+            platform
+                .dispatcher()
+                .dm(i)
+                .is_ok_and(|dm| dm.has_control_client())
+        });
+        if ready {
+            log::debug!("device model ready after {:?}", start.elapsed());
+            return Ok(());
+        }
+        if STOP.load(Ordering::SeqCst) {
+            bail!("interrupted");
+        }
+        if start.elapsed() > DM_START_TIMEOUT {
+            bail!("the device model did not open all {n} devices within {DM_START_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

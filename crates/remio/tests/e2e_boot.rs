@@ -57,3 +57,23 @@ fn virtio_console_carries_guest_output_to_the_host() {
     assert_eq!(out.status, Some(0));
     assert!(out.stdout.contains("remio-console-echo-4711"));
 }
+
+#[test]
+fn a_device_model_that_cannot_start_fails_remio_run_before_the_guest_boots() {
+    if !prerequisites("e2e_boot") {
+        return;
+    }
+    // A TAP name longer than IFNAMSIZ: the device model refuses it and exits.
+    let out = remio_exec("echo booted", &["--net", "remio-name-too-long-for-a-tap"]);
+    assert_eq!(out.status, Some(1));
+    assert!(out.stderr.contains("the device model failed to start"));
+    assert!(out.stderr.contains("TAP name must be 1 to 15 bytes"));
+    assert!(
+        !out.stdout.contains("booted"),
+        "the guest must not have run"
+    );
+    assert!(
+        !out.stderr.contains("QEMU pid"),
+        "QEMU must not have started"
+    );
+}
