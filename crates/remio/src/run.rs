@@ -87,7 +87,8 @@ pub struct Args {
     /// Leave out the virtio rng device.
     #[arg(long)]
     pub no_rng: bool,
-    /// How long one trapped register access may stall before it completes anyway (ms).
+    /// How long one trapped register access may stall before it completes anyway (ms; 0: no
+    /// limit, as on Bao, where a device model that never answers stalls the vCPU).
     #[arg(long, default_value_t = 5000)]
     pub access_timeout_ms: u64,
     /// The QEMU binary [default: qemu-system-x86_64 on PATH].
@@ -191,7 +192,11 @@ pub fn device_plan(
 }
 
 /// The hypervisor configuration for `n` devices whose shared memory is the guest RAM.
-pub fn hyp_config(n: u32, ram: &GuestRam, access_timeout: Duration) -> anyhow::Result<HypConfig> {
+pub fn hyp_config(
+    n: u32,
+    ram: &GuestRam,
+    access_timeout: Option<Duration>,
+) -> anyhow::Result<HypConfig> {
     let dev = |i: u32, role| RemioDeviceConfig {
         bind_key: i,
         role,
@@ -231,7 +236,7 @@ pub fn hyp_config(n: u32, ram: &GuestRam, access_timeout: Duration) -> anyhow::R
         ],
         // One vCPU: one outstanding access; a few spare slots cost nothing.
         slots: 4,
-        timeout: Some(access_timeout),
+        timeout: access_timeout,
     })
 }
 
@@ -514,7 +519,7 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
     let hyp = Hypervisor::new(hyp_config(
         n,
         &ram,
-        Duration::from_millis(args.access_timeout_ms),
+        (args.access_timeout_ms > 0).then(|| Duration::from_millis(args.access_timeout_ms)),
     )?)
     .context("hypervisor model configuration")?;
 
@@ -780,7 +785,8 @@ mod tests {
     #[test]
     fn hyp_config_pairs_every_device_with_ram_as_shared_memory() {
         let ram = GuestRam::new(4 << 20).unwrap();
-        let hyp = Hypervisor::new(hyp_config(3, &ram, Duration::from_secs(1)).unwrap()).unwrap();
+        let hyp =
+            Hypervisor::new(hyp_config(3, &ram, Some(Duration::from_secs(1))).unwrap()).unwrap();
         let devs = hyp.frontend(FRONTEND_VM).unwrap().devices();
         assert_eq!(devs.len(), 3);
         assert_eq!(
