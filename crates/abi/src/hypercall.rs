@@ -1,7 +1,7 @@
 //! The Remote I/O hypercall (Bao hypercall number 2): operations, status codes and the register
 //! ABI of each architecture, as pure functions (`spec/remote-io.md`, "The hypercall").
 //!
-//! The pure encoders and decoders are what the tests pin; the inline assembly in [`native`]
+//! The pure encoders and decoders are what the tests pin; the inline assembly in `native`
 //! only moves registers and exists only on the architectures that have the instruction.
 
 /// Bao's hypercall id for Remote I/O (`REMIO_HC_ID`).

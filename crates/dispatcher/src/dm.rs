@@ -206,7 +206,7 @@ const DESTROY_DRAIN_MAX: usize = 4096;
 /// interrupt controller's inline delivery:
 /// 1. `lifecycle`
 /// 2. `io_clients`
-/// 3. the router's table, then its held queue, then a client queue (see [`Router`])
+/// 3. the router's table, then its held queue, then a client queue (see `Router`)
 ///
 /// `gate`, `ioeventfds` and `irqfd` are leaves: taken with nothing else held, except that
 /// `gate` is waited on under `lifecycle`.

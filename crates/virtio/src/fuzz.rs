@@ -187,7 +187,7 @@ fn split_header(data: &[u8]) -> Option<([u8; 2], &[u8])> {
 }
 
 /// virtio-rng over guest-laid descriptor chains: `data` is the queue header (2 bytes, see
-/// [`fuzz_queues`]), then guest memory. Serves the queue as the device's worker does (with a
+/// `fuzz_queues`), then guest memory. Serves the queue as the device's worker does (with a
 /// token bucket when the header's bit 1 is set).
 pub fn rng_chains(data: &[u8]) {
     let Some((header, rest)) = split_header(data) else {

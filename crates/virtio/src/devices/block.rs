@@ -2,7 +2,7 @@
 //!
 //! Every request is validated by [`parse_block_request`] (header, directions, sector range,
 //! status descriptor, every buffer inside guest memory) before any buffer or the image is
-//! touched; then [`BlockBackend::execute`] runs it.
+//! touched; then `BlockBackend::execute` runs it.
 
 use std::fs::{File, OpenOptions};
 use std::path::Path;
