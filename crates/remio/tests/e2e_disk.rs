@@ -1,6 +1,8 @@
 //! Block device round trips through a real guest: a raw pattern written by the guest is on the
 //! host image byte for byte and reads back after a second boot; an ext4 file system written by
-//! the guest is clean on the host, holds the guest's file, and keeps its checksum across boots.
+//! the guest is clean on the host, holds the guest's file, and keeps its checksum across boots;
+//! a bao-virtio-dm YAML config given to `remio run --config` serves a read-only disk the guest
+//! reads but cannot change.
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
@@ -135,4 +137,41 @@ fn ext4_written_in_the_guest_is_clean_on_the_host_and_keeps_a_checksum_across_bo
         again.map(|s| s.trim_end_matches(['-', ' '])),
         Some(sum.as_str())
     );
+}
+
+#[test]
+fn a_bao_virtio_dm_yaml_config_serves_a_read_only_disk_the_guest_cannot_write() {
+    if !prerequisites("e2e_disk") {
+        return;
+    }
+    let (dir, img) = temp_image(16 << 20);
+    std::fs::write(&img, vec![0x5a; 16 << 20]).unwrap();
+    let config = dir.as_path().join("devices.yaml");
+    // bao-virtio-dm's own format, as its users have it (shmem_addr 0: remio run shares the
+    // guest RAM from guest-physical 0).
+    std::fs::write(
+        &config,
+        format!(
+            "devices:\n  - id: 0\n    type: block\n    shmem_addr: 0x0\n    mmio_addr: 0x10000000\n    \
+             data_plane: virtio\n    file_path: {}\n    read_only: true\n  \
+             - id: 1\n    type: rng\n    mmio_addr: 0x10000200\n    data_plane: virtio\n",
+            path_str(&img)
+        ),
+    )
+    .unwrap();
+    let script = "echo RO $(cat /sys/block/vda/ro); \
+                  echo FIRST $(dd if=/dev/vda bs=1 count=1 2>/dev/null | od -An -tx1); \
+                  dd if=/dev/zero of=/dev/vda bs=4096 count=1 oflag=direct 2>/dev/null; \
+                  echo WRITE $?; echo RNG $(cat /sys/class/misc/hw_random/rng_current)";
+    let out = remio_exec(script, &["--config", path_str(&config)]);
+    assert_eq!(out.status, Some(0));
+    assert!(
+        out.stdout.contains("RO 1"),
+        "the guest sees a read-only disk"
+    );
+    assert!(out.stdout.contains("FIRST 5a"), "and reads the image");
+    assert!(out.stdout.contains("WRITE 1"), "a write fails");
+    assert!(out.stdout.contains("RNG virtio_rng"));
+    let image = std::fs::read(&img).unwrap();
+    assert!(image.iter().all(|&b| b == 0x5a), "the image is unchanged");
 }
