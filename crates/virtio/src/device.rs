@@ -145,6 +145,9 @@ pub enum ActivateError {
     /// The device is already active.
     #[error("device already active")]
     AlreadyActive,
+    /// The backend went down with a worker that panicked; the device cannot run again.
+    #[error("the device's backend was lost with its worker")]
+    BackendLost,
 }
 
 /// What a device gets at DRIVER_OK: guest memory, its queues (already sized, addressed, ready,
@@ -162,6 +165,25 @@ pub struct ActivateContext {
     pub interrupt: Arc<Interrupt>,
     /// The features the driver accepted.
     pub acked_features: u64,
+}
+
+/// What a device with `N` queues runs on: memory, its queues, their eventfds, its interrupt
+/// ([`ActivateContext::into_queues`]).
+pub type Activation<const N: usize> = (GuestMemoryMmap, [Queue; N], [EventFd; N], Arc<Interrupt>);
+
+impl ActivateContext {
+    /// Splits the context for a device with exactly `N` queues.
+    /// [`ActivateError::QueueCount`] for any other number.
+    pub fn into_queues<const N: usize>(self) -> Result<Activation<N>, ActivateError> {
+        let got = self.queues.len();
+        match (
+            <[Queue; N]>::try_from(self.queues),
+            <[EventFd; N]>::try_from(self.queue_evts),
+        ) {
+            (Ok(queues), Ok(evts)) => Ok((self.mem, queues, evts, self.interrupt)),
+            _ => Err(ActivateError::QueueCount { expected: N, got }),
+        }
+    }
 }
 
 /// A virtio device, independent of the transport (conventions §7).
@@ -195,18 +217,20 @@ pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
-/// A device worker thread with a stop eventfd; stopping it joins it. Dropping it stops it too.
+/// A device worker thread with a stop eventfd; stopping it joins it and hands back what the
+/// thread returned (the device's backend, for the next activation after a reset). Dropping it
+/// stops it too.
 #[derive(Debug)]
-pub struct Worker {
+pub struct Worker<T = ()> {
     stop: EventFd,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<T>>,
 }
 
-impl Worker {
+impl<T: Send + 'static> Worker<T> {
     /// Spawns `body`, giving it a clone of the stop eventfd to poll.
     pub fn spawn<F>(name: &str, body: F) -> io::Result<Self>
     where
-        F: FnOnce(EventFd) + Send + 'static,
+        F: FnOnce(EventFd) -> T + Send + 'static,
     {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let stop_clone = stop.try_clone()?;
@@ -218,21 +242,27 @@ impl Worker {
             thread: Some(thread),
         })
     }
+}
 
-    /// Signals the worker to stop and waits for it.
-    pub fn stop(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            if let Err(e) = self.stop.write(1) {
-                log::error!("virtio: cannot signal worker stop: {e}");
-            }
-            if thread.join().is_err() {
+impl<T> Worker<T> {
+    /// Signals the worker to stop, waits for it and returns what it returned (`None` if it
+    /// panicked, or on a second call).
+    pub fn stop(&mut self) -> Option<T> {
+        let thread = self.thread.take()?;
+        if let Err(e) = self.stop.write(1) {
+            log::error!("virtio: cannot signal worker stop: {e}");
+        }
+        match thread.join() {
+            Ok(t) => Some(t),
+            Err(_) => {
                 log::error!("virtio: a device worker panicked");
+                None
             }
         }
     }
 }
 
-impl Drop for Worker {
+impl<T> Drop for Worker<T> {
     fn drop(&mut self) {
         self.stop();
     }

@@ -6,7 +6,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::path::Path;
-use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -497,9 +496,8 @@ pub struct BlockDevice {
     backend: Option<BlockBackend>,
     config: [u8; CONFIG_LEN],
     features: u64,
-    worker: Option<Worker>,
-    /// The backend comes back here when the worker stops, for the next activation.
-    returned: Arc<std::sync::Mutex<Option<BlockBackend>>>,
+    /// Active: the worker owns the backend and hands it back when stopped.
+    worker: Option<Worker<BlockBackend>>,
 }
 
 impl BlockDevice {
@@ -539,7 +537,6 @@ impl BlockDevice {
             config,
             features,
             worker: None,
-            returned: Arc::default(),
         }
     }
 }
@@ -570,49 +567,19 @@ impl VirtioDevice for BlockDevice {
         if self.worker.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let backend = self
-            .backend
-            .take()
-            .or_else(|| self.returned.lock().ok().and_then(|mut r| r.take()))
-            .ok_or(ActivateError::AlreadyActive)?;
-        let ActivateContext {
-            mem,
-            mut queues,
-            mut queue_evts,
-            interrupt,
-            ..
-        } = ctx;
-        if queues.len() != 1 || queue_evts.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len(),
-            });
-        }
-        let (Some(queue), Some(evt)) = (queues.pop(), queue_evts.pop()) else {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: 0,
-            });
-        };
-        let returned = self.returned.clone();
+        let (mem, [queue], [evt], interrupt) = ctx.into_queues()?;
+        let mut backend = self.backend.take().ok_or(ActivateError::BackendLost)?;
         let worker = Worker::spawn("virtio-blk", move |stop| {
-            let mut backend = backend;
             run_block(&mut backend, mem, queue, evt, &interrupt, stop);
-            if let Ok(mut r) = returned.lock() {
-                *r = Some(backend);
-            }
-        })
-        .map_err(ActivateError::Backend)?;
-        self.worker = Some(worker);
+            backend
+        });
+        self.worker = Some(worker.map_err(ActivateError::Backend)?);
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some(mut w) = self.worker.take() {
-            w.stop();
-        }
-        if self.backend.is_none() {
-            self.backend = self.returned.lock().ok().and_then(|mut r| r.take());
+        if let Some(backend) = self.worker.take().and_then(|mut w| w.stop()) {
+            self.backend = Some(backend);
         }
     }
 }
@@ -663,6 +630,7 @@ fn run_block(
 mod tests {
     use super::*;
     use std::io::{Read, Write};
+    use std::sync::Arc;
     use virtio_bindings::virtio_ring::{
         VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
     };
@@ -1107,5 +1075,42 @@ mod tests {
         );
         dev.reset();
         assert!(dev.backend.is_some());
+    }
+
+    #[test]
+    fn a_wrong_queue_count_is_refused_and_leaves_the_device_able_to_activate() {
+        let mem = mem();
+        let (_tmp, b) = image(false, None);
+        let mut dev = BlockDevice::new(b);
+        let ctx = |queues: usize| {
+            let vq = MockSplitQueue::create(&mem, GuestAddress(0x8_0000), 16);
+            let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            ActivateContext {
+                mem: mem.clone(),
+                queues: (0..queues).map(|_| vq.create_queue().unwrap()).collect(),
+                queue_evts: (0..queues)
+                    .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+                    .collect(),
+                interrupt: Arc::new(Interrupt::new(Default::default(), irq)),
+                acked_features: 0,
+            }
+        };
+
+        let two = dev.activate(ctx(2));
+        assert!(matches!(
+            two,
+            Err(ActivateError::QueueCount {
+                expected: 1,
+                got: 2
+            })
+        ));
+        dev.activate(ctx(1)).unwrap();
+        assert!(matches!(
+            dev.activate(ctx(1)),
+            Err(ActivateError::AlreadyActive)
+        ));
+        dev.reset();
+        dev.activate(ctx(1)).unwrap();
+        dev.reset();
     }
 }

@@ -137,8 +137,8 @@ impl Drop for ConsolePort {
 #[derive(Debug)]
 pub struct ConsoleDevice {
     port: Option<ConsolePort>,
-    returned: std::sync::Arc<std::sync::Mutex<Option<ConsolePort>>>,
-    worker: Option<Worker>,
+    /// Active: the worker owns the port and hands it back when stopped.
+    worker: Option<Worker<ConsolePort>>,
     /// struct virtio_console_config: cols, rows, max_nr_ports, emerg_wr (all 0: no features).
     config: [u8; 12],
 }
@@ -148,7 +148,6 @@ impl ConsoleDevice {
     pub fn new(port: ConsolePort) -> Self {
         Self {
             port: Some(port),
-            returned: Default::default(),
             worker: None,
             config: [0; 12],
         }
@@ -178,26 +177,8 @@ impl VirtioDevice for ConsoleDevice {
         if self.worker.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let ActivateContext {
-            mem,
-            queues,
-            queue_evts,
-            interrupt,
-            ..
-        } = ctx;
-        let got = queues.len();
-        let (Ok([rxq, txq]), Ok([rx_evt, tx_evt])) = (
-            <[Queue; 2]>::try_from(queues),
-            <[EventFd; 2]>::try_from(queue_evts),
-        ) else {
-            return Err(ActivateError::QueueCount { expected: 2, got });
-        };
-        let port = self
-            .port
-            .take()
-            .or_else(|| self.returned.lock().ok().and_then(|mut r| r.take()))
-            .ok_or(ActivateError::AlreadyActive)?;
-        let returned = self.returned.clone();
+        let (mem, [rxq, txq], [rx_evt, tx_evt], interrupt) = ctx.into_queues()?;
+        let port = self.port.take().ok_or(ActivateError::BackendLost)?;
         self.worker = Some(
             Worker::spawn("virtio-console", move |stop| {
                 let mut w = ConsoleWorker {
@@ -211,20 +192,15 @@ impl VirtioDevice for ConsoleDevice {
                     pending_end: 0,
                 };
                 w.run(&rx_evt, &tx_evt, &stop);
-                if let Ok(mut r) = returned.lock() {
-                    *r = Some(w.port);
-                }
+                w.port
             })
             .map_err(ActivateError::Backend)?,
         );
         Ok(())
     }
     fn reset(&mut self) {
-        if let Some(mut w) = self.worker.take() {
-            w.stop();
-        }
-        if self.port.is_none() {
-            self.port = self.returned.lock().ok().and_then(|mut r| r.take());
+        if let Some(port) = self.worker.take().and_then(|mut w| w.stop()) {
+            self.port = Some(port);
         }
     }
 }

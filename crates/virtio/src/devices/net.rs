@@ -133,8 +133,8 @@ impl Drop for NetBackend {
 #[derive(Debug)]
 pub struct NetDevice {
     backend: Option<NetBackend>,
-    returned: std::sync::Arc<std::sync::Mutex<Option<NetBackend>>>,
-    worker: Option<Worker>,
+    /// Active: the worker owns the backend and hands it back when stopped.
+    worker: Option<Worker<NetBackend>>,
     features: u64,
     /// struct virtio_net_config: mac[6], status (LINK_UP), max_virtqueue_pairs.
     config: [u8; 10],
@@ -160,7 +160,6 @@ impl NetDevice {
         config[8..10].copy_from_slice(&1u16.to_le_bytes());
         Self {
             backend: Some(backend),
-            returned: Default::default(),
             worker: None,
             features,
             config,
@@ -189,26 +188,8 @@ impl VirtioDevice for NetDevice {
         if self.worker.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let ActivateContext {
-            mem,
-            queues,
-            queue_evts,
-            interrupt,
-            ..
-        } = ctx;
-        let got = queues.len();
-        let (Ok([rxq, txq]), Ok([rx_evt, tx_evt])) = (
-            <[Queue; 2]>::try_from(queues),
-            <[EventFd; 2]>::try_from(queue_evts),
-        ) else {
-            return Err(ActivateError::QueueCount { expected: 2, got });
-        };
-        let backend = self
-            .backend
-            .take()
-            .or_else(|| self.returned.lock().ok().and_then(|mut r| r.take()))
-            .ok_or(ActivateError::AlreadyActive)?;
-        let returned = self.returned.clone();
+        let (mem, [rxq, txq], [rx_evt, tx_evt], interrupt) = ctx.into_queues()?;
+        let backend = self.backend.take().ok_or(ActivateError::BackendLost)?;
         self.worker = Some(
             Worker::spawn("virtio-net", move |stop| {
                 let mut w = NetWorker {
@@ -222,20 +203,15 @@ impl VirtioDevice for NetDevice {
                     tx_buf: vec![0; FRAME_MAX],
                 };
                 w.run(&rx_evt, &tx_evt, &stop);
-                if let Ok(mut r) = returned.lock() {
-                    *r = Some(w.backend);
-                }
+                w.backend
             })
             .map_err(ActivateError::Backend)?,
         );
         Ok(())
     }
     fn reset(&mut self) {
-        if let Some(mut w) = self.worker.take() {
-            w.stop();
-        }
-        if self.backend.is_none() {
-            self.backend = self.returned.lock().ok().and_then(|mut r| r.take());
+        if let Some(backend) = self.worker.take().and_then(|mut w| w.stop()) {
+            self.backend = Some(backend);
         }
     }
 }

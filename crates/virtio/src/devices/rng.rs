@@ -147,25 +147,7 @@ impl VirtioDevice for RngDevice {
         if self.worker.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let ActivateContext {
-            mem,
-            mut queues,
-            mut queue_evts,
-            interrupt,
-            ..
-        } = ctx;
-        if queues.len() != 1 || queue_evts.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len(),
-            });
-        }
-        let (Some(queue), Some(evt)) = (queues.pop(), queue_evts.pop()) else {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: 0,
-            });
-        };
+        let (mem, [queue], [evt], interrupt) = ctx.into_queues()?;
         let rate = self.rate;
         self.worker = Some(
             Worker::spawn("virtio-rng", move |stop| {
