@@ -213,7 +213,7 @@ impl Failover {
         };
         if !st.failed {
             st.failed = true;
-            remio_ratelimit::warn_rl!(
+            log::warn!(
                 "qemu bridge: window {i} (device id {}) has lost its device model: failing its \
                  requests (DEVICE_NEEDS_RESET)",
                 st.device_id
