@@ -1,6 +1,6 @@
 //! The few system calls the backends need that std and vmm-sys-util do not wrap: opening a
-//! pseudo-terminal, configuring a TAP device, O_NONBLOCK on a raw descriptor, and vectored
-//! image I/O into guest memory. All unsafe code of the crate is here.
+//! pseudo-terminal, configuring a TAP device, O_NONBLOCK on a raw descriptor, locking an image
+//! and vectored image I/O into guest memory. All unsafe code of the crate is here.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -17,6 +17,35 @@ pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Takes a BSD `flock(2)` on `file` without waiting: exclusive (`LOCK_EX`) or shared
+/// (`LOCK_SH`). A lock someone else holds is an error of kind [`io::ErrorKind::WouldBlock`].
+///
+/// The lock belongs to the open file description: it conflicts with a lock taken through any
+/// other `open()` of the same inode, in this process or another, is kept by `dup`s of the
+/// descriptor (none are inherited by children: std opens with O_CLOEXEC), and goes when the
+/// last descriptor of the description is closed. Taking it again through the same descriptor
+/// only converts it, so it never deadlocks against itself.
+///
+/// std's `File::try_lock` is flock today too, but its documentation leaves the mechanism open;
+/// the mechanism is the point here (who else sees the lock), so it is spelled out.
+pub fn try_flock(file: &File, exclusive: bool) -> io::Result<()> {
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    } | libc::LOCK_NB;
+    loop {
+        // SAFETY: flock on a descriptor `file` keeps open for the call; it touches no memory.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
 }
 
 /// Most iovecs one `preadv`/`pwritev` takes (Linux's `UIO_MAXIOV`).

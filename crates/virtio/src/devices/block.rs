@@ -1,11 +1,18 @@
-//! virtio-blk (virtio 1.2 §5.2) over a raw image file.
+//! virtio-blk (virtio 1.2 §5.2) over a raw image: a regular file or a block device
+//! (`/dev/mmcblk0p2`, `/dev/sda1`, `/dev/loop0`).
+//!
+//! The image is sized by seeking to its end (a block device's `st_size` is 0) and locked for
+//! as long as the device exists, so that two device models never serve one image
+//! (see [`BlockBackend::open`]).
 //!
 //! Every request is validated by [`parse_block_request`] (header, directions, sector range,
 //! status descriptor, every buffer inside guest memory) before any buffer or the image is
 //! touched; then `BlockBackend::execute` runs it.
 
 use std::fs::{File, OpenOptions};
-use std::path::Path;
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
 
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -314,9 +321,146 @@ where
     Ok(())
 }
 
+/// Why an image cannot be served. As an [`std::io::Error`] (what [`BlockBackend::open`]'s
+/// callers get) each keeps its message and maps to one kind / errno:
+///
+/// | variant        | `io::ErrorKind`            | errno            |
+/// |----------------|----------------------------|------------------|
+/// | `Stat`         | the cause's                | the cause's (ENOENT, EACCES, ...) |
+/// | `NotAnImage`   | `InvalidInput`             | EINVAL           |
+/// | `Open`         | the cause's                | the cause's      |
+/// | `Locked`       | `WouldBlock`               | EWOULDBLOCK      |
+/// | `Lock`         | the cause's                | the cause's      |
+/// | `Size`         | the cause's                | the cause's      |
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// The path cannot be looked up (missing, no permission on a directory on the way).
+    #[error("image {path}: {source}")]
+    Stat {
+        /// The image path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The path is neither a regular file nor a block device.
+    #[error("image {path} is {what}, not a regular file or a block device")]
+    NotAnImage {
+        /// The image path.
+        path: PathBuf,
+        /// What it is instead ("a directory", "a character device", ...).
+        what: &'static str,
+    },
+    /// `open` failed.
+    #[error("cannot open image {path}: {source}")]
+    Open {
+        /// The image path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another open of the image holds a conflicting lock: another device model, or another
+    /// device of this one configured with the same image.
+    #[error("image {path} is in use by another process (locked): refusing to serve it twice")]
+    Locked {
+        /// The image path.
+        path: PathBuf,
+    },
+    /// `flock` failed for another reason than a conflicting lock.
+    #[error("cannot lock image {path}: {source}")]
+    Lock {
+        /// The image path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Seeking to the end to size the image failed.
+    #[error("cannot size image {path}: {source}")]
+    Size {
+        /// The image path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<ImageError> for std::io::Error {
+    fn from(e: ImageError) -> Self {
+        use std::io::ErrorKind;
+        let kind = match &e {
+            ImageError::Stat { source, .. }
+            | ImageError::Open { source, .. }
+            | ImageError::Lock { source, .. }
+            | ImageError::Size { source, .. } => source.kind(),
+            ImageError::NotAnImage { .. } => ErrorKind::InvalidInput,
+            ImageError::Locked { .. } => ErrorKind::WouldBlock,
+        };
+        Self::new(kind, e)
+    }
+}
+
+/// What an image path names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageKind {
+    /// A regular file.
+    File,
+    /// A block device.
+    BlockDevice,
+}
+
+fn image_kind(path: &Path, ty: std::fs::FileType) -> Result<ImageKind, ImageError> {
+    let what = if ty.is_file() {
+        return Ok(ImageKind::File);
+    } else if ty.is_block_device() {
+        return Ok(ImageKind::BlockDevice);
+    } else if ty.is_dir() {
+        "a directory"
+    } else if ty.is_char_device() {
+        "a character device"
+    } else if ty.is_fifo() {
+        "a FIFO"
+    } else if ty.is_socket() {
+        "a socket"
+    } else {
+        "of an unknown file type"
+    };
+    Err(ImageError::NotAnImage {
+        path: path.to_owned(),
+        what,
+    })
+}
+
+/// Whether `path` (symlinks followed) can be served as a disk: a regular file or a block
+/// device. Directories, character devices, FIFOs, sockets and missing paths are refused with an
+/// error naming the path. Nothing is opened (opening a FIFO would block).
+///
+/// `remio run --disk` and [`BlockBackend::open`] both check with this.
+pub fn check_image(path: &Path) -> Result<ImageKind, ImageError> {
+    let meta = std::fs::metadata(path).map_err(|source| ImageError::Stat {
+        path: path.to_owned(),
+        source,
+    })?;
+    image_kind(path, meta.file_type())
+}
+
+/// The size of an image found by seeking to its end: `(whole sectors, bytes past the last
+/// whole sector)`. Seeking works for regular files and block devices alike, where
+/// `metadata().len()` is 0 for a block device. The position is left at 0 (the I/O is all
+/// positional, so it does not matter).
+pub fn image_capacity<S: Seek>(image: &mut S) -> std::io::Result<(u64, u64)> {
+    let len = image.seek(SeekFrom::End(0))?;
+    image.seek(SeekFrom::Start(0))?;
+    Ok((len / SECTOR_SIZE, len % SECTOR_SIZE))
+}
+
 /// The image file and what is needed to run validated requests against it.
 #[derive(Debug)]
 pub struct BlockBackend {
+    /// The image, the only descriptor of its open file description: closing it (dropping the
+    /// backend) releases the image lock.
     file: File,
     disk: DiskGeometry,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
@@ -326,10 +470,77 @@ pub struct BlockBackend {
 }
 
 impl BlockBackend {
-    /// Opens `path` (read-write unless `read_only`); capacity is its size in whole sectors.
+    /// Opens `path`, a regular file or a block device (see [`check_image`]), read-write unless
+    /// `read_only`, and locks it.
+    ///
+    /// Capacity is the size found by seeking to the end, in whole sectors: bytes past the last
+    /// whole sector (a file whose size is not a multiple of 512) are not served, and a warning
+    /// says how many.
+    ///
+    /// Locking: a BSD `flock`, exclusive for read-write and shared for read-only, without
+    /// waiting ([`crate::sys::try_flock`]). A second device model (or a second device of this
+    /// one) on the same image then fails with [`ImageError::Locked`]; several read-only users
+    /// may share an image. flock rather than QEMU's OFD `fcntl` byte-range locks: both are per
+    /// open file description, so both catch a second open in the same process, but flock is
+    /// the convention of the tools around block devices (udev skips probing a device held with
+    /// `LOCK_EX`; util-linux's `mkfs`/`fsck --lock` and `systemd-repart` take it), and a
+    /// whole-image lock is all we need (QEMU uses byte ranges to encode per-permission
+    /// sharing). The two kinds do not see each other on Linux: this lock does not stop a QEMU
+    /// using the image, nor QEMU's lock us.
+    ///
+    /// The lock lives as long as the returned backend, which owns the only descriptor: a
+    /// [`BlockDevice`] keeps its backend through reset and re-activation (the worker hands it
+    /// back), so the lock is held while the device exists and is never re-taken, and it is
+    /// released when the device is dropped. The image is never re-opened, so there is no
+    /// self-deadlock to fear; and with `LOCK_NB` a re-open would fail, not hang.
+    ///
+    /// Errors are [`ImageError`]s carried in the `io::Error` (see its table).
     pub fn open(path: &Path, read_only: bool, serial: Option<&str>) -> std::io::Result<Self> {
-        let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
-        let capacity = file.metadata()?.len() / SECTOR_SIZE;
+        Ok(Self::open_image(path, read_only, serial)?)
+    }
+
+    fn open_image(path: &Path, read_only: bool, serial: Option<&str>) -> Result<Self, ImageError> {
+        check_image(path)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| ImageError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        // The path may have been replaced between the check and the open: check what we got.
+        let ty = file
+            .metadata()
+            .map_err(|source| ImageError::Stat {
+                path: path.to_owned(),
+                source,
+            })?
+            .file_type();
+        image_kind(path, ty)?;
+        crate::sys::try_flock(&file, !read_only).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::WouldBlock {
+                ImageError::Locked {
+                    path: path.to_owned(),
+                }
+            } else {
+                ImageError::Lock {
+                    path: path.to_owned(),
+                    source,
+                }
+            }
+        })?;
+        let (capacity, tail) = image_capacity(&mut &file).map_err(|source| ImageError::Size {
+            path: path.to_owned(),
+            source,
+        })?;
+        if tail != 0 {
+            log::warn!(
+                "virtio-blk: image {}: its size is not a multiple of {SECTOR_SIZE}: the last \
+                 {tail} bytes are not served ({capacity} sectors)",
+                path.display()
+            );
+        }
         let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
         let serial = serial.unwrap_or("");
         let n = serial.len().min(id.len());
@@ -1112,5 +1323,317 @@ mod tests {
         dev.reset();
         dev.activate(ctx(1)).unwrap();
         dev.reset();
+    }
+
+    // ---- Image checks, sizing and locking ----
+
+    /// A loop device over a temporary backing file, detached on drop (also when the test
+    /// fails), before the backing file is removed.
+    struct LoopDevice {
+        dev: PathBuf,
+        backing: TempFile,
+    }
+
+    impl LoopDevice {
+        /// `Err` says why there is none here (not root, no losetup, no free loop device).
+        fn attach(bytes: &[u8]) -> Result<Self, String> {
+            let backing = TempFile::new().map_err(|e| format!("temp file: {e}"))?;
+            backing
+                .as_file()
+                .write_all(bytes)
+                .map_err(|e| format!("temp file: {e}"))?;
+            let out = std::process::Command::new("losetup")
+                .args(["-f", "--show"])
+                .arg(backing.as_path())
+                .output()
+                .map_err(|e| format!("cannot run losetup: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "`losetup -f --show` failed (it needs root and a free loop device): {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            let dev = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            Ok(Self { dev, backing })
+        }
+    }
+
+    impl Drop for LoopDevice {
+        fn drop(&mut self) {
+            // Still open somewhere (a test that failed holding it): the kernel detaches it on
+            // the last close (autoclear).
+            let detached = std::process::Command::new("losetup")
+                .arg("-d")
+                .arg(&self.dev)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !detached {
+                eprintln!("warning: could not detach {}", self.dev.display());
+            }
+        }
+    }
+
+    fn loop_device(test: &str, bytes: &[u8]) -> Option<LoopDevice> {
+        match LoopDevice::attach(bytes) {
+            Ok(l) => Some(l),
+            Err(why) => {
+                eprintln!("\n*** SKIPPED {test}: {why} ***\n");
+                None
+            }
+        }
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8).collect()
+    }
+
+    fn is_locked_error(e: &std::io::Error) -> bool {
+        e.kind() == std::io::ErrorKind::WouldBlock
+            && e.get_ref()
+                .and_then(|inner| inner.downcast_ref::<ImageError>())
+                .is_some_and(|inner| matches!(inner, ImageError::Locked { .. }))
+    }
+
+    #[test]
+    fn capacity_comes_from_seeking_to_the_end_in_whole_sectors() {
+        // A Cursor has no metadata at all, so `image_capacity` can only have sized it by
+        // seeking. This pins the arithmetic and the partial-sector rule; that seeking sizes a
+        // real block device (st_size 0) is what the loop-device tests below show, as root.
+        let mut c = std::io::Cursor::new(vec![0u8; 16 * 512 + 100]);
+        c.set_position(7);
+
+        let sized = image_capacity(&mut c).unwrap();
+
+        assert_eq!(sized, (16, 100));
+        assert_eq!(c.position(), 0);
+        assert_eq!(
+            image_capacity(&mut std::io::Cursor::new(Vec::<u8>::new())).unwrap(),
+            (0, 0)
+        );
+    }
+
+    #[test]
+    fn a_file_whose_size_is_not_whole_sectors_serves_the_whole_sectors_only() {
+        let tmp = TempFile::new().unwrap();
+        tmp.as_file().write_all(&pattern(3 * 512 + 511)).unwrap();
+
+        let b = BlockBackend::open(tmp.as_path(), true, None).unwrap();
+
+        assert_eq!(b.geometry().capacity, 3);
+    }
+
+    #[test]
+    fn a_loop_device_has_the_capacity_of_its_backing_file() {
+        let Some(lo) = loop_device(
+            "a_loop_device_has_the_capacity_of_its_backing_file",
+            &[0u8; 64 * 1024],
+        ) else {
+            return;
+        };
+        assert_eq!(
+            std::fs::metadata(&lo.dev).unwrap().len(),
+            0,
+            "a block device's st_size is 0: the case this test is about"
+        );
+
+        let dev = BlockDevice::new(BlockBackend::open(&lo.dev, true, None).unwrap());
+
+        let mut capacity = [0u8; 8];
+        dev.read_config(0, &mut capacity);
+        assert_eq!(u64::from_le_bytes(capacity), 128);
+    }
+
+    #[test]
+    fn a_loop_device_is_served_end_to_end() {
+        let Some(lo) = loop_device("a_loop_device_is_served_end_to_end", &pattern(64 * 1024))
+        else {
+            return;
+        };
+        let mem = mem();
+        let mut b = BlockBackend::open(&lo.dev, false, None).unwrap();
+
+        // Read sectors 100 and 101.
+        header(&mem, VIRTIO_BLK_T_IN, 100);
+        let used = run(
+            &mem,
+            &mut b,
+            &[d(HDR, 16, 0), d(DATA, 1024, W), d(STATUS, 1, W)],
+        );
+        assert_eq!((used, status(&mem)), (1025, S_OK));
+        let mut buf = vec![0u8; 1024];
+        mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
+        assert_eq!(buf, pattern(64 * 1024)[100 * 512..102 * 512]);
+
+        // Write sector 5 and the last sector (127), then flush.
+        for (sector, byte) in [(5u64, 0xabu8), (127, 0xcd)] {
+            header(&mem, VIRTIO_BLK_T_OUT, sector);
+            mem.write_slice(&[byte; 512], GuestAddress(DATA)).unwrap();
+            let used = run(
+                &mem,
+                &mut b,
+                &[d(HDR, 16, 0), d(DATA, 512, 0), d(STATUS, 1, W)],
+            );
+            assert_eq!((used, status(&mem)), (1, S_OK), "write of sector {sector}");
+        }
+        header(&mem, VIRTIO_BLK_T_FLUSH, 0);
+        run(&mem, &mut b, &[d(HDR, 16, 0), d(STATUS, 1, W)]);
+        assert_eq!(status(&mem), S_OK, "flush");
+        // One past the end is refused.
+        header(&mem, VIRTIO_BLK_T_IN, 127);
+        run(
+            &mem,
+            &mut b,
+            &[d(HDR, 16, 0), d(DATA, 1024, W), d(STATUS, 1, W)],
+        );
+        assert_eq!(status(&mem), S_IOERR, "read past the end");
+        // And the device is locked while served.
+        let second = BlockBackend::open(&lo.dev, true, None).unwrap_err();
+        assert!(is_locked_error(&second), "{second}");
+
+        let img = std::fs::read(lo.backing.as_path()).unwrap();
+        let mut expect = pattern(64 * 1024);
+        expect[5 * 512..6 * 512].fill(0xab);
+        expect[127 * 512..].fill(0xcd);
+        assert!(img == expect, "backing file differs from what was written");
+    }
+
+    #[test]
+    fn a_second_open_of_an_image_is_refused_with_an_error_naming_it() {
+        let (tmp, first) = image(false, None);
+
+        for read_only in [false, true] {
+            let err = BlockBackend::open(tmp.as_path(), read_only, None).unwrap_err();
+            assert!(is_locked_error(&err), "read_only {read_only}: {err}");
+            let msg = err.to_string();
+            assert!(
+                msg.contains(&tmp.as_path().display().to_string())
+                    && msg.contains("in use by another process"),
+                "{msg}"
+            );
+        }
+
+        drop(first);
+        BlockBackend::open(tmp.as_path(), false, None).unwrap();
+    }
+
+    #[test]
+    fn read_only_opens_share_an_image_and_keep_a_writer_out() {
+        let (tmp, _first) = image(true, None);
+
+        let second = BlockBackend::open(tmp.as_path(), true, None);
+        let writer = BlockBackend::open(tmp.as_path(), false, None);
+
+        assert!(second.is_ok(), "{:?}", second.err());
+        let err = writer.unwrap_err();
+        assert!(is_locked_error(&err), "{err}");
+    }
+
+    #[test]
+    fn the_image_stays_locked_across_reset_and_reactivation_and_is_freed_with_the_device() {
+        let mem = mem();
+        let (tmp, b) = image(false, None);
+        let mut dev = BlockDevice::new(b);
+        let ctx = || {
+            let vq = MockSplitQueue::create(&mem, GuestAddress(0x8_0000), 16);
+            ActivateContext {
+                mem: mem.clone(),
+                queues: vec![vq.create_queue().unwrap()],
+                queue_evts: vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
+                interrupt: Arc::new(Interrupt::new(
+                    Default::default(),
+                    EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                )),
+                acked_features: 0,
+            }
+        };
+        let locked = || {
+            BlockBackend::open(tmp.as_path(), true, None)
+                .err()
+                .is_some_and(|e| is_locked_error(&e))
+        };
+
+        dev.activate(ctx()).unwrap();
+        assert!(locked(), "while active");
+        dev.reset();
+        assert!(locked(), "after reset");
+        dev.activate(ctx()).unwrap();
+        assert!(locked(), "re-activated");
+        dev.reset();
+        drop(dev);
+
+        assert!(!locked(), "the device is gone: the image is free");
+    }
+
+    #[test]
+    fn check_image_accepts_a_file_and_refuses_directories_char_devices_and_missing_paths() {
+        let tmp = TempFile::new().unwrap();
+        let dir = tmp.as_path().parent().unwrap().to_owned();
+        let missing = tmp.as_path().with_extension("missing");
+
+        assert_eq!(check_image(tmp.as_path()).unwrap(), ImageKind::File);
+        for (path, what) in [
+            (dir.as_path(), "a directory"),
+            (Path::new("/dev/null"), "a character device"),
+        ] {
+            let err = check_image(path).unwrap_err();
+            assert!(
+                matches!(&err, ImageError::NotAnImage { what: w, .. } if *w == what),
+                "{err}"
+            );
+            assert!(
+                err.to_string().contains(&path.display().to_string()),
+                "{err}"
+            );
+        }
+        let err = check_image(&missing).unwrap_err();
+        assert!(
+            matches!(&err, ImageError::Stat { source, .. } if source.kind() == std::io::ErrorKind::NotFound),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains(&missing.display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn check_image_accepts_a_block_device() {
+        // stat needs no permission on the device: any block device node will do.
+        let Some(dev) = std::fs::read_dir("/dev")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device()))
+        else {
+            eprintln!(
+                "\n*** SKIPPED check_image_accepts_a_block_device: no block device in /dev ***\n"
+            );
+            return;
+        };
+
+        assert_eq!(
+            check_image(&dev).unwrap(),
+            ImageKind::BlockDevice,
+            "{}",
+            dev.display()
+        );
+    }
+
+    #[test]
+    fn opening_a_directory_or_a_char_device_as_a_disk_is_refused() {
+        let tmp = TempFile::new().unwrap();
+        let dir = tmp.as_path().parent().unwrap().to_owned();
+
+        for path in [dir.as_path(), Path::new("/dev/null")] {
+            let err = BlockBackend::open(path, true, None).unwrap_err();
+
+            assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{err}");
+            assert!(
+                err.to_string()
+                    .contains("not a regular file or a block device"),
+                "{err}"
+            );
+        }
     }
 }
