@@ -9,11 +9,16 @@
 //! - [`ram`]: guest RAM as a memfd that is also the Remote I/O shared memory.
 //! - [`launch`]: the QEMU command line.
 //! - [`failover`]: a window whose device model died answers as a failed device.
+//! - [`hcwindow`]: a backend VM's hypercall window (`remio run --dispatcher c-driver`).
+//! - [`backend`]: the backend VM of `--dispatcher c-driver`: its QEMU command line, its
+//!   interrupts and shared memory.
 //!
 //! [`Bridge`] ties them together: start it (socket served, ivshmem listening) *before* QEMU,
 //! then spawn QEMU from [`Bridge::qemu_command`].
 
+pub mod backend;
 pub mod failover;
+pub mod hcwindow;
 mod hyp;
 pub mod ivshmem;
 pub mod launch;
@@ -29,7 +34,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+pub use backend::{BackendHost, BackendOptions};
 pub use failover::Failover;
+pub use hcwindow::{HcWindow, HcWindowServer};
 pub use ivshmem::{Interrupt, IvshmemServer};
 pub use launch::QemuOptions;
 pub use ram::GuestRam;

@@ -106,13 +106,24 @@ impl IvshmemServer {
     /// Listens on `path` (replacing a stale socket file) with `vectors` interrupt vectors and
     /// starts accepting in a thread. Call before starting QEMU.
     pub fn start(path: &Path, vectors: usize) -> Result<Self, IvshmemError> {
+        let vectors = (0..vectors)
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<io::Result<_>>()?;
+        Self::with_eventfds(path, vectors)
+    }
+
+    /// Like [`IvshmemServer::start`], with vector `i`'s eventfd given: whoever signals
+    /// `eventfds[i]` raises MSI-X vector `i` in the guest (a backend VM's interrupts are the
+    /// hypervisor model's backend interrupt eventfds).
+    pub fn with_eventfds(path: &Path, eventfds: Vec<EventFd>) -> Result<Self, IvshmemError> {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
         let waker = listener.try_clone()?;
         let shm = shm_memfd()?;
-        let vectors: Vec<Interrupt> = (0..vectors)
-            .map(|_| EventFd::new(EFD_NONBLOCK).map(|e| Interrupt(Arc::new(e))))
-            .collect::<io::Result<_>>()?;
+        let vectors: Vec<Interrupt> = eventfds
+            .into_iter()
+            .map(|e| Interrupt(Arc::new(e)))
+            .collect();
         let stop = Arc::new(AtomicBool::new(false));
         let conns = Arc::new(Mutex::new(Vec::new()));
         let thread = {
@@ -226,6 +237,28 @@ mod tests {
         assert!(server.interrupt(2).is_none());
         drop(server);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn given_eventfds_are_the_vectors_the_peer_receives() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/remio-ivsh").unwrap();
+        let path = dir.as_path().join("iv.sock");
+        let ours = EventFd::new(EFD_NONBLOCK).unwrap();
+        let server = IvshmemServer::with_eventfds(&path, vec![ours.try_clone().unwrap()]).unwrap();
+        let peer = UnixStream::connect(&path).unwrap();
+        for _ in 0..3 {
+            recv(&peer);
+        }
+        let (m, v0) = recv(&peer);
+        assert_eq!(m, 0);
+        ours.write(5).unwrap();
+        // SAFETY: the received descriptor is ours; EventFd takes ownership.
+        let theirs = unsafe {
+            use std::os::fd::IntoRawFd;
+            EventFd::from_raw_fd(v0.unwrap().into_raw_fd())
+        };
+        assert_eq!(theirs.read().unwrap(), 5);
+        assert_eq!(server.vectors(), 1);
     }
 
     #[test]

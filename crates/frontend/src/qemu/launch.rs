@@ -155,7 +155,8 @@ pub fn guest_args(
     )
 }
 
-fn guest_args_with_tsc(
+/// [`guest_args`] with the guest's TSC rate given (`tsc_early_khz=`, omitted when `None`).
+pub(crate) fn guest_args_with_tsc(
     machine: &str,
     ram_mib: u64,
     kernel: &Path,

@@ -34,6 +34,9 @@ pub enum PciError {
     /// Zero windows or more than the contract allows.
     #[error("{0} register windows: must be 1..={MAX_WINDOWS}")]
     BadWindowCount(usize),
+    /// A BAR size that is not a power of two between 4 KiB and 2 GiB.
+    #[error("BAR size {0:#x}: must be a power of two from 4 KiB to 2 GiB")]
+    BadBarSize(u64),
 }
 
 /// The config space: current bytes and the per-byte write mask.
@@ -65,14 +68,25 @@ impl ConfigSpace {
     /// capabilities, no ROM.
     pub fn new(windows: usize) -> Result<Self, PciError> {
         let bar_size = bar_size_for(windows)?;
+        // Bounded by MAX_WINDOWS.
+        let subsys = u16::try_from(windows).unwrap_or(0);
+        Self::with_ids(PROXY_DEVICE_ID, subsys, bar_size)
+    }
+
+    /// A config space like [`ConfigSpace::new`]'s (same vendor, class, masks, pin) for another
+    /// proxy device: device id `device_id`, subsystem id `subsys_id`, BAR0 of `bar_size` bytes
+    /// (a power of two, at least 4 KiB).
+    pub fn with_ids(device_id: u16, subsys_id: u16, bar_size: u64) -> Result<Self, PciError> {
+        if !bar_size.is_power_of_two() || !(0x1000..=1 << 31).contains(&bar_size) {
+            return Err(PciError::BadBarSize(bar_size));
+        }
         let mut bytes = [0u8; CONFIG_SIZE];
         let mut wmask = [0u8; CONFIG_SIZE];
         put16(&mut bytes, 0x00, PROXY_VENDOR_ID);
-        put16(&mut bytes, 0x02, PROXY_DEVICE_ID);
+        put16(&mut bytes, 0x02, device_id);
         put16(&mut bytes, 0x0a, PROXY_CLASS);
         put16(&mut bytes, 0x2c, PROXY_SUBSYS_VENDOR);
-        // Bounded by MAX_WINDOWS.
-        put16(&mut bytes, 0x2e, u16::try_from(windows).unwrap_or(0));
+        put16(&mut bytes, 0x2e, subsys_id);
         bytes[0x3d] = 1; // interrupt pin INTA (unused: interrupts come from ivshmem MSI-X)
         put16(&mut wmask, COMMAND, COMMAND_WMASK);
         wmask[CACHE_LINE_SIZE] = 0xff;
@@ -218,6 +232,21 @@ mod tests {
         assert_eq!(cs.read(u32::MAX, 4), None);
         assert!(!cs.write(254, 0, 4));
         assert_eq!(cs.read(254, 2), Some(0));
+    }
+
+    #[test]
+    fn another_proxy_gets_its_own_ids_and_bar_size_with_the_same_masks() {
+        let mut cs = ConfigSpace::with_ids(0x00fe, 0, 0x1000).unwrap();
+        assert_eq!(cs.read(0, 4), Some(0x00fe_1b36));
+        cs.write(0x10, 0xffff_ffff, 4);
+        assert_eq!(cs.read(0x10, 4), Some(0xffff_f000));
+        cs.write(4, 0xffff, 2);
+        assert_eq!(cs.read(4, 2), Some(0x0547));
+        assert_eq!(
+            ConfigSpace::with_ids(0x00fe, 0, 0x1800).unwrap_err(),
+            PciError::BadBarSize(0x1800)
+        );
+        assert!(ConfigSpace::with_ids(0x00fe, 0, 0x800).is_err());
     }
 
     #[test]
