@@ -274,9 +274,8 @@ fn planned_devices(
 ) -> anyhow::Result<Vec<DeviceSpec>> {
     let disk = match &args.disk {
         Some(d) => {
-            if !d.is_file() {
-                bail!("--disk {}: not a file", d.display());
-            }
+            // A regular file or a block device; the error names the path and what it is.
+            remio_virtio::devices::block::check_image(d).context("--disk")?;
             d.canonicalize()?
         }
         None => {
