@@ -401,13 +401,13 @@ impl DmSession for InProcessSession {
         Ok(StatusWord::new(page))
     }
 
-    fn map_shmem(&self, len: u64) -> Result<GuestMemoryMmap> {
+    fn map_shmem_at(&self, len: u64, guest_base: u64) -> Result<GuestMemoryMmap> {
         crate::check_shmem_len(len, self.info.shmem_size)?;
         let file = self
             .dm
             .shmem()
             .ok_or_else(|| ApiError::NotSupported("the DM has no shared-memory file".into()))?;
-        crate::map_file(file.try_clone()?, 0, len, self.info.shmem_addr)
+        crate::map_file(file.try_clone()?, 0, len, guest_base)
     }
 }
 

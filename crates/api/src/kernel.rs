@@ -1,14 +1,30 @@
-//! The C driver's userspace API: ioctls on `/dev/bao-io-dispatcher` and on the per-DM fd it
-//! returns, `mmap` of the DM fd for the shared memory (`spec/remote-io.md`, the ioctl table).
+//! The C driver's userspace API: ioctls on its device node and on the per-DM fd it returns,
+//! `mmap` of the DM fd for the shared memory (`spec/remote-io.md`, the ioctl table), in both
+//! revisions:
 //!
-//! It cannot run on this machine (no Bao, no driver), so the system calls sit behind the
-//! [`Ioctl`] trait: [`SysIoctl`] makes them for real, and the tests below put a recording
-//! double in its place to pin the exact numbers and bytes issued.
+//! - the posted one ([`Revision::Posted`]): `/dev/bao-io-dispatcher`, ioctl type 0xA6, DMs
+//!   described by the device tree and reached with `DM_GET_INFO` by id;
+//! - the later one ([`Revision::Later`]): `/dev/bao`, type 0xA7, DMs created by the device
+//!   model with `CREATE_DM` from its own configuration (id, shmem address and size, irq).
+//!
+//! [`KernelApi::open_auto`] uses `/dev/bao` when it exists, else the posted node.
+//!
+//! On both, the DM lives as long as its fd: a session that ends destroys its DM, so a device
+//! model's exit is final for its DMs ([`crate::DriverTraits::C_DRIVER`]). Other behaviours a
+//! device model must plan for (the posted driver's defects): IOEVENTFD with DEASSIGN deassigns
+//! and then assigns again; ATTACH interrupted by a signal fails with EFAULT instead of
+//! restarting; an ioeventfd owns its whole range, and writes there whose value matches none
+//! are dropped. [`driver_double`](crate::driver_double) models each of them for tests.
+//!
+//! The system calls sit behind the [`Ioctl`] trait: [`SysIoctl`] makes them for real, and
+//! tests put a recording double or the driver double in its place.
 
+use std::collections::HashMap;
 use std::fmt::Debug;
 use std::io;
+use std::mem::ManuallyDrop;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use remio_abi::uapi::{
@@ -16,23 +32,87 @@ use remio_abi::uapi::{
     BAO_IOCTL_IO_REQUEST_COMPLETE, BAO_IOCTL_IRQFD, BAO_IOEVENTFD_FLAG_DATAMATCH,
     BAO_IOEVENTFD_FLAG_DEASSIGN, BAO_IRQFD_FLAG_DEASSIGN,
 };
+use remio_abi::uapi_v2::{
+    DmInfoV2, BAO_DEVICE_PATH_V2, BAO_IOCTL_CREATE_DM, BAO_IOCTL_IOEVENTFD_V2,
+    BAO_IOCTL_IO_CLIENT_ATTACH_V2, BAO_IOCTL_IO_REQUEST_COMPLETE_V2, BAO_IOCTL_IRQFD_V2,
+};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::{ApiError, DmApi, DmInfo, DmSession, IoeventfdSpec, Result, VirtioRequest};
+use crate::{
+    ApiError, DmApi, DmInfo, DmSession, DriverTraits, IoeventfdSpec, Result, VirtioRequest,
+};
 
-/// The driver's device node.
+/// The posted driver's device node.
 pub const DISPATCHER_PATH: &str = "/dev/bao-io-dispatcher";
+
+/// Which revision of the driver's API a [`KernelApi`] speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Revision {
+    /// As posted to the lists: [`DISPATCHER_PATH`], type 0xA6, `DM_GET_INFO`.
+    Posted,
+    /// The later revision: `/dev/bao`, type 0xA7, `CREATE_DM`.
+    Later,
+}
+
+impl Revision {
+    /// The device node of this revision.
+    pub fn device_path(self) -> &'static Path {
+        Path::new(match self {
+            Self::Posted => DISPATCHER_PATH,
+            Self::Later => BAO_DEVICE_PATH_V2,
+        })
+    }
+
+    fn commands(self) -> DmCommands {
+        match self {
+            Self::Posted => DmCommands {
+                attach: BAO_IOCTL_IO_CLIENT_ATTACH,
+                complete: BAO_IOCTL_IO_REQUEST_COMPLETE,
+                ioeventfd: BAO_IOCTL_IOEVENTFD,
+                irqfd: BAO_IOCTL_IRQFD,
+            },
+            Self::Later => DmCommands {
+                attach: BAO_IOCTL_IO_CLIENT_ATTACH_V2,
+                complete: BAO_IOCTL_IO_REQUEST_COMPLETE_V2,
+                ioeventfd: BAO_IOCTL_IOEVENTFD_V2,
+                irqfd: BAO_IOCTL_IRQFD_V2,
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Revision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Posted => write!(f, "posted driver ({DISPATCHER_PATH}, DM_GET_INFO)"),
+            Self::Later => write!(f, "later driver revision ({BAO_DEVICE_PATH_V2}, CREATE_DM)"),
+        }
+    }
+}
+
+/// The per-DM ioctl numbers of one revision.
+#[derive(Clone, Copy, Debug)]
+struct DmCommands {
+    attach: u32,
+    complete: u32,
+    ioeventfd: u32,
+    irqfd: u32,
+}
 
 /// The system calls [`KernelApi`] makes.
 pub trait Ioctl: Send + Sync + Debug {
     /// Opens the dispatcher device node.
     fn open(&self, path: &Path) -> io::Result<OwnedFd>;
     /// `ioctl(fd, cmd, arg)` with `arg` the argument struct's bytes (read back for `_IOWR`).
-    /// Returns the ioctl's non-negative result.
+    /// Returns the ioctl's non-negative result (`CREATE_DM`: the new DM fd).
     fn ioctl(&self, fd: BorrowedFd<'_>, cmd: u32, arg: &mut [u8]) -> io::Result<i32>;
     /// `mmap(fd, offset 0, len)`, shared, placed at guest-physical `guest_base`.
     fn mmap(&self, fd: BorrowedFd<'_>, len: u64, guest_base: u64) -> Result<GuestMemoryMmap>;
+    /// Closes a DM fd (the session ends; on the driver this destroys the DM).
+    fn close(&self, fd: OwnedFd) {
+        drop(fd);
+    }
 }
 
 /// The real system calls.
@@ -80,37 +160,64 @@ impl Ioctl for SysIoctl {
 pub struct KernelApi<I: Ioctl = SysIoctl> {
     sys: Arc<I>,
     dev: OwnedFd,
+    path: PathBuf,
+    revision: Revision,
+    /// The later revision's `CREATE_DM` inputs, by DM id (from the device model's config).
+    descriptions: HashMap<u32, DmInfo>,
 }
 
 impl KernelApi<SysIoctl> {
-    /// Opens [`DISPATCHER_PATH`].
+    /// Opens [`DISPATCHER_PATH`] (the posted driver).
     pub fn open_default() -> Result<Self> {
         Self::with_ioctl(SysIoctl, Path::new(DISPATCHER_PATH))
+    }
+
+    /// Opens `/dev/bao` (the later revision, DMs created from `descriptions`) when that node
+    /// exists, else [`DISPATCHER_PATH`] (the posted driver, DMs from the device tree).
+    pub fn open_auto(descriptions: &[DmInfo]) -> Result<Self> {
+        if Revision::Later.device_path().exists() {
+            Self::with_ioctl_later(SysIoctl, Revision::Later.device_path(), descriptions)
+        } else {
+            Self::open_default()
+        }
     }
 }
 
 impl<I: Ioctl + 'static> KernelApi<I> {
-    /// Opens the dispatcher node at `path` through `sys`.
+    /// Opens the posted driver's node at `path` through `sys`.
     pub fn with_ioctl(sys: I, path: &Path) -> Result<Self> {
+        Self::new(sys, path, Revision::Posted, &[])
+    }
+
+    /// Opens the later revision's node at `path` through `sys`; [`DmApi::open`] creates DM
+    /// `id` from the description with that id.
+    pub fn with_ioctl_later(sys: I, path: &Path, descriptions: &[DmInfo]) -> Result<Self> {
+        Self::new(sys, path, Revision::Later, descriptions)
+    }
+
+    fn new(sys: I, path: &Path, revision: Revision, descriptions: &[DmInfo]) -> Result<Self> {
         let dev = sys.open(path)?;
         Ok(Self {
             sys: Arc::new(sys),
             dev,
+            path: path.to_owned(),
+            revision,
+            descriptions: descriptions.iter().map(|d| (d.id, *d)).collect(),
         })
     }
-}
 
-fn call<I: Ioctl>(sys: &I, fd: BorrowedFd<'_>, cmd: u32, arg: &mut [u8], what: &str) -> Result<()> {
-    sys.ioctl(fd, cmd, arg)
-        .map(|_| ())
-        .map_err(|e| match e.raw_os_error() {
-            Some(errno) => ApiError::from_errno(errno, what),
-            None => ApiError::Io(e),
-        })
-}
+    /// The revision this API speaks.
+    pub fn revision(&self) -> Revision {
+        self.revision
+    }
 
-impl<I: Ioctl + 'static> DmApi for KernelApi<I> {
-    fn open(&self, dm_id: u32) -> Result<Box<dyn DmSession>> {
+    /// The device node it opened.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `DM_GET_INFO` (posted): the driver fills the DM's description and installs a DM fd.
+    fn get_info(&self, dm_id: u32) -> Result<(OwnedFd, DmInfo)> {
         let mut arg = Vec::with_capacity(remio_abi::DmInfo::SIZE);
         remio_abi::DmInfo {
             id: dm_id,
@@ -126,7 +233,8 @@ impl<I: Ioctl + 'static> DmApi for KernelApi<I> {
             "DM_GET_INFO",
         ) {
             Err(ApiError::NotFound(_)) => return Err(ApiError::NoSuchDm(dm_id)),
-            other => other?,
+            Err(e) => return Err(e),
+            Ok(_) => {}
         }
         let info = remio_abi::DmInfo::decode(&arg)
             .ok_or_else(|| ApiError::Protocol("DM_GET_INFO argument size".into()))?;
@@ -135,25 +243,95 @@ impl<I: Ioctl + 'static> DmApi for KernelApi<I> {
         }
         // SAFETY: the driver installed this fd for us in GET_INFO; nothing else owns it.
         let fd = unsafe { OwnedFd::from_raw_fd(info.fd) };
-        Ok(Box::new(KernelSession {
-            sys: self.sys.clone(),
+        Ok((
             fd,
-            info: DmInfo {
+            DmInfo {
                 id: info.id,
                 shmem_addr: info.shmem_addr,
                 shmem_size: info.shmem_size,
                 irq: info.irq,
             },
+        ))
+    }
+
+    /// `CREATE_DM` (later revision): the DM is created from our description; the ioctl
+    /// returns its fd.
+    fn create_dm(&self, dm_id: u32) -> Result<(OwnedFd, DmInfo)> {
+        let info = *self.descriptions.get(&dm_id).ok_or_else(|| {
+            ApiError::InvalidArgument(format!(
+                "DM {dm_id}: {BAO_DEVICE_PATH_V2} creates DMs from the configuration, which \
+                 must give this device's shmem_addr, shmem_size and irq"
+            ))
+        })?;
+        let mut arg = Vec::with_capacity(DmInfoV2::SIZE);
+        DmInfoV2 {
+            shmem_addr: info.shmem_addr,
+            shmem_size: info.shmem_size,
+            id: info.id,
+            irq: info.irq,
+        }
+        .encode(&mut arg);
+        let raw = call(
+            &*self.sys,
+            self.dev.as_fd(),
+            BAO_IOCTL_CREATE_DM,
+            &mut arg,
+            "CREATE_DM",
+        )?;
+        if raw <= 0 {
+            return Err(ApiError::Protocol(format!("CREATE_DM returned fd {raw}")));
+        }
+        // SAFETY: CREATE_DM's non-negative return value is a new fd the driver installed for
+        // us; nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        Ok((fd, info))
+    }
+}
+
+fn call<I: Ioctl>(
+    sys: &I,
+    fd: BorrowedFd<'_>,
+    cmd: u32,
+    arg: &mut [u8],
+    what: &str,
+) -> Result<i32> {
+    sys.ioctl(fd, cmd, arg).map_err(|e| match e.raw_os_error() {
+        Some(errno) => ApiError::from_errno(errno, what),
+        None => ApiError::Io(e),
+    })
+}
+
+impl<I: Ioctl + 'static> DmApi for KernelApi<I> {
+    fn open(&self, dm_id: u32) -> Result<Box<dyn DmSession>> {
+        let (fd, info) = match self.revision {
+            Revision::Posted => self.get_info(dm_id)?,
+            Revision::Later => self.create_dm(dm_id)?,
+        };
+        Ok(Box::new(KernelSession {
+            sys: self.sys.clone(),
+            fd: ManuallyDrop::new(fd),
+            info,
+            cmds: self.revision.commands(),
         }))
     }
 }
 
-/// A session on one DM fd.
+/// A session on one DM fd. Dropping it closes the fd, which destroys the DM in the driver.
 #[derive(Debug)]
 pub struct KernelSession<I: Ioctl> {
     sys: Arc<I>,
-    fd: OwnedFd,
+    /// Taken (once) by `Drop`, to hand it to [`Ioctl::close`].
+    fd: ManuallyDrop<OwnedFd>,
     info: DmInfo,
+    cmds: DmCommands,
+}
+
+impl<I: Ioctl> Drop for KernelSession<I> {
+    fn drop(&mut self) {
+        // SAFETY: `fd` is taken only here, and `self` is not used after `drop`.
+        let fd = unsafe { ManuallyDrop::take(&mut self.fd) };
+        self.sys.close(fd);
+    }
 }
 
 impl<I: Ioctl> KernelSession<I> {
@@ -181,10 +359,11 @@ impl<I: Ioctl> KernelSession<I> {
         call(
             &*self.sys,
             self.fd.as_fd(),
-            BAO_IOCTL_IOEVENTFD,
+            self.cmds.ioeventfd,
             &mut arg,
             "IOEVENTFD",
         )
+        .map(drop)
     }
 
     fn irqfd(&self, efd: &EventFd, deassign: bool) -> Result<()> {
@@ -197,10 +376,11 @@ impl<I: Ioctl> KernelSession<I> {
         call(
             &*self.sys,
             self.fd.as_fd(),
-            BAO_IOCTL_IRQFD,
+            self.cmds.irqfd,
             &mut arg,
             "IRQFD",
         )
+        .map(drop)
     }
 }
 
@@ -209,6 +389,11 @@ impl<I: Ioctl> DmSession for KernelSession<I> {
         self.info
     }
 
+    /// ATTACH. The driver's errors are translated: EPERM (the control client is being
+    /// destroyed), ENOENT (no control client) and ENODEV (no DM behind the fd) mean the DM is
+    /// going away and become [`ApiError::ShuttingDown`]; EFAULT, which the posted driver
+    /// returns when a signal interrupted the wait, stays an I/O error for which
+    /// [`ApiError::is_transient`] holds.
     fn attach(&self) -> Result<VirtioRequest> {
         let mut arg = Vec::with_capacity(VirtioRequest::SIZE);
         VirtioRequest {
@@ -216,13 +401,22 @@ impl<I: Ioctl> DmSession for KernelSession<I> {
             ..Default::default()
         }
         .encode(&mut arg);
-        call(
+        match call(
             &*self.sys,
             self.fd.as_fd(),
-            BAO_IOCTL_IO_CLIENT_ATTACH,
+            self.cmds.attach,
             &mut arg,
             "IO_CLIENT_ATTACH",
-        )?;
+        ) {
+            Ok(_) => {}
+            Err(ApiError::PermissionDenied(_) | ApiError::NotFound(_)) => {
+                return Err(ApiError::ShuttingDown)
+            }
+            Err(ApiError::Io(e)) if e.raw_os_error() == Some(libc::ENODEV) => {
+                return Err(ApiError::ShuttingDown)
+            }
+            Err(e) => return Err(e),
+        }
         VirtioRequest::decode(&arg).ok_or_else(|| ApiError::Protocol("ATTACH argument size".into()))
     }
 
@@ -232,16 +426,20 @@ impl<I: Ioctl> DmSession for KernelSession<I> {
         call(
             &*self.sys,
             self.fd.as_fd(),
-            BAO_IOCTL_IO_REQUEST_COMPLETE,
+            self.cmds.complete,
             &mut arg,
             "IO_REQUEST_COMPLETE",
         )
+        .map(drop)
     }
 
     fn assign_ioeventfd(&self, fd: &EventFd, spec: IoeventfdSpec) -> Result<()> {
         self.ioeventfd(fd, spec, false)
     }
 
+    /// IOEVENTFD with DEASSIGN. On the posted driver this removes the registration and then
+    /// registers the same eventfd again (a defect): device models keep their ioeventfds for
+    /// the device's lifetime instead of deassigning them.
     fn deassign_ioeventfd(&self, fd: &EventFd, spec: IoeventfdSpec) -> Result<()> {
         self.ioeventfd(fd, spec, true)
     }
@@ -254,15 +452,20 @@ impl<I: Ioctl> DmSession for KernelSession<I> {
         self.irqfd(fd, true)
     }
 
-    fn map_shmem(&self, len: u64) -> Result<GuestMemoryMmap> {
+    fn map_shmem_at(&self, len: u64, guest_base: u64) -> Result<GuestMemoryMmap> {
         crate::check_shmem_len(len, self.info.shmem_size)?;
-        self.sys.mmap(self.fd.as_fd(), len, self.info.shmem_addr)
+        self.sys.mmap(self.fd.as_fd(), len, guest_base)
+    }
+
+    fn driver_traits(&self) -> DriverTraits {
+        DriverTraits::C_DRIVER
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use remio_abi::uapi_v2::BAO_IOCTL_CREATE_DM;
     use std::sync::Mutex;
     use vm_memory::{GuestAddress, GuestMemoryBackend};
 
@@ -312,6 +515,11 @@ mod tests {
                 let mut out = Vec::new();
                 info.encode(&mut out);
                 arg.copy_from_slice(&out);
+            }
+            if cmd == BAO_IOCTL_CREATE_DM {
+                let raw = std::os::fd::IntoRawFd::into_raw_fd(owned_eventfd()?);
+                *self.dm_fd.lock().unwrap() = Some(raw);
+                return Ok(raw);
             }
             if cmd == BAO_IOCTL_IO_CLIENT_ATTACH {
                 let mut out = Vec::new();
@@ -588,5 +796,165 @@ mod tests {
             .ioctl(fd, BAO_IOCTL_IO_CLIENT_ATTACH, &mut ok)
             .unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ENOTTY));
+    }
+
+    #[test]
+    fn later_revision_creates_the_dm_with_0x4018a700_and_takes_the_fd_from_the_return_value() {
+        let rec = Arc::new(Recorder::default());
+        let desc = DmInfo {
+            id: 2,
+            shmem_addr: 0x8000_0000,
+            shmem_size: 0x40_0000,
+            irq: 49,
+        };
+        let api = KernelApi::with_ioctl_later(rec.clone(), Path::new("/dev/bao"), &[desc]).unwrap();
+        let dev_fd = api.dev.as_raw_fd();
+
+        let session = api.open(2).unwrap();
+
+        let calls = rec.calls.lock().unwrap().clone();
+        assert_eq!(calls[0], Call::Open("/dev/bao".into()));
+        let mut expected = 0x8000_0000u64.to_le_bytes().to_vec();
+        expected.extend_from_slice(&0x40_0000u64.to_le_bytes());
+        expected.extend_from_slice(&2u32.to_le_bytes());
+        expected.extend_from_slice(&49u32.to_le_bytes());
+        assert_eq!(
+            calls[1],
+            Call::Ioctl {
+                fd: dev_fd,
+                cmd: 0x4018_A700,
+                arg: expected
+            }
+        );
+        assert_eq!(session.info(), desc);
+        // The per-DM calls use the 0xA7 numbers on the fd CREATE_DM returned.
+        let dm_fd = rec.dm_fd.lock().unwrap().unwrap();
+        session.complete(&VirtioRequest::default()).unwrap();
+        assert!(matches!(
+            last(&rec),
+            Call::Ioctl { fd, cmd: 0x4030_A703, .. } if fd == dm_fd
+        ));
+        assert_eq!(api.revision(), Revision::Later);
+    }
+
+    #[test]
+    fn later_revision_without_a_description_names_what_the_config_must_give() {
+        let rec = Arc::new(Recorder::default());
+        let api = KernelApi::with_ioctl_later(rec.clone(), Path::new("/dev/bao"), &[]).unwrap();
+
+        let err = api.open(5).err().unwrap();
+
+        assert!(err.to_string().contains("shmem_size"), "{err}");
+        assert_eq!(
+            rec.calls.lock().unwrap().len(),
+            1,
+            "no CREATE_DM was issued"
+        );
+    }
+
+    #[test]
+    fn attach_eperm_means_the_dm_is_going_away_and_efault_is_transient() {
+        let (rec, _api, s, _) = setup();
+        *rec.errno.lock().unwrap() = Some(libc::EPERM);
+        assert!(matches!(s.attach(), Err(ApiError::ShuttingDown)));
+        *rec.errno.lock().unwrap() = Some(libc::EFAULT);
+        let e = s.attach().unwrap_err();
+        assert!(e.is_transient(), "{e}");
+        assert!(!e.ends_session());
+    }
+
+    #[test]
+    fn sessions_on_the_driver_say_so() {
+        let (_rec, _api, s, _) = setup();
+        assert_eq!(s.driver_traits(), DriverTraits::C_DRIVER);
+    }
+
+    // ---- the driver double: the posted driver's behaviour, seen through KernelApi ----
+
+    use crate::driver_double::{DriverDouble, WriteRoute};
+
+    fn driver(n: usize) -> (Arc<DriverDouble>, KernelApi<Arc<DriverDouble>>) {
+        let dms: Vec<DmInfo> = (0..n)
+            .map(|_| DmInfo {
+                id: 0,
+                shmem_addr: 0x5000_0000,
+                shmem_size: 0x1_0000,
+                irq: 52,
+            })
+            .collect();
+        let drv = DriverDouble::new(&dms).unwrap();
+        let api = KernelApi::with_ioctl(drv.clone(), Path::new(DISPATCHER_PATH)).unwrap();
+        (drv, api)
+    }
+
+    fn notify(queue: u64) -> IoeventfdSpec {
+        IoeventfdSpec {
+            addr: 0xa000_0050,
+            len: 4,
+            datamatch: Some(queue),
+        }
+    }
+
+    #[test]
+    fn driver_deassign_assigns_the_eventfd_again() {
+        let (drv, api) = driver(1);
+        let s = api.open(0).unwrap();
+        let old = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        s.assign_ioeventfd(&old, notify(0)).unwrap();
+
+        s.deassign_ioeventfd(&old, notify(0)).unwrap();
+        let new = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        s.assign_ioeventfd(&new, notify(0)).unwrap();
+
+        // Both are registered and the old one, first in the list, takes the notify.
+        assert_eq!(drv.ioeventfds(0).len(), 2);
+        assert_eq!(drv.trap_write(0, 0xa000_0050, 4, 0), WriteRoute::Signalled);
+        assert_eq!(old.read().unwrap(), 1);
+        assert!(new.read().is_err(), "the new eventfd is never signalled");
+    }
+
+    #[test]
+    fn driver_drops_a_write_in_an_ioeventfd_range_that_matches_nothing() {
+        let (drv, api) = driver(1);
+        let s = api.open(0).unwrap();
+        let q0 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        s.assign_ioeventfd(&q0, notify(0)).unwrap();
+
+        assert_eq!(drv.trap_write(0, 0xa000_0050, 4, 1), WriteRoute::Dropped);
+        assert!(q0.read().is_err());
+        assert!(matches!(
+            drv.trap_write(0, 0xa000_0070, 4, 1),
+            WriteRoute::Control(_)
+        ));
+    }
+
+    #[test]
+    fn driver_destroys_the_dm_when_its_session_ends() {
+        let (drv, api) = driver(2);
+        let s0 = api.open(0).unwrap();
+        let _s1 = api.open(1).unwrap();
+
+        drop(s0);
+
+        assert!(!drv.is_alive(0));
+        assert!(drv.is_alive(1));
+        assert!(matches!(api.open(0), Err(ApiError::NoSuchDm(0))));
+    }
+
+    #[test]
+    fn driver_attach_fails_with_efault_when_a_signal_interrupts_it() {
+        let (drv, api) = driver(1);
+        let s = api.open(0).unwrap();
+        drv.signal_attach(0);
+
+        let e = s.attach().unwrap_err();
+
+        assert_eq!(e.errno(), libc::EFAULT);
+        assert!(e.is_transient());
+        // The next ATTACH gets the next request.
+        let Some(id) = drv.trap_read(0, 0xa000_0000, 4) else {
+            panic!("a read outside any ioeventfd range goes to the control client");
+        };
+        assert_eq!(s.attach().unwrap().request_id, id);
     }
 }

@@ -50,6 +50,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use remio_abi::VirtioRequest;
 
+#[cfg(any(test, feature = "driver-double"))]
+pub mod driver_double;
 pub mod fdpass;
 pub mod inprocess;
 pub mod kernel;
@@ -161,6 +163,27 @@ impl ApiError {
         }
     }
 
+    /// Whether this error from [`DmSession::attach`] means the DM or the session is gone, so
+    /// that the caller should stop asking: shutting down, disconnected, no such DM, a closed
+    /// fd. Anything else may pass (see [`ApiError::is_transient`]).
+    pub fn ends_session(&self) -> bool {
+        matches!(
+            self,
+            Self::ShuttingDown | Self::Disconnected | Self::NoSuchDm(_) | Self::BadFd(_)
+        )
+    }
+
+    /// Whether this error is what a signal or a spurious wake-up produces, so that the call
+    /// is simply made again: EINTR, EAGAIN, and EFAULT (the posted C driver's ATTACH ignores
+    /// the result of its interruptible wait, so a signal makes it fail to pop a request and
+    /// return EFAULT; `spec/remote-io.md`).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Io(e) if matches!(
+            e.raw_os_error(),
+            Some(libc::EINTR | libc::EAGAIN | libc::EFAULT)
+        ))
+    }
+
     /// The error an errno stands for: the inverse of [`ApiError::errno`] (for `ENOENT`,
     /// [`ApiError::NotFound`]; errnos outside the table become [`ApiError::Io`]). `what` says
     /// which call failed; the socket client and [`KernelApi`] use it to rebuild errors.
@@ -227,9 +250,24 @@ pub trait DmSession: Send + Sync {
     fn assign_irqfd(&self, fd: &EventFd) -> Result<()>;
     /// Removes an irqfd (`IRQFD` with DEASSIGN).
     fn deassign_irqfd(&self, fd: &EventFd) -> Result<()>;
-    /// Maps `len` bytes of the DM's shared memory from offset 0, placed at its guest-physical
-    /// address (`mmap` on the DM fd). `len` must be non-zero and at most the shmem size.
-    fn map_shmem(&self, len: u64) -> Result<GuestMemoryMmap>;
+    /// Maps `len` bytes of the DM's shared memory from offset 0 (`mmap` on the DM fd), placed
+    /// at guest-physical `guest_base`: the address the *frontend* uses for it, which virtqueue
+    /// addresses are relative to. On Bao the shared memory sits at the same address in both
+    /// VMs and `guest_base` is [`DmInfo::shmem_addr`] ([`DmSession::map_shmem`]); a backend
+    /// that sees it elsewhere (a PCI BAR in remio's backend VM) names the frontend's view.
+    /// `len` must be non-zero and at most the shmem size (`EINVAL`).
+    fn map_shmem_at(&self, len: u64, guest_base: u64) -> Result<GuestMemoryMmap>;
+
+    /// [`DmSession::map_shmem_at`] at the DM's own `shmem_addr` (both views the same, as on
+    /// Bao).
+    fn map_shmem(&self, len: u64) -> Result<GuestMemoryMmap> {
+        self.map_shmem_at(len, self.info().shmem_addr)
+    }
+
+    /// What this dispatcher does that a device model must plan for (see [`DriverTraits`]).
+    fn driver_traits(&self) -> DriverTraits {
+        DriverTraits::REMIO
+    }
 
     /// Completes `req` (as [`DmSession::complete`]) and then waits for the next request (as
     /// [`DmSession::attach`]). Over the socket this is one round trip instead of two; if the
@@ -301,6 +339,34 @@ pub trait DmSession: Send + Sync {
     fn shutdown(&self) -> Result<()> {
         Err(ApiError::NotSupported("shutdown".into()))
     }
+}
+
+/// Behaviour of the dispatcher behind a session that differs between remio's dispatcher and the
+/// posted C driver (`spec/remote-io.md`, defects; docs/c-driver.md), so that one device model
+/// can serve on both without falling back silently on something that does not exist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DriverTraits {
+    /// A write to a registered ioeventfd's address whose value matches no ioeventfd still
+    /// reaches the control client (remio). On the C driver an ioeventfd owns its whole range
+    /// and such writes are dropped, so a device model must not rely on the control path
+    /// for a queue whose ioeventfd was refused.
+    pub unmatched_notify_reaches_control: bool,
+    /// Ending the session (closing the DM fd) destroys the DM: a later `open` of the same id
+    /// fails (the C driver, both revisions). On remio the DM outlives its sessions.
+    pub session_end_destroys_dm: bool,
+}
+
+impl DriverTraits {
+    /// remio's own dispatcher (in-process and over the socket).
+    pub const REMIO: Self = Self {
+        unmatched_notify_reaches_control: true,
+        session_end_destroys_dm: false,
+    };
+    /// The C driver's ioctls ([`KernelApi`]).
+    pub const C_DRIVER: Self = Self {
+        unmatched_notify_reaches_control: false,
+        session_end_destroys_dm: true,
+    };
 }
 
 /// A way to reach the dispatcher: in-process, over a socket, or the kernel driver.

@@ -331,11 +331,11 @@ impl DmSession for SocketSession {
         self.irqfd(fd, true)
     }
 
-    fn map_shmem(&self, len: u64) -> Result<GuestMemoryMmap> {
+    fn map_shmem_at(&self, len: u64, guest_base: u64) -> Result<GuestMemoryMmap> {
         crate::check_shmem_len(len, self.info.shmem_size)?;
         match self.conn.call(&Request::MapShmem { len }, None)? {
             (ReplyBody::Shmem { offset, len: got }, Some(fd)) if got == len => {
-                crate::map_file(std::fs::File::from(fd), offset, len, self.info.shmem_addr)
+                crate::map_file(std::fs::File::from(fd), offset, len, guest_base)
             }
             _ => Err(ApiError::Protocol(
                 "MAP_SHMEM answered without its file".into(),

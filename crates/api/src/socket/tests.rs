@@ -145,9 +145,9 @@ impl DmSession for FakeSession {
         self.0.irqfds.fetch_sub(1, Ordering::SeqCst);
         Ok(())
     }
-    fn map_shmem(&self, len: u64) -> crate::Result<vm_memory::GuestMemoryMmap> {
+    fn map_shmem_at(&self, len: u64, base: u64) -> crate::Result<vm_memory::GuestMemoryMmap> {
         crate::check_shmem_len(len, SHMEM_SIZE)?;
-        crate::map_file(self.0.shmem.try_clone()?, 0, len, SHMEM_ADDR)
+        crate::map_file(self.0.shmem.try_clone()?, 0, len, base)
     }
 }
 
