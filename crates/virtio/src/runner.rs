@@ -1,10 +1,17 @@
 //! The request loop: one thread per device takes requests from its `DmSession` (ATTACH),
 //! decodes them into register accesses on the [`MmioTransport`] and completes them; and
 //! [`serve`], which sets up every device of a [`Config`].
+//!
+//! The same code serves remio's dispatcher and the C driver; where they differ
+//! ([`remio_api::DriverTraits`]) it does what both survive: eventfds registered once per
+//! device and kept across resets, ATTACH retried after a signal, sessions never closed while
+//! their device is meant to serve, and no silent fallback to a control path the driver does
+//! not have.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use remio_abi::uapi::{BAO_IO_READ, BAO_IO_WRITE};
 use remio_api::{ApiError, DmApi, DmSession, IoeventfdSpec, StatusWordSpec, VirtioRequest};
@@ -16,7 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::config::{Config, DeviceConfig};
 use crate::devices::build_device;
 use crate::transport::{MmioTransport, NotifyRegistrar, RegistrarError};
-use remio_ratelimit::warn_rl;
+use remio_ratelimit::{error_rl, warn_rl};
 
 /// Errors setting up the devices of a config.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +46,15 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    /// The device's eventfds could not be registered with the dispatcher.
+    #[error("DM {dm_id}: {source}")]
+    Notifiers {
+        /// The DM.
+        dm_id: u32,
+        /// The cause.
+        #[source]
+        source: RegistrarError,
+    },
     /// The runner thread could not be started.
     #[error("DM {dm_id}: cannot spawn the runner: {source}")]
     Spawn {
@@ -52,7 +68,9 @@ pub enum ServeError {
 
 /// Registers a device's eventfds through its session: one ioeventfd per queue on
 /// QueueNotify (len 4, datamatch = queue index) and one irqfd (spec/remote-io.md, "How a
-/// virtio device model uses it").
+/// virtio device model uses it"). Where the dispatcher routes unmatched QueueNotify writes to
+/// the control client (remio), a refused ioeventfd falls back to the control path with a
+/// warning; where it drops them (the C driver), a refused ioeventfd is an error.
 pub struct SessionRegistrar {
     session: Arc<dyn DmSession>,
     notify_addr: u64,
@@ -94,13 +112,18 @@ impl NotifyRegistrar for SessionRegistrar {
             .assign_irqfd(irqfd)
             .map_err(RegistrarError::Irqfd)?;
         self.assigned.clear();
+        let fallback = self
+            .session
+            .driver_traits()
+            .unmatched_notify_reaches_control;
         for (i, evt) in queue_evts.iter().enumerate() {
             let ok = match self.session.assign_ioeventfd(evt, self.spec(i)) {
                 Ok(()) => true,
-                Err(e) => {
+                Err(e) if fallback => {
                     warn_rl!("virtio: ioeventfd for queue {i} refused ({e}); QueueNotify will use the control path");
                     false
                 }
+                Err(source) => return Err(RegistrarError::Ioeventfd { queue: i, source }),
             };
             self.assigned.push(ok);
         }
@@ -108,6 +131,12 @@ impl NotifyRegistrar for SessionRegistrar {
     }
 
     fn unregister(&mut self, queue_evts: &[EventFd], irqfd: &EventFd) {
+        if self.session.driver_traits().session_end_destroys_dm {
+            // The registrations go with the DM when the session ends, and the posted
+            // driver's DEASSIGN would assign the eventfd again anyway.
+            self.assigned.clear();
+            return;
+        }
         for (i, evt) in queue_evts.iter().enumerate() {
             if self.assigned.get(i).copied().unwrap_or(false) {
                 if let Err(e) = self.session.deassign_ioeventfd(evt, self.spec(i)) {
@@ -315,13 +344,31 @@ fn run(
     mmio_size: u64,
 ) {
     let dm_id = session.info().id;
+    let mut failures = 0u32;
     while !stopping.load(Ordering::SeqCst) {
         let req = match session.attach() {
-            Ok(r) => r,
-            Err(ApiError::ShuttingDown | ApiError::Disconnected) => break,
-            Err(e) => {
-                log::error!("virtio: DM {dm_id}: attach failed: {e}");
+            Ok(r) => {
+                failures = 0;
+                r
+            }
+            Err(e) if e.ends_session() => {
+                log::info!("virtio: DM {dm_id}: attach: {e}");
                 break;
+            }
+            Err(e) => {
+                // A signal (EFAULT on the posted driver, EINTR), or something unexpected:
+                // the frontend may be stalled on this DM with no timeout (Bao), so keep
+                // serving. Back off only when it repeats, not to spin on a persistent error.
+                failures = failures.saturating_add(1);
+                if e.is_transient() {
+                    warn_rl!("virtio: DM {dm_id}: attach interrupted ({e}); retrying");
+                } else {
+                    error_rl!("virtio: DM {dm_id}: attach failed ({e}); retrying");
+                }
+                if let Some(pause) = attach_backoff(failures) {
+                    std::thread::sleep(pause);
+                }
+                continue;
             }
         };
         let done = {
@@ -341,11 +388,21 @@ fn run(
     log::info!("virtio: DM {dm_id}: runner exits");
 }
 
+/// How long to wait before the next ATTACH after `failures` failed ones in a row: none for
+/// the first few (a signal is a one-off), then doubling up to 100 ms (a persistent error
+/// must not spin a CPU). This is back-off, not synchronisation.
+fn attach_backoff(failures: u32) -> Option<Duration> {
+    const IMMEDIATE: u32 = 4;
+    let exp = failures.checked_sub(IMMEDIATE)?.min(7);
+    Some(Duration::from_millis(1u64 << exp).min(Duration::from_millis(100)))
+}
+
 /// Everything [`serve`] started.
 #[derive(Debug)]
 pub struct DeviceModelHandle {
     runners: Vec<DeviceRunner>,
     infos: Vec<DeviceInfo>,
+    failures: Vec<ServeError>,
 }
 
 /// What a started device reports (for the CLI to print).
@@ -368,6 +425,11 @@ impl DeviceModelHandle {
         &self.runners
     }
 
+    /// The devices that could not start while others kept serving (see [`serve`]).
+    pub fn failures(&self) -> &[ServeError] {
+        &self.failures
+    }
+
     /// Stops every device (see [`DeviceRunner::stop`]).
     pub fn stop(mut self) {
         for r in &mut self.runners {
@@ -383,20 +445,44 @@ impl DeviceModelHandle {
     }
 }
 
-/// Opens a session per configured device, maps its shared memory, builds the device and
-/// starts its runner. On error, what was already started is stopped.
+/// Starts every device of `config`: first every device backend (images, TAPs, PTYs,
+/// sockets), before any session is opened, so that a bad backend touches no DM; then, per
+/// device, the session, its shared memory, its eventfds and its runner.
+///
+/// A backend that cannot be opened is an error and nothing is started. When a later step
+/// fails for one device, what happens to the devices already serving depends on the
+/// dispatcher: on remio's (whose DMs outlive their sessions) they are stopped and the error is
+/// returned, as before; on the C driver, where ending a session destroys its DM for good
+/// ([`remio_api::DriverTraits::session_end_destroys_dm`]), they keep serving and the failure
+/// is reported in [`DeviceModelHandle::failures`] instead: a device model never closes a
+/// session that is still meant to serve.
 pub fn serve(api: &dyn DmApi, config: &Config) -> Result<DeviceModelHandle, ServeError> {
+    let mut built = Vec::with_capacity(config.devices.len());
+    for dev in &config.devices {
+        let dm_id = dev.dm_id;
+        let (device, description) =
+            build_device(&dev.kind).map_err(|source| ServeError::Backend { dm_id, source })?;
+        built.push((dev, device, description));
+    }
     let mut handle = DeviceModelHandle {
         runners: Vec::new(),
         infos: Vec::new(),
+        failures: Vec::new(),
     };
-    for dev in &config.devices {
-        match serve_one(api, dev) {
-            Ok((runner, info)) => {
+    // Whether a session that ends takes its DM with it: known once one is open.
+    let mut keep_on_failure = false;
+    for (dev, device, description) in built {
+        match serve_one(api, dev, device, description) {
+            Ok((runner, info, destroys)) => {
+                keep_on_failure |= destroys;
                 handle.runners.push(runner);
                 handle.infos.push(info);
             }
-            Err(e) => {
+            Err((e, destroys)) if destroys || keep_on_failure => {
+                log::error!("virtio: {e}; the other devices keep serving");
+                handle.failures.push(e);
+            }
+            Err((e, _)) => {
                 handle.stop();
                 return Err(e);
             }
@@ -405,36 +491,44 @@ pub fn serve(api: &dyn DmApi, config: &Config) -> Result<DeviceModelHandle, Serv
     Ok(handle)
 }
 
+/// One device, whose backend is built. On error, also says whether sessions on this API
+/// destroy their DM when they end (`false` when no session could be opened to tell).
 fn serve_one(
     api: &dyn DmApi,
     dev: &DeviceConfig,
-) -> Result<(DeviceRunner, DeviceInfo), ServeError> {
+    device: Box<dyn crate::device::VirtioDevice>,
+    description: String,
+) -> Result<(DeviceRunner, DeviceInfo, bool), (ServeError, bool)> {
     let dm_id = dev.dm_id;
-    let session: Arc<dyn DmSession> = Arc::from(
-        api.open(dm_id)
-            .map_err(|source| ServeError::Session { dm_id, source })?,
-    );
+    let session: Arc<dyn DmSession> = match api.open(dm_id) {
+        Ok(s) => Arc::from(s),
+        Err(source) => return Err((ServeError::Session { dm_id, source }, false)),
+    };
+    let destroys = session.driver_traits().session_end_destroys_dm;
+    let fail = |e| (e, destroys);
     let info = session.info();
-    if let Some(expected) = dev.shmem_addr {
-        if expected != info.shmem_addr {
-            log::warn!(
-                "virtio: DM {dm_id}: config says shmem at {expected:#x}, the DM has {:#x}",
-                info.shmem_addr
-            );
-        }
+    // Virtqueue addresses are the frontend's: map the shared memory where the frontend sees
+    // it. On Bao both VMs see it at the DM's shmem_addr; the config names it when they differ.
+    let frontend_base = dev.shmem_addr.unwrap_or(info.shmem_addr);
+    if frontend_base != info.shmem_addr {
+        log::info!(
+            "virtio: DM {dm_id}: shared memory at {:#x} here, at {frontend_base:#x} for the frontend",
+            info.shmem_addr
+        );
     }
     let mem = session
-        .map_shmem(info.shmem_size)
-        .map_err(|source| ServeError::Session { dm_id, source })?;
-    let (device, description) =
-        build_device(&dev.kind).map_err(|source| ServeError::Backend { dm_id, source })?;
+        .map_shmem_at(info.shmem_size, frontend_base)
+        .map_err(|source| fail(ServeError::Session { dm_id, source }))?;
     log::info!("virtio: DM {dm_id}: {description} at {:#x}", dev.mmio_base);
     let registrar = SessionRegistrar::new(session.clone(), dev.mmio_base);
     let mut transport = MmioTransport::new(device, mem, Box::new(registrar));
+    transport
+        .register_notifiers()
+        .map_err(|source| fail(ServeError::Notifiers { dm_id, source }))?;
     share_interrupt_status(&*session, &mut transport, dev.mmio_base);
     let runner = DeviceRunner::spawn(session, transport, dev.mmio_base, dev.mmio_size)
-        .map_err(|source| ServeError::Spawn { dm_id, source })?;
-    Ok((runner, DeviceInfo { dm_id, description }))
+        .map_err(|source| fail(ServeError::Spawn { dm_id, source }))?;
+    Ok((runner, DeviceInfo { dm_id, description }, destroys))
 }
 
 #[cfg(test)]
@@ -516,7 +610,7 @@ mod tests {
                 .map(drop)
                 .ok_or_else(|| ApiError::NotFound("irqfd".into()))
         }
-        fn map_shmem(&self, _len: u64) -> remio_api::Result<GuestMemoryMmap> {
+        fn map_shmem_at(&self, _len: u64, _base: u64) -> remio_api::Result<GuestMemoryMmap> {
             Ok(self.mem.clone())
         }
     }
@@ -662,16 +756,20 @@ mod tests {
         wait_evt(&irq);
         assert_eq!(vq.used().idx().load(), 2);
 
-        // Reset deassigns exactly what was assigned.
+        // Reset keeps the registrations for the next activation.
         bus.write(VIRTIO_MMIO_STATUS, 0);
-        assert_eq!(*deassigned.lock().unwrap(), specs);
-        assert!(irqfds.lock().unwrap().is_empty());
+        assert!(deassigned.lock().unwrap().is_empty());
+        assert_eq!(irqfds.lock().unwrap().len(), 1);
         assert_eq!(bus.read(VIRTIO_MMIO_STATUS), 0);
 
-        // The session shutting down ends the runner.
+        // The session shutting down ends the runner; the device going away deassigns exactly
+        // what was assigned.
         drop(bus);
         runner.join();
         assert!(runner.is_finished());
+        drop(runner);
+        assert_eq!(*deassigned.lock().unwrap(), specs);
+        assert!(irqfds.lock().unwrap().is_empty());
     }
 
     /// The real platform: the hypervisor model (frontend VM 1, backend VM 2, one device),
@@ -875,5 +973,224 @@ mod tests {
             handle_request(&mut t, MMIO, 0x200, &req(MMIO, 4)).value,
             0x7472_6976
         );
+    }
+
+    // ---- The same device model on the posted C driver (its double) ----
+
+    use remio_api::driver_double::{DriverDouble, WriteRoute};
+    use remio_api::KernelApi;
+
+    /// A driver whose device tree has `n` DMs with 1 MiB of shared memory at SHMEM each.
+    fn c_driver(n: usize) -> (Arc<DriverDouble>, KernelApi<Arc<DriverDouble>>) {
+        let info = DmInfo {
+            id: 0,
+            shmem_addr: SHMEM,
+            shmem_size: 0x10_0000,
+            irq: 52,
+        };
+        let drv = DriverDouble::new(&vec![info; n]).unwrap();
+        let api = KernelApi::with_ioctl(drv.clone(), std::path::Path::new("/dev/x")).unwrap();
+        (drv, api)
+    }
+
+    fn rng_config(dm_ids: &[u32]) -> Config {
+        let mut toml = String::new();
+        for (i, id) in dm_ids.iter().enumerate() {
+            toml.push_str(&format!(
+                "[[device]]\ndm_id = {id}\ntype = \"rng\"\nmmio_base = {}\n",
+                MMIO + 0x200 * i as u64
+            ));
+        }
+        Config::from_toml_str(&toml).unwrap()
+    }
+
+    /// The frontend side over the driver double: Linux's probe up to DRIVER_OK with one
+    /// queue laid out at SHMEM, then one buffer made available and notified.
+    struct DoubleFrontend<'a> {
+        drv: &'a DriverDouble,
+        dm: usize,
+        base: u64,
+    }
+
+    impl DoubleFrontend<'_> {
+        fn read(&self, offset: u32) -> u64 {
+            self.drv
+                .access(self.dm, BAO_IO_READ, self.base + u64::from(offset), 4, 0)
+                .expect("the device model answers")
+        }
+        fn write(&self, offset: u32, value: u64) {
+            let got = self.drv.access(
+                self.dm,
+                BAO_IO_WRITE,
+                self.base + u64::from(offset),
+                4,
+                value,
+            );
+            assert!(got.is_some(), "the device model answers");
+        }
+        fn probe(&self, vq: &MockSplitQueue<'_, GuestMemoryMmap>) {
+            assert_eq!(self.read(VIRTIO_MMIO_MAGIC_VALUE), 0x7472_6976);
+            self.write(VIRTIO_MMIO_STATUS, 0);
+            self.write(VIRTIO_MMIO_STATUS, 1);
+            self.write(VIRTIO_MMIO_STATUS, 3);
+            self.write(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+            self.write(VIRTIO_MMIO_DRIVER_FEATURES, 1);
+            self.write(VIRTIO_MMIO_STATUS, 0xb);
+            self.write(VIRTIO_MMIO_QUEUE_SEL, 0);
+            self.write(VIRTIO_MMIO_QUEUE_NUM, 16);
+            self.write(VIRTIO_MMIO_QUEUE_DESC_LOW, vq.desc_table_addr().0);
+            self.write(VIRTIO_MMIO_QUEUE_AVAIL_LOW, vq.avail_addr().0);
+            self.write(VIRTIO_MMIO_QUEUE_USED_LOW, vq.used_addr().0);
+            self.write(VIRTIO_MMIO_QUEUE_READY, 1);
+            self.write(VIRTIO_MMIO_STATUS, 0xf);
+            assert_eq!(self.read(VIRTIO_MMIO_STATUS), 0xf);
+        }
+        /// Makes one 32-byte buffer available at ring index `idx` and writes QueueNotify(0).
+        fn request_entropy(
+            &self,
+            vq: &MockSplitQueue<'_, GuestMemoryMmap>,
+            idx: u16,
+        ) -> WriteRoute {
+            let w = u16::try_from(VRING_DESC_F_WRITE).unwrap();
+            let desc = Descriptor::new(SHMEM + 0x8000, 32, w, 0);
+            vq.build_desc_chain(&[RawDescriptor::from(desc)]).unwrap();
+            vq.avail().idx().store(idx + 1);
+            self.drv.trap_write(
+                self.dm,
+                self.base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY),
+                4,
+                0,
+            )
+        }
+    }
+
+    /// Waits (bounded) until the used ring's index reaches `want`; returns the last index.
+    fn wait_used(vq: &MockSplitQueue<'_, GuestMemoryMmap>, want: u16) -> u16 {
+        for _ in 0..5000 {
+            let idx = vq.used().idx().load();
+            if idx >= want {
+                return idx;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        vq.used().idx().load()
+    }
+
+    fn guest_view(drv: &DriverDouble, dm: usize) -> GuestMemoryMmap {
+        remio_api::map_file(drv.shmem(dm).unwrap(), 0, 0x10_0000, SHMEM).unwrap()
+    }
+
+    #[test]
+    fn on_the_c_driver_queue_notify_works_after_a_reset_and_a_second_probe() {
+        let (drv, api) = c_driver(1);
+        let handle = serve(&api, &rng_config(&[0])).unwrap();
+        let mem = guest_view(&drv, 0);
+        let vq = MockSplitQueue::create(&mem, GuestAddress(SHMEM), 16);
+        let fe = DoubleFrontend {
+            drv: &drv,
+            dm: 0,
+            base: MMIO,
+        };
+        fe.probe(&vq);
+        assert_eq!(fe.request_entropy(&vq, 0), WriteRoute::Signalled);
+        assert_eq!(wait_used(&vq, 1), 1);
+
+        // The guest resets the device (driver rebind) and probes it again.
+        fe.write(VIRTIO_MMIO_STATUS, 0);
+        let vq = MockSplitQueue::create(&mem, GuestAddress(SHMEM), 16);
+        fe.probe(&vq);
+        assert_eq!(fe.request_entropy(&vq, 0), WriteRoute::Signalled);
+
+        assert_eq!(
+            wait_used(&vq, 1),
+            1,
+            "the notify reached the device's worker"
+        );
+        assert_eq!(
+            drv.ioeventfds(0).len(),
+            1,
+            "one ioeventfd, never re-registered"
+        );
+        handle.stop();
+    }
+
+    #[test]
+    fn on_the_c_driver_a_signal_in_attach_does_not_end_the_device() {
+        let (drv, api) = c_driver(1);
+        let handle = serve(&api, &rng_config(&[0])).unwrap();
+        let fe = DoubleFrontend {
+            drv: &drv,
+            dm: 0,
+            base: MMIO,
+        };
+        assert_eq!(fe.read(VIRTIO_MMIO_MAGIC_VALUE), 0x7472_6976);
+
+        // SIGSTOP/SIGCONT, a debugger, any caught signal: ATTACH fails with EFAULT. Twice,
+        // each time with the runner blocked in ATTACH and nothing queued.
+        for _ in 0..2 {
+            assert!(drv.wait_for_attach(0));
+            drv.signal_attach(0);
+        }
+        assert!(drv.wait_for_attach(0), "back in ATTACH after the signals");
+
+        assert_eq!(fe.read(VIRTIO_MMIO_DEVICE_ID), 4, "still served");
+        assert!(!handle.runners()[0].is_finished());
+        handle.stop();
+    }
+
+    #[test]
+    fn on_the_c_driver_a_device_that_cannot_start_leaves_the_others_serving() {
+        let (drv, api) = c_driver(1);
+
+        // DM 0 exists, DM 5 does not.
+        let handle = serve(&api, &rng_config(&[0, 5])).unwrap();
+
+        assert_eq!(handle.devices().len(), 1);
+        assert!(matches!(
+            handle.failures(),
+            [ServeError::Session { dm_id: 5, .. }]
+        ));
+        assert!(drv.is_alive(0), "DM 0's session was not closed");
+        let fe = DoubleFrontend {
+            drv: &drv,
+            dm: 0,
+            base: MMIO,
+        };
+        assert_eq!(fe.read(VIRTIO_MMIO_MAGIC_VALUE), 0x7472_6976);
+        handle.stop();
+    }
+
+    #[test]
+    fn on_the_c_driver_a_refused_queue_ioeventfd_fails_the_device_at_start_up() {
+        let (drv, api) = c_driver(1);
+        drv.refuse_ioeventfds(0, libc::ENOMEM);
+
+        let handle = serve(&api, &rng_config(&[0])).unwrap();
+
+        let [ServeError::Notifiers { dm_id: 0, source }] = handle.failures() else {
+            panic!("expected the notifier failure, got {:?}", handle.failures());
+        };
+        assert!(matches!(source, RegistrarError::Ioeventfd { queue: 0, .. }));
+        let msg = source.to_string();
+        assert!(msg.contains("queue 0") && msg.contains("drops"), "{msg}");
+        assert!(handle.devices().is_empty());
+    }
+
+    #[test]
+    fn on_remio_a_device_that_cannot_start_stops_the_others() {
+        let (_hyp, api) = platform();
+
+        let err = serve(&*api, &rng_config(&[0, 5])).unwrap_err();
+
+        assert!(matches!(err, ServeError::Session { dm_id: 5, .. }));
+        // DM 0's session was closed and the DM is free for the next device model.
+        assert!(api.open(0).is_ok());
+    }
+
+    #[test]
+    fn attach_backoff_is_immediate_at_first_then_bounded() {
+        assert_eq!(attach_backoff(1), None);
+        assert_eq!(attach_backoff(4), Some(Duration::from_millis(1)));
+        assert_eq!(attach_backoff(1000), Some(Duration::from_millis(100)));
     }
 }

@@ -4,9 +4,17 @@
 //! MMIO window and an access width; they never fail and never panic, whatever the driver
 //! does: a bad access is logged (rate limited) and ignored, reads returning 0. The transport
 //! owns the status state machine ([`VALID_TRANSITIONS`]), feature negotiation and queue
-//! setup; at DRIVER_OK it creates one eventfd per queue and an irqfd, has them registered
-//! through a [`NotifyRegistrar`] (the runner's is backed by the `DmSession`), activates the
-//! device and re-kicks every queue so that a notify that raced activation is not lost.
+//! setup; at DRIVER_OK it activates the device and re-kicks every queue so that a notify that
+//! raced activation is not lost.
+//!
+//! The device's eventfds (one per queue, and the irqfd) live as long as the transport and are
+//! registered once, through a [`NotifyRegistrar`] (the runner's is backed by the
+//! `DmSession`): by [`MmioTransport::register_notifiers`] at setup, or at the first DRIVER_OK.
+//! A reset keeps them registered and the next activation reuses them. That is what the posted
+//! C driver needs: its IOEVENTFD with DEASSIGN deassigns and then assigns the same eventfd
+//! again, so a device model that deassigned at reset and registered new eventfds at the next
+//! DRIVER_OK would leave the old, closed-on-our-side eventfd first in the driver's list, taking
+//! every QueueNotify from then on (`spec/remote-io.md`, defects).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -56,22 +64,41 @@ pub const VALID_TRANSITIONS: [(u32, u32); 4] = [
     ),
 ];
 
-/// Why the driver could not be notified: registering eventfds with the dispatcher failed.
+/// Why the device's eventfds could not be registered with the dispatcher.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistrarError {
-    /// The session refused the irqfd.
+    /// The session refused the irqfd: the device could never interrupt the frontend.
     #[error("irqfd registration: {0}")]
     Irqfd(#[source] remio_api::ApiError),
+    /// The session refused a queue's ioeventfd on a dispatcher where QueueNotify writes then
+    /// never reach the device model (the C driver: an ioeventfd owns its whole range and
+    /// unmatched writes are dropped), so the queue could never be notified.
+    #[error(
+        "queue {queue}: ioeventfd on QueueNotify refused ({source}); this dispatcher drops \
+         notifies no ioeventfd matches, so the queue could not work"
+    )]
+    Ioeventfd {
+        /// The queue.
+        queue: usize,
+        /// Why the session refused it.
+        #[source]
+        source: remio_api::ApiError,
+    },
+    /// Creating the eventfds failed.
+    #[error("cannot create eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
 }
 
-/// Registers the eventfds of one activation with whatever delivers notifications: the
-/// `DmSession` in production, a recorder in tests, nothing in fuzzing.
+/// Registers a device's eventfds with whatever delivers notifications: the `DmSession` in
+/// production, a recorder in tests, nothing in fuzzing. Registration happens once per
+/// transport and lasts until [`NotifyRegistrar::unregister`] when the transport is dropped;
+/// resets keep it (see the module docs for why).
 pub trait NotifyRegistrar: Send {
     /// Registers `queue_evts[i]` for QueueNotify writes of value `i` and `irqfd` as the
-    /// device's frontend interrupt. A failed ioeventfd is not fatal (QueueNotify still
-    /// reaches the transport through the control path); a failed irqfd is.
+    /// device's frontend interrupt. A failed irqfd is an error; a failed ioeventfd is one
+    /// only where the control path cannot stand in for it ([`RegistrarError::Ioeventfd`]).
     fn register(&mut self, queue_evts: &[EventFd], irqfd: &EventFd) -> Result<(), RegistrarError>;
-    /// Undoes [`NotifyRegistrar::register`] (on reset).
+    /// Undoes [`NotifyRegistrar::register`] (when the transport is dropped).
     fn unregister(&mut self, queue_evts: &[EventFd], irqfd: &EventFd);
 }
 
@@ -107,11 +134,18 @@ impl QueueRegs {
     }
 }
 
-/// The eventfds of one activation.
+/// The device's eventfds, created and registered once for the transport's lifetime.
+#[derive(Debug)]
+struct Notifiers {
+    queue_evts: Vec<EventFd>,
+    irqfd: EventFd,
+}
+
+/// What one activation handed the device.
 #[derive(Debug)]
 struct Activation {
-    queue_evts: Vec<EventFd>,
-    interrupt: Arc<Interrupt>,
+    /// Kept so that the interrupt outlives the device's use of it until reset.
+    _interrupt: Arc<Interrupt>,
 }
 
 /// Why DRIVER_OK could not activate the device.
@@ -121,7 +155,7 @@ enum ActivationFailure {
     QueueNotReady(usize),
     #[error("queue {0}: size or ring addresses invalid or outside the shared memory")]
     QueueInvalid(usize),
-    #[error("cannot create eventfd: {0}")]
+    #[error("cannot duplicate eventfd: {0}")]
     EventFd(#[source] std::io::Error),
     #[error(transparent)]
     Registrar(#[from] RegistrarError),
@@ -143,6 +177,7 @@ pub struct MmioTransport {
     queue_sel: u32,
     queues: Vec<QueueRegs>,
     shm_sel: u32,
+    notifiers: Option<Notifiers>,
     active: Option<Activation>,
 }
 
@@ -184,8 +219,27 @@ impl MmioTransport {
             queue_sel: 0,
             queues,
             shm_sel: 0,
+            notifiers: None,
             active: None,
         }
+    }
+
+    /// Creates the device's eventfds (one per queue, and the irqfd) and registers them, once:
+    /// later calls do nothing. The runner calls it at setup so that a dispatcher refusing
+    /// them is an error at start-up, not at the guest's DRIVER_OK; otherwise the first
+    /// DRIVER_OK does it.
+    pub fn register_notifiers(&mut self) -> Result<(), RegistrarError> {
+        if self.notifiers.is_some() {
+            return Ok(());
+        }
+        let new_evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(RegistrarError::EventFd);
+        let queue_evts = (0..self.queues.len())
+            .map(|_| new_evt())
+            .collect::<Result<Vec<_>, _>>()?;
+        let irqfd = new_evt()?;
+        self.registrar.register(&queue_evts, &irqfd)?;
+        self.notifiers = Some(Notifiers { queue_evts, irqfd });
+        Ok(())
     }
 
     /// The status word shared with the device workers (InterruptStatus, NEEDS_RESET, config
@@ -395,13 +449,13 @@ impl MmioTransport {
 
     /// QueueNotify arriving through the control path (no ioeventfd, or before DRIVER_OK).
     fn notify(&self, value: u32) {
-        let Some(active) = &self.active else {
+        let (Some(_), Some(notifiers)) = (&self.active, &self.notifiers) else {
             warn_rl!("virtio-mmio: QueueNotify({value}) before DRIVER_OK ignored");
             return;
         };
         match usize::try_from(value)
             .ok()
-            .and_then(|i| active.queue_evts.get(i))
+            .and_then(|i| notifiers.queue_evts.get(i))
         {
             Some(evt) => {
                 if let Err(e) = evt.write(1) {
@@ -477,17 +531,20 @@ impl MmioTransport {
             }
             queues.push(q);
         }
-        let new_evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(ActivationFailure::EventFd);
-        let queue_evts = (0..queues.len())
-            .map(|_| new_evt())
-            .collect::<Result<Vec<_>, _>>()?;
-        let irqfd = new_evt()?;
-        let device_evts = queue_evts
+        self.register_notifiers()?;
+        let Some(notifiers) = &self.notifiers else {
+            return Err(RegistrarError::EventFd(std::io::Error::other("no eventfds")).into());
+        };
+        let device_evts = notifiers
+            .queue_evts
             .iter()
             .map(|e| e.try_clone().map_err(ActivationFailure::EventFd))
             .collect::<Result<Vec<_>, _>>()?;
+        let irqfd = notifiers
+            .irqfd
+            .try_clone()
+            .map_err(ActivationFailure::EventFd)?;
         let interrupt = Arc::new(Interrupt::new(self.shared.clone(), irqfd));
-        self.registrar.register(&queue_evts, interrupt.irqfd())?;
         let ctx = ActivateContext {
             mem: self.mem.clone(),
             queues,
@@ -495,13 +552,9 @@ impl MmioTransport {
             interrupt: interrupt.clone(),
             acked_features: self.driver_features,
         };
-        if let Err(e) = self.device.activate(ctx) {
-            self.registrar.unregister(&queue_evts, interrupt.irqfd());
-            return Err(e.into());
-        }
+        self.device.activate(ctx)?;
         self.active = Some(Activation {
-            queue_evts,
-            interrupt,
+            _interrupt: interrupt,
         });
         Ok(())
     }
@@ -509,8 +562,8 @@ impl MmioTransport {
     /// Signals every queue's eventfd once, so that buffers made available before the
     /// ioeventfds were registered are seen (conventions §7).
     pub fn kick_queues(&self) {
-        if let Some(active) = &self.active {
-            for evt in &active.queue_evts {
+        if let (Some(_), Some(notifiers)) = (&self.active, &self.notifiers) {
+            for evt in &notifiers.queue_evts {
                 if let Err(e) = evt.write(1) {
                     warn_rl!("virtio-mmio: queue eventfd write: {e}");
                 }
@@ -518,13 +571,11 @@ impl MmioTransport {
         }
     }
 
-    /// Full device reset (Status written 0): stops the device's workers, drops and
-    /// deassigns the queue eventfds and irqfd, forgets features and queue setup.
+    /// Full device reset (Status written 0): stops the device's workers, forgets features and
+    /// queue setup. The eventfds stay registered for the next activation (module docs).
     pub fn reset(&mut self) {
-        if let Some(active) = self.active.take() {
+        if self.active.take().is_some() {
             self.device.reset();
-            self.registrar
-                .unregister(&active.queue_evts, active.interrupt.irqfd());
         }
         self.shared.reset();
         self.status = 0;
@@ -542,6 +593,9 @@ impl MmioTransport {
 impl Drop for MmioTransport {
     fn drop(&mut self) {
         self.reset();
+        if let Some(n) = self.notifiers.take() {
+            self.registrar.unregister(&n.queue_evts, &n.irqfd);
+        }
     }
 }
 
@@ -731,7 +785,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn reset_stops_device_deassigns_and_allows_a_second_probe() {
+    fn reset_stops_device_keeps_the_eventfds_registered_and_allows_a_second_probe() {
         let dev = ProbeDevice::default();
         let (activations, resets) = (dev.activations.clone(), dev.resets.clone());
         let registrar = RecordingRegistrar::default();
@@ -742,7 +796,7 @@ pub(crate) mod tests {
 
         assert_eq!(t.read(reg(VIRTIO_MMIO_STATUS), 4), 0);
         assert_eq!(resets.load(Ordering::SeqCst), 1);
-        assert_eq!(*registrar.unregistered.lock().unwrap(), vec![2]);
+        assert!(registrar.unregistered.lock().unwrap().is_empty());
         t.write(reg(VIRTIO_MMIO_QUEUE_SEL), 4, 0);
         assert_eq!(t.read(reg(VIRTIO_MMIO_QUEUE_READY), 4), 0);
 
@@ -750,7 +804,13 @@ pub(crate) mod tests {
 
         assert_eq!(status, ACK | DRIVER | FEATURES_OK | DRIVER_OK);
         assert_eq!(activations.load(Ordering::SeqCst), 2);
-        assert_eq!(*registrar.registered.lock().unwrap(), vec![2, 2]);
+        assert_eq!(
+            *registrar.registered.lock().unwrap(),
+            vec![2],
+            "registered once, reused by the second activation"
+        );
+        drop(t);
+        assert_eq!(*registrar.unregistered.lock().unwrap(), vec![2]);
     }
 
     #[test]
@@ -799,6 +859,8 @@ pub(crate) mod tests {
 
         assert_ne!(status & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
         assert!(!t.is_active());
+        assert_eq!(*registrar.registered.lock().unwrap(), vec![2]);
+        drop(t);
         assert_eq!(*registrar.unregistered.lock().unwrap(), vec![2]);
     }
 
@@ -926,7 +988,7 @@ pub(crate) mod tests {
     fn control_path_notify_after_driver_ok_signals_the_queue_eventfd() {
         let mut t = transport(ProbeDevice::default(), RecordingRegistrar::default());
         linux_probe(&mut t, 0x1000_0000, u64::MAX);
-        let evt = t.active.as_ref().unwrap().queue_evts[1]
+        let evt = t.notifiers.as_ref().unwrap().queue_evts[1]
             .try_clone()
             .unwrap();
         // Drain the re-kick.
