@@ -478,7 +478,7 @@ impl BlockBackend {
     /// says how many.
     ///
     /// Locking: a BSD `flock`, exclusive for read-write and shared for read-only, without
-    /// waiting ([`crate::sys::try_flock`]). A second device model (or a second device of this
+    /// waiting (`sys::try_flock`). A second device model (or a second device of this
     /// one) on the same image then fails with [`ImageError::Locked`]; several read-only users
     /// may share an image. flock rather than QEMU's OFD `fcntl` byte-range locks: both are per
     /// open file description, so both catch a second open in the same process, but flock is
@@ -1475,6 +1475,17 @@ mod tests {
             );
             assert_eq!((used, status(&mem)), (1, S_OK), "write of sector {sector}");
         }
+        // Zero sectors 10-11 and discard 20-21 (fallocate on the block device).
+        for (kind, sector) in [(VIRTIO_BLK_T_WRITE_ZEROES, 10), (VIRTIO_BLK_T_DISCARD, 20)] {
+            header(&mem, kind, 0);
+            discard_seg(&mem, sector, 2, 0);
+            run(
+                &mem,
+                &mut b,
+                &[d(HDR, 16, 0), d(DATA, 16, 0), d(STATUS, 1, W)],
+            );
+            assert_eq!(status(&mem), S_OK, "type {kind}");
+        }
         header(&mem, VIRTIO_BLK_T_FLUSH, 0);
         run(&mem, &mut b, &[d(HDR, 16, 0), d(STATUS, 1, W)]);
         assert_eq!(status(&mem), S_OK, "flush");
@@ -1494,6 +1505,8 @@ mod tests {
         let mut expect = pattern(64 * 1024);
         expect[5 * 512..6 * 512].fill(0xab);
         expect[127 * 512..].fill(0xcd);
+        expect[10 * 512..12 * 512].fill(0);
+        expect[20 * 512..22 * 512].fill(0);
         assert!(img == expect, "backing file differs from what was written");
     }
 
