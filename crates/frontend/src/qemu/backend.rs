@@ -121,8 +121,10 @@ fn args_with_tsc(
     if ends.vectors == 0 {
         return Err(BackendError::NoDevices);
     }
+    // The backend's own RAM is a shared memfd too: the proxy sends every RAM region's fd in
+    // SYNC_SYSMEM, and a region without one makes each of those messages fail (EBADF).
     let mut a = launch::guest_args_with_tsc(
-        "q35",
+        "q35,memory-backend=bmem",
         opts.ram_mib,
         &opts.kernel,
         &opts.initrd,
@@ -130,6 +132,11 @@ fn args_with_tsc(
         tsc_khz,
     );
     let mut more = vec![
+        "-object".to_owned(),
+        format!(
+            "memory-backend-memfd,id=bmem,size={}M,share=on",
+            opts.ram_mib
+        ),
         "-object".to_owned(),
         format!(
             "memory-backend-file,id=fe,mem-path=/proc/self/fd/{},share=on,size={}",
@@ -289,7 +296,8 @@ mod tests {
     fn command_line_wires_window_doorbell_frontend_ram_and_disk() {
         let a = strings(args_with_tsc(&opts(), &ends(), Some(2_000_000)).unwrap());
         let has = |s: &str| a.iter().any(|x| x == s);
-        assert!(has("q35"));
+        assert!(has("q35,memory-backend=bmem"));
+        assert!(has("memory-backend-memfd,id=bmem,size=256M,share=on"));
         assert!(has("256M"));
         assert!(has("1"), "one vCPU");
         assert!(has(&format!(
