@@ -1,15 +1,21 @@
 //! `remio dm --config FILE`: a device-model process serving every device of a config file.
 //!
 //! By default it reaches the dispatcher through the platform's API socket; with
-//! `--kernel-driver` through the C driver's ioctls on `/dev/bao-io-dispatcher`, as on Bao
-//! hardware. The device code is the same either way.
+//! `--kernel-driver` through the C driver's ioctls, as on Bao hardware: `/dev/bao` (the later
+//! revision, DMs created from the config's `shmem_addr`, `shmem_size` and `irq`) when that node
+//! exists, else `/dev/bao-io-dispatcher` (the posted driver, DMs from the device tree). The
+//! device code is the same either way.
+//!
+//! Once every device that could start is serving, it prints `REMIO-DM-READY <n>` on stdout
+//! (and `REMIO-DM-FAILED <dm> <reason>` for each that could not), for scripts and for
+//! `remio run` to wait on.
 
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 use remio_api::kernel::KernelApi;
 use remio_api::socket::SocketApi;
-use remio_api::DmApi;
+use remio_api::{DmApi, DmInfo};
 use remio_virtio::Config;
 
 /// Where the platform's API socket is unless `--socket` says otherwise.
@@ -24,7 +30,11 @@ pub struct Args {
     /// The platform's device-model API socket.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET, conflicts_with = "kernel_driver")]
     pub socket: PathBuf,
-    /// Use the C driver's ioctls on /dev/bao-io-dispatcher (Bao hardware) instead of the socket.
+    /// Use the C driver's ioctls (Bao hardware) instead of the socket: /dev/bao if it exists
+    /// (CREATE_DM from each device's shmem_addr, shmem_size and irq), else
+    /// /dev/bao-io-dispatcher. On that driver closing a DM fd destroys the DM, so this
+    /// process's exit is final for its DMs: they come back only with the driver (reload the
+    /// module or reboot the backend). If one device cannot start, the others keep serving.
     #[arg(long)]
     pub kernel_driver: bool,
     /// Only check the config file and print the devices it describes.
@@ -43,7 +53,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let api: Box<dyn DmApi> = if args.kernel_driver {
-        Box::new(KernelApi::open_default().context("opening /dev/bao-io-dispatcher")?)
+        let descriptions = dm_descriptions(&config);
+        let api = KernelApi::open_auto(&descriptions).context(
+            "opening the C driver (/dev/bao or /dev/bao-io-dispatcher; is the module loaded?)",
+        )?;
+        log::info!(
+            "dm: using the {} at {}",
+            api.revision(),
+            api.path().display()
+        );
+        Box::new(api)
     } else {
         anyhow::ensure!(
             args.socket.exists(),
@@ -56,7 +75,69 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for d in handle.devices() {
         log::info!("dm {}: {}", d.dm_id, d.description);
     }
+    let failed = handle.failures().len();
+    {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        for e in handle.failures() {
+            log::error!("a device could not start and is not served: {e}");
+            // One line per failure; the reason's own newlines would break the marker.
+            let _ = writeln!(out, "REMIO-DM-FAILED {}", e.to_string().replace('\n', " "));
+        }
+        let _ = writeln!(out, "REMIO-DM-READY {}", handle.devices().len());
+        let _ = out.flush();
+    }
+    anyhow::ensure!(
+        !handle.devices().is_empty(),
+        "no device could start ({failed} failed)"
+    );
     handle.wait();
     log::info!("every session has ended; exiting");
+    anyhow::ensure!(failed == 0, "{failed} device(s) could not start");
     Ok(())
+}
+
+/// What the later driver revision's CREATE_DM needs of each device, where the config gives
+/// it all (`shmem_addr`, `shmem_size`, `irq`); a device without them cannot be created there,
+/// which opening it reports.
+fn dm_descriptions(config: &Config) -> Vec<DmInfo> {
+    config
+        .devices
+        .iter()
+        .filter_map(|d| {
+            Some(DmInfo {
+                id: d.dm_id,
+                shmem_addr: d.shmem_addr?,
+                shmem_size: d.shmem_size?,
+                irq: d.irq?,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_dm_inputs_come_from_devices_that_give_all_three() {
+        let config = Config::from_toml_str(
+            "[[device]]\ndm_id = 0\ntype = \"rng\"\nmmio_base = 0x1000\nshmem_addr = 0x5000_0000\n\
+             shmem_size = 0x100_0000\nirq = 47\n\
+             [[device]]\ndm_id = 1\ntype = \"rng\"\nmmio_base = 0x2000\nshmem_addr = 0x5000_0000\n",
+        )
+        .unwrap();
+
+        let d = dm_descriptions(&config);
+
+        assert_eq!(
+            d,
+            vec![DmInfo {
+                id: 0,
+                shmem_addr: 0x5000_0000,
+                shmem_size: 0x100_0000,
+                irq: 47
+            }]
+        );
+    }
 }

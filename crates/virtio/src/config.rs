@@ -84,8 +84,15 @@ pub struct DeviceConfig {
     pub mmio_base: u64,
     /// Size of the MMIO window (default 0x200).
     pub mmio_size: u64,
-    /// Expected shared-memory base, if the config names one (checked against the DM's).
+    /// The frontend's view of the shared memory: the guest-physical address virtqueue
+    /// addresses are relative to (default: the DM's own `shmem_addr`, as on Bao where both
+    /// views coincide). For the C driver's later revision, also `CREATE_DM`'s address.
     pub shmem_addr: Option<u64>,
+    /// Size of the shared memory: `CREATE_DM`'s input on the C driver's later revision
+    /// (elsewhere the DM reports it).
+    pub shmem_size: Option<u64>,
+    /// The DM's backend interrupt: `CREATE_DM`'s input on the C driver's later revision.
+    pub irq: Option<u32>,
     /// The device and its options.
     pub kind: DeviceKind,
 }
@@ -198,6 +205,8 @@ struct TomlDevice {
     mmio_base: u64,
     mmio_size: Option<u64>,
     shmem_addr: Option<u64>,
+    shmem_size: Option<u64>,
+    irq: Option<u32>,
     path: Option<PathBuf>,
     read_only: Option<bool>,
     serial: Option<String>,
@@ -345,6 +354,8 @@ impl TomlDevice {
             mmio_base: self.mmio_base,
             mmio_size: self.mmio_size.unwrap_or(MMIO_DEFAULT_SIZE),
             shmem_addr: self.shmem_addr,
+            shmem_size: self.shmem_size,
+            irq: self.irq,
             kind,
         })
     }
@@ -363,8 +374,9 @@ struct YamlConfig {
     devices: Vec<YamlDevice>,
 }
 
-/// bao-virtio-dm's device keys. `shmem_size`, `shmem_path` and `irq` are accepted and
-/// ignored: the session reports them. `data_plane` must be `virtio` (no vhost here).
+/// bao-virtio-dm's device keys. `shmem_path` is accepted and ignored (we map through the
+/// session); `shmem_addr`, `shmem_size` and `irq` describe the DM (see [`DeviceConfig`]).
+/// `data_plane` must be `virtio` (no vhost here).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct YamlDevice {
@@ -372,10 +384,6 @@ struct YamlDevice {
     #[serde(rename = "type")]
     kind: String,
     shmem_addr: Option<u64>,
-    #[expect(
-        dead_code,
-        reason = "accepted for compatibility; the DM session reports it"
-    )]
     shmem_size: Option<u64>,
     #[expect(
         dead_code,
@@ -383,10 +391,6 @@ struct YamlDevice {
     )]
     shmem_path: Option<String>,
     mmio_addr: u64,
-    #[expect(
-        dead_code,
-        reason = "accepted for compatibility; the DM session reports it"
-    )]
     irq: Option<u32>,
     data_plane: Option<String>,
     file_path: Option<PathBuf>,
@@ -444,6 +448,8 @@ impl YamlDevice {
             mmio_base: self.mmio_addr,
             mmio_size: MMIO_DEFAULT_SIZE,
             shmem_addr: self.shmem_addr,
+            shmem_size: self.shmem_size,
+            irq: self.irq,
             kind,
         })
     }
@@ -559,6 +565,9 @@ devices:
 
         assert_eq!(cfg.devices[0].mmio_base, 0xa003e00);
         assert_eq!(cfg.devices[0].shmem_addr, Some(0x5000_0000));
+        assert_eq!(cfg.devices[0].shmem_size, Some(0x0100_0000));
+        assert_eq!(cfg.devices[0].irq, Some(47));
+        assert_eq!(cfg.devices[1].irq, None);
         assert!(
             matches!(&cfg.devices[0].kind, DeviceKind::Block(b) if b.path == Path::new("/etc/block.img"))
         );
