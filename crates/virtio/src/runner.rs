@@ -982,9 +982,17 @@ mod tests {
 
     /// A driver whose device tree has `n` DMs with 1 MiB of shared memory at SHMEM each.
     fn c_driver(n: usize) -> (Arc<DriverDouble>, KernelApi<Arc<DriverDouble>>) {
+        c_driver_at(n, SHMEM)
+    }
+
+    /// As [`c_driver`], the backend seeing the shared memory at `backend_view`.
+    fn c_driver_at(
+        n: usize,
+        backend_view: u64,
+    ) -> (Arc<DriverDouble>, KernelApi<Arc<DriverDouble>>) {
         let info = DmInfo {
             id: 0,
-            shmem_addr: SHMEM,
+            shmem_addr: backend_view,
             shmem_size: 0x10_0000,
             irq: 52,
         };
@@ -1185,6 +1193,31 @@ mod tests {
         assert!(matches!(err, ServeError::Session { dm_id: 5, .. }));
         // DM 0's session was closed and the DM is free for the next device model.
         assert!(api.open(0).is_ok());
+    }
+
+    #[test]
+    fn virtqueues_are_found_at_the_frontends_view_of_the_shared_memory() {
+        // The backend sees the shared memory at 0x8000_0000 (a PCI BAR, say); the frontend,
+        // and so every virtqueue address it programs, at SHMEM. The config says so.
+        let (drv, api) = c_driver_at(1, 0x8000_0000);
+        let config = Config::from_toml_str(&format!(
+            "[[device]]\ndm_id = 0\ntype = \"rng\"\nmmio_base = {MMIO}\nshmem_addr = {SHMEM}\n"
+        ))
+        .unwrap();
+        let handle = serve(&api, &config).unwrap();
+        let mem = guest_view(&drv, 0);
+        let vq = MockSplitQueue::create(&mem, GuestAddress(SHMEM), 16);
+        let fe = DoubleFrontend {
+            drv: &drv,
+            dm: 0,
+            base: MMIO,
+        };
+
+        fe.probe(&vq);
+        assert_eq!(fe.request_entropy(&vq, 0), WriteRoute::Signalled);
+
+        assert_eq!(wait_used(&vq, 1), 1);
+        handle.stop();
     }
 
     #[test]
