@@ -245,7 +245,8 @@ pub fn handle_request(
 pub struct DeviceRunner {
     dm_id: u32,
     session: Arc<dyn DmSession>,
-    transport: Arc<Mutex<MmioTransport>>,
+    /// `None` for an absent device ([`DeviceRunner::spawn_absent`]).
+    transport: Option<Arc<Mutex<MmioTransport>>>,
     stopping: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -269,13 +270,40 @@ impl DeviceRunner {
         mmio_base: u64,
         mmio_size: u64,
     ) -> std::io::Result<Self> {
-        let dm_id = session.info().id;
         let transport = Arc::new(Mutex::new(transport));
+        let t = transport.clone();
+        Self::start(session, Some(transport), move |req| {
+            let mut t = match t.lock() {
+                Ok(t) => t,
+                Err(p) => p.into_inner(),
+            };
+            handle_request(&mut t, mmio_base, mmio_size, req)
+        })
+    }
+
+    /// Serves a DM whose device could not start, as an absent device: every read answers 0
+    /// (MagicValue 0: Linux's virtio-mmio probe gives up with "Wrong magic value"), writes
+    /// are ignored. For a dispatcher where closing the session would destroy the DM and
+    /// leave the frontend's accesses to it unanswered forever (the C driver, no timeout on
+    /// Bao).
+    pub fn spawn_absent(session: Arc<dyn DmSession>) -> std::io::Result<Self> {
+        Self::start(session, None, |req| VirtioRequest {
+            value: if req.op == BAO_IO_READ { 0 } else { req.value },
+            ..*req
+        })
+    }
+
+    fn start(
+        session: Arc<dyn DmSession>,
+        transport: Option<Arc<Mutex<MmioTransport>>>,
+        handle: impl FnMut(&VirtioRequest) -> VirtioRequest + Send + 'static,
+    ) -> std::io::Result<Self> {
+        let dm_id = session.info().id;
         let stopping = Arc::new(AtomicBool::new(false));
-        let (t, s, sess) = (transport.clone(), stopping.clone(), session.clone());
+        let (s, sess) = (stopping.clone(), session.clone());
         let thread = std::thread::Builder::new()
             .name(format!("remio-dm{dm_id}"))
-            .spawn(move || run(&*sess, &t, &s, mmio_base, mmio_size))?;
+            .spawn(move || run(&*sess, &s, handle))?;
         Ok(Self {
             dm_id,
             session,
@@ -290,9 +318,9 @@ impl DeviceRunner {
         self.dm_id
     }
 
-    /// The transport (to inspect it, or to reset it).
-    pub fn transport(&self) -> &Arc<Mutex<MmioTransport>> {
-        &self.transport
+    /// The transport (to inspect it, or to reset it); `None` for an absent device.
+    pub fn transport(&self) -> Option<&Arc<Mutex<MmioTransport>>> {
+        self.transport.as_ref()
     }
 
     /// Whether the request thread has exited.
@@ -307,9 +335,11 @@ impl DeviceRunner {
     /// next request or when the DM is destroyed, and is not waited for here.
     pub fn stop(&mut self) {
         self.stopping.store(true, Ordering::SeqCst);
-        match self.transport.lock() {
-            Ok(mut t) => t.reset(),
-            Err(p) => p.into_inner().reset(),
+        if let Some(t) = &self.transport {
+            match t.lock() {
+                Ok(mut t) => t.reset(),
+                Err(p) => p.into_inner().reset(),
+            }
         }
         let shut = match self.session.shutdown() {
             Ok(()) => true,
@@ -336,12 +366,11 @@ impl DeviceRunner {
     }
 }
 
+/// The request loop: ATTACH, `handle`, COMPLETE, until the session ends or `stopping`.
 fn run(
     session: &dyn DmSession,
-    transport: &Mutex<MmioTransport>,
     stopping: &AtomicBool,
-    mmio_base: u64,
-    mmio_size: u64,
+    mut handle: impl FnMut(&VirtioRequest) -> VirtioRequest,
 ) {
     let dm_id = session.info().id;
     let mut failures = 0u32;
@@ -371,13 +400,7 @@ fn run(
                 continue;
             }
         };
-        let done = {
-            let mut t = match transport.lock() {
-                Ok(t) => t,
-                Err(p) => p.into_inner(),
-            };
-            handle_request(&mut t, mmio_base, mmio_size, &req)
-        };
+        let done = handle(&req);
         if let Err(e) = session.complete(&done) {
             warn_rl!("virtio: DM {dm_id}: complete failed: {e}");
             if matches!(e, ApiError::ShuttingDown | ApiError::Disconnected) {
@@ -403,6 +426,8 @@ pub struct DeviceModelHandle {
     runners: Vec<DeviceRunner>,
     infos: Vec<DeviceInfo>,
     failures: Vec<ServeError>,
+    /// DMs whose device failed, answered as absent devices (see [`serve`]).
+    absent: Vec<DeviceRunner>,
 }
 
 /// What a started device reports (for the CLI to print).
@@ -432,14 +457,14 @@ impl DeviceModelHandle {
 
     /// Stops every device (see [`DeviceRunner::stop`]).
     pub fn stop(mut self) {
-        for r in &mut self.runners {
+        for r in self.runners.iter_mut().chain(&mut self.absent) {
             r.stop();
         }
     }
 
     /// Blocks until every runner has exited (their sessions shut down).
     pub fn wait(mut self) {
-        for r in &mut self.runners {
+        for r in self.runners.iter_mut().chain(&mut self.absent) {
             r.join();
         }
     }
@@ -455,7 +480,9 @@ impl DeviceModelHandle {
 /// returned, as before; on the C driver, where ending a session destroys its DM for good
 /// ([`remio_api::DriverTraits::session_end_destroys_dm`]), they keep serving and the failure
 /// is reported in [`DeviceModelHandle::failures`] instead: a device model never closes a
-/// session that is still meant to serve.
+/// session that is still meant to serve. There, a failed device whose session was opened
+/// keeps it and answers as an absent device ([`DeviceRunner::spawn_absent`]), so that its
+/// frontend's probe fails cleanly instead of waiting forever on a destroyed DM.
 pub fn serve(api: &dyn DmApi, config: &Config) -> Result<DeviceModelHandle, ServeError> {
     let mut built = Vec::with_capacity(config.devices.len());
     for dev in &config.devices {
@@ -468,6 +495,7 @@ pub fn serve(api: &dyn DmApi, config: &Config) -> Result<DeviceModelHandle, Serv
         runners: Vec::new(),
         infos: Vec::new(),
         failures: Vec::new(),
+        absent: Vec::new(),
     };
     // Whether a session that ends takes its DM with it: known once one is open.
     let mut keep_on_failure = false;
@@ -478,34 +506,65 @@ pub fn serve(api: &dyn DmApi, config: &Config) -> Result<DeviceModelHandle, Serv
                 handle.runners.push(runner);
                 handle.infos.push(info);
             }
-            Err((e, destroys)) if destroys || keep_on_failure => {
+            Err(failed) if failed.destroys() || keep_on_failure => {
+                let e = failed.error;
                 log::error!("virtio: {e}; the other devices keep serving");
+                if let Some(session) = failed.session {
+                    // Keep the DM, and answer its frontend as an absent device.
+                    match DeviceRunner::spawn_absent(session) {
+                        Ok(r) => handle.absent.push(r),
+                        Err(err) => log::error!("virtio: DM {}: {err}", dev.dm_id),
+                    }
+                }
                 handle.failures.push(e);
             }
-            Err((e, _)) => {
+            Err(failed) => {
                 handle.stop();
-                return Err(e);
+                return Err(failed.error);
             }
         }
     }
     Ok(handle)
 }
 
-/// One device, whose backend is built. On error, also says whether sessions on this API
-/// destroy their DM when they end (`false` when no session could be opened to tell).
+/// A device that could not start, with its session if one was opened.
+struct Failed {
+    error: ServeError,
+    session: Option<Arc<dyn DmSession>>,
+}
+
+impl Failed {
+    /// Whether ending the session would destroy the DM (unknown, `false`, without one).
+    fn destroys(&self) -> bool {
+        self.session
+            .as_ref()
+            .is_some_and(|s| s.driver_traits().session_end_destroys_dm)
+    }
+}
+
+/// One device, whose backend is built. Also says whether sessions on this API destroy their
+/// DM when they end.
 fn serve_one(
     api: &dyn DmApi,
     dev: &DeviceConfig,
     device: Box<dyn crate::device::VirtioDevice>,
     description: String,
-) -> Result<(DeviceRunner, DeviceInfo, bool), (ServeError, bool)> {
+) -> Result<(DeviceRunner, DeviceInfo, bool), Failed> {
     let dm_id = dev.dm_id;
     let session: Arc<dyn DmSession> = match api.open(dm_id) {
         Ok(s) => Arc::from(s),
-        Err(source) => return Err((ServeError::Session { dm_id, source }, false)),
+        Err(source) => {
+            return Err(Failed {
+                error: ServeError::Session { dm_id, source },
+                session: None,
+            })
+        }
     };
     let destroys = session.driver_traits().session_end_destroys_dm;
-    let fail = |e| (e, destroys);
+    let fail = |error| Failed {
+        error,
+        session: Some(session.clone()),
+    };
     let info = session.info();
     // Virtqueue addresses are the frontend's: map the shared memory where the frontend sees
     // it. On Bao both VMs see it at the DM's shmem_addr; the config names it when they differ.
@@ -526,7 +585,7 @@ fn serve_one(
         .register_notifiers()
         .map_err(|source| fail(ServeError::Notifiers { dm_id, source }))?;
     share_interrupt_status(&*session, &mut transport, dev.mmio_base);
-    let runner = DeviceRunner::spawn(session, transport, dev.mmio_base, dev.mmio_size)
+    let runner = DeviceRunner::spawn(session.clone(), transport, dev.mmio_base, dev.mmio_size)
         .map_err(|source| fail(ServeError::Spawn { dm_id, source }))?;
     Ok((runner, DeviceInfo { dm_id, description }, destroys))
 }
@@ -1182,6 +1241,15 @@ mod tests {
         let msg = source.to_string();
         assert!(msg.contains("queue 0") && msg.contains("drops"), "{msg}");
         assert!(handle.devices().is_empty());
+        // The DM is kept and answers as an absent device: the probe reads MagicValue 0.
+        assert!(drv.is_alive(0));
+        let fe = DoubleFrontend {
+            drv: &drv,
+            dm: 0,
+            base: MMIO,
+        };
+        assert_eq!(fe.read(VIRTIO_MMIO_MAGIC_VALUE), 0);
+        handle.stop();
     }
 
     #[test]
