@@ -22,6 +22,11 @@ use anyhow::{anyhow, bail, ensure, Context as _};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+pub mod backend;
+mod patch;
+
+pub use backend::{backend_overlay, backend_status};
+
 /// Bumped whenever the build recipe changes in a way the hashed sources below do not show.
 const FORMAT: u32 = 1;
 
@@ -39,11 +44,11 @@ const WANTED_MODULES: &[&str] = &[
 
 /// Guest sources, embedded so that the binary alone can build the guest and so that any change
 /// to them rebuilds `remio` and changes the recipe hash.
-const GLUE_C: &str = include_str!("../../../guest/glue/remio_glue.c");
-const GLUE_KBUILD: &str = include_str!("../../../guest/glue/Kbuild");
-const IDS_H: &str = include_str!("../../../guest/remio-ids.h");
-const INIT: &str = include_str!("../../../guest/init");
-const IOBENCH_C: &str = include_str!("../../../guest/tools/iobench.c");
+const GLUE_C: &str = include_str!("../../../../guest/glue/remio_glue.c");
+const GLUE_KBUILD: &str = include_str!("../../../../guest/glue/Kbuild");
+const IDS_H: &str = include_str!("../../../../guest/remio-ids.h");
+const INIT: &str = include_str!("../../../../guest/init");
+const IOBENCH_C: &str = include_str!("../../../../guest/tools/iobench.c");
 
 /// File names inside the guest directory.
 const MANIFEST: &str = "manifest.json";
@@ -80,6 +85,11 @@ struct BuildArgs {
     /// Rebuild even when the manifest says the cached build is current.
     #[arg(long)]
     force: bool,
+    /// The posted Bao I/O dispatcher patch the backend VM's driver is extracted from
+    /// [default: $REMIO_C_DRIVER_PATCH, else ../shared/spec/bao-io-dispatcher-patch.txt beside
+    /// the workspace]. Without it the backend VM is skipped (the frontend is built anyway).
+    #[arg(long, value_name = "PATH")]
+    c_driver_patch: Option<PathBuf>,
     #[command(flatten)]
     dir: DirArgs,
 }
@@ -90,9 +100,21 @@ struct BootArgs {
     /// starts an interactive shell on the console.
     #[arg(long)]
     exec: Option<String>,
-    /// Kill QEMU after this many seconds (only with --exec).
+    /// Kill QEMU after this many seconds (only with --exec or --backend).
     #[arg(long, default_value_t = 60)]
     timeout: u64,
+    /// Boot the backend VM instead (backend-initramfs.cpio plus this remio binary), alone: an
+    /// ivshmem-doorbell and an ivshmem-plain but no hypercall proxy, so its /init stops after
+    /// loading the driver (`REMIO-BACKEND-FAILED /dev/bao-io-dispatcher`). A smoke test.
+    #[arg(long, conflicts_with = "exec")]
+    backend: bool,
+    /// With --backend: the device-model config packed as /etc/remio/dm.toml.
+    #[arg(long, value_name = "FILE", requires = "backend")]
+    dm_config: Option<PathBuf>,
+    /// With --backend: a shell script packed as /etc/remio/backend.sh (sourced by /init before
+    /// `remio dm` starts).
+    #[arg(long, value_name = "FILE", requires = "backend")]
+    hook: Option<PathBuf>,
     #[command(flatten)]
     dir: DirArgs,
 }
@@ -102,9 +124,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         GuestCommand::Build(b) => {
             let dir = guest_dir(&b.dir);
-            build(&dir, b.force)
+            build(&dir, b.force, b.c_driver_patch.as_deref())
         }
         GuestCommand::Info(d) => info(&guest_dir(&d)),
+        GuestCommand::Boot(b) if b.backend => backend::boot(
+            &guest_dir(&b.dir),
+            b.dm_config.as_deref(),
+            b.hook.as_deref(),
+            b.timeout,
+        ),
         GuestCommand::Boot(b) => boot(&guest_dir(&b.dir), b.exec.as_deref(), b.timeout),
     }
 }
@@ -171,6 +199,10 @@ struct Manifest {
     /// [`apt_lists_fingerprint`] when the packages were resolved.
     #[serde(default)]
     apt_lists: String,
+    /// The backend VM (`remio run --dispatcher c-driver`): built, or skipped and why. None in a
+    /// manifest written before the backend existed, or while it is being built.
+    #[serde(default)]
+    backend: Option<backend::BackendRecord>,
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -381,9 +413,14 @@ fn read_manifest(dir: &Path) -> Option<Manifest> {
     serde_json::from_str(&text).ok()
 }
 
-/// True when every output in the manifest exists with its recorded hash.
+/// True when every (frontend) output in the manifest exists with its recorded hash.
 fn outputs_intact(dir: &Path, manifest: &Manifest) -> bool {
-    manifest.outputs.iter().all(|a| {
+    artifacts_intact(dir, &manifest.outputs)
+}
+
+/// True when each artifact exists in `dir` with its recorded hash.
+fn artifacts_intact<'a>(dir: &Path, artifacts: impl IntoIterator<Item = &'a Artifact>) -> bool {
+    artifacts.into_iter().all(|a| {
         sha256_file(&dir.join(&a.file))
             .map(|h| h == a.sha256)
             .unwrap_or(false)
@@ -394,7 +431,7 @@ fn step(what: &str) {
     log::info!("guest: {what}");
 }
 
-fn build(dir: &Path, force: bool) -> anyhow::Result<()> {
+fn build(dir: &Path, force: bool, patch_flag: Option<&Path>) -> anyhow::Result<()> {
     let started = Instant::now();
     for (t, _) in TOOLS {
         tool(t)?;
@@ -431,39 +468,59 @@ fn build(dir: &Path, force: bool) -> anyhow::Result<()> {
         recipe_sha256: recipe_hash(),
         glue_source_sha256: glue_source_hash(),
     };
-    if !force {
-        if let Some(m) = cached {
-            if m.inputs == inputs && outputs_intact(dir, &m) {
-                if m.apt_lists != lists {
-                    let m = Manifest {
-                        apt_lists: lists,
-                        ..m
-                    };
-                    write_manifest(dir, &m)?;
-                }
-                println!(
-                    "guest: up to date ({abi}, {}), nothing to do",
-                    dir.join(MANIFEST).display()
-                );
-                return Ok(());
+    let patch = backend::patch_path(patch_flag);
+    let frontend_current = !force
+        && cached
+            .as_ref()
+            .is_some_and(|m| m.inputs == inputs && outputs_intact(dir, m));
+    let mut manifest = match cached {
+        Some(m) if frontend_current => {
+            println!(
+                "guest: up to date ({abi}, {}), nothing to do",
+                dir.join(MANIFEST).display()
+            );
+            Manifest {
+                apt_lists: lists,
+                ..m
             }
-            step("inputs changed since the cached build: rebuilding");
         }
-    }
+        cached => {
+            if cached.is_some() && !force {
+                step("inputs changed since the cached build: rebuilding");
+            }
+            build_frontend(dir, inputs, lists, started)?
+        }
+    };
+    // The backend VM: its own inputs (patch, guest/backend sources, host libraries), same
+    // kernel. Built after the frontend's manifest is written, so that a failing backend build
+    // does not make the frontend look stale. A frontend rebuild (maybe a new kernel) rebuilds it.
+    let previous = manifest.backend.take();
+    write_manifest(dir, &manifest)?;
+    let record = backend::build(
+        dir,
+        &|| ensure_root(dir, &manifest.inputs),
+        &abi,
+        previous.as_ref().filter(|_| frontend_current),
+        force,
+        &patch,
+    )?;
+    manifest.backend = Some(record);
+    write_manifest(dir, &manifest)
+}
+
+/// Builds the frontend guest (kernel, glue, initramfs) and writes its manifest (no backend).
+fn build_frontend(
+    dir: &Path,
+    inputs: Inputs,
+    lists: String,
+    started: Instant,
+) -> anyhow::Result<Manifest> {
+    let abi = inputs.abi.clone();
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     // A half-done build must not look current.
     let _ = std::fs::remove_file(dir.join(MANIFEST));
 
-    let debs = download(dir, &inputs.packages)?;
-    let root = dir.join("root");
-    step("extracting the packages (dpkg -x)");
-    if root.exists() {
-        std::fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
-    }
-    std::fs::create_dir_all(&root)?;
-    for deb in &debs {
-        run_shown(Command::new(tool("dpkg")?).arg("-x").arg(deb).arg(&root))?;
-    }
+    let (root, debs) = extract_root(dir, &inputs)?;
     let kernel_src = root.join(format!("boot/vmlinuz-{abi}"));
     let kernel =
         std::fs::read(&kernel_src).with_context(|| format!("reading {}", kernel_src.display()))?;
@@ -471,8 +528,6 @@ fn build(dir: &Path, force: bool) -> anyhow::Result<()> {
 
     let glue_ko = build_glue(dir, &root, &abi)?;
     let iobench = build_iobench(dir)?;
-    step("resolving module dependencies (depmod)");
-    run_shown(Command::new(tool("depmod")?).arg("-b").arg(&root).arg(&abi))?;
     let modules_dir = root.join("lib/modules").join(&abi);
     let order = module_order(&modules_dir, WANTED_MODULES)?;
     step(&format!(
@@ -499,6 +554,7 @@ fn build(dir: &Path, force: bool) -> anyhow::Result<()> {
         modules,
         build_seconds: started.elapsed().as_secs_f64(),
         apt_lists: lists,
+        backend: None,
     };
     write_manifest(dir, &manifest)?;
     println!(
@@ -507,6 +563,57 @@ fn build(dir: &Path, force: bool) -> anyhow::Result<()> {
         dir.join(KERNEL).display(),
         dir.join(INITRAMFS).display()
     );
+    Ok(manifest)
+}
+
+/// Downloads the packages (unless present), extracts them afresh into `<dir>/root`, points the
+/// headers at the extracted copy and runs depmod; returns the root and the .deb files.
+fn extract_root(dir: &Path, inputs: &Inputs) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
+    let abi = &inputs.abi;
+    let debs = download(dir, &inputs.packages)?;
+    let root = dir.join("root");
+    step("extracting the packages (dpkg -x)");
+    if root.exists() {
+        std::fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
+    }
+    std::fs::create_dir_all(&root)?;
+    for deb in &debs {
+        run_shown(Command::new(tool("dpkg")?).arg("-x").arg(deb).arg(&root))?;
+    }
+    point_headers_at_root(&root, abi)?;
+    step("resolving module dependencies (depmod)");
+    run_shown(Command::new(tool("depmod")?).arg("-b").arg(&root).arg(abi))?;
+    Ok((root, debs))
+}
+
+/// The extracted packages of a current build, extracted again when someone removed them.
+fn ensure_root(dir: &Path, inputs: &Inputs) -> anyhow::Result<PathBuf> {
+    let root = dir.join("root");
+    let abi = &inputs.abi;
+    let headers = root.join(format!("usr/src/linux-headers-{abi}/Makefile"));
+    let deps = root.join(format!("lib/modules/{abi}/modules.dep"));
+    if headers.is_file() && deps.is_file() {
+        return Ok(root);
+    }
+    step("the extracted kernel packages are gone: extracting them again");
+    Ok(extract_root(dir, inputs)?.0)
+}
+
+/// Debian's per-flavour headers Makefile includes the common headers by absolute path under
+/// /usr/src: points it at the extracted copy instead.
+fn point_headers_at_root(root: &Path, abi: &str) -> anyhow::Result<()> {
+    let makefile = root
+        .join("usr/src")
+        .join(format!("linux-headers-{abi}"))
+        .join("Makefile");
+    let text = std::fs::read_to_string(&makefile)
+        .with_context(|| format!("reading {}", makefile.display()))?;
+    let root_src = root.join("usr/src/");
+    let patched = text.replace(
+        "include /usr/src/",
+        &format!("include {}", root_src.display()),
+    );
+    std::fs::write(&makefile, patched)?;
     Ok(())
 }
 
@@ -554,17 +661,6 @@ fn download(dir: &Path, packages: &[Pkg]) -> anyhow::Result<Vec<PathBuf>> {
 fn build_glue(dir: &Path, root: &Path, abi: &str) -> anyhow::Result<PathBuf> {
     step("building the glue module");
     let headers = root.join("usr/src").join(format!("linux-headers-{abi}"));
-    // Debian's per-flavour Makefile includes the common headers by absolute path under
-    // /usr/src: point it at the extracted copy instead.
-    let makefile = headers.join("Makefile");
-    let text = std::fs::read_to_string(&makefile)
-        .with_context(|| format!("reading {}", makefile.display()))?;
-    let root_src = root.join("usr/src/");
-    let patched = text.replace(
-        "include /usr/src/",
-        &format!("include {}", root_src.display()),
-    );
-    std::fs::write(&makefile, patched)?;
 
     let build_dir = dir.join("glue");
     if build_dir.exists() {
@@ -894,6 +990,7 @@ fn info(dir: &Path) -> anyhow::Result<()> {
             "MODIFIED OR MISSING: run `remio guest build`"
         }
     );
+    println!("{}", backend::describe(dir));
     Ok(())
 }
 
