@@ -145,6 +145,17 @@ const _: () = {
     assert!(BAO_IOCTL_IRQFD == 0x4008_A605);
 };
 
+// SAFETY: each struct is `#[repr(C)]`, made only of integers (any bit pattern is valid), and
+// has no implicit padding (DmInfo's is the named `padding` field): the layout checks above
+// pin every offset and the size. So they can be handed to ioctl(2) as their bytes.
+unsafe impl vm_memory::ByteValued for VirtioRequest {}
+// SAFETY: as above.
+unsafe impl vm_memory::ByteValued for Ioeventfd {}
+// SAFETY: as above.
+unsafe impl vm_memory::ByteValued for Irqfd {}
+// SAFETY: as above.
+unsafe impl vm_memory::ByteValued for DmInfo {}
+
 /// Little-endian field-by-field encoding, for the wire and for recording doubles. Padding is
 /// written as zero and ignored on decode, so no uninitialised byte is ever read.
 pub trait WireStruct: Sized {

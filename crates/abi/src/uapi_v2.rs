@@ -67,6 +67,9 @@ const _: () = {
     assert!(BAO_IOCTL_IRQFD_V2 == 0x4008_A705);
 };
 
+// SAFETY: `#[repr(C)]`, integers only, no padding (checked above).
+unsafe impl vm_memory::ByteValued for DmInfoV2 {}
+
 impl WireStruct for DmInfoV2 {
     const SIZE: usize = 24;
     fn encode(&self, out: &mut Vec<u8>) {

@@ -25,11 +25,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use remio_abi::uapi::{
-    WireStruct, BAO_IOCTL_DM_GET_INFO, BAO_IOCTL_IOEVENTFD, BAO_IOCTL_IO_CLIENT_ATTACH,
+    BAO_IOCTL_DM_GET_INFO, BAO_IOCTL_IOEVENTFD, BAO_IOCTL_IO_CLIENT_ATTACH,
     BAO_IOCTL_IO_REQUEST_COMPLETE, BAO_IOCTL_IRQFD, BAO_IOEVENTFD_FLAG_DATAMATCH,
     BAO_IOEVENTFD_FLAG_DEASSIGN, BAO_IO_READ, BAO_IO_WRITE, BAO_IRQFD_FLAG_DEASSIGN,
 };
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{ByteValued, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::kernel::Ioctl;
@@ -283,7 +283,7 @@ impl DriverDouble {
     }
 
     fn get_info(&self, arg: &mut [u8]) -> io::Result<i32> {
-        let mut info = remio_abi::DmInfo::decode(arg).ok_or_else(einval)?;
+        let mut info: remio_abi::DmInfo = read_arg(arg)?;
         let mut st = self.lock();
         let idx = usize::try_from(info.id).map_err(|_| einval())?;
         let d = st
@@ -297,9 +297,7 @@ impl DriverDouble {
         let fd = new_fd()?.into_raw_fd();
         st.dm_fds.insert(fd, idx);
         info.fd = fd;
-        let mut out = Vec::with_capacity(remio_abi::DmInfo::SIZE);
-        info.encode(&mut out);
-        arg.copy_from_slice(&out);
+        arg.copy_from_slice(info.as_slice());
         Ok(0)
     }
 
@@ -311,9 +309,11 @@ impl DriverDouble {
                 return Err(io::Error::from_raw_os_error(libc::EPERM));
             }
             if let Some(req) = d.control.pop_front() {
-                let mut out = Vec::with_capacity(VirtioRequest::SIZE);
-                req.encode(&mut out);
-                arg.copy_from_slice(&out);
+                if arg.len() != std::mem::size_of::<VirtioRequest>() {
+                    d.control.push_front(req);
+                    return Err(einval());
+                }
+                arg.copy_from_slice(req.as_slice());
                 return Ok(0);
             }
             if std::mem::take(&mut d.signal) {
@@ -333,7 +333,7 @@ impl DriverDouble {
     }
 
     fn complete(&self, dm: usize, arg: &[u8]) -> io::Result<i32> {
-        let req = VirtioRequest::decode(arg).ok_or_else(einval)?;
+        let req: VirtioRequest = read_arg(arg)?;
         self.lock()
             .dms
             .get_mut(dm)
@@ -345,7 +345,7 @@ impl DriverDouble {
     }
 
     fn ioeventfd(&self, dm: usize, arg: &[u8]) -> io::Result<i32> {
-        let cfg = remio_abi::Ioeventfd::decode(arg).ok_or_else(einval)?;
+        let cfg: remio_abi::Ioeventfd = read_arg(arg)?;
         let fd = i32::try_from(cfg.fd).map_err(|_| ebadf())?;
         let file = dup_eventfd(fd)?;
         let mut st = self.lock();
@@ -387,7 +387,7 @@ impl DriverDouble {
     }
 
     fn irqfd(&self, dm: usize, arg: &[u8]) -> io::Result<i32> {
-        let cfg = remio_abi::Irqfd::decode(arg).ok_or_else(einval)?;
+        let cfg: remio_abi::Irqfd = read_arg(arg)?;
         let file = dup_eventfd(cfg.fd)?;
         let mut st = self.lock();
         let d = st.dms.get_mut(dm).ok_or_else(enodev)?;
@@ -530,6 +530,16 @@ fn new_fd() -> io::Result<OwnedFd> {
     let e = EventFd::new(libc::EFD_CLOEXEC)?;
     // SAFETY: the EventFd gives its fd up; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(e.into_raw_fd()) })
+}
+
+/// The ioctl argument as the driver's `copy_from_user` sees it: the struct's bytes in memory.
+fn read_arg<T: ByteValued + Default>(arg: &[u8]) -> io::Result<T> {
+    let mut v = T::default();
+    if arg.len() != std::mem::size_of::<T>() {
+        return Err(einval());
+    }
+    v.as_mut_slice().copy_from_slice(arg);
+    Ok(v)
 }
 
 fn einval() -> io::Error {

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use remio_abi::uapi::{
-    WireStruct, BAO_IOCTL_DM_GET_INFO, BAO_IOCTL_IOEVENTFD, BAO_IOCTL_IO_CLIENT_ATTACH,
+    BAO_IOCTL_DM_GET_INFO, BAO_IOCTL_IOEVENTFD, BAO_IOCTL_IO_CLIENT_ATTACH,
     BAO_IOCTL_IO_REQUEST_COMPLETE, BAO_IOCTL_IRQFD, BAO_IOEVENTFD_FLAG_DATAMATCH,
     BAO_IOEVENTFD_FLAG_DEASSIGN, BAO_IRQFD_FLAG_DEASSIGN,
 };
@@ -36,7 +36,7 @@ use remio_abi::uapi_v2::{
     DmInfoV2, BAO_DEVICE_PATH_V2, BAO_IOCTL_CREATE_DM, BAO_IOCTL_IOEVENTFD_V2,
     BAO_IOCTL_IO_CLIENT_ATTACH_V2, BAO_IOCTL_IO_REQUEST_COMPLETE_V2, BAO_IOCTL_IRQFD_V2,
 };
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{ByteValued, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::{
@@ -104,7 +104,8 @@ struct DmCommands {
 pub trait Ioctl: Send + Sync + Debug {
     /// Opens the dispatcher device node.
     fn open(&self, path: &Path) -> io::Result<OwnedFd>;
-    /// `ioctl(fd, cmd, arg)` with `arg` the argument struct's bytes (read back for `_IOWR`).
+    /// `ioctl(fd, cmd, arg)` with `arg` the argument struct's bytes in memory (native endian,
+    /// as the ioctl ABI is; read back for `_IOWR`).
     /// Returns the ioctl's non-negative result (`CREATE_DM`: the new DM fd).
     fn ioctl(&self, fd: BorrowedFd<'_>, cmd: u32, arg: &mut [u8]) -> io::Result<i32>;
     /// `mmap(fd, offset 0, len)`, shared, placed at guest-physical `guest_base`.
@@ -218,26 +219,22 @@ impl<I: Ioctl + 'static> KernelApi<I> {
 
     /// `DM_GET_INFO` (posted): the driver fills the DM's description and installs a DM fd.
     fn get_info(&self, dm_id: u32) -> Result<(OwnedFd, DmInfo)> {
-        let mut arg = Vec::with_capacity(remio_abi::DmInfo::SIZE);
-        remio_abi::DmInfo {
+        let mut info = remio_abi::DmInfo {
             id: dm_id,
             fd: -1,
             ..Default::default()
-        }
-        .encode(&mut arg);
+        };
         match call(
             &*self.sys,
             self.dev.as_fd(),
             BAO_IOCTL_DM_GET_INFO,
-            &mut arg,
+            info.as_mut_slice(),
             "DM_GET_INFO",
         ) {
             Err(ApiError::NotFound(_)) => return Err(ApiError::NoSuchDm(dm_id)),
             Err(e) => return Err(e),
             Ok(_) => {}
         }
-        let info = remio_abi::DmInfo::decode(&arg)
-            .ok_or_else(|| ApiError::Protocol("DM_GET_INFO argument size".into()))?;
         if info.fd < 0 {
             return Err(ApiError::Protocol("DM_GET_INFO returned no fd".into()));
         }
@@ -263,19 +260,17 @@ impl<I: Ioctl + 'static> KernelApi<I> {
                  must give this device's shmem_addr, shmem_size and irq"
             ))
         })?;
-        let mut arg = Vec::with_capacity(DmInfoV2::SIZE);
-        DmInfoV2 {
+        let mut arg = DmInfoV2 {
             shmem_addr: info.shmem_addr,
             shmem_size: info.shmem_size,
             id: info.id,
             irq: info.irq,
-        }
-        .encode(&mut arg);
+        };
         let raw = call(
             &*self.sys,
             self.dev.as_fd(),
             BAO_IOCTL_CREATE_DM,
-            &mut arg,
+            arg.as_mut_slice(),
             "CREATE_DM",
         )?;
         if raw <= 0 {
@@ -346,38 +341,34 @@ impl<I: Ioctl> KernelSession<I> {
         if spec.datamatch.is_some() {
             flags |= BAO_IOEVENTFD_FLAG_DATAMATCH;
         }
-        let mut arg = Vec::with_capacity(remio_abi::Ioeventfd::SIZE);
-        remio_abi::Ioeventfd {
+        let mut arg = remio_abi::Ioeventfd {
             fd,
             flags,
             addr: spec.addr,
             len: spec.len,
             reserved: 0,
             data: spec.datamatch.unwrap_or(0),
-        }
-        .encode(&mut arg);
+        };
         call(
             &*self.sys,
             self.fd.as_fd(),
             self.cmds.ioeventfd,
-            &mut arg,
+            arg.as_mut_slice(),
             "IOEVENTFD",
         )
         .map(drop)
     }
 
     fn irqfd(&self, efd: &EventFd, deassign: bool) -> Result<()> {
-        let mut arg = Vec::with_capacity(remio_abi::Irqfd::SIZE);
-        remio_abi::Irqfd {
+        let mut arg = remio_abi::Irqfd {
             fd: efd.as_raw_fd(),
             flags: if deassign { BAO_IRQFD_FLAG_DEASSIGN } else { 0 },
-        }
-        .encode(&mut arg);
+        };
         call(
             &*self.sys,
             self.fd.as_fd(),
             self.cmds.irqfd,
-            &mut arg,
+            arg.as_mut_slice(),
             "IRQFD",
         )
         .map(drop)
@@ -395,17 +386,15 @@ impl<I: Ioctl> DmSession for KernelSession<I> {
     /// returns when a signal interrupted the wait, stays an I/O error for which
     /// [`ApiError::is_transient`] holds.
     fn attach(&self) -> Result<VirtioRequest> {
-        let mut arg = Vec::with_capacity(VirtioRequest::SIZE);
-        VirtioRequest {
+        let mut req = VirtioRequest {
             dm_id: u64::from(self.info.id),
             ..Default::default()
-        }
-        .encode(&mut arg);
+        };
         match call(
             &*self.sys,
             self.fd.as_fd(),
             self.cmds.attach,
-            &mut arg,
+            req.as_mut_slice(),
             "IO_CLIENT_ATTACH",
         ) {
             Ok(_) => {}
@@ -417,17 +406,18 @@ impl<I: Ioctl> DmSession for KernelSession<I> {
             }
             Err(e) => return Err(e),
         }
-        VirtioRequest::decode(&arg).ok_or_else(|| ApiError::Protocol("ATTACH argument size".into()))
+        Ok(req)
     }
 
     fn complete(&self, req: &VirtioRequest) -> Result<()> {
-        let mut arg = Vec::with_capacity(VirtioRequest::SIZE);
-        req.encode(&mut arg);
+        // IO_REQUEST_COMPLETE is _IOW: the driver only reads it, but the trait lends bytes
+        // mutably (one signature for every ioctl), so complete a copy.
+        let mut arg = *req;
         call(
             &*self.sys,
             self.fd.as_fd(),
             self.cmds.complete,
-            &mut arg,
+            arg.as_mut_slice(),
             "IO_REQUEST_COMPLETE",
         )
         .map(drop)
@@ -465,7 +455,7 @@ impl<I: Ioctl> DmSession for KernelSession<I> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use remio_abi::uapi_v2::BAO_IOCTL_CREATE_DM;
+    use remio_abi::uapi::WireStruct;
     use std::sync::Mutex;
     use vm_memory::{GuestAddress, GuestMemoryBackend};
 
