@@ -224,23 +224,8 @@ pub fn open_pty() -> io::Result<Pty> {
     })
 }
 
-/// `struct ifreq` as TUNSETIFF uses it: name, flags, padding to the union's 24 bytes.
-#[repr(C)]
-struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
-
-/// TUNSETIFF = _IOW('T', 202, int) (linux/if_tun.h).
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-/// TUNSETVNETHDRSZ = _IOW('T', 216, int).
-const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
-/// TUNSETOFFLOAD = _IOW('T', 208, unsigned int).
-const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
-const IFF_VNET_HDR: libc::c_short = 0x4000;
+/// The TAP flags we ask for (linux/if_tun.h, as libc exports them).
+const TAP_FLAGS: libc::c_int = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
 
 /// Opens (creating if needed) TAP interface `name` with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
 /// non-blocking, a `hdr_len`-byte virtio-net header and no offloads.
@@ -256,26 +241,54 @@ pub fn open_tap(name: &str, hdr_len: i32) -> io::Result<File> {
         .write(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open("/dev/net/tun")?;
-    let mut req = IfReq {
-        name: [0; libc::IFNAMSIZ],
-        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
-        _pad: [0; 22],
-    };
-    req.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: TUNSETIFF reads and writes a `struct ifreq`; `req` has its layout and size
-    // (40 bytes) and lives across the call.
-    if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+    // SAFETY: `ifreq` is plain data (a name array and a union of plain fields): all zeroes is
+    // a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, &src) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
+        *dst = libc::c_char::from_ne_bytes([src]);
+    }
+    req.ifr_ifru.ifru_flags = libc::c_short::try_from(TAP_FLAGS)
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: TUNSETIFF reads and writes a `struct ifreq`; `req` is libc's definition of it
+    // and lives across the call.
+    if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer we pass, which is valid.
-    if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &hdr_len) } < 0 {
+    if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) } < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: TUNSETOFFLOAD takes its argument by value.
-    if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETOFFLOAD, 0 as libc::c_ulong) } < 0 {
+    if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETOFFLOAD, 0 as libc::c_ulong) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(file)
+}
+
+/// What the kernel says about an open TAP descriptor: its interface name, its flags
+/// (TUNGETIFF) and its virtio-net header size (TUNGETVNETHDRSZ), for tests.
+#[cfg(test)]
+pub(crate) fn tap_info(file: &File) -> io::Result<(String, libc::c_int, libc::c_int)> {
+    // SAFETY: all zeroes is a valid `ifreq` (see `open_tap`).
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    // SAFETY: TUNGETIFF fills the `struct ifreq` we pass, which lives across the call.
+    if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNGETIFF, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut hdr: libc::c_int = 0;
+    // SAFETY: TUNGETVNETHDRSZ writes one int to the pointer we pass, which is valid.
+    if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNGETVNETHDRSZ, &mut hdr) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let name: Vec<u8> = req
+        .ifr_name
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c.to_ne_bytes()[0])
+        .collect();
+    // SAFETY: TUNGETIFF set the flags member of the union.
+    let flags = libc::c_int::from(unsafe { req.ifr_ifru.ifru_flags });
+    Ok((String::from_utf8_lossy(&name).into_owned(), flags, hdr))
 }
 
 #[cfg(test)]
