@@ -18,6 +18,9 @@ use crate::device::{
     check_avail, drain_queue, fail_device, ActivateContext, ActivateError, EventLoop, Interrupt,
     QueueError, VirtioDevice, Worker, STOP_TOKEN,
 };
+#[cfg(doc)]
+use crate::devices::socket_path::SocketPathError;
+use crate::devices::socket_path::{clear_for_socket, clear_for_symlink, remove_our_socket};
 use crate::sys::{open_pty, Pty};
 use remio_ratelimit::warn_rl;
 
@@ -52,15 +55,18 @@ impl ConsolePort {
         let pty = open_pty()?;
         crate::sys::set_nonblocking(pty.master.as_raw_fd())?;
         if let Some(alias) = alias {
-            let _ = std::fs::remove_file(alias);
+            // A stale alias (a symbolic link) is replaced; a file there is refused.
+            clear_for_symlink(alias)?;
             std::os::unix::fs::symlink(&pty.path, alias)?;
         }
         Ok(Self::Pty(pty))
     }
 
-    /// A port listening on a UNIX socket at `path` (a stale socket file is replaced).
+    /// A port listening on a UNIX socket at `path`. A stale socket there is replaced; anything
+    /// else is refused with an error naming the path ([`SocketPathError`], kind
+    /// `AlreadyExists`).
     pub fn socket(path: &Path) -> io::Result<Self> {
-        let _ = std::fs::remove_file(path);
+        clear_for_socket(path)?;
         let listener = UnixListener::bind(path)?;
         listener.set_nonblocking(true)?;
         Ok(Self::Socket {
@@ -128,7 +134,7 @@ impl ConsolePort {
 impl Drop for ConsolePort {
     fn drop(&mut self) {
         if let Self::Socket { path, .. } = self {
-            let _ = std::fs::remove_file(path);
+            remove_our_socket(path);
         }
     }
 }
@@ -516,6 +522,42 @@ mod tests {
         assert_eq!(shared.interrupt_status.load(Ordering::SeqCst) & 1, 1);
 
         dev.reset();
+    }
+
+    #[test]
+    fn a_socket_port_over_a_regular_file_is_refused_and_the_file_survives() {
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let path = dir.as_path().join("console.sock");
+        std::fs::write(&path, b"not a socket").unwrap();
+
+        let err = ConsolePort::socket(&path).unwrap_err();
+
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(msg.contains("is a regular file, not a socket"), "{msg}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
+    }
+
+    #[test]
+    fn a_pty_alias_over_a_regular_file_is_refused_and_a_stale_alias_is_replaced() {
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let alias = dir.as_path().join("console");
+        std::fs::write(&alias, b"keep me").unwrap();
+
+        let err = ConsolePort::pty(Some(&alias)).unwrap_err();
+
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
+        assert!(err.to_string().contains("not a symbolic link"), "{err}");
+        assert_eq!(std::fs::read(&alias).unwrap(), b"keep me");
+
+        std::fs::remove_file(&alias).unwrap();
+        std::os::unix::fs::symlink("/nonexistent/old-pty", &alias).unwrap();
+        let port = ConsolePort::pty(Some(&alias)).unwrap();
+        assert_eq!(
+            std::fs::read_link(&alias).unwrap(),
+            port.pty_path().unwrap()
+        );
     }
 
     #[test]

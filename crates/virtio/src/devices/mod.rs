@@ -4,6 +4,7 @@ pub mod block;
 pub mod console;
 pub mod net;
 pub mod rng;
+pub mod socket_path;
 
 use crate::config::{ConsoleBackend, DeviceKind, NetBackendConfig};
 use crate::device::VirtioDevice;

@@ -60,9 +60,12 @@ impl NetBackend {
         crate::sys::open_tap(name, 12).map(Self::Tap)
     }
 
-    /// Binds a datagram socket at `path` (a stale file is replaced), sending to `peer`.
+    /// Binds a datagram socket at `path`, sending to `peer`. A stale socket at `path` is
+    /// replaced; anything else is refused with an error naming the path
+    /// ([`SocketPathError`](crate::devices::socket_path::SocketPathError), kind
+    /// `AlreadyExists`).
     pub fn socket(path: &Path, peer: Option<&Path>) -> io::Result<Self> {
-        let _ = std::fs::remove_file(path);
+        crate::devices::socket_path::clear_for_socket(path)?;
         let sock = UnixDatagram::bind(path)?;
         sock.set_nonblocking(true)?;
         Ok(Self::Socket {
@@ -124,7 +127,7 @@ impl NetBackend {
 impl Drop for NetBackend {
     fn drop(&mut self) {
         if let Self::Socket { path, .. } = self {
-            let _ = std::fs::remove_file(path);
+            crate::devices::socket_path::remove_our_socket(path);
         }
     }
 }
@@ -479,6 +482,21 @@ mod tests {
         assert_eq!(rxvq.used().idx().load(), 1);
 
         dev.reset();
+    }
+
+    #[test]
+    fn a_socket_backend_over_a_regular_file_is_refused_and_the_file_survives() {
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let path = dir.as_path().join("net.sock");
+        std::fs::write(&path, b"not a socket").unwrap();
+
+        let err = NetBackend::socket(&path, None).unwrap_err();
+
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(msg.contains("is a regular file, not a socket"), "{msg}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
     }
 
     /// Whether this process may create a TAP interface: CAP_NET_ADMIN (root here) and
