@@ -50,7 +50,12 @@ pub struct InProcessApi {
     windows: RwLock<HashMap<u32, (u64, u64)>>,
     /// See [`InProcessApi::set_wait_helper_hook`].
     wait_hook: RwLock<Option<WaitHelperHook>>,
+    /// Each DM's state region, kept across sessions ([`DmSession::state_region`]).
+    regions: StateRegions,
 }
+
+/// DM id → its state region.
+type StateRegions = Arc<Mutex<HashMap<u32, Arc<std::fs::File>>>>;
 
 impl std::fmt::Debug for InProcessApi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -67,6 +72,7 @@ impl InProcessApi {
             dispatcher,
             windows: RwLock::new(HashMap::new()),
             wait_hook: RwLock::new(None),
+            regions: StateRegions::default(),
         }
     }
 
@@ -134,6 +140,7 @@ impl DmApi for InProcessApi {
             helper_installed: Mutex::new(false),
             control_ended: AtomicBool::new(false),
             state: Mutex::new(State::default()),
+            regions: self.regions.clone(),
         }))
     }
 }
@@ -163,6 +170,7 @@ pub struct InProcessSession {
     /// the DM's next session may own the control client by then.
     control_ended: AtomicBool,
     state: Mutex<State>,
+    regions: StateRegions,
 }
 
 impl std::fmt::Debug for InProcessSession {
@@ -401,6 +409,34 @@ impl DmSession for InProcessSession {
         Ok(StatusWord::new(page))
     }
 
+    fn state_region(&self, len: u64) -> Result<std::fs::File> {
+        if len == 0 || len > crate::STATE_REGION_MAX {
+            return Err(ApiError::InvalidArgument(format!(
+                "state region of {len:#x} bytes (1..={:#x})",
+                crate::STATE_REGION_MAX
+            )));
+        }
+        let mut regions = self.regions.lock().unwrap_or_else(PoisonError::into_inner);
+        let file = match regions.get(&self.info.id) {
+            Some(f) => {
+                let have = f.metadata()?.len();
+                if have < len {
+                    return Err(ApiError::Exists(format!(
+                        "DM {}'s state region has {have:#x} bytes",
+                        self.info.id
+                    )));
+                }
+                f.clone()
+            }
+            None => {
+                let f = Arc::new(sealed_memfd(c"remio-state", len)?);
+                regions.insert(self.info.id, f.clone());
+                f
+            }
+        };
+        Ok(file.try_clone()?)
+    }
+
     fn map_shmem_at(&self, len: u64, guest_base: u64) -> Result<GuestMemoryMmap> {
         crate::check_shmem_len(len, self.info.shmem_size)?;
         let file = self
@@ -409,6 +445,33 @@ impl DmSession for InProcessSession {
             .ok_or_else(|| ApiError::NotSupported("the DM has no shared-memory file".into()))?;
         crate::map_file(file.try_clone()?, 0, len, guest_base)
     }
+}
+
+/// A zeroed memfd of `len` bytes that cannot shrink or grow.
+fn sealed_memfd(name: &std::ffi::CStr, len: u64) -> std::io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: `name` is NUL-terminated; memfd_create reads nothing else.
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(len)?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS on an fd we own; the third argument is an int.
+    if unsafe {
+        libc::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::F_ADD_SEALS,
+            seals,
+        )
+    } < 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file)
 }
 
 impl Drop for InProcessSession {

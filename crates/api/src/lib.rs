@@ -225,6 +225,9 @@ pub trait AccessWait {
 /// earlier: the access then waits as usual. It must not block for long.
 pub type WaitHelper = Arc<dyn Fn(&dyn AccessWait) + Send + Sync>;
 
+/// Largest state region a DM may have ([`DmSession::state_region`]).
+pub const STATE_REGION_MAX: u64 = 1 << 20;
+
 /// Result alias for the API.
 pub type Result<T> = std::result::Result<T, ApiError>;
 
@@ -316,6 +319,19 @@ pub trait DmSession: Send + Sync {
     fn register_status_word(&self, spec: StatusWordSpec) -> Result<StatusWord> {
         let _ = spec;
         Err(ApiError::NotSupported("register_status_word".into()))
+    }
+
+    /// The DM's state region: a file of at least `len` bytes that the platform keeps for the
+    /// DM's lifetime, across sessions, so that a device model restarted after a crash or an
+    /// upgrade finds what the previous one recorded there (`remio_virtio::persist`). The
+    /// first call for a DM creates it zeroed (a sealed memfd: it cannot shrink or grow); every
+    /// later call, from any session of the DM, returns the same file. `len` 0 or over
+    /// [`STATE_REGION_MAX`] is `EINVAL`; a region that exists with fewer bytes is `EEXIST`.
+    /// The C driver has no such thing ([`ApiError::NotSupported`]): there a device model's
+    /// exit destroys its DMs anyway.
+    fn state_region(&self, len: u64) -> Result<std::fs::File> {
+        let _ = len;
+        Err(ApiError::NotSupported("state_region".into()))
     }
 
     /// Ends the session's ATTACH side: every [`DmSession::attach`] (and

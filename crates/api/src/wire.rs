@@ -33,6 +33,7 @@
 //! | 6 | IRQFD | `bao_irqfd` (8; its `fd` field is ignored, send 0) | 1 eventfd | — | 0 |
 //! | 7 | MAP_SHMEM | `len: u64` | 0 | `offset: u64, len: u64` | 1 (the shmem file) |
 //! | 8 | STATUS_WORD | `status_addr: u64, ack_addr: u64` | 0 | — | 1 (the status-word file) |
+//! | 9 | STATE_REGION | `len: u64` | 0 | — | 1 (the DM's state-region file) |
 //!
 //! The structs are the driver's UAPI layouts (`spec/remote-io.md`), encoded field by field
 //! ([`remio_abi::uapi::WireStruct`]). OPEN must be the first message and is accepted once.
@@ -40,7 +41,9 @@
 //! DM's `shmem_addr`. COMPLETE_ATTACH whose completion fails is answered with the completion's
 //! errno and no attach is made. The reply to STATUS_WORD carries the file whose first 4 bytes
 //! are the session's status word ([`crate::statusword`]); the client maps it shared. Its
-//! errnos are those of [`crate::DmSession::register_status_word`].
+//! errnos are those of [`crate::DmSession::register_status_word`]. The reply to STATE_REGION
+//! carries the DM's state region ([`crate::DmSession::state_region`]), the same file for every
+//! session of the DM.
 //!
 //! # Errors
 //!
@@ -99,6 +102,8 @@ pub mod op {
     pub const MAP_SHMEM: u16 = 7;
     /// Register the session's status word and get its file.
     pub const STATUS_WORD: u16 = 8;
+    /// Get the DM's state region.
+    pub const STATE_REGION: u16 = 9;
 }
 
 /// A message header.
@@ -176,6 +181,11 @@ pub enum Request {
         /// The InterruptACK register.
         ack_addr: u64,
     },
+    /// STATE_REGION.
+    StateRegion {
+        /// Bytes wanted.
+        len: u64,
+    },
 }
 
 impl Request {
@@ -190,6 +200,7 @@ impl Request {
             Self::Irqfd(_) => op::IRQFD,
             Self::MapShmem { .. } => op::MAP_SHMEM,
             Self::StatusWord { .. } => op::STATUS_WORD,
+            Self::StateRegion { .. } => op::STATE_REGION,
         }
     }
 
@@ -220,7 +231,9 @@ impl Request {
             Self::Complete(r) | Self::CompleteAttach(r) => r.encode(out),
             Self::Ioeventfd(i) => i.encode(out),
             Self::Irqfd(i) => i.encode(out),
-            Self::MapShmem { len } => out.extend_from_slice(&len.to_le_bytes()),
+            Self::MapShmem { len } | Self::StateRegion { len } => {
+                out.extend_from_slice(&len.to_le_bytes());
+            }
             Self::StatusWord {
                 status_addr,
                 ack_addr,
@@ -250,11 +263,16 @@ pub enum ReplyBody {
     },
     /// STATUS_WORD: no payload; the attached file holds the word at offset 0.
     StatusWord,
+    /// STATE_REGION: no payload; the attached file is the region.
+    StateRegion,
 }
 
 impl ReplyBody {
     fn nfds(&self) -> u8 {
-        u8::from(matches!(self, Self::Shmem { .. } | Self::StatusWord))
+        u8::from(matches!(
+            self,
+            Self::Shmem { .. } | Self::StatusWord | Self::StateRegion
+        ))
     }
 }
 
@@ -276,7 +294,7 @@ pub fn encode_reply(opcode: u16, tag: u32, reply: Result<&ReplyBody, i32>, out: 
     .encode(&mut h);
     out.extend_from_slice(&h);
     match reply {
-        Ok(ReplyBody::Empty | ReplyBody::StatusWord) | Err(_) => {}
+        Ok(ReplyBody::Empty | ReplyBody::StatusWord | ReplyBody::StateRegion) | Err(_) => {}
         Ok(ReplyBody::Info(i)) => i.encode(out),
         Ok(ReplyBody::Request(r)) => r.encode(out),
         Ok(ReplyBody::Shmem { offset, len }) => {
@@ -360,6 +378,12 @@ pub fn decode_request(msg: &[u8], fds_received: usize) -> Result<(u32, Request),
                 len: u64::from_le_bytes(b),
             }
         }
+        op::STATE_REGION => {
+            let b: [u8; 8] = payload.try_into().map_err(|_| malformed)?;
+            Request::StateRegion {
+                len: u64::from_le_bytes(b),
+            }
+        }
         op::STATUS_WORD => {
             let b: [u8; 16] = payload.try_into().map_err(|_| malformed)?;
             let mut a = [0u8; 8];
@@ -423,6 +447,7 @@ pub fn decode_reply(msg: &[u8], fds_received: usize) -> Result<Reply, WireError>
         }
         op::COMPLETE | op::IOEVENTFD | op::IRQFD if payload.is_empty() => ReplyBody::Empty,
         op::STATUS_WORD if payload.is_empty() => ReplyBody::StatusWord,
+        op::STATE_REGION if payload.is_empty() => ReplyBody::StateRegion,
         op::MAP_SHMEM if payload.len() == 16 => {
             let mut a = [0u8; 8];
             a.copy_from_slice(&payload[..8]);

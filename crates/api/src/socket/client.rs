@@ -342,6 +342,15 @@ impl DmSession for SocketSession {
             )),
         }
     }
+    fn state_region(&self, len: u64) -> Result<std::fs::File> {
+        match self.conn.call(&Request::StateRegion { len }, None)? {
+            (ReplyBody::StateRegion, Some(fd)) => Ok(std::fs::File::from(fd)),
+            _ => Err(ApiError::Protocol(
+                "STATE_REGION answered without its file".into(),
+            )),
+        }
+    }
+
     fn register_status_word(&self, spec: crate::StatusWordSpec) -> Result<crate::StatusWord> {
         let req = Request::StatusWord {
             status_addr: spec.status_addr,

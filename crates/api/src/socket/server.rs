@@ -974,6 +974,15 @@ fn handle(
             }
             return;
         }
+        Request::StateRegion { len } => {
+            match session.state_region(len) {
+                Ok(file) => {
+                    conn.reply(opcode, tag, Ok(&ReplyBody::StateRegion), Some(file.as_fd()));
+                }
+                Err(e) => conn.error(opcode, tag, &e),
+            }
+            return;
+        }
         Request::MapShmem { len } => {
             match shmem_file(&*session, len) {
                 Ok((file, offset)) => {
