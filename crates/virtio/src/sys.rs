@@ -1,10 +1,10 @@
 //! The few system calls the backends need that std and vmm-sys-util do not wrap: opening a
-//! pseudo-terminal, configuring a TAP device, O_NONBLOCK on a raw descriptor, locking an image
-//! and vectored image I/O into guest memory. All unsafe code of the crate is here.
+//! pseudo-terminal, configuring a TAP device, O_NONBLOCK on and unbuffered reads from a raw
+//! descriptor, locking an image and vectored image I/O into guest memory. All unsafe code of the crate is here.
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
@@ -17,6 +17,15 @@ pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// One `read(2)` on `fd` into `buf`, unbuffered: what the caller polls is exactly what is left
+/// to read (std's `Stdin` keeps an 8 KiB buffer of its own, which epoll cannot see).
+pub fn read_fd(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes and `fd` stays open for the call
+    // (borrowed); read writes at most that many bytes.
+    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
 /// Takes a BSD `flock(2)` on `file` without waiting: exclusive (`LOCK_EX`) or shared

@@ -3,7 +3,7 @@
 //! socket (listening; one client at a time).
 
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -94,7 +94,9 @@ impl ConsolePort {
 
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            Self::Stdio => io::stdin().read(buf),
+            // The descriptor itself, not std's buffered `Stdin`: epoll watches the descriptor,
+            // so bytes left in a user-space buffer would wait for the next keystroke.
+            Self::Stdio => crate::sys::read_fd(io::stdin().as_fd(), buf),
             Self::Pty(p) => p.master.read(buf),
             Self::Socket { client, .. } => match client {
                 Some(c) => c.read(buf),
