@@ -202,7 +202,10 @@ pub(super) fn build(
     let inputs = BackendInputs {
         format: FORMAT,
         recipe_sha256: recipe_hash(),
-        patch_path: patch.display().to_string(),
+        patch_path: std::fs::canonicalize(patch)
+            .unwrap_or_else(|_| patch.to_owned())
+            .display()
+            .to_string(),
         patch_sha256: patch_text.as_deref().map(|t| sha256_hex(t.as_bytes())),
         libraries: libraries
             .iter()
@@ -892,6 +895,23 @@ mod tests {
                 PathBuf::from("/lib64/ld-linux-x86-64.so.2"),
             ]
         );
+    }
+
+    #[test]
+    fn markers_are_found_after_interleaved_kernel_output() {
+        assert_eq!(
+            marker("[    4.1] foo REMIO-BACKEND-STEP bao-io-dispatcher ok"),
+            Some(Marker::Step("bao-io-dispatcher".into()))
+        );
+        assert_eq!(
+            marker("REMIO-BACKEND-FAILED /dev/bao-io-dispatcher"),
+            Some(Marker::Failed("/dev/bao-io-dispatcher".into()))
+        );
+        assert_eq!(marker("REMIO-BACKEND-DM-START"), Some(Marker::DmStart));
+        assert_eq!(marker("REMIO-BACKEND-DM-EXIT 3"), Some(Marker::DmExit(3)));
+        assert_eq!(marker("REMIO-BACKEND-STEP virtio"), None);
+        assert_eq!(marker("REMIO-BACKEND-DM-EXIT x"), None);
+        assert_eq!(marker("REMIO-EXIT 0"), None);
     }
 
     #[test]
