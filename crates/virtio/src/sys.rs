@@ -1,11 +1,14 @@
 //! The few system calls the backends need that std and vmm-sys-util do not wrap: opening a
 //! pseudo-terminal, configuring a TAP device, O_NONBLOCK on and unbuffered reads from a raw
-//! descriptor, locking an image and vectored image I/O into guest memory. All unsafe code of the crate is here.
+//! descriptor, datagrams with their real length, locking an image and vectored image I/O into
+//! guest memory. All unsafe code of the crate is here.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 
 /// Sets O_NONBLOCK on `fd`.
@@ -26,6 +29,44 @@ pub fn read_fd(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     // (borrowed); read writes at most that many bytes.
     let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// One datagram from `sock` into `buf`, received with `MSG_TRUNC` so that the datagram's real
+/// length is returned even when it did not fit (then only `buf.len()` bytes were stored):
+/// `(real length, the sender's path)`. The sender has no path when it is unbound or bound in
+/// the abstract namespace; such a sender cannot be answered at a path.
+pub fn recv_datagram(sock: &UnixDatagram, buf: &mut [u8]) -> io::Result<(usize, Option<PathBuf>)> {
+    // SAFETY: a zeroed sockaddr_un is a valid value (family 0, empty path).
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    let mut addr_len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_un>())
+        .map_err(io::Error::other)?;
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes, `addr`/`addr_len` describe a
+    // writable sockaddr_un of that size, and `sock` stays open for the call. With MSG_TRUNC
+    // the kernel still writes at most `buf.len()` bytes; only the return value is larger.
+    let n = unsafe {
+        libc::recvfrom(
+            sock.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_TRUNC,
+            std::ptr::addr_of_mut!(addr).cast(),
+            &mut addr_len,
+        )
+    };
+    let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+    let path_off = std::mem::offset_of!(libc::sockaddr_un, sun_path);
+    let path_len = usize::try_from(addr_len)
+        .unwrap_or(0)
+        .saturating_sub(path_off)
+        .min(addr.sun_path.len());
+    let raw: Vec<u8> = addr.sun_path[..path_len]
+        .iter()
+        .map(|c| c.to_ne_bytes()[0])
+        .take_while(|&c| c != 0)
+        .collect();
+    // An abstract address starts with a NUL byte, so `raw` is empty for it as for no address.
+    let from = (!raw.is_empty()).then(|| PathBuf::from(std::ffi::OsString::from_vec(raw)));
+    Ok((n, from))
 }
 
 /// Takes a BSD `flock(2)` on `file` without waiting: exclusive (`LOCK_EX`) or shared

@@ -1,12 +1,20 @@
 //! virtio-net (virtio 1.2 §5.1): receiveq 0, transmitq 1, no control queue, no offloads.
 //! Backends: a TAP interface (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, 12-byte header) or a UNIX
 //! datagram socket carrying bare Ethernet frames (the device adds / strips the header).
+//!
+//! The socket backend talks to one peer: the configured `peer`, or else the first sender with
+//! a path. Datagrams from anyone else are dropped, and so are datagrams over 64 KiB (seen with
+//! `MSG_TRUNC`, never delivered cut short); both are counted ([`NetDevice::counters`]) and
+//! logged, rate limited.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
@@ -26,8 +34,10 @@ use remio_ratelimit::warn_rl;
 pub const QUEUE_SIZE: u16 = 256;
 /// `struct virtio_net_hdr_v1` (virtio 1.2 §5.1.6): 12 bytes with VERSION_1.
 pub const NET_HDR_LEN: usize = 12;
-/// Largest frame plus header we move (64 KiB frame, as TAP may deliver without offloads).
-const FRAME_MAX: usize = 65536 + NET_HDR_LEN;
+/// Largest frame we move (64 KiB, as TAP may deliver without offloads).
+pub const FRAME_MAX: usize = 65536;
+/// Largest frame plus header.
+const PACKET_MAX: usize = FRAME_MAX + NET_HDR_LEN;
 
 /// Where frames go.
 #[derive(Debug)]
@@ -38,7 +48,8 @@ pub enum NetBackend {
     Socket {
         /// The bound socket.
         sock: UnixDatagram,
-        /// Where frames go; learnt from the last sender if not configured.
+        /// Where frames go and the only sender frames are taken from: configured, or the
+        /// first sender with a path, then fixed.
         peer: Option<PeerAddr>,
         /// Bound path (removed on drop).
         path: PathBuf,
@@ -50,8 +61,54 @@ pub enum NetBackend {
 pub enum PeerAddr {
     /// Configured path.
     Path(PathBuf),
-    /// Learnt from a received datagram.
+    /// Learnt from the first received datagram whose sender has a path.
     Learnt(SocketAddr),
+}
+
+impl PeerAddr {
+    /// Whether a datagram from `from` comes from this peer. A configured path matches the
+    /// same path or another name of the same socket file (the sender may have bound it by a
+    /// relative path).
+    fn is(&self, from: &Path) -> bool {
+        let same_file = |p: &Path| match (std::fs::metadata(p), std::fs::metadata(from)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        };
+        match self {
+            Self::Path(p) => p == from || same_file(p),
+            Self::Learnt(a) => a.as_pathname() == Some(from),
+        }
+    }
+}
+
+/// Frames a network device dropped, by cause; for tests and diagnostics
+/// ([`NetDevice::counters`]).
+#[derive(Debug, Default)]
+pub struct NetCounters {
+    /// Datagrams over [`FRAME_MAX`] received on the socket backend (not delivered).
+    pub rx_oversize: AtomicU64,
+    /// Datagrams received on the socket backend from another sender than the peer (not
+    /// delivered).
+    pub rx_foreign: AtomicU64,
+    /// Transmit chains over the header plus [`FRAME_MAX`] (not sent).
+    pub tx_oversize: AtomicU64,
+}
+
+impl NetCounters {
+    fn bump(counter: &AtomicU64) -> u64 {
+        counter.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+/// What one receive from the backend gave.
+#[derive(Debug, PartialEq, Eq)]
+enum Received {
+    /// Header + frame, this many bytes, in the buffer.
+    Packet(usize),
+    /// A datagram was taken and dropped (counted and logged).
+    Dropped,
+    /// Nothing to read.
+    Nothing,
 }
 
 impl NetBackend {
@@ -82,30 +139,67 @@ impl NetBackend {
         }
     }
 
-    /// Receives one frame into `buf` as header + frame; `Ok(None)` when nothing is there.
-    fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    /// Receives one frame into `buf` (at least [`PACKET_MAX`] bytes) as header + frame.
+    fn recv(&mut self, buf: &mut [u8], counters: &NetCounters) -> io::Result<Received> {
         let r = match self {
-            Self::Tap(f) => f.read(buf),
+            Self::Tap(f) => f.read(buf).map(Received::Packet),
             Self::Socket { sock, peer, .. } => {
                 let (hdr, frame) = buf.split_at_mut(NET_HDR_LEN);
                 hdr.fill(0);
-                match sock.recv_from(frame) {
-                    Ok((n, from)) => {
-                        if !matches!(peer, Some(PeerAddr::Path(_))) && from.as_pathname().is_some()
-                        {
-                            *peer = Some(PeerAddr::Learnt(from));
-                        }
-                        Ok(n + NET_HDR_LEN)
-                    }
-                    Err(e) => Err(e),
-                }
+                let room = frame.len().min(FRAME_MAX);
+                let frame = &mut frame[..room];
+                crate::sys::recv_datagram(sock, frame)
+                    .map(|(len, from)| Self::admit(peer, len, from.as_deref(), counters))
             }
         };
         match r {
-            Ok(n) => Ok(Some(n)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Ok(r) => Ok(r),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Received::Nothing),
             Err(e) => Err(e),
         }
+    }
+
+    /// Decides on a datagram of real length `len` from `from`: taken (header + frame) only
+    /// from the peer, fixing the peer on the first sender with a path if none is configured,
+    /// and only if it was not truncated.
+    fn admit(
+        peer: &mut Option<PeerAddr>,
+        len: usize,
+        from: Option<&Path>,
+        counters: &NetCounters,
+    ) -> Received {
+        let from_peer = match (peer.as_ref(), from) {
+            (Some(p), Some(from)) => p.is(from),
+            (None, Some(from)) => match SocketAddr::from_pathname(from) {
+                Ok(addr) => {
+                    log::info!("virtio-net: peer is {}", from.display());
+                    *peer = Some(PeerAddr::Learnt(addr));
+                    true
+                }
+                Err(_) => false,
+            },
+            (_, None) => false,
+        };
+        if !from_peer {
+            let n = NetCounters::bump(&counters.rx_foreign);
+            warn_rl!(
+                "virtio-net: datagram from {} dropped: not the peer ({n} so far)",
+                from.map_or_else(
+                    || "a sender without a path".into(),
+                    |p| p.display().to_string()
+                )
+            );
+            return Received::Dropped;
+        }
+        if len > FRAME_MAX {
+            let n = NetCounters::bump(&counters.rx_oversize);
+            warn_rl!(
+                "virtio-net: {len}-byte datagram dropped: frames are at most {FRAME_MAX} bytes \
+                 ({n} so far)"
+            );
+            return Received::Dropped;
+        }
+        Received::Packet(len + NET_HDR_LEN)
     }
 
     /// Sends header + frame.
@@ -141,6 +235,7 @@ pub struct NetDevice {
     features: u64,
     /// struct virtio_net_config: mac[6], status (LINK_UP), max_virtqueue_pairs.
     config: [u8; 10],
+    counters: Arc<NetCounters>,
 }
 
 impl NetDevice {
@@ -166,7 +261,13 @@ impl NetDevice {
             worker: None,
             features,
             config,
+            counters: Arc::default(),
         }
+    }
+
+    /// Frames dropped so far, by cause (for tests and diagnostics).
+    pub fn counters(&self) -> &NetCounters {
+        &self.counters
     }
 }
 
@@ -193,18 +294,10 @@ impl VirtioDevice for NetDevice {
         }
         let (mem, [rxq, txq], [rx_evt, tx_evt], interrupt) = ctx.into_queues()?;
         let backend = self.backend.take().ok_or(ActivateError::BackendLost)?;
+        let counters = self.counters.clone();
         self.worker = Some(
             Worker::spawn("virtio-net", move |stop| {
-                let mut w = NetWorker {
-                    backend,
-                    mem,
-                    rxq,
-                    txq,
-                    interrupt,
-                    rx_buf: vec![0; FRAME_MAX],
-                    rx_len: 0,
-                    tx_buf: vec![0; FRAME_MAX],
-                };
+                let mut w = NetWorker::new(backend, mem, [rxq, txq], interrupt, counters);
                 w.run(&rx_evt, &tx_evt, &stop);
                 w.backend
             })
@@ -224,11 +317,12 @@ struct NetWorker {
     mem: GuestMemoryMmap,
     rxq: Queue,
     txq: Queue,
-    interrupt: std::sync::Arc<Interrupt>,
+    interrupt: Arc<Interrupt>,
     /// A received frame waiting for a receive buffer (`rx_len` bytes, 0 if none).
     rx_buf: Vec<u8>,
     rx_len: usize,
     tx_buf: Vec<u8>,
+    counters: Arc<NetCounters>,
 }
 
 const RX_TOKEN: u64 = 0;
@@ -236,6 +330,26 @@ const TX_TOKEN: u64 = 1;
 const BACKEND_TOKEN: u64 = 2;
 
 impl NetWorker {
+    fn new(
+        backend: NetBackend,
+        mem: GuestMemoryMmap,
+        [rxq, txq]: [Queue; 2],
+        interrupt: Arc<Interrupt>,
+        counters: Arc<NetCounters>,
+    ) -> Self {
+        Self {
+            backend,
+            mem,
+            rxq,
+            txq,
+            interrupt,
+            rx_buf: vec![0; PACKET_MAX],
+            rx_len: 0,
+            tx_buf: vec![0; PACKET_MAX],
+            counters,
+        }
+    }
+
     fn run(&mut self, rx_evt: &EventFd, tx_evt: &EventFd, stop: &EventFd) {
         let mut ev = match EventLoop::new() {
             Ok(ev) => ev,
@@ -290,10 +404,10 @@ impl NetWorker {
         let mut used_any = false;
         loop {
             if self.rx_len == 0 {
-                match self.backend.recv(&mut self.rx_buf) {
-                    Ok(Some(n)) if n > NET_HDR_LEN => self.rx_len = n,
-                    Ok(Some(_)) => continue,
-                    Ok(None) => break,
+                match self.backend.recv(&mut self.rx_buf, &self.counters) {
+                    Ok(Received::Packet(n)) if n > NET_HDR_LEN => self.rx_len = n,
+                    Ok(Received::Packet(_) | Received::Dropped) => continue,
+                    Ok(Received::Nothing) => break,
                     Err(e) => {
                         warn_rl!("virtio-net: backend receive: {e}");
                         break;
@@ -350,12 +464,16 @@ impl NetWorker {
         let mem = &self.mem;
         let buf = &mut self.tx_buf;
         let backend = &mut self.backend;
+        let counters = &self.counters;
         drain_queue(&mut self.txq, mem, &self.interrupt, |chain| {
             let mut len = 0usize;
             for d in chain {
                 let n = d.len() as usize;
                 let Some(dst) = buf.get_mut(len..len.saturating_add(n)) else {
-                    warn_rl!("virtio-net: oversized transmit chain dropped");
+                    let k = NetCounters::bump(&counters.tx_oversize);
+                    warn_rl!(
+                        "virtio-net: transmit chain over {PACKET_MAX} bytes dropped ({k} so far)"
+                    );
                     return 0;
                 };
                 if d.is_write_only() || mem.read_slice(dst, d.addr()).is_err() {
@@ -383,22 +501,13 @@ pub(crate) fn fuzz_passes(
     backend: NetBackend,
     mem: GuestMemoryMmap,
     [rxq, txq]: [Queue; 2],
-    interrupt: std::sync::Arc<Interrupt>,
+    interrupt: Arc<Interrupt>,
     frame: &[u8],
 ) -> (NetBackend, Result<(), QueueError>) {
-    let mut rx_buf = vec![0; FRAME_MAX];
-    let n = frame.len().min(FRAME_MAX);
-    rx_buf[..n].copy_from_slice(&frame[..n]);
-    let mut w = NetWorker {
-        backend,
-        mem,
-        rxq,
-        txq,
-        interrupt,
-        rx_buf,
-        rx_len: if n > NET_HDR_LEN { n } else { 0 },
-        tx_buf: vec![0; FRAME_MAX],
-    };
+    let mut w = NetWorker::new(backend, mem, [rxq, txq], interrupt, Arc::default());
+    let n = frame.len().min(PACKET_MAX);
+    w.rx_buf[..n].copy_from_slice(&frame[..n]);
+    w.rx_len = if n > NET_HDR_LEN { n } else { 0 };
     let r = w.receive().and_then(|()| w.transmit());
     (w.backend, r)
 }
@@ -411,7 +520,7 @@ mod tests {
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::GuestAddress;
+    use vm_memory::{Address, GuestAddress};
 
     #[test]
     fn socket_backend_carries_frames_both_ways() {
@@ -482,6 +591,257 @@ mod tests {
         assert_eq!(rxvq.used().idx().load(), 1);
 
         dev.reset();
+    }
+
+    /// A worker driven by hand (no thread): every receive buffer is `rx_len` bytes long.
+    struct Rig {
+        mem: GuestMemoryMmap,
+        worker: NetWorker,
+        counters: Arc<NetCounters>,
+    }
+
+    const RX_BUF_BASE: u64 = 0x10_0000;
+    const TX_BUF: u64 = 0x40_0000;
+
+    impl Rig {
+        fn new(backend: NetBackend, rx_bufs: u16, rx_len: u32) -> Self {
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x80_0000)]).unwrap();
+            let rxvq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+            let txvq = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
+            let w = u16::try_from(VRING_DESC_F_WRITE).unwrap();
+            let descs: Vec<RawDescriptor> = (0..rx_bufs)
+                .map(|i| {
+                    let addr = RX_BUF_BASE + u64::from(i) * u64::from(rx_len);
+                    RawDescriptor::from(Descriptor::new(addr, rx_len, w, 0))
+                })
+                .collect();
+            rxvq.add_desc_chains(&descs, 0).unwrap();
+            let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            let counters = Arc::new(NetCounters::default());
+            let worker = NetWorker::new(
+                backend,
+                mem.clone(),
+                [rxvq.create_queue().unwrap(), txvq.create_queue().unwrap()],
+                Arc::new(Interrupt::new(Default::default(), irq)),
+                counters.clone(),
+            );
+            Self {
+                mem,
+                worker,
+                counters,
+            }
+        }
+
+        /// What the guest got: each used receive buffer's bytes, in order.
+        fn received(&self) -> Vec<Vec<u8>> {
+            let used_idx = self
+                .worker
+                .rxq
+                .used_idx(&self.mem, std::sync::atomic::Ordering::Acquire)
+                .unwrap()
+                .0;
+            (0..used_idx)
+                .map(|i| {
+                    let elem: virtio_queue::desc::split::VirtqUsedElem = self
+                        .mem
+                        .read_obj(
+                            GuestAddress(self.worker.rxq.used_ring())
+                                .unchecked_add(4 + 8 * u64::from(i % 16)),
+                        )
+                        .unwrap();
+                    let mut bytes = vec![0u8; elem.len() as usize];
+                    let addr = self.worker.rxq.desc_table() + 16 * u64::from(elem.id());
+                    let desc: RawDescriptor = self.mem.read_obj(GuestAddress(addr)).unwrap();
+                    let desc = Descriptor::from(desc);
+                    self.mem.read_slice(&mut bytes, desc.addr()).unwrap();
+                    bytes
+                })
+                .collect()
+        }
+    }
+
+    fn packet(frame: &[u8]) -> Vec<u8> {
+        let mut p = vec![0u8; NET_HDR_LEN];
+        p[10] = 1; // num_buffers
+        p.extend_from_slice(frame);
+        p
+    }
+
+    fn bound(dir: &Path, name: &str) -> (UnixDatagram, PathBuf) {
+        let path = dir.join(name);
+        let sock = UnixDatagram::bind(&path).unwrap();
+        sock.set_nonblocking(true).unwrap();
+        (sock, path)
+    }
+
+    #[test]
+    fn a_datagram_over_64k_is_dropped_and_counted_and_the_next_frame_arrives_intact() {
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let (peer, peer_path) = bound(dir.as_path(), "peer.sock");
+        let dev_path = dir.as_path().join("dev.sock");
+        let backend = NetBackend::socket(&dev_path, Some(&peer_path)).unwrap();
+        // Receive buffers large enough for a cut-short 64 KiB frame, so a truncated delivery
+        // would show.
+        let mut rig = Rig::new(backend, 2, 0x2_0000);
+        peer.send_to(&vec![0xaa; FRAME_MAX + 4000], &dev_path)
+            .unwrap();
+        peer.send_to(b"small-frame", &dev_path).unwrap();
+
+        rig.worker.receive().unwrap();
+
+        assert_eq!(rig.received(), vec![packet(b"small-frame")]);
+        assert_eq!(rig.counters.rx_oversize.load(Ordering::Relaxed), 1);
+        assert_eq!(rig.counters.rx_foreign.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_frame_of_exactly_64k_is_delivered_whole() {
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let (peer, peer_path) = bound(dir.as_path(), "peer.sock");
+        let dev_path = dir.as_path().join("dev.sock");
+        let backend = NetBackend::socket(&dev_path, Some(&peer_path)).unwrap();
+        let mut rig = Rig::new(backend, 1, 0x2_0000);
+        let frame: Vec<u8> = (0..FRAME_MAX)
+            .map(|i| u8::try_from(i % 253).unwrap())
+            .collect();
+        peer.send_to(&frame, &dev_path).unwrap();
+
+        rig.worker.receive().unwrap();
+
+        assert!(rig.received() == vec![packet(&frame)]);
+        assert_eq!(rig.counters.rx_oversize.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn the_first_sender_becomes_the_peer_and_other_senders_are_dropped_and_counted() {
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let (a, _) = bound(dir.as_path(), "a.sock");
+        let (b, _) = bound(dir.as_path(), "b.sock");
+        let unbound = UnixDatagram::unbound().unwrap();
+        let dev_path = dir.as_path().join("dev.sock");
+        let backend = NetBackend::socket(&dev_path, None).unwrap();
+        let mut rig = Rig::new(backend, 4, 2048);
+        a.send_to(b"from-a-1", &dev_path).unwrap();
+        b.send_to(b"from-b", &dev_path).unwrap();
+        unbound.send_to(b"from-nobody", &dev_path).unwrap();
+        a.send_to(b"from-a-2", &dev_path).unwrap();
+
+        rig.worker.receive().unwrap();
+
+        assert_eq!(
+            rig.received(),
+            vec![packet(b"from-a-1"), packet(b"from-a-2")]
+        );
+        assert_eq!(rig.counters.rx_foreign.load(Ordering::Relaxed), 2);
+        // And the guest's frames go to the peer only.
+        let mut pkt = vec![0u8; NET_HDR_LEN];
+        pkt.extend_from_slice(b"to-the-peer");
+        send_from_guest(&mut rig, &pkt);
+        let mut got = [0u8; 64];
+        let n = a.recv(&mut got).unwrap();
+        assert_eq!(&got[..n], b"to-the-peer");
+        assert_eq!(
+            b.recv(&mut got).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+    }
+
+    #[test]
+    fn with_a_configured_peer_only_its_datagrams_are_taken() {
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let (other, _) = bound(dir.as_path(), "other.sock");
+        let (peer, peer_path) = bound(dir.as_path(), "peer.sock");
+        let dev_path = dir.as_path().join("dev.sock");
+        // The peer named through a symbolic link: the same socket by another name.
+        let alias = dir.as_path().join("peer-alias");
+        std::os::unix::fs::symlink(&peer_path, &alias).unwrap();
+        let backend = NetBackend::socket(&dev_path, Some(&alias)).unwrap();
+        let mut rig = Rig::new(backend, 4, 2048);
+        other.send_to(b"intruder", &dev_path).unwrap();
+        peer.send_to(b"peer-frame", &dev_path).unwrap();
+
+        rig.worker.receive().unwrap();
+
+        assert_eq!(rig.received(), vec![packet(b"peer-frame")]);
+        assert_eq!(rig.counters.rx_foreign.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_frame_larger_than_the_receive_buffer_is_returned_empty_and_the_next_one_arrives() {
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let (peer, peer_path) = bound(dir.as_path(), "peer.sock");
+        let dev_path = dir.as_path().join("dev.sock");
+        let backend = NetBackend::socket(&dev_path, Some(&peer_path)).unwrap();
+        let mut rig = Rig::new(backend, 2, 1024);
+        peer.send_to(&[0x55; 3000], &dev_path).unwrap();
+        peer.send_to(b"fits", &dev_path).unwrap();
+
+        rig.worker.receive().unwrap();
+
+        // Used length 0 tells the guest's driver the buffer holds no frame (it drops it).
+        assert_eq!(rig.received(), vec![Vec::new(), packet(b"fits")]);
+    }
+
+    /// Puts `pkt` (header + frame) on the transmit queue as one descriptor and runs a
+    /// transmit pass; the used length the guest got back.
+    fn send_from_guest(rig: &mut Rig, pkt: &[u8]) -> u32 {
+        rig.mem.write_slice(pkt, GuestAddress(TX_BUF)).unwrap();
+        let txq = &rig.worker.txq;
+        let table = GuestAddress(txq.desc_table());
+        let avail = GuestAddress(txq.avail_ring());
+        let next: u16 = rig.mem.read_obj(avail.unchecked_add(2)).unwrap();
+        let slot = next % 16;
+        rig.mem
+            .write_obj(
+                RawDescriptor::from(Descriptor::new(
+                    TX_BUF,
+                    u32::try_from(pkt.len()).unwrap(),
+                    0,
+                    0,
+                )),
+                table.unchecked_add(16 * u64::from(slot)),
+            )
+            .unwrap();
+        rig.mem
+            .write_obj(slot, avail.unchecked_add(4 + 2 * u64::from(slot)))
+            .unwrap();
+        rig.mem
+            .write_obj(next.wrapping_add(1), avail.unchecked_add(2))
+            .unwrap();
+        rig.worker.transmit().unwrap();
+        let used = GuestAddress(rig.worker.txq.used_ring());
+        let elem: virtio_queue::desc::split::VirtqUsedElem = rig
+            .mem
+            .read_obj(used.unchecked_add(4 + 8 * u64::from(slot)))
+            .unwrap();
+        elem.len()
+    }
+
+    #[test]
+    fn a_transmit_chain_over_64k_is_not_sent_and_is_counted_and_the_next_one_is() {
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let (peer, peer_path) = bound(dir.as_path(), "peer.sock");
+        let dev_path = dir.as_path().join("dev.sock");
+        let backend = NetBackend::socket(&dev_path, Some(&peer_path)).unwrap();
+        let mut rig = Rig::new(backend, 1, 2048);
+        let mut big = vec![0u8; NET_HDR_LEN];
+        big.resize(NET_HDR_LEN + FRAME_MAX + 1, 0x77);
+
+        let used_len = send_from_guest(&mut rig, &big);
+
+        assert_eq!(used_len, 0, "a transmit buffer is returned with length 0");
+        assert_eq!(rig.counters.tx_oversize.load(Ordering::Relaxed), 1);
+        let mut got = vec![0u8; 2 * FRAME_MAX];
+        assert_eq!(
+            peer.recv(&mut got).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock,
+            "nothing of the oversize chain reached the peer"
+        );
+        let mut ok = vec![0u8; NET_HDR_LEN];
+        ok.extend_from_slice(b"next");
+        send_from_guest(&mut rig, &ok);
+        let n = peer.recv(&mut got).unwrap();
+        assert_eq!(&got[..n], b"next");
     }
 
     #[test]
