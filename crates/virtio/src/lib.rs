@@ -26,6 +26,7 @@ pub mod config;
 pub mod device;
 pub mod devices;
 pub mod fuzz;
+pub mod persist;
 pub mod runner;
 mod sys;
 pub mod transport;

@@ -192,6 +192,35 @@ pub fn share_interrupt_status(
     }
 }
 
+/// Records the transport's state in the DM's state region, resuming the device from it first
+/// if a previous device model left a record there (see [`crate::persist`]). Where the session
+/// has no state region (the C driver), the device starts fresh, as before; a region that
+/// cannot be used is logged and the device starts fresh too.
+pub fn resume_from_state_region(
+    session: &dyn DmSession,
+    transport: &mut MmioTransport,
+    mmio_base: u64,
+) {
+    let dm_id = session.info().id;
+    let file = match session.state_region(crate::persist::REGION_LEN) {
+        Ok(f) => f,
+        Err(ApiError::NotSupported(_)) => return,
+        Err(e) => {
+            log::warn!(
+                "virtio: DM {dm_id}: no state region ({e}); a restart will reset the device"
+            );
+            return;
+        }
+    };
+    match transport.attach_state(file, mmio_base) {
+        Ok(crate::transport::Resumed::Fresh) => {}
+        Ok(r) => log::info!("virtio: DM {dm_id}: resumed from the previous device model: {r:?}"),
+        Err(e) => log::warn!(
+            "virtio: DM {dm_id}: state region unusable ({e}); a restart will reset the device"
+        ),
+    }
+}
+
 /// Turns one request into a register access and returns the completed request.
 ///
 /// `addr` is guest-physical: the offset is `addr - mmio_base`; an access not wholly inside
@@ -585,6 +614,7 @@ fn serve_one(
         .register_notifiers()
         .map_err(|source| fail(ServeError::Notifiers { dm_id, source }))?;
     share_interrupt_status(&*session, &mut transport, dev.mmio_base);
+    resume_from_state_region(&*session, &mut transport, dev.mmio_base);
     let runner = DeviceRunner::spawn(session.clone(), transport, dev.mmio_base, dev.mmio_size)
         .map_err(|source| fail(ServeError::Spawn { dm_id, source }))?;
     Ok((runner, DeviceInfo { dm_id, description }, destroys))

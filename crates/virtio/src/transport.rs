@@ -31,6 +31,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{ActivateContext, Interrupt, SharedStatus, VirtioDevice};
+use crate::persist::{PersistError, QueueState, StateRegion, TransportState};
 use remio_ratelimit::warn_rl;
 
 /// MagicValue: "virt" in little endian (virtio 1.2 §4.2.2).
@@ -179,6 +180,23 @@ pub struct MmioTransport {
     shm_sel: u32,
     notifiers: Option<Notifiers>,
     active: Option<Activation>,
+    /// Where the state is recorded for a restarted device model, if anywhere.
+    state: Option<StateRegion>,
+}
+
+/// What [`MmioTransport::attach_state`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resumed {
+    /// No record of this device: it starts from reset, as the guest expects of a new device.
+    Fresh,
+    /// The driver's setup was restored; the device had not reached DRIVER_OK.
+    Configuring,
+    /// The device was live: its queues resume at the used index, the requests that were in
+    /// flight are taken again, and a used-buffer interrupt is raised.
+    Live,
+    /// The device was live but could not be resumed (its rings are not valid any more): it
+    /// reports DEVICE_NEEDS_RESET, as after any failed activation.
+    NeedsReset,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -221,6 +239,122 @@ impl MmioTransport {
             shm_sel: 0,
             notifiers: None,
             active: None,
+            state: None,
+        }
+    }
+
+    /// The fingerprint a state record of this device must carry (see
+    /// [`crate::persist::fingerprint`]); `mmio_base` is the device's window.
+    pub fn fingerprint(&self, mmio_base: u64) -> u64 {
+        let max: Vec<u16> = self.queues.iter().map(|q| q.max_size).collect();
+        crate::persist::fingerprint(
+            self.device.device_type(),
+            self.device_features,
+            &max,
+            mmio_base,
+        )
+    }
+
+    /// Records the transport's state in `file` from now on (before each register write
+    /// completes), and first resumes from the record there, if one of this device exists: a
+    /// device model restarted after a crash or an upgrade continues where the previous one
+    /// stopped. Call it at setup, before the first request, after
+    /// [`MmioTransport::register_notifiers`].
+    pub fn attach_state(
+        &mut self,
+        file: std::fs::File,
+        mmio_base: u64,
+    ) -> Result<Resumed, PersistError> {
+        let (region, record) = StateRegion::open(file, self.fingerprint(mmio_base))?;
+        self.state = Some(region);
+        let resumed = match record {
+            None => Resumed::Fresh,
+            Some(rec) => self.restore(&rec),
+        };
+        self.persist();
+        Ok(resumed)
+    }
+
+    fn restore(&mut self, rec: &TransportState) -> Resumed {
+        if rec.queues.len() != self.queues.len() {
+            return Resumed::Fresh;
+        }
+        self.status = rec.status & !VIRTIO_CONFIG_S_NEEDS_RESET;
+        self.device_features_sel = rec.device_features_sel;
+        self.driver_features_sel = rec.driver_features_sel;
+        self.driver_features = rec.driver_features & self.device_features;
+        self.queue_sel = rec.queue_sel;
+        self.shm_sel = rec.shm_sel;
+        self.shared
+            .config_generation
+            .store(rec.config_generation, Ordering::SeqCst);
+        for (regs, q) in self.queues.iter_mut().zip(&rec.queues) {
+            regs.size = q.size;
+            regs.ready = q.ready;
+            regs.desc = q.desc;
+            regs.driver = q.driver;
+            regs.device = q.device;
+        }
+        if self.status & DRIVER_OK == 0 || self.status & FAILED != 0 {
+            return Resumed::Configuring;
+        }
+        match self.activate(true) {
+            Ok(()) => {
+                if let Some(active) = &self.active {
+                    // Whatever completed while nobody was serving, or was missed: the driver
+                    // looks at its used rings.
+                    self.shared
+                        .interrupt_status
+                        .fetch_or(rec.interrupt_status, Ordering::SeqCst);
+                    active._interrupt.signal_used_queue();
+                }
+                self.kick_queues();
+                Resumed::Live
+            }
+            Err(e) => {
+                warn_rl!("virtio-mmio: resuming the device failed: {e}");
+                self.shared.needs_reset.store(true, Ordering::SeqCst);
+                Resumed::NeedsReset
+            }
+        }
+    }
+
+    /// The state as recorded.
+    fn snapshot(&self) -> TransportState {
+        TransportState {
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            shm_sel: self.shm_sel,
+            config_generation: self.shared.config_generation.load(Ordering::SeqCst),
+            interrupt_status: self.shared.interrupt_status.load(Ordering::SeqCst),
+            queues: self
+                .queues
+                .iter()
+                .map(|r| QueueState {
+                    size: r.size,
+                    ready: r.ready,
+                    desc: r.desc,
+                    driver: r.driver,
+                    device: r.device,
+                })
+                .collect(),
+        }
+    }
+
+    /// Writes the state record, if a region is attached. A failure is logged and the device
+    /// goes on (it only costs the ability to resume).
+    fn persist(&mut self) {
+        let snapshot = match &self.state {
+            Some(_) => self.snapshot(),
+            None => return,
+        };
+        if let Some(region) = &mut self.state {
+            if let Err(e) = region.write(&snapshot) {
+                warn_rl!("virtio-mmio: recording the transport state: {e}");
+            }
         }
     }
 
@@ -305,6 +439,8 @@ impl MmioTransport {
         };
         let value = (value & 0xffff_ffff) as u32;
         self.write_register(reg, value);
+        // Before the write completes (the caller answers the trapped access after this).
+        self.persist();
     }
 
     fn read_config(&mut self, offset: u64, width: u32) -> u64 {
@@ -498,7 +634,7 @@ impl MmioTransport {
                     );
                 }
             }
-            DRIVER_OK => match self.activate() {
+            DRIVER_OK => match self.activate(false) {
                 Ok(()) => {
                     self.status = new;
                     self.kick_queues();
@@ -518,16 +654,25 @@ impl MmioTransport {
             && self.driver_features & (1u64 << VIRTIO_F_VERSION_1) != 0
     }
 
-    fn activate(&mut self) -> Result<(), ActivationFailure> {
+    /// Hands the queues to the device. `resume`: the queues were live under a previous device
+    /// model; they restart at the used ring's index (see [`crate::persist`]).
+    fn activate(&mut self, resume: bool) -> Result<(), ActivationFailure> {
         let event_idx = self.driver_features & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let mut queues = Vec::with_capacity(self.queues.len());
         for (i, regs) in self.queues.iter().enumerate() {
             if !regs.ready {
                 return Err(ActivationFailure::QueueNotReady(i));
             }
-            let q = build_queue(regs, event_idx).ok_or(ActivationFailure::QueueInvalid(i))?;
+            let mut q = build_queue(regs, event_idx).ok_or(ActivationFailure::QueueInvalid(i))?;
             if !q.is_valid(&self.mem) {
                 return Err(ActivationFailure::QueueInvalid(i));
+            }
+            if resume {
+                let used = q
+                    .used_idx(&self.mem, std::sync::atomic::Ordering::Acquire)
+                    .map_err(|_| ActivationFailure::QueueInvalid(i))?;
+                q.set_next_avail(used.0);
+                q.set_next_used(used.0);
             }
             queues.push(q);
         }
@@ -1017,5 +1162,198 @@ pub(crate) mod tests {
             }
         }
         crate::fuzz::mmio_transport(&[0xff; 64]);
+    }
+
+    // ---- Resuming from the state region (crate::persist) ----
+
+    mod resume {
+        use super::*;
+        use crate::devices::rng::RngDevice;
+        use std::os::unix::fs::FileExt;
+        use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+        use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+        use virtio_queue::mock::MockSplitQueue;
+
+        const BASE: u64 = 0x1000_0000;
+        const MMIO: u64 = 0xa000_0000;
+
+        fn region() -> std::fs::File {
+            let path = std::env::temp_dir().join(format!(
+                "remio-resume-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .unwrap();
+            std::fs::remove_file(&path).unwrap();
+            f.set_len(crate::persist::REGION_LEN).unwrap();
+            f
+        }
+
+        fn rng(mem: &GuestMemoryMmap, file: &std::fs::File) -> (MmioTransport, Resumed) {
+            let mut t = MmioTransport::new(
+                Box::new(RngDevice::new(None)),
+                mem.clone(),
+                Box::new(NoopRegistrar),
+            );
+            let resumed = t.attach_state(file.try_clone().unwrap(), MMIO).unwrap();
+            (t, resumed)
+        }
+
+        /// Linux's probe of a one-queue device, the queue laid out by `vq`.
+        fn probe(t: &mut MmioTransport, vq: &MockSplitQueue<'_, GuestMemoryMmap>) {
+            for s in [0, ACK, ACK | DRIVER] {
+                t.write(reg(VIRTIO_MMIO_STATUS), 4, u64::from(s));
+            }
+            t.write(reg(VIRTIO_MMIO_DRIVER_FEATURES_SEL), 4, 1);
+            t.write(reg(VIRTIO_MMIO_DRIVER_FEATURES), 4, 1);
+            t.write(
+                reg(VIRTIO_MMIO_STATUS),
+                4,
+                u64::from(ACK | DRIVER | FEATURES_OK),
+            );
+            t.write(reg(VIRTIO_MMIO_QUEUE_SEL), 4, 0);
+            t.write(reg(VIRTIO_MMIO_QUEUE_NUM), 4, 16);
+            t.write(reg(VIRTIO_MMIO_QUEUE_DESC_LOW), 4, vq.desc_table_addr().0);
+            t.write(reg(VIRTIO_MMIO_QUEUE_AVAIL_LOW), 4, vq.avail_addr().0);
+            t.write(reg(VIRTIO_MMIO_QUEUE_USED_LOW), 4, vq.used_addr().0);
+            t.write(reg(VIRTIO_MMIO_QUEUE_READY), 4, 1);
+            t.write(
+                reg(VIRTIO_MMIO_STATUS),
+                4,
+                u64::from(ACK | DRIVER | FEATURES_OK | DRIVER_OK),
+            );
+        }
+
+        /// Makes a 16-byte buffer at `addr` available as descriptor `head` (no notify).
+        fn offer(vq: &MockSplitQueue<'_, GuestMemoryMmap>, addr: u64, head: u16) {
+            let w = u16::try_from(VRING_DESC_F_WRITE).unwrap();
+            let d = Descriptor::new(addr, 16, w, 0);
+            vq.add_desc_chains(&[RawDescriptor::from(d)], head).unwrap();
+        }
+
+        fn wait_used(vq: &MockSplitQueue<'_, GuestMemoryMmap>, want: u16) -> u16 {
+            for _ in 0..5000 {
+                if vq.used().idx().load() >= want {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            vq.used().idx().load()
+        }
+
+        #[test]
+        fn a_new_transport_resumes_a_live_device_and_serves_what_was_left() {
+            let mem = mem();
+            let file = region();
+            let vq = MockSplitQueue::create(&mem, GuestAddress(BASE), 16);
+            let (mut first, resumed) = rng(&mem, &file);
+            assert_eq!(resumed, Resumed::Fresh);
+            probe(&mut first, &vq);
+            offer(&vq, BASE + 0x8000, 0);
+            first.kick_queues();
+            assert_eq!(wait_used(&vq, 1), 1);
+
+            // The device model dies; the guest goes on and offers another buffer.
+            drop(first);
+            offer(&vq, BASE + 0x9000, 1);
+
+            let (second, resumed) = rng(&mem, &file);
+
+            assert_eq!(resumed, Resumed::Live);
+            assert_eq!(second.status(), ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+            assert_eq!(wait_used(&vq, 2), 2, "the buffer left is served");
+            assert_ne!(
+                second
+                    .shared_status()
+                    .interrupt_status
+                    .load(Ordering::SeqCst)
+                    & 1,
+                0,
+                "a used-buffer interrupt was raised"
+            );
+        }
+
+        #[test]
+        fn a_request_taken_but_not_completed_is_taken_again_and_completed_once() {
+            let mem = mem();
+            let file = region();
+            let vq = MockSplitQueue::create(&mem, GuestAddress(BASE), 16);
+            let (mut first, _) = rng(&mem, &file);
+            probe(&mut first, &vq);
+            drop(first);
+            // Two buffers offered; the dead device model had completed the first (its used
+            // entry and index are in guest memory) and taken the second without completing it.
+            offer(&vq, BASE + 0x8000, 0);
+            offer(&vq, BASE + 0x9000, 1);
+            vq.used().idx().store(1);
+
+            let (_second, resumed) = rng(&mem, &file);
+
+            assert_eq!(resumed, Resumed::Live);
+            assert_eq!(wait_used(&vq, 2), 2);
+            // used ring: flags u16, idx u16, then elems of (id u32, len u32).
+            let id: u32 =
+                vm_memory::Bytes::read_obj(&mem, GuestAddress(vq.used_addr().0 + 4 + 8)).unwrap();
+            assert_eq!(id, 1, "the second head, completed now");
+            // Nothing more: the first was not completed twice.
+            assert_eq!(vq.used().idx().load(), 2);
+        }
+
+        #[test]
+        fn a_device_still_being_set_up_resumes_its_setup() {
+            let mem = mem();
+            let file = region();
+            let (mut first, _) = rng(&mem, &file);
+            let setup = ACK | DRIVER | FEATURES_OK;
+            first.write(reg(VIRTIO_MMIO_STATUS), 4, u64::from(ACK));
+            first.write(reg(VIRTIO_MMIO_STATUS), 4, u64::from(ACK | DRIVER));
+            first.write(reg(VIRTIO_MMIO_DRIVER_FEATURES_SEL), 4, 1);
+            first.write(reg(VIRTIO_MMIO_DRIVER_FEATURES), 4, 1);
+            first.write(reg(VIRTIO_MMIO_STATUS), 4, u64::from(setup));
+            first.write(reg(VIRTIO_MMIO_QUEUE_SEL), 4, 0);
+            first.write(reg(VIRTIO_MMIO_QUEUE_NUM), 4, 8);
+            assert_eq!(first.queues[0].size, 8);
+            drop(first);
+
+            let (second, resumed) = rng(&mem, &file);
+
+            assert_eq!(resumed, Resumed::Configuring);
+            assert_eq!(second.status(), setup);
+            assert_eq!(second.driver_features, 1 << 32);
+            assert_eq!(second.queues[0].size, 8);
+        }
+
+        #[test]
+        fn a_record_of_another_device_or_a_torn_region_starts_fresh() {
+            let mem = mem();
+            let file = region();
+            let vq = MockSplitQueue::create(&mem, GuestAddress(BASE), 16);
+            let (mut first, _) = rng(&mem, &file);
+            probe(&mut first, &vq);
+            drop(first);
+
+            // Another window: another device's record.
+            let mut other = MmioTransport::new(
+                Box::new(RngDevice::new(None)),
+                mem.clone(),
+                Box::new(NoopRegistrar),
+            );
+            let r = other.attach_state(file.try_clone().unwrap(), MMIO + 0x200);
+            assert_eq!(r.unwrap(), Resumed::Fresh);
+            assert_eq!(other.status(), 0);
+
+            // Both slots torn: nothing to resume from.
+            let junk = vec![0xa5u8; usize::try_from(crate::persist::REGION_LEN).unwrap()];
+            file.write_all_at(&junk, 0).unwrap();
+            let (fresh, resumed) = rng(&mem, &file);
+            assert_eq!(resumed, Resumed::Fresh);
+            assert_eq!(fresh.status(), 0);
+        }
     }
 }
