@@ -7,9 +7,11 @@
 //!
 //! Every request is validated by [`parse_block_request`] (header, directions, sector range,
 //! status descriptor, every buffer inside guest memory) before any buffer or the image is
-//! touched; then `BlockBackend::execute` runs it.
+//! touched; then `BlockBackend::execute` runs it through a [`BlockEngine`], the only thing that
+//! moves bytes ([`FileEngine`] on the image; a recording one in tests). A request is
+//! acknowledged (its used-ring entry published) only after the engine returned.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
@@ -22,8 +24,8 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::Queue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::fallocate::{fallocate, FallocateMode};
-use vmm_sys_util::write_zeroes::WriteZeroesAt;
+
+pub use crate::devices::block_engine::{BlockEngine, FileEngine};
 
 use crate::device::{
     drain_queue, fail_device, read_config_bytes, ActivateContext, ActivateError, EventLoop,
@@ -456,20 +458,18 @@ pub fn image_capacity<S: Seek>(image: &mut S) -> std::io::Result<(u64, u64)> {
     Ok((len / SECTOR_SIZE, len % SECTOR_SIZE))
 }
 
-/// The image file and what is needed to run validated requests against it.
+/// The engine over the image and what is needed to run validated requests through it.
 #[derive(Debug)]
-pub struct BlockBackend {
-    /// The image, the only descriptor of its open file description: closing it (dropping the
-    /// backend) releases the image lock.
-    file: File,
+pub struct BlockBackend<E: BlockEngine = FileEngine> {
+    /// Moves the bytes. A [`FileEngine`] holds the image's only descriptor of its open file
+    /// description: closing it (dropping the backend) releases the image lock.
+    engine: E,
     disk: DiskGeometry,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
     req: BlockRequest,
-    /// Reused for every request's `preadv`/`pwritev` (no allocation per request).
-    iov: crate::sys::IoVecs,
 }
 
-impl BlockBackend {
+impl BlockBackend<FileEngine> {
     /// Opens `path`, a regular file or a block device (see [`check_image`]), read-write unless
     /// `read_only`, and locks it.
     ///
@@ -541,23 +541,34 @@ impl BlockBackend {
                 path.display()
             );
         }
+        Ok(Self::with_engine(
+            FileEngine::new(file, SEG_MAX as usize),
+            DiskGeometry {
+                capacity,
+                read_only,
+            },
+            serial,
+        ))
+    }
+}
+
+impl<E: BlockEngine> BlockBackend<E> {
+    /// A backend over any engine, for a disk of `disk`'s geometry answering GET_ID with
+    /// `serial` (at most 20 bytes used). [`BlockBackend::open`] is this over a [`FileEngine`].
+    pub fn with_engine(engine: E, disk: DiskGeometry, serial: Option<&str>) -> Self {
         let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
         let serial = serial.unwrap_or("");
         let n = serial.len().min(id.len());
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
-        Ok(Self {
-            file,
-            disk: DiskGeometry {
-                capacity,
-                read_only,
-            },
+        Self {
+            engine,
+            disk,
             id,
             req: BlockRequest {
                 data: Vec::with_capacity(SEG_MAX as usize),
                 ..BlockRequest::default()
             },
-            iov: crate::sys::IoVecs::with_capacity(SEG_MAX as usize),
-        })
+        }
     }
 
     /// The disk as the parser sees it.
@@ -608,9 +619,12 @@ impl BlockBackend {
                 // sector + len was checked against the capacity, so this does not overflow for
                 // a capacity taken from a file size; checked all the same (guest-derived).
                 let offset = req.sector.checked_mul(SECTOR_SIZE).ok_or(S_IOERR)?;
-                self.iov
-                    .transfer(&self.file, mem, &req.data, offset, kind == RequestType::In)
-                    .map_err(|e| ioerr(&e))?;
+                if kind == RequestType::In {
+                    self.engine.read(mem, &req.data, offset)
+                } else {
+                    self.engine.write(mem, &req.data, offset)
+                }
+                .map_err(|e| ioerr(&e))?;
                 Ok(if kind == RequestType::In {
                     u32::try_from(req.data_len).unwrap_or(u32::MAX)
                 } else {
@@ -619,7 +633,7 @@ impl BlockBackend {
             }
             RequestType::Flush => {
                 if !self.disk.read_only {
-                    self.file.sync_data().map_err(|e| ioerr(&e))?;
+                    self.engine.flush().map_err(|e| ioerr(&e))?;
                 }
                 Ok(0)
             }
@@ -680,17 +694,11 @@ impl BlockBackend {
                 return Err(S_IOERR);
             }
             let (offset, len) = (sector * SECTOR_SIZE, u64::from(num) * SECTOR_SIZE);
-            let result = if discard || flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0 {
-                fallocate(&self.file, FallocateMode::PunchHole, true, offset, len)
-                    .map_err(std::io::Error::from)
+            let result = if discard {
+                self.engine.discard(offset, len)
             } else {
-                match fallocate(&self.file, FallocateMode::ZeroRange, true, offset, len) {
-                    Ok(()) => Ok(()),
-                    // tmpfs and others lack ZERO_RANGE: write the zeroes.
-                    Err(_) => usize::try_from(len)
-                        .map_err(std::io::Error::other)
-                        .and_then(|len| self.file.write_all_zeroes_at(offset, len)),
-                }
+                let unmap = flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
+                self.engine.write_zeroes(offset, len, unmap)
             };
             result.map_err(|e| {
                 warn_rl!("virtio-blk: discard/write-zeroes failed: {e}");
@@ -703,17 +711,17 @@ impl BlockBackend {
 
 /// The virtio-blk device.
 #[derive(Debug)]
-pub struct BlockDevice {
-    backend: Option<BlockBackend>,
+pub struct BlockDevice<E: BlockEngine = FileEngine> {
+    backend: Option<BlockBackend<E>>,
     config: [u8; CONFIG_LEN],
     features: u64,
     /// Active: the worker owns the backend and hands it back when stopped.
-    worker: Option<Worker<BlockBackend>>,
+    worker: Option<Worker<BlockBackend<E>>>,
 }
 
-impl BlockDevice {
+impl<E: BlockEngine> BlockDevice<E> {
     /// A block device over `backend`.
-    pub fn new(backend: BlockBackend) -> Self {
+    pub fn new(backend: BlockBackend<E>) -> Self {
         let disk = backend.geometry();
         let mut features = (1u64 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
@@ -752,7 +760,7 @@ impl BlockDevice {
     }
 }
 
-impl VirtioDevice for BlockDevice {
+impl<E: BlockEngine> VirtioDevice for BlockDevice<E> {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_BLOCK
     }
@@ -795,8 +803,8 @@ impl VirtioDevice for BlockDevice {
     }
 }
 
-fn run_block(
-    backend: &mut BlockBackend,
+fn run_block<E: BlockEngine>(
+    backend: &mut BlockBackend<E>,
     mem: GuestMemoryMmap,
     mut queue: Queue,
     evt: EventFd,
@@ -1142,14 +1150,369 @@ mod tests {
         assert_eq!(id[10..], [0; 10]);
     }
 
+    // ---- What reaches the engine, and when ----
+
+    /// An operation the recording engine saw.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    enum Op {
+        Read { offset: u64, len: u64 },
+        Write { offset: u64, bytes: Vec<u8> },
+        Flush,
+        Discard { offset: u64, len: u64 },
+        WriteZeroes { offset: u64, len: u64, unmap: bool },
+    }
+
+    /// A 16-sector in-memory disk that records each operation with the used-ring index the
+    /// guest could see at that moment (so a test sees whether a request was acknowledged
+    /// before its bytes moved). Operations listed in `fail` return EIO.
+    #[derive(Debug)]
+    struct RecordingEngine {
+        image: Vec<u8>,
+        log: Arc<std::sync::Mutex<Vec<(Op, u16)>>>,
+        mem: GuestMemoryMmap,
+        used_idx: GuestAddress,
+        fail_writes: bool,
+    }
+
+    impl RecordingEngine {
+        fn record(&self, op: Op) {
+            let seen: u16 = self.mem.read_obj(self.used_idx).unwrap();
+            self.log.lock().unwrap().push((op, seen));
+        }
+    }
+
+    impl BlockEngine for RecordingEngine {
+        fn read(
+            &mut self,
+            mem: &GuestMemoryMmap,
+            data: &[(GuestAddress, u32)],
+            offset: u64,
+        ) -> std::io::Result<()> {
+            let mut at = offset as usize;
+            for &(addr, len) in data {
+                mem.write_slice(&self.image[at..at + len as usize], addr)
+                    .unwrap();
+                at += len as usize;
+            }
+            self.record(Op::Read {
+                offset,
+                len: (at as u64) - offset,
+            });
+            Ok(())
+        }
+
+        fn write(
+            &mut self,
+            mem: &GuestMemoryMmap,
+            data: &[(GuestAddress, u32)],
+            offset: u64,
+        ) -> std::io::Result<()> {
+            if self.fail_writes {
+                self.record(Op::Write {
+                    offset,
+                    bytes: Vec::new(),
+                });
+                return Err(std::io::Error::from_raw_os_error(libc::EIO));
+            }
+            let mut bytes = Vec::new();
+            for &(addr, len) in data {
+                let mut buf = vec![0u8; len as usize];
+                mem.read_slice(&mut buf, addr).unwrap();
+                bytes.extend_from_slice(&buf);
+            }
+            let at = offset as usize;
+            self.image[at..at + bytes.len()].copy_from_slice(&bytes);
+            self.record(Op::Write { offset, bytes });
+            Ok(())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.record(Op::Flush);
+            Ok(())
+        }
+
+        fn discard(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+            self.record(Op::Discard { offset, len });
+            Ok(())
+        }
+
+        fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> std::io::Result<()> {
+            self.record(Op::WriteZeroes { offset, len, unmap });
+            Ok(())
+        }
+    }
+
+    /// Waits for the worker's interrupt (at most 10 s, so a lost one fails instead of hanging).
+    fn wait_irq(irq: &EventFd) {
+        let mut p = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(irq),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let ready = unsafe { libc::poll(&mut p, 1, 10_000) };
+        assert_eq!(ready, 1, "no interrupt from the block worker");
+        irq.read().unwrap();
+    }
+
+    /// A device over a recording engine, activated on a 16-entry queue at 0x8_0000 with
+    /// `chains` (each a header address, its data descriptors and a status address) made
+    /// available; returns the device, the log, the mock queue's used-ring address and the
+    /// notifier and interrupt eventfds.
+    #[expect(clippy::type_complexity, reason = "a test rig")]
+    fn recording_device(
+        mem: &GuestMemoryMmap,
+        read_only: bool,
+        fail_writes: bool,
+        chains: &[Vec<RawDescriptor>],
+    ) -> (
+        BlockDevice<RecordingEngine>,
+        Arc<std::sync::Mutex<Vec<(Op, u16)>>>,
+        GuestAddress,
+        EventFd,
+        EventFd,
+    ) {
+        let vq = MockSplitQueue::create(mem, GuestAddress(0x8_0000), 16);
+        let mut at = 0u16;
+        for chain in chains {
+            vq.add_desc_chains(chain, at).unwrap();
+            at += chain.len() as u16;
+        }
+        let used_idx = vq.used_addr().unchecked_add(2);
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let engine = RecordingEngine {
+            image: (0..16 * 512).map(|i| (i % 251) as u8).collect(),
+            log: log.clone(),
+            mem: mem.clone(),
+            used_idx,
+            fail_writes,
+        };
+        let disk = DiskGeometry {
+            capacity: 16,
+            read_only,
+        };
+        let mut dev = BlockDevice::new(BlockBackend::with_engine(engine, disk, None));
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        dev.activate(ActivateContext {
+            mem: mem.clone(),
+            queues: vec![vq.create_queue().unwrap()],
+            queue_evts: vec![evt.try_clone().unwrap()],
+            interrupt: Arc::new(Interrupt::new(Default::default(), irq.try_clone().unwrap())),
+            acked_features: 0,
+        })
+        .unwrap();
+        (dev, log, used_idx, evt, irq)
+    }
+
+    /// Descriptors of one request: header at `hdr`, `data`, status byte at `status`, chained.
+    fn chain(hdr: u64, data: &[(u64, u32, u16)], status: u64, first: u16) -> Vec<RawDescriptor> {
+        let next = VRING_DESC_F_NEXT as u16;
+        let mut v = vec![RawDescriptor::from(Descriptor::new(
+            hdr,
+            16,
+            next,
+            first + 1,
+        ))];
+        for (i, &(addr, len, flags)) in data.iter().enumerate() {
+            v.push(RawDescriptor::from(Descriptor::new(
+                addr,
+                len,
+                flags | next,
+                first + 2 + i as u16,
+            )));
+        }
+        v.push(RawDescriptor::from(Descriptor::new(status, 1, W, 0)));
+        v
+    }
+
+    fn put_header(mem: &GuestMemoryMmap, at: u64, kind: u32, sector: u64) {
+        mem.write_obj(kind.to_le(), GuestAddress(at)).unwrap();
+        mem.write_obj(sector.to_le(), GuestAddress(at + 8)).unwrap();
+    }
+
     #[test]
-    fn flush_reports_ok() {
+    fn flush_reaches_the_engine_sync_and_each_request_is_acknowledged_after_its_io() {
+        let mem = mem();
+        // WRITE sector 2 (0xab), then FLUSH: two chains, processed in one pass.
+        put_header(&mem, HDR, VIRTIO_BLK_T_OUT, 2);
+        put_header(&mem, HDR + 0x100, VIRTIO_BLK_T_FLUSH, 0);
+        mem.write_slice(&[0xab; 512], GuestAddress(DATA)).unwrap();
+        mem.write_slice(&[0xff, 0xff], GuestAddress(STATUS))
+            .unwrap();
+        let write = chain(HDR, &[(DATA, 512, 0)], STATUS, 0);
+        let flush = chain(HDR + 0x100, &[], STATUS + 1, write.len() as u16);
+        let (mut dev, log, used_idx, evt, irq) =
+            recording_device(&mem, false, false, &[write, flush]);
+
+        evt.write(1).unwrap();
+        while mem.read_obj::<u16>(used_idx).unwrap() < 2 {
+            wait_irq(&irq);
+        }
+        dev.reset();
+
+        // The write reached the engine while nothing was acknowledged, the flush reached
+        // fdatasync's place in the engine after the write was acknowledged, and both were OK.
+        assert_eq!(
+            *log.lock().unwrap(),
+            vec![
+                (
+                    Op::Write {
+                        offset: 2 * 512,
+                        bytes: vec![0xab; 512]
+                    },
+                    0
+                ),
+                (Op::Flush, 1),
+            ]
+        );
+        let mut statuses = [0u8; 2];
+        mem.read_slice(&mut statuses, GuestAddress(STATUS)).unwrap();
+        assert_eq!(statuses, [S_OK, S_OK]);
+    }
+
+    #[test]
+    fn flush_on_the_real_engine_reports_ok() {
         let mem = mem();
         let (_tmp, mut b) = image(false, None);
         header(&mem, VIRTIO_BLK_T_FLUSH, 0);
 
         assert_eq!(run(&mem, &mut b, &[d(HDR, 16, 0), d(STATUS, 1, W)]), 1);
         assert_eq!(status(&mem), S_OK);
+    }
+
+    #[test]
+    fn a_write_the_engine_fails_is_answered_ioerr_after_the_attempt() {
+        let mem = mem();
+        put_header(&mem, HDR, VIRTIO_BLK_T_OUT, 0);
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let write = chain(HDR, &[(DATA, 512, 0)], STATUS, 0);
+        let (mut dev, log, used_idx, evt, irq) = recording_device(&mem, false, true, &[write]);
+
+        evt.write(1).unwrap();
+        while mem.read_obj::<u16>(used_idx).unwrap() < 1 {
+            wait_irq(&irq);
+        }
+        dev.reset();
+
+        assert_eq!(
+            *log.lock().unwrap(),
+            vec![(
+                Op::Write {
+                    offset: 0,
+                    bytes: Vec::new()
+                },
+                0
+            )]
+        );
+        assert_eq!(status(&mem), S_IOERR);
+    }
+
+    #[test]
+    fn discard_write_zeroes_and_writes_on_a_read_only_disk_never_reach_the_engine() {
+        let mem = mem();
+        // Three requests, each with its own header, segment and status byte.
+        let mut chains = Vec::new();
+        let mut first = 0u16;
+        for (i, kind) in [
+            VIRTIO_BLK_T_DISCARD,
+            VIRTIO_BLK_T_WRITE_ZEROES,
+            VIRTIO_BLK_T_OUT,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let i = i as u64;
+            let (hdr, seg) = (HDR + 0x100 * i, DATA + 0x1000 * i);
+            put_header(&mem, hdr, kind, 0);
+            // A discard / write-zeroes segment: sector 0, 8 sectors, no flags (and, for the
+            // write, 512 bytes starting with it).
+            mem.write_obj(0u64, GuestAddress(seg)).unwrap();
+            mem.write_obj(8u32.to_le(), GuestAddress(seg + 8)).unwrap();
+            mem.write_obj(0u32, GuestAddress(seg + 12)).unwrap();
+            let len = if kind == VIRTIO_BLK_T_OUT { 512 } else { 16 };
+            let c = chain(hdr, &[(seg, len, 0)], STATUS + i, first);
+            first += c.len() as u16;
+            chains.push(c);
+        }
+        mem.write_slice(&[0xff; 3], GuestAddress(STATUS)).unwrap();
+        let (mut dev, log, used_idx, evt, irq) = recording_device(&mem, true, false, &chains);
+
+        evt.write(1).unwrap();
+        while mem.read_obj::<u16>(used_idx).unwrap() < 3 {
+            wait_irq(&irq);
+        }
+        dev.reset();
+
+        assert_eq!(*log.lock().unwrap(), Vec::new());
+        let mut statuses = [0u8; 3];
+        mem.read_slice(&mut statuses, GuestAddress(STATUS)).unwrap();
+        assert_eq!(statuses, [S_IOERR; 3]);
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_reach_the_engine_as_byte_ranges() {
+        let mem = mem();
+        let mut chains = Vec::new();
+        let mut first = 0u16;
+        for (i, (kind, flags)) in [
+            (VIRTIO_BLK_T_DISCARD, 0),
+            (VIRTIO_BLK_T_WRITE_ZEROES, 0),
+            (
+                VIRTIO_BLK_T_WRITE_ZEROES,
+                VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let i = i as u64;
+            let (hdr, seg) = (HDR + 0x100 * i, DATA + 0x1000 * i);
+            put_header(&mem, hdr, kind, 0);
+            mem.write_obj((4 + i).to_le(), GuestAddress(seg)).unwrap();
+            mem.write_obj(2u32.to_le(), GuestAddress(seg + 8)).unwrap();
+            mem.write_obj(flags.to_le(), GuestAddress(seg + 12))
+                .unwrap();
+            let c = chain(hdr, &[(seg, 16, 0)], STATUS + i, first);
+            first += c.len() as u16;
+            chains.push(c);
+        }
+        let (mut dev, log, used_idx, evt, irq) = recording_device(&mem, false, false, &chains);
+
+        evt.write(1).unwrap();
+        while mem.read_obj::<u16>(used_idx).unwrap() < 3 {
+            wait_irq(&irq);
+        }
+        dev.reset();
+
+        assert_eq!(
+            *log.lock().unwrap(),
+            vec![
+                (
+                    Op::Discard {
+                        offset: 4 * 512,
+                        len: 1024
+                    },
+                    0
+                ),
+                (
+                    Op::WriteZeroes {
+                        offset: 5 * 512,
+                        len: 1024,
+                        unmap: false
+                    },
+                    1
+                ),
+                (
+                    Op::WriteZeroes {
+                        offset: 6 * 512,
+                        len: 1024,
+                        unmap: true
+                    },
+                    2
+                ),
+            ]
+        );
     }
 
     fn discard_seg(mem: &GuestMemoryMmap, sector: u64, num: u32, flags: u32) {

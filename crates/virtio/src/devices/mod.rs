@@ -1,6 +1,7 @@
 //! The devices: block, console, rng, net.
 
 pub mod block;
+pub mod block_engine;
 pub mod console;
 pub mod net;
 pub mod rng;
