@@ -1150,6 +1150,149 @@ mod tests {
         assert_eq!(id[10..], [0; 10]);
     }
 
+    /// Parses a request of `data` segments (each `(len, writable)`, laid out from DATA on)
+    /// on a disk with room for anything.
+    fn parse_segments(
+        mem: &GuestMemoryMmap,
+        kind: u32,
+        data: &[(u32, bool)],
+    ) -> Result<(), BlockRequestError> {
+        header(mem, kind, 0);
+        let mut descs = vec![Descriptor::new(HDR, 16, 0, 0)];
+        let mut addr = DATA;
+        for &(len, writable) in data {
+            descs.push(Descriptor::new(addr, len, if writable { W } else { 0 }, 0));
+            addr += u64::from(len);
+        }
+        descs.push(Descriptor::new(STATUS, 1, W, 0));
+        let disk = DiskGeometry {
+            capacity: u64::MAX / SECTOR_SIZE,
+            read_only: false,
+        };
+        parse_block_request(mem, descs, disk, &mut BlockRequest::default())
+    }
+
+    #[test]
+    fn more_data_segments_than_seg_max_are_too_many() {
+        let mem = mem();
+
+        let at_max = parse_segments(&mem, VIRTIO_BLK_T_IN, &[(512, true); SEG_MAX as usize]);
+        let over = parse_segments(&mem, VIRTIO_BLK_T_IN, &[(512, true); SEG_MAX as usize + 1]);
+
+        assert_eq!(at_max, Ok(()));
+        assert_eq!(over, Err(BlockRequestError::TooManySegments));
+        assert_eq!(over.unwrap_err().status(), Some(S_IOERR));
+    }
+
+    #[test]
+    fn a_segment_larger_than_size_max_is_too_many() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+
+        let at_max = parse_segments(&mem, VIRTIO_BLK_T_OUT, &[(SIZE_MAX, false)]);
+        let over = parse_segments(&mem, VIRTIO_BLK_T_OUT, &[(SIZE_MAX + 512, false)]);
+
+        assert_eq!(at_max, Ok(()));
+        assert_eq!(over, Err(BlockRequestError::TooManySegments));
+    }
+
+    #[test]
+    fn more_discard_segments_than_max_discard_seg_are_too_many() {
+        let mem = mem();
+        let seg = DISCARD_SEG_LEN as u32;
+
+        let at_max = parse_segments(
+            &mem,
+            VIRTIO_BLK_T_DISCARD,
+            &[(seg * MAX_DISCARD_SEG, false)],
+        );
+        let over = parse_segments(
+            &mem,
+            VIRTIO_BLK_T_DISCARD,
+            &[(seg * (MAX_DISCARD_SEG + 1), false)],
+        );
+
+        assert_eq!(at_max, Ok(()));
+        assert_eq!(over, Err(BlockRequestError::TooManySegments));
+    }
+
+    #[test]
+    fn a_request_with_too_many_segments_is_ioerr_and_touches_no_buffer() {
+        let mem = mem();
+        let (_tmp, mut b) = image(false, None);
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        mem.write_slice(&[0x5a; 2 * 512], GuestAddress(DATA))
+            .unwrap();
+        // SEG_MAX + 1 segments of 2 bytes and one with the rest of two sectors (in range):
+        // SEG_MAX + 2 data segments in all.
+        let vq = MockSplitQueue::new(&mem, 512);
+        let mut descs = vec![d(HDR, 16, 0)];
+        descs.extend((0..1024 / 2).map(|i| d(DATA + 2 * i, 2, W)));
+        descs.truncate(SEG_MAX as usize + 2);
+        let data_len = 2 * (SEG_MAX as u64 + 1);
+        descs.push(d(DATA + data_len, (1024 - data_len) as u32, W));
+        descs.push(d(STATUS, 1, W));
+
+        let used = backend_handle(&mem, &mut b, &vq, &descs);
+
+        assert_eq!((used, status(&mem)), (1, S_IOERR));
+        let mut buf = [0u8; 2 * 512];
+        mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
+        assert!(buf.iter().all(|&x| x == 0x5a));
+    }
+
+    fn backend_handle(
+        mem: &GuestMemoryMmap,
+        b: &mut BlockBackend,
+        vq: &MockSplitQueue<'_, GuestMemoryMmap>,
+        descs: &[RawDescriptor],
+    ) -> u32 {
+        let chain = vq.build_desc_chain(descs).unwrap();
+        b.handle(mem, chain)
+    }
+
+    #[test]
+    fn get_id_into_a_buffer_under_20_bytes_gets_the_serial_cut_to_fit() {
+        let mem = mem();
+        let (_tmp, mut b) = image(false, Some("remio-disk-serial-01"));
+        header(&mem, VIRTIO_BLK_T_GET_ID, 0);
+        mem.write_slice(&[0xee; 20], GuestAddress(DATA)).unwrap();
+
+        let used = run(
+            &mem,
+            &mut b,
+            &[d(HDR, 16, 0), d(DATA, 8, W), d(STATUS, 1, W)],
+        );
+
+        assert_eq!((used, status(&mem)), (9, S_OK));
+        let mut id = [0u8; 20];
+        mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(&id[..8], b"remio-di");
+        assert_eq!(id[8..], [0xee; 12], "nothing written past the buffer");
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_on_a_read_only_image_are_ioerr_and_leave_it_unchanged() {
+        for kind in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+            let mem = mem();
+            let (tmp, mut b) = image(true, None);
+            header(&mem, kind, 0);
+            discard_seg(&mem, 0, 8, 0);
+
+            let used = run(
+                &mem,
+                &mut b,
+                &[d(HDR, 16, 0), d(DATA, 16, 0), d(STATUS, 1, W)],
+            );
+
+            assert_eq!((used, status(&mem)), (1, S_IOERR), "type {kind}");
+            let img = std::fs::read(tmp.as_path()).unwrap();
+            assert!(
+                img.iter().enumerate().all(|(i, &x)| x == (i % 251) as u8),
+                "type {kind}: the image changed"
+            );
+        }
+    }
+
     // ---- What reaches the engine, and when ----
 
     /// An operation the recording engine saw.
