@@ -219,7 +219,11 @@ impl Failover {
                 st.device_id
             );
             if st.status != 0 {
-                st.isr |= VIRTIO_MMIO_INT_CONFIG;
+                // VRING too: the dead device model may have completed requests whose interrupt
+                // the driver never saw (its InterruptStatus read was in flight and completed
+                // with 0), and only a used-buffer interrupt makes it look at the used rings
+                // again. With nothing new there, Linux's vring_interrupt does nothing.
+                st.isr |= VIRTIO_MMIO_INT_CONFIG | VIRTIO_MMIO_INT_VRING;
                 self.raise(i);
             }
         }
@@ -517,6 +521,18 @@ mod tests {
             2,
             "config change, then used buffers"
         );
+    }
+
+    #[test]
+    fn a_failure_with_nothing_queued_still_says_used_buffers_for_completions_the_driver_missed() {
+        let (f, _dm, _mem, irqs) = setup();
+
+        assert!(f.fail(0));
+
+        let isr = f.read(BASE + u64::from(VIRTIO_MMIO_INTERRUPT_STATUS), 4);
+        let both = VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG;
+        assert_eq!(isr.unwrap(), u64::from(both));
+        assert_eq!(irqs.load(Ordering::SeqCst), 1);
     }
 
     #[test]
