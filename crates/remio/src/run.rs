@@ -97,9 +97,24 @@ pub struct Args {
     /// Guest kernel + initramfs directory [default: $REMIO_GUEST_DIR, else target/guest].
     #[arg(long)]
     pub guest_dir: Option<PathBuf>,
-    /// With --exec: also show the guest's boot log (on stderr).
+    /// With --exec: also show the guest's boot log (on stderr); with `--dispatcher c-driver`
+    /// also the backend VM's serial console.
     #[arg(long, short)]
     pub verbose: bool,
+    /// Who dispatches the frontend's requests: `remio` (remio's own dispatcher in this process
+    /// and a `remio dm` process) or `c-driver` (a backend VM under QEMU running the posted C
+    /// I/O dispatcher driver and `remio dm --kernel-driver`; see docs/c-driver.md).
+    #[arg(long, value_enum, default_value_t = Dispatcher::Remio)]
+    pub dispatcher: Dispatcher,
+}
+
+/// `--dispatcher`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Dispatcher {
+    /// remio's own dispatcher (in this process) and a `remio dm` process.
+    Remio,
+    /// The posted C driver in a backend VM, with `remio dm --kernel-driver` inside it.
+    CDriver,
 }
 
 /// One device of the generated configuration.
@@ -121,6 +136,11 @@ pub struct DeviceSpec {
     /// Net: the TAP interface name.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tap: Option<String>,
+    /// The frontend's address of the shared memory (the DM's memory is placed there for the
+    /// virtqueue addresses): set for the backend VM's device model, where GET_INFO reports
+    /// the backend's address of the ivshmem BAR instead.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shmem_addr: Option<u64>,
 }
 
 /// The device-model config `remio run` writes for `remio dm --config` (`remio_virtio::Config`'s
@@ -158,6 +178,7 @@ pub fn device_plan(
         path: None,
         backend: None,
         tap: None,
+        shmem_addr: None,
     };
     let mut plan = vec![DeviceSpec {
         path: Some(disk.to_owned()),
@@ -353,7 +374,9 @@ fn host_tap(args: &Args) -> anyhow::Result<Option<crate::hosttap::HostTap>> {
     let wanted = match args.net.as_deref() {
         Some(NET_AUTO) => true,
         Some(_) => return Ok(None),
-        None => !args.no_net && args.exec.is_none(),
+        // The c-driver backend VM has no way to reach a host TAP: no net unless asked for
+        // (and then refused by `check_c_driver_args`).
+        None => !args.no_net && args.exec.is_none() && args.dispatcher == Dispatcher::Remio,
     };
     if !wanted {
         return Ok(None);
@@ -402,6 +425,8 @@ fn install_signal_handlers() {
 struct Session {
     qemu: Option<Child>,
     dm: Option<Child>,
+    /// The backend VM's QEMU (`--dispatcher c-driver`).
+    backend: Option<Child>,
     tmp: PathBuf,
     keep: bool,
 }
@@ -422,6 +447,7 @@ impl Session {
     fn kill_children(&mut self) {
         Self::kill(&mut self.qemu, "QEMU");
         Self::kill(&mut self.dm, "the device model");
+        Self::kill(&mut self.backend, "the backend VM's QEMU");
     }
 }
 
@@ -487,12 +513,16 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
         .checked_mul(1 << 20)
         .context("--memory too large")?;
     let ram = GuestRam::new(memory).context("--memory")?;
+    if args.dispatcher == Dispatcher::CDriver {
+        check_c_driver_args(args)?;
+    }
 
     install_signal_handlers();
     let tmp = make_tmp()?;
     let mut session = Session {
         qemu: None,
         dm: None,
+        backend: None,
         tmp: tmp.clone(),
         keep: args.keep,
     };
@@ -503,11 +533,15 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
     } else {
         None
     };
+    let mut c_driver = None;
     let (n, dm_config) = match &args.config {
         Some(c) => (devices_in_user_config(c)?, c.clone()),
         None => {
             let devices = planned_devices(args, &tmp, host_tap.as_ref())?;
             let n = u32::try_from(devices.len()).context("too many devices")?;
+            if args.dispatcher == Dispatcher::CDriver {
+                c_driver = Some(CDriverPlan::new(&devices, &gdir, &tmp)?);
+            }
             let path = tmp.join("devices.toml");
             let text = toml::to_string(&DmConfig { device: devices })
                 .context("serialising the device-model config")?;
@@ -522,37 +556,29 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
     )?)
     .context("hypervisor model configuration")?;
 
-    let api_socket = tmp.join("api.sock");
-    let platform = Platform::with_hypervisor(Arc::clone(&hyp), BACKEND_VM, Some(&api_socket))
-        .context("starting the platform")?;
     let frontend = hyp.frontend(FRONTEND_VM).context("frontend VM missing")?;
     let bridge = Bridge::for_frontend(&frontend, &ram, &tmp.join("ivshmem.sock"))
         .context("starting the QEMU bridge")?;
-
-    let exe = std::env::current_exe().context("locating the remio binary")?;
-    let mut dm_cmd = Command::new(exe);
-    // SAFETY: prctl is async-signal-safe; the closure touches no memory of the parent.
-    unsafe {
-        dm_cmd.pre_exec(|| {
-            // The device model must not outlive `remio run`, even if that is SIGKILLed.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
+    let serving = match args.dispatcher {
+        Dispatcher::Remio => {
+            let platform = start_remio_dispatcher(&mut session, &hyp, &tmp, &dm_config, n)?;
+            Serving::Remio {
+                _platform: platform,
             }
-            Ok(())
-        });
-    }
-    let dm = dm_cmd
-        .arg("dm")
-        .arg("--config")
-        .arg(&dm_config)
-        .arg("--socket")
-        .arg(&api_socket)
-        .stdin(Stdio::null())
-        .spawn()
-        .context("starting the device model (remio dm)")?;
-    log::info!("device model pid {}", dm.id());
-    session.dm = Some(dm);
-    wait_for_device_model(&mut session, &platform, n)?;
+        }
+        Dispatcher::CDriver => {
+            let backend = c_driver.as_ref().context("c-driver plan missing")?;
+            Serving::CDriver(start_backend_vm(
+                &mut session,
+                args,
+                backend,
+                &hyp,
+                &ram,
+                &qemu,
+                n,
+            )?)
+        }
+    };
 
     let mut cmdline_extra = Vec::new();
     if let Some(cmd) = &args.exec {
@@ -595,6 +621,9 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
 
     let started = Instant::now();
     let qemu_status = supervise(&mut session, &bridge, n, timeout, started)?;
+    if let Serving::CDriver(b) = &serving {
+        b.report();
+    }
     // QEMU must be gone before the console reader can see the end of its output.
     session.kill_children();
     if let Some(r) = reader {
@@ -613,7 +642,7 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
     // then the temporary directory they had their sockets in.
     session.kill_children();
     drop(bridge);
-    drop(platform);
+    drop(serving);
     drop(session);
     drop(host_tap);
 
@@ -630,6 +659,459 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
         (None, Outcome::Exited(st)) => {
             bail!("the guest stopped without reporting a status (QEMU {st})")
         }
+    }
+}
+
+/// Who serves the frontend's devices while the guest runs; dropped after the children died.
+enum Serving {
+    /// `--dispatcher remio`: the platform (dispatcher + API socket) in this process.
+    Remio {
+        /// Held until the guest is gone.
+        _platform: Platform,
+    },
+    /// `--dispatcher c-driver`: the backend VM's hypercall window and doorbell.
+    CDriver(BackendVmRun),
+}
+
+/// `--dispatcher remio`: starts the platform (dispatcher and API socket) around `hyp` and a
+/// `remio dm` process on `dm_config`, and waits until it serves all `n` devices.
+fn start_remio_dispatcher(
+    session: &mut Session,
+    hyp: &Arc<Hypervisor>,
+    tmp: &Path,
+    dm_config: &Path,
+    n: u32,
+) -> anyhow::Result<Platform> {
+    let api_socket = tmp.join("api.sock");
+    let platform = Platform::with_hypervisor(Arc::clone(hyp), BACKEND_VM, Some(&api_socket))
+        .context("starting the platform")?;
+    let exe = std::env::current_exe().context("locating the remio binary")?;
+    let mut dm_cmd = Command::new(exe);
+    // SAFETY: prctl is async-signal-safe; the closure touches no memory of the parent.
+    unsafe {
+        dm_cmd.pre_exec(|| {
+            // The device model must not outlive `remio run`, even if that is SIGKILLed.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let dm = dm_cmd
+        .arg("dm")
+        .arg("--config")
+        .arg(dm_config)
+        .arg("--socket")
+        .arg(&api_socket)
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting the device model (remio dm)")?;
+    log::info!("device model pid {}", dm.id());
+    session.dm = Some(dm);
+    wait_for_device_model(session, &platform, n)?;
+    Ok(platform)
+}
+
+/// Where the frontend's disk is inside the backend VM: the backend QEMU's virtio-blk-pci.
+pub const BACKEND_DISK: &str = "/dev/vda";
+/// The backend VM's RAM in MiB.
+pub const BACKEND_RAM_MIB: u64 = remio_frontend::qemu::backend::DEFAULT_RAM_MIB;
+/// How long the backend VM may take from QEMU's start to `REMIO-DM-READY` (a TCG boot of q35,
+/// the modules and `remio dm`; about 10 s idle, several times that with both cores busy).
+const BACKEND_START_TIMEOUT: Duration = Duration::from_secs(100);
+/// How many lines of the backend's serial console an error of `remio run` quotes.
+const BACKEND_TAIL_LINES: usize = 30;
+
+/// The options `--dispatcher c-driver` cannot honour, refused before anything starts.
+fn check_c_driver_args(args: &Args) -> anyhow::Result<()> {
+    if args.config.is_some() {
+        bail!(
+            "--dispatcher c-driver does not take --config yet: the backend VM serves the devices \
+             the flags describe (see docs/c-driver.md)"
+        );
+    }
+    if args.net.is_some() {
+        bail!(
+            "--dispatcher c-driver has no virtio-net: the backend VM cannot reach a host TAP \
+             (see docs/c-driver.md)"
+        );
+    }
+    let ram = args.memory.checked_mul(1 << 20).unwrap_or(0);
+    if !ram.is_power_of_two() {
+        bail!(
+            "--memory {}: with --dispatcher c-driver the frontend's RAM is the backend VM's \
+             shared memory, a PCI BAR whose size must be a power of two (128, 256, 512, 1024 or \
+             2048)",
+            args.memory
+        );
+    }
+    Ok(())
+}
+
+/// The devices of `remio dm --kernel-driver` inside the backend VM: `plan`'s devices with the
+/// block image at [`BACKEND_DISK`], the console on the device model's stdio (the backend's
+/// serial console), and `shmem_addr = 0` (the frontend's RAM starts at its guest-physical 0).
+/// Returns them with the host image the backend's QEMU must attach. Net and a second block
+/// device cannot be served in the backend VM.
+pub fn backend_device_plan(plan: &[DeviceSpec]) -> anyhow::Result<(Vec<DeviceSpec>, PathBuf)> {
+    let mut disk = None;
+    let mut out = Vec::with_capacity(plan.len());
+    for d in plan {
+        let mut b = DeviceSpec {
+            shmem_addr: Some(0),
+            ..d.clone()
+        };
+        match d.kind.as_str() {
+            "block" => {
+                let Some(path) = &d.path else {
+                    bail!("block device {} has no image", d.dm_id);
+                };
+                if disk.replace(path.clone()).is_some() {
+                    bail!("--dispatcher c-driver serves one block device (the backend's /dev/vda)");
+                }
+                b.path = Some(PathBuf::from(BACKEND_DISK));
+            }
+            "console" => b.backend = Some("stdio".into()),
+            "rng" => {}
+            other => bail!("--dispatcher c-driver cannot serve a {other} device"),
+        }
+        out.push(b);
+    }
+    let disk = disk.context("--dispatcher c-driver needs a block device")?;
+    Ok((out, disk))
+}
+
+/// What `--dispatcher c-driver` boots besides the frontend: the backend VM's initramfs (with
+/// the overlay appended), its disk, and the device-model config inside it.
+#[derive(Debug)]
+struct CDriverPlan {
+    /// The backend VM's kernel (the frontend's).
+    kernel: PathBuf,
+    /// The backend initramfs with the overlay archive appended, in the run directory.
+    initrd: PathBuf,
+    /// The host image the backend's QEMU attaches as virtio-blk.
+    disk: PathBuf,
+    /// The backend VM's serial console, in the run directory.
+    serial_log: PathBuf,
+    /// The backend QEMU's own messages, in the run directory.
+    qemu_log: PathBuf,
+}
+
+impl CDriverPlan {
+    /// Writes the backend's device-model config (`backend-dm.toml`) and initramfs
+    /// (`backend-initrd.cpio`) into `tmp`. Fails with helper B's reason when the backend
+    /// artifacts are missing.
+    fn new(devices: &[DeviceSpec], gdir: &Path, tmp: &Path) -> anyhow::Result<Self> {
+        let (backend_devices, disk) = backend_device_plan(devices)?;
+        let toml_text = toml::to_string(&DmConfig {
+            device: backend_devices,
+        })
+        .context("serialising the backend's device-model config")?;
+        std::fs::write(tmp.join("backend-dm.toml"), &toml_text)?;
+        let exe = std::env::current_exe().context("locating the remio binary")?;
+        let initrd = tmp.join("backend-initrd.cpio");
+        let kernel = write_backend_initrd(gdir, &exe, &toml_text, &initrd)
+            .context("--dispatcher c-driver")?;
+        Ok(Self {
+            kernel,
+            initrd,
+            disk,
+            serial_log: tmp.join("backend-serial.log"),
+            qemu_log: tmp.join("backend-qemu.log"),
+        })
+    }
+}
+
+/// Writes the backend VM's initramfs to `out`: the cached `backend-initramfs.cpio` of
+/// `remio guest build` with [`crate::guest::backend_overlay`]'s archive appended (`exe` as
+/// /usr/bin/remio, `dm_toml` as /etc/remio/dm.toml). Returns the kernel to boot it with. Fails
+/// with the reason when the backend VM was not built (no patch, no build, modified files).
+fn write_backend_initrd(
+    gdir: &Path,
+    exe: &Path,
+    dm_toml: &str,
+    out: &Path,
+) -> anyhow::Result<PathBuf> {
+    let artifacts = crate::guest::backend_status(gdir)
+        .map_err(|why| anyhow::anyhow!("the backend VM is unavailable: {why}"))?;
+    let mut initrd = std::fs::read(&artifacts.initramfs)
+        .with_context(|| format!("reading {}", artifacts.initramfs.display()))?;
+    // newc archives are 4-byte aligned; the kernel skips zero padding between them.
+    initrd.resize(initrd.len().next_multiple_of(4), 0);
+    initrd.extend(crate::guest::backend_overlay(exe, dm_toml, &[])?);
+    std::fs::write(out, &initrd).with_context(|| format!("writing {}", out.display()))?;
+    Ok(artifacts.kernel)
+}
+
+/// A marker line of the backend VM's serial console (guest/backend/init, `remio dm`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackendLine {
+    /// `REMIO-BACKEND-STEP <name> ok`.
+    Step(String),
+    /// `REMIO-BACKEND-FAILED <name>`.
+    Failed(String),
+    /// `REMIO-BACKEND-DM-EXIT <status>`.
+    DmExit(String),
+    /// `REMIO-DM-READY <n>`: the device model serves `n` devices.
+    DmReady(u32),
+    /// Anything else.
+    Text,
+}
+
+/// Classifies one line of the backend's serial console.
+pub fn backend_line(line: &str) -> BackendLine {
+    let line = line.trim_end_matches(['\r', '\n']);
+    // A kernel message may precede a marker on the same line (the console is shared).
+    let line = ["REMIO-BACKEND-", "REMIO-DM-READY "]
+        .iter()
+        .find_map(|m| line.find(m))
+        .map_or(line, |at| &line[at..]);
+    if let Some(rest) = line.strip_prefix("REMIO-BACKEND-STEP ") {
+        if let Some(name) = rest.trim_end().strip_suffix(" ok") {
+            return BackendLine::Step(name.to_owned());
+        }
+    }
+    if let Some(name) = line.strip_prefix("REMIO-BACKEND-FAILED ") {
+        return BackendLine::Failed(name.trim().to_owned());
+    }
+    if let Some(st) = line.strip_prefix("REMIO-BACKEND-DM-EXIT ") {
+        return BackendLine::DmExit(st.trim().to_owned());
+    }
+    if let Some(n) = line.strip_prefix("REMIO-DM-READY ") {
+        if let Ok(n) = n.trim().parse() {
+            return BackendLine::DmReady(n);
+        }
+    }
+    BackendLine::Text
+}
+
+/// What the backend's serial console has said so far.
+#[derive(Debug, Default)]
+struct BackendState {
+    last_step: Option<String>,
+    failed: Option<String>,
+    dm_exit: Option<String>,
+    ready: Option<u32>,
+    /// The console closed (QEMU exited).
+    closed: bool,
+    tail: std::collections::VecDeque<String>,
+}
+
+/// Copies the backend QEMU's serial console into its log file, echoes it with `-v`, and
+/// records the markers.
+struct BackendWatch {
+    state: Arc<(std::sync::Mutex<BackendState>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BackendWatch {
+    fn start(out: impl std::io::Read + Send + 'static, log: File, verbose: bool) -> Self {
+        let state = Arc::new((
+            std::sync::Mutex::new(BackendState::default()),
+            std::sync::Condvar::new(),
+        ));
+        let st = Arc::clone(&state);
+        let thread = std::thread::Builder::new()
+            .name("remio-backend-console".into())
+            .spawn(move || {
+                let mut log = std::io::BufWriter::new(log);
+                for line in BufReader::new(out).split(b'\n') {
+                    let Ok(line) = line else { break };
+                    let _ = log.write_all(&line);
+                    let _ = log.write_all(b"\n");
+                    let _ = log.flush();
+                    let text = String::from_utf8_lossy(&line);
+                    let text = text.trim_end_matches('\r');
+                    if verbose {
+                        eprintln!("backend| {text}");
+                    }
+                    let (lock, cv) = &*st;
+                    let Ok(mut s) = lock.lock() else { break };
+                    match backend_line(text) {
+                        BackendLine::Step(name) => s.last_step = Some(name),
+                        BackendLine::Failed(name) => s.failed = Some(name),
+                        BackendLine::DmExit(status) => s.dm_exit = Some(status),
+                        BackendLine::DmReady(n) => s.ready = Some(n),
+                        BackendLine::Text => {}
+                    }
+                    if s.tail.len() == BACKEND_TAIL_LINES {
+                        s.tail.pop_front();
+                    }
+                    s.tail.push_back(text.to_owned());
+                    cv.notify_all();
+                }
+                let (lock, cv) = &*st;
+                if let Ok(mut s) = lock.lock() {
+                    s.closed = true;
+                }
+                cv.notify_all();
+            })
+            .ok();
+        Self { state, thread }
+    }
+}
+
+impl Drop for BackendWatch {
+    fn drop(&mut self) {
+        // The console ends when QEMU is gone (the session kills it before this drops).
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The backend VM while it runs: the platform's side of it and its console.
+struct BackendVmRun {
+    host: remio_frontend::qemu::BackendHost,
+    /// Held until QEMU is gone (its drop waits for the console's end).
+    _watch: BackendWatch,
+}
+
+impl BackendVmRun {
+    /// Logs the hypercall window's counters.
+    fn report(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = self.host.window_stats();
+        let calls = s.calls.load(Relaxed);
+        let ns = s.call_nanos.load(Relaxed);
+        log::info!(
+            "backend VM: {calls} hypercalls through the window ({} non-zero status, mean {:.1} us \
+             in the hypervisor model), {} bad window accesses",
+            s.calls_failed.load(Relaxed),
+            ns.checked_div(calls).unwrap_or(0) as f64 / 1000.0,
+            s.bad_accesses.load(Relaxed)
+        );
+    }
+}
+
+/// `--dispatcher c-driver`: serves the backend VM's hypercall window and doorbell, boots it,
+/// and waits (bounded) until its device model serves all `n` devices.
+fn start_backend_vm(
+    session: &mut Session,
+    args: &Args,
+    plan: &CDriverPlan,
+    hyp: &Arc<Hypervisor>,
+    ram: &GuestRam,
+    qemu: &Path,
+    n: u32,
+) -> anyhow::Result<BackendVmRun> {
+    let vm = hyp.backend(BACKEND_VM).context("backend VM missing")?;
+    let host = remio_frontend::qemu::BackendHost::start(
+        &vm,
+        ram,
+        &session.tmp.join("backend-ivshmem.sock"),
+    )
+    .context("serving the backend VM")?;
+    let mut cmdline_extra = String::new();
+    if let Ok(filter) = std::env::var("RUST_LOG") {
+        if !filter.is_empty() && !filter.contains(char::is_whitespace) {
+            cmdline_extra = format!("remio.log={filter}");
+        }
+    }
+    let opts = remio_frontend::qemu::BackendOptions {
+        qemu: qemu.to_owned(),
+        kernel: plan.kernel.clone(),
+        initrd: plan.initrd.clone(),
+        cmdline_extra,
+        disk: Some(plan.disk.clone()),
+        ram_mib: BACKEND_RAM_MIB,
+    };
+    let qemu_log = File::create(&plan.qemu_log)
+        .with_context(|| format!("creating {}", plan.qemu_log.display()))?;
+    let serial_log = File::create(&plan.serial_log)
+        .with_context(|| format!("creating {}", plan.serial_log.display()))?;
+    let mut child = host
+        .command(&opts)?
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(qemu_log)
+        .spawn()
+        .context("starting the backend VM's QEMU")?;
+    log::info!("backend VM QEMU pid {}", child.id());
+    let console = child.stdout.take().context("the backend's console pipe")?;
+    session.backend = Some(child);
+    let watch = BackendWatch::start(console, serial_log, args.verbose);
+    wait_for_backend(session, &watch, plan, n)?;
+    Ok(BackendVmRun {
+        host,
+        _watch: watch,
+    })
+}
+
+/// Waits until the backend's device model says `REMIO-DM-READY n`; any failure first is an
+/// error naming the step, with the tail of the backend's console.
+fn wait_for_backend(
+    session: &mut Session,
+    watch: &BackendWatch,
+    plan: &CDriverPlan,
+    n: u32,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let (lock, cv) = &*watch.state;
+    let fail = |s: &BackendState, what: String| -> anyhow::Error {
+        let tail: Vec<&str> = s.tail.iter().map(String::as_str).collect();
+        anyhow::anyhow!(
+            "{what}\n--- last lines of the backend VM's console ({}; QEMU's messages in {}) \
+             ---\n{}",
+            plan.serial_log.display(),
+            plan.qemu_log.display(),
+            tail.join("\n")
+        )
+    };
+    let mut s = lock
+        .lock()
+        .map_err(|_| anyhow::anyhow!("backend console reader panicked"))?;
+    loop {
+        if let Some(ready) = s.ready {
+            if ready != n {
+                return Err(fail(
+                    &s,
+                    format!("the backend's device model serves {ready} devices, not {n}"),
+                ));
+            }
+            log::info!(
+                "backend VM ready after {:.1} s",
+                start.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        if let Some(step) = &s.failed {
+            return Err(fail(&s, format!("the backend VM failed at step `{step}`")));
+        }
+        if let Some(status) = &s.dm_exit {
+            return Err(fail(
+                &s,
+                format!("the device model in the backend VM exited ({status}) before serving"),
+            ));
+        }
+        let exited = match session.backend.as_mut() {
+            Some(c) => c.try_wait()?,
+            None => None,
+        };
+        if let Some(st) = exited.filter(|_| s.closed) {
+            let step = s.last_step.clone().unwrap_or_else(|| "none".into());
+            return Err(fail(
+                &s,
+                format!("the backend VM's QEMU exited ({st}) before its device model was ready (last step done: {step})"),
+            ));
+        }
+        if STOP.load(Ordering::SeqCst) {
+            bail!("interrupted");
+        }
+        if start.elapsed() > BACKEND_START_TIMEOUT {
+            let step = s.last_step.clone().unwrap_or_else(|| "none".into());
+            return Err(fail(
+                &s,
+                format!(
+                    "the backend VM was not ready within {BACKEND_START_TIMEOUT:?} (last step \
+                     done: {step})"
+                ),
+            ));
+        }
+        s = cv
+            .wait_timeout(s, Duration::from_millis(100))
+            .map_err(|_| anyhow::anyhow!("backend console reader panicked"))?
+            .0;
     }
 }
 
@@ -693,17 +1175,22 @@ fn supervise(
             }
         }
         if !dm_reported {
-            if let Some(dm) = session.dm.as_mut() {
-                if let Some(st) = dm.try_wait()? {
-                    log::warn!(
-                        "the device model exited ({st}); the platform keeps serving, the \
-                         guest's devices fail their requests"
-                    );
-                    for i in 0..devices {
-                        bridge.fail_device(i as usize);
-                    }
-                    dm_reported = true;
+            let server = [
+                (session.dm.as_mut(), "the device model"),
+                (session.backend.as_mut(), "the backend VM"),
+            ];
+            for (child, what) in server {
+                let Some(st) = child.map(Child::try_wait).transpose()?.flatten() else {
+                    continue;
+                };
+                log::warn!(
+                    "{what} exited ({st}); the platform keeps serving, the guest's devices \
+                     fail their requests"
+                );
+                for i in 0..devices {
+                    bridge.fail_device(i as usize);
                 }
+                dm_reported = true;
             }
         }
         if STOP.load(Ordering::SeqCst) {
@@ -793,6 +1280,74 @@ mod tests {
             (MMIO_BASE + WINDOW, 0, 4 << 20)
         );
         assert_eq!(hyp.backend(BACKEND_VM).unwrap().devices().len(), 3);
+    }
+
+    #[test]
+    fn backend_plan_serves_the_disk_at_dev_vda_with_the_frontends_shmem_at_0() {
+        let plan = device_plan(Path::new("/h/d.img"), ConsoleMode::Pty, true, None);
+        let (backend, disk) = backend_device_plan(&plan).unwrap();
+        assert_eq!(disk, Path::new("/h/d.img"));
+        assert_eq!(backend[0].path.as_deref(), Some(Path::new("/dev/vda")));
+        assert_eq!(backend[1].backend.as_deref(), Some("stdio"));
+        assert!(backend.iter().all(|d| d.shmem_addr == Some(0)));
+        let same = |f: fn(&DeviceSpec) -> u64| plan.iter().map(f).eq(backend.iter().map(f));
+        assert!(same(|d| u64::from(d.dm_id)) && same(|d| d.mmio_base));
+        let text = toml::to_string(&DmConfig { device: backend }).unwrap();
+        let parsed = remio_virtio::Config::from_toml_str(&text).unwrap();
+        assert_eq!(parsed.devices.len(), 3);
+        assert!(parsed.devices.iter().all(|d| d.shmem_addr == Some(0)));
+    }
+
+    #[test]
+    fn backend_plan_refuses_net_and_needs_a_disk() {
+        let net = device_plan(Path::new("/d"), ConsoleMode::Off, false, Some("tap0"));
+        let e = backend_device_plan(&net).unwrap_err();
+        assert!(e.to_string().contains("cannot serve a net device"), "{e}");
+        let rng_only: Vec<_> = net.into_iter().filter(|d| d.kind == "rng").collect();
+        assert!(backend_device_plan(&rng_only).is_err());
+    }
+
+    #[test]
+    fn backend_console_markers_are_found_even_after_a_kernel_message() {
+        assert_eq!(
+            backend_line("REMIO-BACKEND-STEP virtio_pci ok\r"),
+            BackendLine::Step("virtio_pci".into())
+        );
+        assert_eq!(
+            backend_line("[    3.1] random: crng init doneREMIO-BACKEND-FAILED bao-io-dispatcher"),
+            BackendLine::Failed("bao-io-dispatcher".into())
+        );
+        assert_eq!(
+            backend_line("REMIO-BACKEND-DM-EXIT 1"),
+            BackendLine::DmExit("1".into())
+        );
+        assert_eq!(backend_line("REMIO-DM-READY 3"), BackendLine::DmReady(3));
+        assert_eq!(backend_line("REMIO-DM-READY x"), BackendLine::Text);
+        assert_eq!(backend_line("REMIO-BACKEND-STEP half"), BackendLine::Text);
+        assert_eq!(backend_line("plain text"), BackendLine::Text);
+    }
+
+    #[test]
+    fn c_driver_refuses_config_net_and_ram_that_is_no_power_of_two() {
+        use clap::Parser;
+        #[derive(Debug, clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: Args,
+        }
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["remio", "--dispatcher", "c-driver"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).unwrap().run
+        };
+        assert!(check_c_driver_args(&parse(&[])).is_ok());
+        assert_eq!(parse(&[]).dispatcher, Dispatcher::CDriver);
+        let e = check_c_driver_args(&parse(&["--memory", "384"])).unwrap_err();
+        assert!(e.to_string().contains("power of two"), "{e}");
+        assert!(check_c_driver_args(&parse(&["--net", "auto"])).is_err());
+        assert!(check_c_driver_args(&parse(&["--config", "x.toml"])).is_err());
+        let default = Cli::try_parse_from(["remio"]).unwrap().run;
+        assert_eq!(default.dispatcher, Dispatcher::Remio);
     }
 
     #[test]

@@ -74,10 +74,19 @@ fn skip_or_fail(test: &str, why: &str) -> bool {
 /// Runs `remio run --dispatcher c-driver --exec script` (plus `extra`), bounded by
 /// [`RUN_LIMIT`], holding the boot lock.
 fn c_driver_exec(script: &str, extra: &[&str]) -> RunOutput {
-    run_exec(script, &[&["--dispatcher", "c-driver"], extra].concat())
+    run_exec_with(
+        script,
+        &[&["--dispatcher", "c-driver"], extra].concat(),
+        |_| {},
+    )
 }
 
 fn run_exec(script: &str, extra: &[&str]) -> RunOutput {
+    run_exec_with(script, extra, |_| {})
+}
+
+/// Like [`run_exec`]; `during` runs once with the remio process id while it runs.
+fn run_exec_with(script: &str, extra: &[&str], during: impl FnOnce(u32)) -> RunOutput {
     let _lock = boot_lock();
     let start = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_remio"))
@@ -105,6 +114,7 @@ fn run_exec(script: &str, extra: &[&str]) -> RunOutput {
         let _ = err.read_to_string(&mut s);
         s
     });
+    during(child.id());
     let status = loop {
         if let Some(st) = child.try_wait().unwrap() {
             break st.code();
@@ -239,4 +249,146 @@ fn through_remios_dispatcher_three_unbind_bind_rounds_leave_disk_and_rng_working
     let (_dir, img) = temp_image(16 << 20);
     let out = run_exec(RESET_SCRIPT, &["--disk", path_str(&img), "--no-console"]);
     assert_reset_output(&out);
+}
+
+/// Without a backend build, `--dispatcher c-driver` fails before any QEMU starts and says why.
+#[test]
+fn without_the_backend_build_c_driver_mode_fails_with_the_reason_before_booting() {
+    if !prerequisites("cdriver_e2e") {
+        return;
+    }
+    let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/remio-cdg").unwrap();
+    for f in ["vmlinuz", "initramfs.cpio"] {
+        std::os::unix::fs::symlink(guest_dir().join(f), dir.as_path().join(f)).unwrap();
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_remio"))
+        .args([
+            "run",
+            "--dispatcher",
+            "c-driver",
+            "--exec",
+            "true",
+            "--guest-dir",
+        ])
+        .arg(dir.as_path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the backend VM is unavailable: no guest build in"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("QEMU pid"), "nothing booted: {stderr}");
+}
+
+#[test]
+fn c_driver_mode_refuses_frontend_ram_that_cannot_be_a_pci_bar() {
+    if !prerequisites("cdriver_e2e") {
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_remio"))
+        .args([
+            "run",
+            "--dispatcher",
+            "c-driver",
+            "--memory",
+            "384",
+            "--exec",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("must be a power of two"), "{stderr}");
+}
+
+/// The pid of `parent`'s child that is the backend VM's QEMU.
+fn backend_qemu(parent: u32) -> Option<i32> {
+    let children =
+        std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children")).ok()?;
+    children
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+        .find(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
+                c.split(|&b| b == 0)
+                    .any(|w| w == b"q35,memory-backend=bmem")
+            })
+        })
+}
+
+/// The backend VM's QEMU killed while the frontend writes its disk: the frontend's I/O fails
+/// with EIO in bounded time (its devices are failed as after a device model's death), its
+/// script finishes and `remio run` exits normally.
+#[test]
+fn killing_the_backend_vm_mid_dd_gives_the_frontend_io_errors_not_a_hang() {
+    if !c_driver_prerequisites("cdriver_e2e") {
+        return;
+    }
+    let (_dir, img) = temp_image(64 << 20);
+    let script = "n=0; while dd if=/dev/zero of=/dev/vda bs=65536 count=16 oflag=direct \
+                  2>/dev/null; do n=$((n+1)); done; echo DD-FAILED-AFTER $n; \
+                  dd if=/dev/vda of=/dev/null bs=4096 count=1 iflag=direct 2>/dev/null; \
+                  echo READ-AFTER $?; echo ALIVE";
+    let mut killed_at = None;
+    let out = run_exec_with(
+        script,
+        &[
+            "--dispatcher",
+            "c-driver",
+            "--disk",
+            path_str(&img),
+            "--no-console",
+            "--no-rng",
+            "--access-timeout-ms",
+            "2000",
+        ],
+        |pid| {
+            use std::os::unix::fs::MetadataExt;
+            let start = Instant::now();
+            let backend = loop {
+                if let Some(b) = backend_qemu(pid) {
+                    break b;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(60),
+                    "remio run started no backend VM"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            let writing = loop {
+                if std::fs::metadata(&img).map_or(0, |m| m.blocks()) > 0 {
+                    break true;
+                }
+                if start.elapsed() > Duration::from_secs(200) {
+                    break false;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            assert!(writing, "the frontend never wrote to its disk");
+            std::thread::sleep(Duration::from_millis(500));
+            // SAFETY: kill(2) on a pid we just found as our child's child; no memory involved.
+            let r = unsafe { libc::kill(backend, libc::SIGKILL) };
+            assert_eq!(r, 0);
+            killed_at = Some(Instant::now());
+        },
+    );
+    assert_eq!(
+        out.status,
+        Some(0),
+        "the frontend did not finish its script"
+    );
+    let after_kill = killed_at.unwrap().elapsed();
+    assert!(
+        after_kill < Duration::from_secs(60),
+        "the frontend needed {after_kill:?} after the kill to finish"
+    );
+    assert!(out.stdout.contains("ALIVE"));
+    assert!(
+        out.stdout.contains("READ-AFTER 1"),
+        "I/O after the kill fails"
+    );
+    assert!(out.stderr.contains("the backend VM exited"));
 }
