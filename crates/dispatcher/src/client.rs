@@ -129,6 +129,12 @@ impl ControlClient {
     pub fn is_destroyed(&self) -> bool {
         self.queue.is_closed()
     }
+
+    /// Threads blocked in [`ControlClient::attach`] right now (for tests and diagnostics: a
+    /// test waits for this instead of sleeping until a thread "has reached" ATTACH).
+    pub fn waiters(&self) -> usize {
+        self.queue.waiters()
+    }
 }
 
 /// An in-process I/O client: a handler thread serving the requests of the address ranges

@@ -123,6 +123,11 @@ impl RequestQueue {
         }
     }
 
+    /// Threads blocked in [`RequestQueue::pop_wait`].
+    pub(crate) fn waiters(&self) -> usize {
+        lock(&self.state).waiters
+    }
+
     /// Pops a request if one is queued.
     pub(crate) fn try_pop(&self) -> Option<VirtioRequest> {
         lock(&self.state).ring.pop_front()

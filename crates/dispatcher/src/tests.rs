@@ -162,18 +162,26 @@ fn a_second_control_client_is_busy() {
     assert_eq!(e.errno(), libc::EBUSY);
 }
 
+/// Waits (yielding) until `n` threads block in `client.attach()`: the state the queue keeps,
+/// so the test does not depend on how fast a thread gets there.
+fn wait_for_waiters(client: &ControlClient, n: usize) {
+    while client.waiters() < n {
+        std::thread::yield_now();
+    }
+}
+
 #[test]
 fn destroying_the_control_client_wakes_attachers_and_keeps_its_requests() {
     let (hyp, disp) = setup(1);
     let dm = disp.create_dm(desc(&hyp, 0)).unwrap();
     let control = dm.create_control_client().unwrap();
-    let waiter = {
-        let c = control.clone();
-        std::thread::spawn(move || c.attach())
-    };
-    std::thread::sleep(Duration::from_millis(20));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let c = control.clone();
+    std::thread::spawn(move || tx.send(c.attach()));
+    wait_for_waiters(&control, 1);
     dm.destroy_control_client().unwrap();
-    assert_eq!(waiter.join().unwrap(), Err(AttachError::ShuttingDown));
+    let woken = rx.recv_timeout(T).expect("the attacher is still blocked");
+    assert_eq!(woken, Err(AttachError::ShuttingDown));
     assert_eq!(AttachError::ShuttingDown.errno(), libc::ESHUTDOWN);
     assert!(matches!(
         dm.destroy_control_client(),
@@ -607,10 +615,12 @@ fn irqfd_already_signalled_injects_once_at_assign() {
     let dm = disp.create_dm(desc(&hyp, 0)).unwrap();
     let fd = efd();
     fd.write(3).unwrap();
-    dm.irqfd_assign(fd).unwrap();
+    dm.irqfd_assign(fd.clone()).unwrap();
     assert_eq!(hyp.wait_notifies(0, 1, T), 1);
-    std::thread::sleep(Duration::from_millis(50));
+    // Destroying the DM joins its irqfd thread: the count is final once it returns.
+    disp.destroy_dm(0).unwrap();
     assert_eq!(hyp.notifies(0), 1, "coalesced into one NOTIFY");
+    assert!(fd.read().is_err(), "the server read the whole counter");
 }
 
 #[test]
@@ -625,9 +635,17 @@ fn irqfd_same_eventfd_twice_is_busy_and_deassign_stops_it() {
     dm.irqfd_deassign(&fd).unwrap();
     assert_eq!(dm.irqfd_count(), 0);
     fd.write(1).unwrap();
-    std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(hyp.notifies(0), 0);
     assert_eq!(dm.irqfd_deassign(&fd).unwrap_err().errno(), libc::ENOENT);
+    // A fence: a second irqfd signalled after `fd`. The server takes ready eventfds in the
+    // order they became ready, so once the fence's NOTIFY is seen, `fd` would have been
+    // handled already if it were still watched; destroying the DM then joins the server.
+    let fence = efd();
+    dm.irqfd_assign(fence.clone()).unwrap();
+    fence.write(1).unwrap();
+    assert_eq!(hyp.wait_notifies(0, 1, T), 1);
+    disp.destroy_dm(0).unwrap();
+    assert_eq!(hyp.notifies(0), 1, "only the fence's NOTIFY");
+    assert_eq!(fd.read().unwrap(), 1, "nobody read the deassigned eventfd");
 }
 
 #[test]
