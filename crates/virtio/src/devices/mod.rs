@@ -6,6 +6,7 @@ pub mod console;
 pub mod net;
 pub mod rng;
 pub mod socket_path;
+pub mod vhost_user;
 
 use crate::config::{ConsoleBackend, DeviceKind, NetBackendConfig};
 use crate::device::VirtioDevice;
