@@ -285,6 +285,16 @@ impl Hypercall for BackendVm {
     }
 }
 
+#[cfg(test)]
+impl BackendVm {
+    /// Threads waiting in `free_irq(irq)` for its running handler to return: a test waits for
+    /// this state instead of sleeping until a thread "is" blocked there.
+    pub(crate) fn irq_removers(&self, irq: u32) -> usize {
+        self.pair_by_irq(irq)
+            .map_or(0, |p| p.backend_line.removers())
+    }
+}
+
 impl InterruptController for BackendVm {
     fn request_irq(&self, irq: u32, handler: IrqHandler) -> Result<(), IrqError> {
         let p = self.pair_by_irq(irq).ok_or(IrqError::NoSuchIrq(irq))?;

@@ -156,6 +156,12 @@ impl IrqLine {
         s.removers -= 1;
     }
 
+    /// Threads waiting in [`IrqLine::remove`] for the handler to stop running (for tests).
+    #[cfg(test)]
+    pub(crate) fn removers(&self) -> usize {
+        lock(&self.state).removers
+    }
+
     /// An eventfd signalled on every raise (created on first use; later calls return clones of
     /// the same one). A latched raise is transferred to it.
     pub(crate) fn eventfd(&self) -> io::Result<EventFd> {

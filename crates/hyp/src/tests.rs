@@ -899,7 +899,10 @@ fn free_irq_waits_for_a_running_handler_and_it_never_runs_again() {
         b2.free_irq(20);
         fr.store(true, Ordering::SeqCst);
     });
-    thread::sleep(Duration::from_millis(100));
+    // Until free_irq either waits for the handler (the state the line exposes) or returns.
+    while b.irq_removers(20) == 0 && !freed.load(Ordering::SeqCst) {
+        thread::yield_now();
+    }
     assert!(
         !freed.load(Ordering::SeqCst),
         "free_irq returned while the handler ran"
