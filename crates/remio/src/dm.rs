@@ -9,8 +9,16 @@
 //! Once every device that could start is serving, it prints `REMIO-DM-READY <n>` on stdout
 //! (and `REMIO-DM-FAILED <dm> <reason>` for each that could not), for scripts and for
 //! `remio run` to wait on.
+//!
+//! On remio's dispatcher a device model can be replaced under a running guest: SIGTERM or
+//! SIGINT makes it end its sessions and exit (its devices' state stays in the platform's state
+//! regions), and a new `remio dm` resumes every device where it was (`crates/virtio/src/persist.rs`).
+//! `--takeover PID` does the handover in one step: it signals PID, waits for it to exit, then
+//! serves. This is how remio is upgraded under a running guest.
 
+use std::os::fd::{AsRawFd as _, FromRawFd as _};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use remio_api::kernel::KernelApi;
@@ -40,6 +48,14 @@ pub struct Args {
     /// Only check the config file and print the devices it describes.
     #[arg(long)]
     pub check: bool,
+    /// Take over from the running device model PID (an upgrade): send it SIGTERM, wait for it
+    /// to exit, then serve its devices, resuming each where it was. Not with --kernel-driver
+    /// (the C driver destroys a DM when its device model exits).
+    #[arg(long, value_name = "PID", conflicts_with = "kernel_driver")]
+    pub takeover: Option<i32>,
+    /// With --takeover: how long to wait for PID to exit.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    pub takeover_timeout_ms: u64,
 }
 
 /// Runs `remio dm`.
@@ -64,6 +80,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
         Box::new(api)
     } else {
+        // Signals are taken by one thread (below), so they are blocked in every thread the
+        // device model starts from here on.
+        block_stop_signals();
+        if let Some(pid) = args.takeover {
+            take_over_from(pid, Duration::from_millis(args.takeover_timeout_ms))?;
+        }
         anyhow::ensure!(
             args.socket.exists(),
             "no platform socket at {} (start `remio platform --config FILE` first, or pass --socket)",
@@ -91,9 +113,84 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         !handle.devices().is_empty(),
         "no device could start ({failed} failed)"
     );
+    if !args.kernel_driver {
+        let stopper = handle.stopper();
+        std::thread::Builder::new()
+            .name("remio-dm-signals".into())
+            .spawn(move || {
+                let sig = wait_stop_signal();
+                log::info!("dm: signal {sig}: ending the sessions; the devices stay resumable");
+                stopper.stop();
+            })
+            .context("starting the signal thread")?;
+    }
     handle.wait();
     log::info!("every session has ended; exiting");
     anyhow::ensure!(failed == 0, "{failed} device(s) could not start");
+    Ok(())
+}
+
+/// The signals that stop a device model gracefully.
+fn stop_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; the calls only modify it.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+    }
+    set
+}
+
+/// Blocks SIGINT and SIGTERM in this thread and in every thread started after it.
+fn block_stop_signals() {
+    let set = stop_signals();
+    // SAFETY: `set` is initialised; this only changes the calling thread's mask.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+}
+
+/// Waits for SIGINT or SIGTERM (blocked by [`block_stop_signals`]) and returns it.
+fn wait_stop_signal() -> i32 {
+    let set = stop_signals();
+    let mut sig = 0;
+    // SAFETY: `set` is initialised and `sig` is a valid out-pointer.
+    unsafe { libc::sigwait(&set, &mut sig) };
+    sig
+}
+
+/// Signals the device model `pid` to hand over, and waits (bounded) until it has exited: only
+/// then are its queue workers gone, and the devices free to resume here.
+fn take_over_from(pid: i32, timeout: Duration) -> anyhow::Result<()> {
+    anyhow::ensure!(pid > 0, "--takeover {pid}: not a process id");
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let raw = i32::try_from(raw).unwrap_or(-1);
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("--takeover {pid}: no such process"));
+    }
+    // SAFETY: `raw` is a new pidfd that nothing else owns.
+    let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+    // SAFETY: plain syscall on a pid we just opened a pidfd for (so it is that process).
+    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("--takeover {pid}: cannot signal it"));
+    }
+    log::info!("dm: taking over from {pid}: signalled, waiting for it to exit");
+    let mut pfd = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: one valid pollfd; a pidfd becomes readable when its process exits.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    anyhow::ensure!(
+        n == 1,
+        "--takeover {pid}: it did not exit within {} ms",
+        timeout.as_millis()
+    );
     Ok(())
 }
 

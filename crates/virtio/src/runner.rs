@@ -459,6 +459,40 @@ pub struct DeviceModelHandle {
     absent: Vec<DeviceRunner>,
 }
 
+/// Ends the sessions of a [`DeviceModelHandle`] from another thread (a signal handler's), for
+/// a handover: each request thread finishes the request it is on and exits, and the handle's
+/// owner returns from [`DeviceModelHandle::wait`]. The transports are left as they are: their
+/// state records still say what the guest set up, so that the next device model of these DMs
+/// resumes them; their queue workers stop when the handle is dropped (or die with the
+/// process). The next device model must not start before this process has exited, or two
+/// would serve the same virtqueues.
+#[derive(Clone)]
+pub struct Stopper {
+    runners: Vec<(Arc<AtomicBool>, Arc<dyn DmSession>)>,
+}
+
+impl std::fmt::Debug for Stopper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stopper")
+            .field("devices", &self.runners.len())
+            .finish()
+    }
+}
+
+impl Stopper {
+    /// Ends every session: no new request is taken (requests queued and not taken wait at the
+    /// DM for the next device model). Returns whether every session could end (not on the C
+    /// driver: there a blocked ATTACH only returns when the DM is destroyed).
+    pub fn stop(&self) -> bool {
+        let mut all = true;
+        for (stopping, session) in &self.runners {
+            stopping.store(true, Ordering::SeqCst);
+            all &= session.shutdown().is_ok();
+        }
+        all
+    }
+}
+
 /// What a started device reports (for the CLI to print).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceInfo {
@@ -482,6 +516,19 @@ impl DeviceModelHandle {
     /// The devices that could not start while others kept serving (see [`serve`]).
     pub fn failures(&self) -> &[ServeError] {
         &self.failures
+    }
+
+    /// Something another thread can stop every device with while this handle waits in
+    /// [`DeviceModelHandle::wait`] (a signal handler thread, say).
+    pub fn stopper(&self) -> Stopper {
+        Stopper {
+            runners: self
+                .runners
+                .iter()
+                .chain(&self.absent)
+                .map(|r| (r.stopping.clone(), r.session.clone()))
+                .collect(),
+        }
     }
 
     /// Stops every device (see [`DeviceRunner::stop`]).
