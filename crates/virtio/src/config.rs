@@ -38,6 +38,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::devices::vhost_user::VhostUserSpec;
 use crate::transport::MMIO_DEFAULT_SIZE;
 
 /// Errors reading a configuration.
@@ -109,6 +110,8 @@ pub enum DeviceKind {
     Rng(RngConfig),
     /// virtio-net.
     Net(NetConfig),
+    /// A device served by a vhost-user daemon (`fs`, `vsock`, `vhost-user`).
+    VhostUser(crate::devices::vhost_user::VhostUserSpec),
 }
 
 /// virtio-blk options.
@@ -215,6 +218,12 @@ enum TomlDevice {
     Rng(TomlRng),
     #[serde(deserialize_with = "typed::<_, TomlNet>")]
     Net(TomlNet),
+    #[serde(deserialize_with = "typed::<_, TomlFs>")]
+    Fs(TomlFs),
+    #[serde(deserialize_with = "typed::<_, TomlVsock>")]
+    Vsock(TomlVsock),
+    #[serde(rename = "vhost-user", deserialize_with = "typed::<_, TomlVhostUser>")]
+    VhostUser(TomlVhostUser),
 }
 
 /// A device table's name in messages.
@@ -298,6 +307,47 @@ toml_device!(TomlNet, "net", {
     peer: Option<PathBuf>,
     mac: Option<String>,
 });
+
+toml_device!(TomlFs, "fs", {
+    socket: PathBuf,
+    tag: String,
+    request_queues: Option<u16>,
+    queue_size: Option<u16>,
+});
+toml_device!(TomlVsock, "vsock", {
+    socket: PathBuf,
+    guest_cid: u64,
+    queue_size: Option<u16>,
+});
+toml_device!(TomlVhostUser, "vhost-user", {
+    socket: PathBuf,
+    device_id: u32,
+    queues: usize,
+    queue_size: Option<u16>,
+});
+
+/// A vhost-user queue size: a power of two up to 32768 (virtio 1.2 §2.7).
+fn queue_size(id: u32, size: Option<u16>) -> Result<u16, ConfigError> {
+    let size = size.unwrap_or(crate::devices::vhost_user::DEFAULT_QUEUE_SIZE);
+    if size == 0 || !size.is_power_of_two() {
+        return Err(invalid(
+            id,
+            &format!("queue_size {size}: a power of two, 1 to 32768"),
+        ));
+    }
+    Ok(size)
+}
+
+/// A vsock guest CID: 3 or more (0-2 are reserved, `u32::MAX` is VMADDR_CID_ANY).
+fn guest_cid(id: u32, cid: u64) -> Result<u64, ConfigError> {
+    if cid < 3 || cid >= u64::from(u32::MAX) {
+        return Err(invalid(
+            id,
+            &format!("guest_cid {cid}: 3 or more, below 2^32 - 1"),
+        ));
+    }
+    Ok(cid)
+}
 
 impl Config {
     /// Parses our TOML format.
@@ -440,6 +490,40 @@ impl TomlDevice {
                 let mac = mac_option(id, n.mac.as_deref())?;
                 (n.common(), DeviceKind::Net(NetConfig { backend, mac }))
             }
+            Self::Fs(f) => {
+                let id = f.dm_id;
+                let size = queue_size(id, f.queue_size)?;
+                let spec = VhostUserSpec::fs(
+                    f.socket.clone(),
+                    &f.tag,
+                    f.request_queues.unwrap_or(1),
+                    size,
+                )
+                .map_err(|m| invalid(id, &m))?;
+                (f.common(), DeviceKind::VhostUser(spec))
+            }
+            Self::Vsock(v) => {
+                let id = v.dm_id;
+                let spec = VhostUserSpec::vsock(
+                    v.socket.clone(),
+                    guest_cid(id, v.guest_cid)?,
+                    queue_size(id, v.queue_size)?,
+                );
+                (v.common(), DeviceKind::VhostUser(spec))
+            }
+            Self::VhostUser(g) => {
+                let id = g.dm_id;
+                if g.queues == 0 || g.queues > 64 {
+                    return Err(invalid(id, "queues: 1 to 64"));
+                }
+                let spec = VhostUserSpec::generic(
+                    g.socket.clone(),
+                    g.device_id,
+                    g.queues,
+                    queue_size(id, g.queue_size)?,
+                );
+                (g.common(), DeviceKind::VhostUser(spec))
+            }
         };
         Ok(DeviceConfig {
             dm_id: common.dm_id,
@@ -474,7 +558,9 @@ struct YamlConfig {
 
 /// bao-virtio-dm's device keys. `shmem_path` is accepted and ignored (we map through the
 /// session); `shmem_addr`, `shmem_size` and `irq` describe the DM (see [`DeviceConfig`]).
-/// `data_plane` must be `virtio` (no vhost here).
+/// `data_plane` is `virtio` (the default), or `vhost_user` for `fs` and `vsock`, whose daemon
+/// listens at `<socket_path><Type><id>.sock` (bao-virtio-dm's rule: `/tmp/` + `Fs` + `0` +
+/// `.sock`). `vhost` (kernel vhost) is refused.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct YamlDevice {
@@ -501,13 +587,26 @@ struct YamlDevice {
     mac_addr: Option<String>,
     pty_alias: Option<PathBuf>,
     socket_path: Option<PathBuf>,
+    guest_cid: Option<u64>,
 }
 
 impl YamlDevice {
     fn into_device(self) -> Result<DeviceConfig, ConfigError> {
         let id = self.id;
+        let shell = self.device(DeviceKind::Rng(RngConfig { rate: None }));
         match self.data_plane.as_deref() {
             None | Some("virtio") => {}
+            Some("vhost_user") => return self.into_vhost_user(),
+            Some("vhost") => {
+                return Err(invalid(
+                    id,
+                    &format!(
+                        "{} device: data_plane `vhost` (in-kernel vhost) is not supported; \
+                         use `virtio`, or `vhost_user` with a daemon",
+                        self.kind
+                    ),
+                ))
+            }
             Some(other) => {
                 return Err(invalid(
                     id,
@@ -539,17 +638,68 @@ impl YamlDevice {
                 ),
                 mac: mac_option(id, self.mac_addr.as_deref())?,
             }),
+            "fs" | "vsock" => {
+                return Err(invalid(
+                    id,
+                    &format!("{} needs `data_plane: vhost_user`", self.kind),
+                ))
+            }
             other => return Err(invalid(id, &format!("unsupported device type `{other}`"))),
         };
-        Ok(DeviceConfig {
-            dm_id: id,
+        Ok(DeviceConfig { kind, ..shell })
+    }
+
+    fn device(&self, kind: DeviceKind) -> DeviceConfig {
+        DeviceConfig {
+            dm_id: self.id,
             mmio_base: self.mmio_addr,
             mmio_size: MMIO_DEFAULT_SIZE,
             shmem_addr: self.shmem_addr,
             shmem_size: self.shmem_size,
             irq: self.irq,
             kind,
-        })
+        }
+    }
+
+    /// `data_plane: vhost_user`: the daemon's socket is `<socket_path><Type><id>.sock`.
+    fn into_vhost_user(self) -> Result<DeviceConfig, ConfigError> {
+        let id = self.id;
+        let type_name = match self.kind.as_str() {
+            "fs" => "Fs",
+            "vsock" => "Vsock",
+            other => {
+                return Err(invalid(
+                    id,
+                    &format!(
+                        "data_plane `vhost_user` is supported for fs and vsock, not `{other}`"
+                    ),
+                ))
+            }
+        };
+        let prefix = self
+            .socket_path
+            .as_ref()
+            .ok_or_else(|| invalid(id, "data_plane `vhost_user` needs `socket_path`"))?;
+        let mut socket = prefix.clone().into_os_string();
+        socket.push(format!("{type_name}{id}.sock"));
+        let socket = PathBuf::from(socket);
+        let size = crate::devices::vhost_user::DEFAULT_QUEUE_SIZE;
+        let spec = if type_name == "Fs" {
+            // bao-virtio-dm has no tag key: the daemon's (virtiofsd --tag) when it serves a
+            // config space, else `fs<id>`.
+            let mut spec = VhostUserSpec::fs(socket, &format!("fs{id}"), 1, size)
+                .map_err(|m| invalid(id, &m))?;
+            if let crate::devices::vhost_user::ConfigSpace::Local(c) = spec.config {
+                spec.config = crate::devices::vhost_user::ConfigSpace::DaemonOr(c);
+            }
+            spec
+        } else {
+            let cid = self
+                .guest_cid
+                .ok_or_else(|| invalid(id, "vsock needs `guest_cid`"))?;
+            VhostUserSpec::vsock(socket, guest_cid(id, cid)?, size)
+        };
+        Ok(self.device(DeviceKind::VhostUser(spec)))
     }
 }
 
@@ -682,6 +832,126 @@ devices:
         .unwrap_err();
 
         assert!(err.to_string().contains("vhost"), "{err}");
+    }
+
+    #[test]
+    fn kernel_vhost_is_refused_naming_the_device_type() {
+        let err = Config::from_yaml_str(
+            "devices:\n  - id: 2\n    type: vsock\n    mmio_addr: 0x1000\n    data_plane: vhost\n    guest_cid: 3\n",
+        )
+        .unwrap_err();
+
+        assert!(matches!(err, ConfigError::Invalid { dm_id: 2, .. }));
+        assert!(err.to_string().contains("vsock device"), "{err}");
+        assert!(err.to_string().contains("in-kernel vhost"), "{err}");
+    }
+
+    #[test]
+    fn yaml_vhost_user_sockets_follow_the_socket_path_prefix_rule() {
+        use crate::devices::vhost_user::ConfigSpace;
+        let cfg = Config::from_yaml_str(
+            "devices:\n  - id: 0\n    type: fs\n    mmio_addr: 0x1000\n    data_plane: vhost_user\n    socket_path: /tmp/\n  - id: 1\n    type: vsock\n    mmio_addr: 0x1200\n    data_plane: vhost_user\n    socket_path: /run/vu-\n    guest_cid: 3\n",
+        )
+        .unwrap();
+
+        let DeviceKind::VhostUser(fs) = &cfg.devices[0].kind else {
+            panic!("not vhost-user: {:?}", cfg.devices[0].kind)
+        };
+        assert_eq!(fs.socket, Path::new("/tmp/Fs0.sock"));
+        assert_eq!(fs.device_type, 26);
+        assert!(matches!(&fs.config, ConfigSpace::DaemonOr(c) if c.starts_with(b"fs0\0")));
+        let DeviceKind::VhostUser(vsock) = &cfg.devices[1].kind else {
+            panic!("not vhost-user: {:?}", cfg.devices[1].kind)
+        };
+        assert_eq!(vsock.socket, Path::new("/run/vu-Vsock1.sock"));
+        assert_eq!(vsock.device_type, 19);
+        assert_eq!(vsock.queue_sizes.len(), 3);
+    }
+
+    #[test]
+    fn yaml_vhost_user_needs_socket_path_and_a_vhost_user_type() {
+        let no_path = Config::from_yaml_str(
+            "devices:\n  - id: 0\n    type: fs\n    mmio_addr: 0x1000\n    data_plane: vhost_user\n",
+        )
+        .unwrap_err();
+        let block = Config::from_yaml_str(
+            "devices:\n  - id: 0\n    type: block\n    mmio_addr: 0x1000\n    data_plane: vhost_user\n    socket_path: /tmp/\n",
+        )
+        .unwrap_err();
+        let fs_virtio =
+            Config::from_yaml_str("devices:\n  - id: 0\n    type: fs\n    mmio_addr: 0x1000\n")
+                .unwrap_err();
+
+        assert!(no_path.to_string().contains("socket_path"), "{no_path}");
+        assert!(block.to_string().contains("not `block`"), "{block}");
+        assert!(fs_virtio.to_string().contains("vhost_user"), "{fs_virtio}");
+    }
+
+    #[test]
+    fn toml_fs_vsock_and_generic_vhost_user_devices_parse() {
+        let cfg = Config::from_toml_str(
+            r#"
+            [[device]]
+            dm_id = 0
+            type = "fs"
+            mmio_base = 0x10000000
+            socket = "/tmp/vfsd.sock"
+            tag = "hostshare"
+            [[device]]
+            dm_id = 1
+            type = "vsock"
+            mmio_base = 0x10000200
+            socket = "/tmp/vsock.sock"
+            guest_cid = 3
+            queue_size = 128
+            [[device]]
+            dm_id = 2
+            type = "vhost-user"
+            mmio_base = 0x10000400
+            socket = "/tmp/rng.sock"
+            device_id = 4
+            queues = 1
+            "#,
+        )
+        .unwrap();
+
+        let specs: Vec<_> = cfg
+            .devices
+            .iter()
+            .map(|d| match &d.kind {
+                DeviceKind::VhostUser(s) => s.clone(),
+                other => panic!("not vhost-user: {other:?}"),
+            })
+            .collect();
+        assert_eq!(specs[0].device_type, 26);
+        assert_eq!(specs[0].queue_sizes, vec![256, 256]);
+        assert_eq!(specs[1].queue_sizes, vec![128, 128, 128]);
+        assert_eq!(specs[2].device_type, 4);
+        assert_eq!(specs[2].socket, Path::new("/tmp/rng.sock"));
+    }
+
+    #[test]
+    fn bad_vhost_user_values_are_refused() {
+        for (body, word) in [
+            ("type = \"fs\"\nsocket = \"/s\"\ntag = \"\"\n", "tag"),
+            (
+                "type = \"fs\"\nsocket = \"/s\"\ntag = \"t\"\nqueue_size = 100\n",
+                "queue_size",
+            ),
+            (
+                "type = \"vsock\"\nsocket = \"/s\"\nguest_cid = 2\n",
+                "guest_cid",
+            ),
+            ("type = \"vsock\"\nguest_cid = 3\n", "socket"),
+            (
+                "type = \"fs\"\nsocket = \"/s\"\ntag = \"t\"\nguest_cid = 3\n",
+                "guest_cid",
+            ),
+        ] {
+            let text = format!("[[device]]\ndm_id = 0\nmmio_base = 0\n{body}");
+            let err = Config::from_toml_str(&text).unwrap_err();
+            assert!(err.to_string().contains(word), "{body}: {err}");
+        }
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The devices: block, console, rng, net.
+//! The devices: block, console, rng, net, and vhost-user (virtio-fs, vsock, any type).
 
 pub mod block;
 pub mod block_engine;
@@ -55,6 +55,17 @@ pub fn build_device(kind: &DeviceKind) -> std::io::Result<(Box<dyn VirtioDevice>
                 ),
             };
             Ok((Box::new(net::NetDevice::new(backend, c.mac)), desc))
+        }
+        DeviceKind::VhostUser(spec) => {
+            let desc = format!(
+                "vhost-user device type {} ({} queues) on {}",
+                spec.device_type,
+                spec.queue_sizes.len(),
+                spec.socket.display()
+            );
+            let dev = vhost_user::VhostUserDevice::connect(spec.clone())
+                .map_err(std::io::Error::other)?;
+            Ok((Box::new(dev), desc))
         }
     }
 }
