@@ -204,7 +204,7 @@ fn irqfds_inject_the_frontend_interrupt(stack: &Stack) {
             }),
         )
         .unwrap();
-    let e = EventFd::new(0).unwrap();
+    let e = EventFd::new(EFD_NONBLOCK).unwrap();
     s.assign_irqfd(&e).unwrap();
     assert_eq!(s.assign_irqfd(&e).unwrap_err().errno(), libc::EBUSY);
     e.write(1).unwrap();
@@ -212,8 +212,15 @@ fn irqfds_inject_the_frontend_interrupt(stack: &Stack) {
     s.deassign_irqfd(&e).unwrap();
     assert_eq!(s.deassign_irqfd(&e).unwrap_err().errno(), libc::ENOENT);
     e.write(1).unwrap();
-    std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    // A fence: a second irqfd signalled after `e`. The DM's irqfd server takes ready eventfds
+    // in the order they became ready, so once the fence has injected, `e` would have been
+    // read (and would have injected) already if it were still watched.
+    let fence = EventFd::new(EFD_NONBLOCK).unwrap();
+    s.assign_irqfd(&fence).unwrap();
+    fence.write(1).unwrap();
+    assert!(eventually(|| hits.load(Ordering::SeqCst) >= 2));
+    assert_eq!(e.read().unwrap(), 1, "nobody read the deassigned eventfd");
+    assert_eq!(hits.load(Ordering::SeqCst), 2, "only the fence injected");
 }
 
 fn map_shmem_is_the_dms_memory_within_bounds(stack: &Stack) {

@@ -35,6 +35,10 @@ struct FakeDm {
     shmem: std::fs::File,
     /// The wait helper the server installed, if any.
     helper: Mutex<Option<WaitHelper>>,
+    /// Times the server looked for a request and found none (`try_attach` returning `None`,
+    /// or `attach` going to sleep): each ATTACH it holds waiting did one, so a test waits
+    /// for this count instead of sleeping until an ATTACH "has arrived".
+    found_empty: AtomicUsize,
 }
 
 impl FakeDm {
@@ -55,7 +59,15 @@ impl FakeDm {
             sessions_dropped: AtomicUsize::new(0),
             shmem,
             helper: Mutex::new(None),
+            found_empty: AtomicUsize::new(0),
         })
+    }
+
+    /// Waits until the server has found the queue empty `n` times in all (see `found_empty`).
+    fn wait_found_empty(&self, n: usize) {
+        while self.found_empty.load(Ordering::SeqCst) < n {
+            std::thread::yield_now();
+        }
     }
 
     fn push(&self, r: VirtioRequest) {
@@ -103,11 +115,16 @@ impl DmSession for FakeSession {
             if let Some(r) = q.pop_front() {
                 return Ok(r);
             }
+            self.0.found_empty.fetch_add(1, Ordering::SeqCst);
             q = self.0.cv.wait(q).unwrap();
         }
     }
     fn try_attach(&self) -> crate::Result<Option<VirtioRequest>> {
-        Ok(self.0.queue.lock().unwrap().pop_front())
+        let r = self.0.queue.lock().unwrap().pop_front();
+        if r.is_none() {
+            self.0.found_empty.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(r)
     }
     fn set_notifier(&self, n: Option<Notifier>) -> crate::Result<()> {
         *self.0.notifier.lock().unwrap() = n;
@@ -273,11 +290,13 @@ fn a_request_queued_before_attach_and_one_after_both_arrive() {
     dm.push(req(1));
     assert_eq!(s.attach().unwrap(), req(1));
     let s = Arc::new(s);
+    let empty = dm.found_empty.load(Ordering::SeqCst);
     let t = {
         let s = s.clone();
         std::thread::spawn(move || s.attach().unwrap())
     };
-    std::thread::sleep(Duration::from_millis(20));
+    // The ATTACH has reached the server and waits there.
+    dm.wait_found_empty(empty + 1);
     dm.push(req(2));
     assert_eq!(t.join().unwrap(), req(2));
     let mut done = req(2);
@@ -301,7 +320,8 @@ fn many_threads_wait_in_attach_on_one_connection_and_each_gets_one_request() {
             std::thread::spawn(move || s.attach().unwrap().request_id)
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(20));
+    // Every ATTACH has reached the server and waits there.
+    dm.wait_found_empty(8);
     for i in 0..8 {
         dm.push(req(i));
     }
