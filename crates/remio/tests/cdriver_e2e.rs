@@ -392,3 +392,65 @@ fn killing_the_backend_vm_mid_dd_gives_the_frontend_io_errors_not_a_hang() {
     );
     assert!(out.stderr.contains("the backend VM exited"));
 }
+
+/// The host's tool `name` (e2fsprogs), or `None` after saying why.
+fn host_tool(name: &str) -> Option<PathBuf> {
+    let found = ["/sbin", "/usr/sbin", "/bin", "/usr/bin"]
+        .iter()
+        .map(|d| PathBuf::from(d).join(name))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        eprintln!(
+            "\n*** SKIPPED cdriver_e2e ext4: {name} not found (Debian package e2fsprogs) ***\n"
+        );
+    }
+    found
+}
+
+/// An ext4 file system made on the host, written in the frontend through the C driver (the
+/// backend VM's /dev/vda), is clean on the host and holds the guest's file.
+#[test]
+fn through_the_c_driver_an_ext4_round_trip_is_clean_on_the_host() {
+    if !c_driver_prerequisites("cdriver_e2e") {
+        return;
+    }
+    let (Some(mkfs), Some(fsck), Some(debugfs)) = (
+        host_tool("mkfs.ext4"),
+        host_tool("e2fsck"),
+        host_tool("debugfs"),
+    ) else {
+        return;
+    };
+    let (dir, img) = temp_image(64 << 20);
+    let made = Command::new(mkfs).args(["-q", "-F"]).arg(&img).status();
+    assert!(made.unwrap().success(), "mkfs.ext4 on the host failed");
+    let script = "set -e; mount -t ext4 /dev/vda /mnt; head -c 3000000 /dev/urandom > /mnt/f; \
+                  echo SUM $(md5sum < /mnt/f); umount /mnt; sync";
+    let out = c_driver_exec(script, &["--disk", path_str(&img), "--no-console"]);
+    assert_eq!(out.status, Some(0));
+    let sum = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("SUM "))
+        .unwrap()
+        .trim_end_matches(['-', ' '])
+        .to_owned();
+    let check = Command::new(fsck).arg("-fn").arg(&img).output().unwrap();
+    assert!(
+        check.status.success(),
+        "e2fsck finds the guest's file system damaged:\n{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    let dumped = dir.as_path().join("f");
+    let dump = Command::new(debugfs)
+        .arg("-R")
+        .arg(format!("dump /f {}", dumped.display()))
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(dump.status.success());
+    let md5 = Command::new("md5sum").arg(&dumped).output().unwrap();
+    let host_sum = String::from_utf8(md5.stdout).unwrap();
+    assert_eq!(std::fs::metadata(&dumped).unwrap().len(), 3_000_000);
+    assert_eq!(host_sum.split_whitespace().next(), Some(sum.as_str()));
+}
