@@ -129,7 +129,10 @@ impl IrqfdServer {
     /// Creates the epoll instance and starts the thread.
     pub(crate) fn start(hc: Arc<dyn Hypercall>, dm_id: u32) -> Result<Self, IrqfdError> {
         let epoll = Epoll::new().map_err(IrqfdError::Io)?;
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(IrqfdError::Io)?;
+        // Close-on-exec like every fd of the platform: a process the platform starts (a
+        // device model, QEMU) must not inherit it (found by `remio soak`: each device-model
+        // process held the stop eventfd of every DM started before it).
+        let stop = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(IrqfdError::Io)?;
         epoll
             .ctl(
                 ControlOperation::Add,
@@ -233,5 +236,24 @@ impl Drop for IrqfdServer {
                 log::error!("irqfd server thread panicked");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::FakeHyp;
+
+    fn close_on_exec(fd: i32) -> bool {
+        // SAFETY: F_GETFD reads the flags of an fd the caller keeps open.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        flags >= 0 && flags & libc::FD_CLOEXEC != 0
+    }
+
+    #[test]
+    fn the_server_s_own_fds_are_not_inherited_by_child_processes() {
+        let server = IrqfdServer::start(FakeHyp::new(1), 0).unwrap();
+        assert!(close_on_exec(server.shared.stop.as_raw_fd()));
+        assert!(close_on_exec(server.shared.epoll.as_raw_fd()));
     }
 }
