@@ -8,6 +8,7 @@ mod guest;
 use remio::platform;
 mod hosttap;
 mod run;
+mod soak;
 
 use clap::{Parser, Subcommand};
 
@@ -32,6 +33,8 @@ enum Command {
     Guest(guest::Args),
     /// Measure every cost as a ratio against a floor measured in the same run.
     Bench(bench::Args),
+    /// Load with churn across processes: exactly-once accounting, fds and memory flat.
+    Soak(soak::Args),
 }
 
 fn main() {
@@ -43,6 +46,7 @@ fn main() {
         Command::Dm(args) => dm::run(args),
         Command::Guest(args) => guest::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Soak(args) => soak::run(args),
     };
     if let Err(err) = result {
         eprintln!("remio: {}", error_chain(&err));
