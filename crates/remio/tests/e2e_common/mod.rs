@@ -21,7 +21,7 @@ pub fn guest_dir() -> PathBuf {
 }
 
 /// Whether scripts/test asked for the guest tests to run rather than skip.
-fn guest_required() -> bool {
+pub fn guest_required() -> bool {
     std::env::var_os("REMIO_REQUIRE_GUEST").is_some_and(|v| v == "1")
 }
 
