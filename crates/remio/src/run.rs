@@ -1350,6 +1350,92 @@ mod tests {
         assert_eq!(default.dispatcher, Dispatcher::Remio);
     }
 
+    /// Runs `script` as a stand-in for the backend VM's QEMU and waits for it as for the
+    /// backend VM with `n` devices. Scripts end in `exec sleep`: killing the stand-in must close
+    /// the console pipe, which a child `sleep` would keep open.
+    fn wait_for_fake_backend(script: &str, n: u32) -> anyhow::Result<()> {
+        let tmp = make_tmp().unwrap();
+        let mut session = Session {
+            qemu: None,
+            dm: None,
+            backend: None,
+            tmp: tmp.clone(),
+            keep: false,
+        };
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        session.backend = Some(child);
+        let serial_log = tmp.join("backend-serial.log");
+        let watch = BackendWatch::start(out, File::create(&serial_log).unwrap(), false);
+        let plan = CDriverPlan {
+            kernel: PathBuf::new(),
+            initrd: PathBuf::new(),
+            disk: PathBuf::new(),
+            serial_log,
+            qemu_log: tmp.join("backend-qemu.log"),
+        };
+        let r = wait_for_backend(&mut session, &watch, &plan, n);
+        // The session kills the stand-in, which ends the console the watch waits for.
+        drop(session);
+        drop(watch);
+        r
+    }
+
+    #[test]
+    fn a_backend_that_fails_before_ready_is_an_error_naming_the_step_with_the_console_tail() {
+        let failed = wait_for_fake_backend(
+            "echo REMIO-BACKEND-STEP virtio_pci ok; echo 'insmod: ERROR: -22'; \
+             echo REMIO-BACKEND-FAILED bao-io-dispatcher; exec sleep 30",
+            3,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            failed.contains("failed at step `bao-io-dispatcher`"),
+            "{failed}"
+        );
+        assert!(failed.contains("insmod: ERROR: -22"), "{failed}");
+        assert!(failed.contains("backend-serial.log"), "{failed}");
+
+        let dm_exit = wait_for_fake_backend("echo REMIO-BACKEND-DM-EXIT 1; exec sleep 30", 3)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            dm_exit.contains("device model in the backend VM exited (1)"),
+            "{dm_exit}"
+        );
+
+        let qemu_gone = wait_for_fake_backend("echo REMIO-BACKEND-STEP virtio_blk ok; exit 3", 3)
+            .unwrap_err()
+            .to_string();
+        assert!(qemu_gone.contains("QEMU exited"), "{qemu_gone}");
+        assert!(
+            qemu_gone.contains("last step done: virtio_blk"),
+            "{qemu_gone}"
+        );
+
+        let short = wait_for_fake_backend("echo REMIO-DM-READY 2; exec sleep 30", 3)
+            .unwrap_err()
+            .to_string();
+        assert!(short.contains("serves 2 devices, not 3"), "{short}");
+    }
+
+    #[test]
+    fn a_backend_that_says_ready_with_every_device_is_waited_for_and_no_longer() {
+        let started = Instant::now();
+        wait_for_fake_backend(
+            "echo REMIO-BACKEND-STEP virtio_pci ok; sleep 0.2; echo REMIO-DM-READY 3; exec sleep 30",
+            3,
+        )
+        .unwrap();
+        assert!(started.elapsed() < Duration::from_secs(20));
+    }
+
     #[test]
     fn generated_dm_config_is_toml_with_one_table_per_device() {
         let text = toml::to_string(&DmConfig {
