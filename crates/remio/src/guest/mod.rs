@@ -40,6 +40,8 @@ const WANTED_MODULES: &[&str] = &[
     "virtio_console",
     "virtio_net",
     "virtio-rng",
+    "virtiofs",
+    "vmw_vsock_virtio_transport",
 ];
 
 /// Guest sources, embedded so that the binary alone can build the guest and so that any change

@@ -1,0 +1,172 @@
+//! virtio-fs through remio's vhost-user device, served by a real virtiofsd: `remio run
+//! --config` with a disk and an `fs` device whose daemon shares a temp dir; the guest mounts it
+//! (`mount -t virtiofs`), reads a file the host wrote and writes one the host then reads. Then
+//! the daemon is killed while the guest uses the share: the guest gets errors (not a hang) and
+//! remio keeps serving the disk.
+//!
+//! virtiofsd comes from scripts/setup (`cargo install --locked` into target/tools/bin);
+//! `REMIO_VIRTIOFSD` names another binary. Without it the test skips loudly (fails with
+//! REMIO_REQUIRE_GUEST=1, as the other guest tests).
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod e2e_common;
+use e2e_common::*;
+
+fn virtiofsd() -> Option<PathBuf> {
+    let path = std::env::var_os("REMIO_VIRTIOFSD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/tools/bin/virtiofsd")
+        });
+    path.is_file().then_some(path)
+}
+
+/// The daemon, killed when dropped.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts virtiofsd on `share`, listening at `sock`, and waits for the socket.
+fn start_virtiofsd(bin: &Path, sock: &Path, share: &Path) -> Daemon {
+    let child = Command::new(bin)
+        .arg(format!("--socket-path={}", path_str(sock)))
+        .arg(format!("--shared-dir={}", path_str(share)))
+        // No namespaces or seccomp filter: the test runs in containers that may not allow them.
+        .args(["--sandbox=none", "--seccomp=none", "--cache=never"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawning virtiofsd");
+    let daemon = Daemon(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "virtiofsd never created {}",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    daemon
+}
+
+fn config(dir: &Path, img: &Path, sock: &Path) -> PathBuf {
+    let config = dir.join("devices.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[device]]\ndm_id = 0\ntype = \"block\"\nmmio_base = 0x10000000\npath = \"{}\"\n\n\
+             [[device]]\ndm_id = 1\ntype = \"fs\"\nmmio_base = 0x10000200\n\
+             socket = \"{}\"\ntag = \"hostshare\"\n",
+            path_str(img),
+            path_str(sock)
+        ),
+    )
+    .unwrap();
+    config
+}
+
+fn setup(test: &str) -> Option<(PathBuf, vmm_sys_util::tempdir::TempDir, PathBuf, PathBuf)> {
+    if !prerequisites(test) {
+        return None;
+    }
+    let Some(bin) = virtiofsd() else {
+        let why = "virtiofsd not in target/tools/bin (run scripts/setup) nor REMIO_VIRTIOFSD";
+        assert!(!guest_required(), "{test}: REMIO_REQUIRE_GUEST=1 but {why}");
+        eprintln!("\n*** SKIPPED {test}: {why} ***\n");
+        return None;
+    };
+    let (dir, img) = temp_image(16 << 20);
+    let share = dir.as_path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    Some((bin, dir, img, share))
+}
+
+#[test]
+fn the_guest_reads_a_host_file_and_writes_one_the_host_reads_through_virtiofsd() {
+    let Some((bin, dir, img, share)) = setup("e2e_vhost_user") else {
+        return;
+    };
+    std::fs::write(share.join("from-host.txt"), "host-wrote-4711\n").unwrap();
+    let sock = dir.as_path().join("virtiofsd.sock");
+    let _daemon = start_virtiofsd(&bin, &sock, &share);
+    let config = config(dir.as_path(), &img, &sock);
+    let script = "mount -t virtiofs hostshare /mnt || exit 11; \
+                  echo \"READ:$(cat /mnt/from-host.txt)\"; \
+                  echo guest-wrote-0815 > /mnt/from-guest.txt || exit 12; \
+                  sync; umount /mnt || exit 13; echo FS-DONE";
+
+    let out = remio_exec(script, &["--config", path_str(&config)]);
+
+    assert_eq!(
+        out.status,
+        Some(0),
+        "stdout:\n{}\nstderr:\n{}",
+        out.stdout,
+        out.stderr
+    );
+    assert!(
+        out.stdout.contains("READ:host-wrote-4711"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("FS-DONE"), "{}", out.stdout);
+    assert_eq!(
+        std::fs::read_to_string(share.join("from-guest.txt")).unwrap(),
+        "guest-wrote-0815\n"
+    );
+}
+
+#[test]
+fn a_killed_virtiofsd_gives_the_guest_errors_and_remio_keeps_serving_the_disk() {
+    let Some((bin, dir, img, share)) = setup("e2e_vhost_user_kill") else {
+        return;
+    };
+    std::fs::write(share.join("f.txt"), "before\n").unwrap();
+    let sock = dir.as_path().join("virtiofsd.sock");
+    let mut daemon = start_virtiofsd(&bin, &sock, &share);
+    let config = config(dir.as_path(), &img, &sock);
+    // The guest tells the host when to kill the daemon by creating a file in the share, then
+    // waits for the host's answer: the file removed... which it cannot see once the daemon is
+    // gone, so it just waits a moment and tries.
+    let script = "mount -t virtiofs hostshare /mnt || exit 11; \
+                  echo \"BEFORE:$(cat /mnt/f.txt)\"; \
+                  touch /mnt/kill-now || exit 12; sleep 3; \
+                  if cat /mnt/f.txt; then echo AFTER-READ-OK; else echo AFTER-READ-FAILED; fi; \
+                  if ls /mnt/new-name; then echo LOOKUP-OK; else echo LOOKUP-FAILED; fi; \
+                  dd if=/dev/vda of=/dev/null bs=4096 count=64 && echo DISK-OK";
+    let share_watch = share.clone();
+    let out = remio_exec_with(script, &["--config", path_str(&config)], |_| {
+        let deadline = Instant::now() + GUEST_TIMEOUT / 2;
+        while !share_watch.join("kill-now").exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = daemon.0.kill();
+        let _ = daemon.0.wait();
+    });
+
+    assert_eq!(
+        out.status,
+        Some(0),
+        "stdout:\n{}\nstderr:\n{}",
+        out.stdout,
+        out.stderr
+    );
+    assert!(out.stdout.contains("BEFORE:before"), "{}", out.stdout);
+    assert!(out.stdout.contains("AFTER-READ-FAILED"), "{}", out.stdout);
+    assert!(out.stdout.contains("LOOKUP-FAILED"), "{}", out.stdout);
+    assert!(out.stdout.contains("DISK-OK"), "{}", out.stdout);
+    assert!(
+        out.stderr.contains("device needs reset") || out.stdout.contains("device needs reset"),
+        "remio says the daemon went away:\n{}",
+        out.stderr
+    );
+}
