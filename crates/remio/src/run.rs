@@ -11,16 +11,20 @@
 //! Every exit path kills QEMU and the device model and removes the temporary directory (unless
 //! `--keep`).
 //!
-//! If the device model dies while the guest runs, the guest does not hang and the platform
-//! keeps serving: register accesses the dead session had received are completed by the session
-//! cleanup (a read returns 0), and as soon as `remio run` sees the process gone it declares
-//! every window failed ([`remio_frontend::qemu::Failover`]). From then on the bridge answers
-//! those windows itself: Status reads DEVICE_NEEDS_RESET, every request in the virtqueues —
-//! already queued or added later — is returned to the driver (virtio-blk with
-//! `VIRTIO_BLK_S_IOERR`), so the guest's I/O fails with EIO in bounded time and its shell stays
-//! usable. The device model is not restarted: a new one could not take over the live
-//! virtqueues (their state died with it), and Linux's virtio drivers do not recover from
-//! DEVICE_NEEDS_RESET; failing the devices is the honest outcome.
+//! If the device model dies while the guest runs (a crash, a SIGKILL), `remio run` starts a new
+//! one with a bounded back-off (`--dm-restarts`, default 5 per run): it resumes every device
+//! from the state the previous one recorded in the platform's state regions
+//! (`crates/virtio/src/persist.rs`), takes again the requests that were in flight, and the
+//! guest sees a pause, not an error. Accesses made meanwhile wait at the DM for the new
+//! session (bounded by `--access-timeout-ms`). A device model replaced on purpose with
+//! `remio dm --takeover PID` (an upgrade) is the same from the guest's side.
+//!
+//! When no restart is left (or `--dm-restarts 0`), the guest still does not hang: as soon as
+//! `remio run` gives up it declares every window failed ([`remio_frontend::qemu::Failover`]).
+//! From then on the bridge answers those windows itself: Status reads DEVICE_NEEDS_RESET, every
+//! request in the virtqueues — already queued or added later — is returned to the driver
+//! (virtio-blk with `VIRTIO_BLK_S_IOERR`), so the guest's I/O fails with EIO in bounded time and
+//! its shell stays usable.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -91,6 +95,11 @@ pub struct Args {
     /// limit, as on Bao, where a device model that never answers stalls the vCPU).
     #[arg(long, default_value_t = 5000)]
     pub access_timeout_ms: u64,
+    /// How many times a device model that dies is restarted (with a growing pause, 50 ms up
+    /// to 1.6 s); each new one resumes the devices where the dead one left them. 0: never;
+    /// the guest's devices then fail their requests. `--dispatcher remio` only.
+    #[arg(long, default_value_t = 5)]
+    pub dm_restarts: u32,
     /// The QEMU binary [default: qemu-system-x86_64 on PATH].
     #[arg(long)]
     pub qemu: Option<PathBuf>,
@@ -425,6 +434,8 @@ fn install_signal_handlers() {
 struct Session {
     qemu: Option<Child>,
     dm: Option<Child>,
+    /// Set with `--dispatcher remio`: how to restart the device model.
+    dm_launcher: Option<DmLauncher>,
     /// The backend VM's QEMU (`--dispatcher c-driver`).
     backend: Option<Child>,
     tmp: PathBuf,
@@ -522,6 +533,7 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
     let mut session = Session {
         qemu: None,
         dm: None,
+        dm_launcher: None,
         backend: None,
         tmp: tmp.clone(),
         keep: args.keep,
@@ -620,7 +632,7 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
     });
 
     let started = Instant::now();
-    let qemu_status = supervise(&mut session, &bridge, n, timeout, started)?;
+    let qemu_status = supervise(&mut session, &bridge, n, timeout, started, args.dm_restarts)?;
     if let Serving::CDriver(b) = &serving {
         b.report();
     }
@@ -685,31 +697,55 @@ fn start_remio_dispatcher(
     let api_socket = tmp.join("api.sock");
     let platform = Platform::with_hypervisor(Arc::clone(hyp), BACKEND_VM, Some(&api_socket))
         .context("starting the platform")?;
-    let exe = std::env::current_exe().context("locating the remio binary")?;
-    let mut dm_cmd = Command::new(exe);
-    // SAFETY: prctl is async-signal-safe; the closure touches no memory of the parent.
-    unsafe {
-        dm_cmd.pre_exec(|| {
-            // The device model must not outlive `remio run`, even if that is SIGKILLed.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let dm = dm_cmd
-        .arg("dm")
-        .arg("--config")
-        .arg(dm_config)
-        .arg("--socket")
-        .arg(&api_socket)
-        .stdin(Stdio::null())
-        .spawn()
-        .context("starting the device model (remio dm)")?;
+    let launcher = DmLauncher {
+        exe: std::env::current_exe().context("locating the remio binary")?,
+        config: dm_config.to_owned(),
+        socket: api_socket,
+    };
+    let dm = launcher.spawn()?;
     log::info!("device model pid {}", dm.id());
     session.dm = Some(dm);
+    session.dm_launcher = Some(launcher);
     wait_for_device_model(session, &platform, n)?;
     Ok(platform)
+}
+
+/// How to start (and restart) the device-model process of `--dispatcher remio`.
+#[derive(Debug)]
+struct DmLauncher {
+    exe: PathBuf,
+    config: PathBuf,
+    socket: PathBuf,
+}
+
+impl DmLauncher {
+    fn spawn(&self) -> anyhow::Result<Child> {
+        let mut cmd = Command::new(&self.exe);
+        // SAFETY: prctl is async-signal-safe; the closure touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                // The device model must not outlive `remio run`, even if that is SIGKILLed.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd.arg("dm")
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--socket")
+            .arg(&self.socket)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting the device model (remio dm)")
+    }
+}
+
+/// The pause before restart number `n` (1-based) of a device model: 50 ms, doubling, at most
+/// 1.6 s. A device model that cannot stay up must not be restarted in a tight loop.
+fn restart_backoff(n: u32) -> Duration {
+    Duration::from_millis(50u64 << n.saturating_sub(1).min(5))
 }
 
 /// Where the frontend's disk is inside the backend VM: the backend QEMU's virtio-blk-pci.
@@ -1162,8 +1198,10 @@ fn supervise(
     devices: u32,
     timeout: Option<Duration>,
     started: Instant,
+    dm_restarts: u32,
 ) -> anyhow::Result<Outcome> {
     let mut dm_reported = false;
+    let mut restarts = 0;
     loop {
         if dm_reported {
             // Requests queued on the failed devices since the last pass fail now.
@@ -1175,6 +1213,31 @@ fn supervise(
             }
         }
         if !dm_reported {
+            if let Some(st) = session
+                .dm
+                .as_mut()
+                .map(Child::try_wait)
+                .transpose()?
+                .flatten()
+            {
+                let launcher = session
+                    .dm_launcher
+                    .as_ref()
+                    .filter(|_| restarts < dm_restarts);
+                if let Some(launcher) = launcher {
+                    restarts += 1;
+                    let pause = restart_backoff(restarts);
+                    log::warn!(
+                        "the device model exited ({st}); restarting it in {pause:?} \
+                         ({restarts} of {dm_restarts}): it resumes the devices where they were"
+                    );
+                    std::thread::sleep(pause);
+                    let dm = launcher.spawn()?;
+                    log::info!("device model pid {}", dm.id());
+                    session.dm = Some(dm);
+                    continue;
+                }
+            }
             let server = [
                 (session.dm.as_mut(), "the device model"),
                 (session.backend.as_mut(), "the backend VM"),
@@ -1233,6 +1296,14 @@ fn pump_exec_console(out: impl std::io::Read, verbose: bool, exit: &std::sync::M
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_model_restarts_back_off_from_50_ms_to_at_most_1_6_s() {
+        assert_eq!(restart_backoff(1), Duration::from_millis(50));
+        assert_eq!(restart_backoff(2), Duration::from_millis(100));
+        assert_eq!(restart_backoff(6), Duration::from_millis(1600));
+        assert_eq!(restart_backoff(100), Duration::from_millis(1600));
+    }
 
     #[test]
     fn console_markers_are_recognised_only_as_whole_lines() {
@@ -1358,6 +1429,7 @@ mod tests {
         let mut session = Session {
             qemu: None,
             dm: None,
+            dm_launcher: None,
             backend: None,
             tmp: tmp.clone(),
             keep: false,

@@ -45,6 +45,9 @@ fn killing_the_device_model_mid_dd_gives_io_errors_not_a_hang() {
             "--no-rng",
             "--access-timeout-ms",
             "2000",
+            // The failed-device path: no restart (e2e_dm_restart tests the restart).
+            "--dm-restarts",
+            "0",
         ],
         |pid| {
             let start = Instant::now();
