@@ -95,8 +95,8 @@ pub struct Args {
     /// limit, as on Bao, where a device model that never answers stalls the vCPU).
     #[arg(long, default_value_t = 5000)]
     pub access_timeout_ms: u64,
-    /// How many times a device model that dies is restarted (with a growing pause, 50 ms up
-    /// to 1.6 s); each new one resumes the devices where the dead one left them. 0: never;
+    /// How many times a device model that dies is restarted (at once, then with a growing
+    /// pause, 50 ms up to 1.6 s); each new one resumes the devices where the dead one left them. 0: never;
     /// the guest's devices then fail their requests. `--dispatcher remio` only.
     #[arg(long, default_value_t = 5)]
     pub dm_restarts: u32,
@@ -742,10 +742,14 @@ impl DmLauncher {
     }
 }
 
-/// The pause before restart number `n` (1-based) of a device model: 50 ms, doubling, at most
-/// 1.6 s. A device model that cannot stay up must not be restarted in a tight loop.
+/// The pause before restart number `n` (1-based) of a device model: none for the first (a
+/// crash: the guest is waiting), then 50 ms doubling to at most 1.6 s, so that a device model
+/// that cannot stay up is not restarted in a tight loop.
 fn restart_backoff(n: u32) -> Duration {
-    Duration::from_millis(50u64 << n.saturating_sub(1).min(5))
+    match n {
+        0 | 1 => Duration::ZERO,
+        n => Duration::from_millis(50u64 << (n - 2).min(5)),
+    }
 }
 
 /// Where the frontend's disk is inside the backend VM: the backend QEMU's virtio-blk-pci.
@@ -1298,10 +1302,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn device_model_restarts_back_off_from_50_ms_to_at_most_1_6_s() {
-        assert_eq!(restart_backoff(1), Duration::from_millis(50));
-        assert_eq!(restart_backoff(2), Duration::from_millis(100));
-        assert_eq!(restart_backoff(6), Duration::from_millis(1600));
+    fn device_model_restarts_back_off_from_none_to_at_most_1_6_s() {
+        assert_eq!(restart_backoff(1), Duration::ZERO);
+        assert_eq!(restart_backoff(2), Duration::from_millis(50));
+        assert_eq!(restart_backoff(3), Duration::from_millis(100));
+        assert_eq!(restart_backoff(7), Duration::from_millis(1600));
         assert_eq!(restart_backoff(100), Duration::from_millis(1600));
     }
 

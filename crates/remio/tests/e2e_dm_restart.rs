@@ -107,7 +107,10 @@ fn sigkilled_device_models_are_restarted_and_the_guest_sees_no_error() {
             let before = mtime();
             let start = Instant::now();
             while mtime() == before {
-                assert!(start.elapsed() < GUEST_TIMEOUT * 3 / 4, "the guest never wrote");
+                assert!(
+                    start.elapsed() < GUEST_TIMEOUT * 3 / 4,
+                    "the guest never wrote"
+                );
                 std::thread::sleep(Duration::from_millis(200));
             }
             for i in 0..KILLS {
@@ -142,11 +145,15 @@ fn sigkilled_device_models_are_restarted_and_the_guest_sees_no_error() {
         "only {} files written",
         written.len()
     );
-    let longest = written.iter().map(|f| f.3 - f.2).max().unwrap();
+    // Each kill shows as one slow write: the KILLS slowest are the guest-visible pauses.
+    let mut ms: Vec<u64> = written.iter().map(|f| (f.3 - f.2) * 10).collect();
+    ms.sort_unstable();
+    let pauses = &ms[ms.len() - KILLS..];
     eprintln!(
-        "e2e_dm_restart: {} files, {KILLS} kills, longest guest-visible write {} ms",
+        "e2e_dm_restart: {} files, {KILLS} kills; the {KILLS} slowest writes (ms): {pauses:?}, \
+         median write {} ms",
         written.len(),
-        longest * 10
+        ms[ms.len() / 2]
     );
 
     let fsck = Command::new(host_tool("e2fsck"))
