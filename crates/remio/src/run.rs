@@ -100,6 +100,10 @@ pub struct Args {
     /// the guest's devices then fail their requests. `--dispatcher remio` only.
     #[arg(long, default_value_t = 5)]
     pub dm_restarts: u32,
+    /// With `--dispatcher c-driver`: a shell script the backend VM's /init sources just before
+    /// it starts the device model (as /etc/remio/backend.sh; for tests and diagnosis).
+    #[arg(long, value_name = "FILE")]
+    pub backend_hook: Option<PathBuf>,
     /// The QEMU binary [default: qemu-system-x86_64 on PATH].
     #[arg(long)]
     pub qemu: Option<PathBuf>,
@@ -552,7 +556,8 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
             let devices = planned_devices(args, &tmp, host_tap.as_ref())?;
             let n = u32::try_from(devices.len()).context("too many devices")?;
             if args.dispatcher == Dispatcher::CDriver {
-                c_driver = Some(CDriverPlan::new(&devices, &gdir, &tmp)?);
+                let hook = args.backend_hook.as_deref();
+                c_driver = Some(CDriverPlan::new(&devices, &gdir, &tmp, hook)?);
             }
             let path = tmp.join("devices.toml");
             let text = toml::to_string(&DmConfig { device: devices })
@@ -841,7 +846,12 @@ impl CDriverPlan {
     /// Writes the backend's device-model config (`backend-dm.toml`) and initramfs
     /// (`backend-initrd.cpio`) into `tmp`. Fails with helper B's reason when the backend
     /// artifacts are missing.
-    fn new(devices: &[DeviceSpec], gdir: &Path, tmp: &Path) -> anyhow::Result<Self> {
+    fn new(
+        devices: &[DeviceSpec],
+        gdir: &Path,
+        tmp: &Path,
+        hook: Option<&Path>,
+    ) -> anyhow::Result<Self> {
         let (backend_devices, disk) = backend_device_plan(devices)?;
         let toml_text = toml::to_string(&DmConfig {
             device: backend_devices,
@@ -850,7 +860,16 @@ impl CDriverPlan {
         std::fs::write(tmp.join("backend-dm.toml"), &toml_text)?;
         let exe = std::env::current_exe().context("locating the remio binary")?;
         let initrd = tmp.join("backend-initrd.cpio");
-        let kernel = write_backend_initrd(gdir, &exe, &toml_text, &initrd)
+        let extra = match hook {
+            Some(path) => vec![(
+                "etc/remio/backend.sh".to_owned(),
+                std::fs::read(path)
+                    .with_context(|| format!("--backend-hook {}", path.display()))?,
+                0o644,
+            )],
+            None => Vec::new(),
+        };
+        let kernel = write_backend_initrd(gdir, &exe, &toml_text, &extra, &initrd)
             .context("--dispatcher c-driver")?;
         Ok(Self {
             kernel,
@@ -870,6 +889,7 @@ fn write_backend_initrd(
     gdir: &Path,
     exe: &Path,
     dm_toml: &str,
+    extra: &[(String, Vec<u8>, u32)],
     out: &Path,
 ) -> anyhow::Result<PathBuf> {
     let artifacts = crate::guest::backend_status(gdir)
@@ -878,7 +898,7 @@ fn write_backend_initrd(
         .with_context(|| format!("reading {}", artifacts.initramfs.display()))?;
     // newc archives are 4-byte aligned; the kernel skips zero padding between them.
     initrd.resize(initrd.len().next_multiple_of(4), 0);
-    initrd.extend(crate::guest::backend_overlay(exe, dm_toml, &[])?);
+    initrd.extend(crate::guest::backend_overlay(exe, dm_toml, extra)?);
     std::fs::write(out, &initrd).with_context(|| format!("writing {}", out.display()))?;
     Ok(artifacts.kernel)
 }

@@ -454,3 +454,55 @@ fn through_the_c_driver_an_ext4_round_trip_is_clean_on_the_host() {
     assert_eq!(std::fs::metadata(&dumped).unwrap().len(), 3_000_000);
     assert_eq!(host_sum.split_whitespace().next(), Some(sum.as_str()));
 }
+
+/// SIGSTOP/SIGCONT of the device model inside the backend VM in the middle of I/O (what a
+/// debugger or a job-control stop does): the posted driver's ATTACH then fails with EFAULT (it
+/// ignores its interrupted wait), and the device model must retry rather than give the device
+/// up. The frontend's I/O resumes after each stop and nothing is lost.
+#[test]
+fn through_the_c_driver_sigstop_and_sigcont_of_the_device_model_lose_nothing() {
+    if !c_driver_prerequisites("cdriver_e2e") {
+        return;
+    }
+    let (dir, img) = temp_image(16 << 20);
+    let hook = dir.as_path().join("backend.sh");
+    std::fs::write(
+        &hook,
+        "( while ! pidof remio >/dev/null; do usleep 100000; done; sleep 4; \
+           for i in 1 2 3 4 5; do kill -STOP $(pidof remio); usleep 500000; \
+             kill -CONT $(pidof remio); usleep 700000; done; \
+           echo REMIO-TEST-SIGNALS-DONE ) &\n",
+    )
+    .unwrap();
+    let script = "i=0; while [ $i -lt 40 ]; do \
+                    dd if=/dev/urandom of=/tmp/p bs=16384 count=4 2>/dev/null; \
+                    dd if=/tmp/p of=/dev/vda bs=16384 seek=$((i*4)) oflag=direct conv=fsync \
+                      2>/dev/null || echo IOERR $i; \
+                    dd if=/dev/vda of=/tmp/q bs=16384 skip=$((i*4)) count=4 iflag=direct \
+                      2>/dev/null; cmp -s /tmp/p /tmp/q || echo MISMATCH $i; i=$((i+1)); \
+                  done; echo DONE";
+    let out = c_driver_exec(
+        script,
+        &[
+            "--disk",
+            path_str(&img),
+            "--no-console",
+            "--no-rng",
+            "-v",
+            "--backend-hook",
+            path_str(&hook),
+        ],
+    );
+    assert_eq!(out.status, Some(0));
+    assert!(out.stdout.contains("DONE"));
+    assert!(!out.stdout.contains("IOERR"), "a write failed");
+    assert!(!out.stdout.contains("MISMATCH"), "data was lost");
+    assert!(
+        out.stderr.contains("REMIO-TEST-SIGNALS-DONE"),
+        "the stops happened while the guest ran"
+    );
+    assert!(
+        out.stderr.contains("attach interrupted"),
+        "ATTACH failed after a stop and was retried"
+    );
+}
