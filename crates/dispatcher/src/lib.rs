@@ -13,7 +13,8 @@
 //! - The status-word client ([`Dm::register_status_word`]): InterruptStatus reads and
 //!   InterruptACK writes answered inline from a word shared with the device model
 //!   ([`StatusPage`]), like the ioeventfd client, checked under the same lock.
-//! - Queues are fixed rings of `BAO_IO_CLIENT_QUEUE_MAX` requests; a full ring completes the
+//! - Queues are rings bounded at `BAO_IO_CLIENT_QUEUE_MAX` requests (allocated small, grown
+//!   on the first deeper queue); a full ring completes the
 //!   request with 0 (and logs) rather than lose or stall it. No allocation per request and
 //!   no global lock on the data path: a request takes the DM's ioeventfd read lock, its
 //!   routing read lock and the target queue's mutex.
