@@ -191,7 +191,8 @@ impl InProcessSession {
         req
     }
 
-    /// Destroys this session's control client, once: its `attach` waiters return
+    /// Destroys this session's control client, once, after releasing what the next session
+    /// registers again (status word, ioeventfds, irqfds): its `attach` waiters return
     /// `ShuttingDown` and the requests still queued to it go back to the DM.
     fn end_control(&self) {
         if self.control_ended.swap(true, Ordering::AcqRel) {
@@ -210,11 +211,31 @@ impl InProcessSession {
             }
         }
         // Before the control client goes: the DM's next session may open as soon as it has,
-        // and must find the status word free.
-        let page = self.state().status_word.take();
+        // and must find the status word, the ioeventfds and the irqfds free (a device model
+        // that comes back registers the same ones; found by `remio soak`, where a re-created
+        // session's IOEVENTFD failed with EEXIST while the old session was still being torn
+        // down).
+        let (page, ioeventfds, irqfds) = {
+            let mut st = self.state();
+            (
+                st.status_word.take(),
+                std::mem::take(&mut st.ioeventfds),
+                std::mem::take(&mut st.irqfds),
+            )
+        };
         if let Some(page) = page {
             if let Err(e) = self.dm.unregister_status_word(&page) {
                 log::debug!("DM {}: session end: status word: {e}", self.info.id);
+            }
+        }
+        for (spec, fd) in ioeventfds {
+            if let Err(e) = self.dm.ioeventfd(Self::config(fd, spec, true)) {
+                log::debug!("DM {}: session end: ioeventfd deassign: {e}", self.info.id);
+            }
+        }
+        for fd in irqfds {
+            if let Err(e) = self.dm.irqfd_deassign(&fd) {
+                log::debug!("DM {}: session end: irqfd deassign: {e}", self.info.id);
             }
         }
         self.control.set_notifier(None);

@@ -339,7 +339,8 @@ pub trait DmSession: Send + Sync {
     /// now or made later, returns [`ApiError::ShuttingDown`]. This is how a device model stops
     /// a thread waiting in ATTACH with no request coming. Calling it again does nothing.
     ///
-    /// - In-process: the session's status word is dropped and its control client destroyed;
+    /// - In-process: the session's status word is dropped, its ioeventfds and irqfds deassigned
+    ///   and its control client destroyed, in that order;
     ///   requests queued to it and not attached go back to the DM for the next session, which
     ///   may be opened at once. Requests already attached can still be completed on this
     ///   session.

@@ -382,6 +382,40 @@ fn status_word_answers_interrupt_status_and_ack_without_the_device_model(stack: 
     assert_eq!(stack.frontend().read(MMIO[0] + 0x60, 4).unwrap(), 4);
 }
 
+fn a_new_session_registers_the_same_eventfds_as_soon_as_it_opens(stack: &Stack) {
+    let spec = IoeventfdSpec {
+        addr: MMIO[0] + 0x50,
+        len: 4,
+        datamatch: Some(0),
+    };
+    let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let s = open(stack, 0);
+    s.assign_ioeventfd(&kick, spec).unwrap();
+    s.assign_irqfd(&irq).unwrap();
+
+    // A device model re-creating its session: the old one ends, the new one opens as soon as
+    // the platform lets it, and registers the same eventfds again.
+    s.shutdown().unwrap();
+    let s2 = loop {
+        match stack.api().open(0) {
+            Ok(s) => break Arc::<dyn DmSession>::from(s),
+            Err(e) if e.errno() == libc::EBUSY => std::thread::sleep(Duration::from_millis(1)),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    s2.assign_ioeventfd(&kick, spec).unwrap();
+    s2.assign_irqfd(&irq).unwrap();
+    drop(s);
+
+    stack.frontend().write(MMIO[0] + 0x50, 4, 0).unwrap();
+    assert_eq!(
+        kick.read().unwrap(),
+        1,
+        "the new session's ioeventfd is live"
+    );
+}
+
 fn shutdown_wakes_a_blocked_attach_and_refuses_later_ones(stack: &Stack) {
     let s = open(stack, 0);
     let waiter = {
@@ -522,6 +556,7 @@ macro_rules! suite {
                 concurrent_attach_waiters_each_get_one_request,
                 ending_a_session_completes_its_requests_and_drops_its_eventfds,
                 shutdown_wakes_a_blocked_attach_and_refuses_later_ones,
+                a_new_session_registers_the_same_eventfds_as_soon_as_it_opens,
                 several_frontends_and_several_serving_threads_on_one_dm_all_complete,
                 status_word_answers_interrupt_status_and_ack_without_the_device_model,
             );
