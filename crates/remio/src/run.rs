@@ -1,12 +1,19 @@
 //! `remio run`: one platform process (hypervisor model + dispatcher + device-model API socket +
 //! the QEMU bridge), one device-model process (`remio dm`) and QEMU booting the remio guest.
 //!
-//! With no arguments it is the demo: a fresh sparse disk, console, rng and, when a TAP can be
-//! made, net ([`crate::hosttap`]: host 10.77.0.1, guest 10.77.0.2) served through remio, and the
-//! guest's serial console on this terminal. `--exec CMD`
-//! runs CMD in the guest through the initramfs `/init` contract (`guest/README.md`: the command
-//! travels base64-encoded as `remio.exec=`, the guest prints `REMIO-EXEC-BEGIN`, the output,
-//! then `REMIO-EXIT <status>` and powers off), prints its output and exits with its status.
+//! With no arguments it is the demo: an ext4 disk holding a README (made on the host with
+//! mkfs.ext4, mounted by the guest at /mnt), console, rng and, when a TAP can be made, net
+//! ([`crate::hosttap`]: host 10.77.0.1, guest 10.77.0.2) served through remio. The guest's shell
+//! is on /dev/hvc0, remio's virtio console, which the device model serves on this terminal (put
+//! in raw mode, so Ctrl-C and Ctrl-D reach the guest); the kernel's boot log on the serial port
+//! goes to `serial.log` in the run directory (and to stderr with `-v`). `remio run` exits with
+//! the guest shell's status.
+//!
+//! `--exec CMD` / `--exec-file PATH` run a script in the guest through the initramfs `/init`
+//! contract (`guest/README.md`): the script, of any size, and the `--copy-in` files travel in a
+//! second newc archive appended to the cached initramfs (as `/etc/remio/exec.sh`,
+//! [`crate::guest::files_archive`]); the guest prints `REMIO-EXEC-BEGIN`, the output, then
+//! `REMIO-EXIT <status>` and powers off; `remio run` prints the output and exits with the status.
 //!
 //! Every exit path kills QEMU and the device model and removes the temporary directory (unless
 //! `--keep`).
@@ -55,6 +62,11 @@ pub const DEMO_DISK_SIZE: u64 = 64 << 20;
 
 /// Arguments of `remio run`.
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Exit status: with --exec or --exec-file, the script's; in the \
+interactive demo, the guest shell's (`exit 3` there makes remio run exit 3; Ctrl-D: the last \
+command's); 1 when remio fails or the guest stops without reporting a status."
+)]
 pub struct Args {
     /// Serve this raw image as the guest's /dev/vda (default: a fresh 64 MiB sparse image in
     /// the temporary directory).
@@ -65,9 +77,22 @@ pub struct Args {
     /// with mmio_base 0x10000000 + i * 0x200.
     #[arg(long, conflicts_with_all = ["disk", "net", "no_net", "no_console", "no_rng"])]
     pub config: Option<PathBuf>,
-    /// Run this shell command in the guest, print its output and exit with its status.
-    #[arg(long)]
+    /// Run this shell script in the guest (any size), print its output and exit with its
+    /// status.
+    #[arg(long, value_name = "SCRIPT", conflicts_with = "exec_file")]
     pub exec: Option<String>,
+    /// Like --exec, with the script read from this file.
+    #[arg(long, value_name = "PATH")]
+    pub exec_file: Option<PathBuf>,
+    /// Copy the host file HOST into the guest at the absolute path GUEST (a GUEST ending in `/`
+    /// is a directory: the file keeps its name) before /init runs; repeatable. The file keeps its
+    /// permission bits.
+    #[arg(long, value_name = "HOST:GUEST")]
+    pub copy_in: Vec<String>,
+    /// Serve the virtio console (the demo shell's /dev/hvc0) on this UNIX socket instead of
+    /// this terminal (e.g. `socat -,raw,echo=0 UNIX-CONNECT:PATH`).
+    #[arg(long, value_name = "PATH", conflicts_with = "no_console")]
+    pub console_socket: Option<PathBuf>,
     /// Kill the guest after this many seconds (default: none; 300 with --exec).
     #[arg(long)]
     pub timeout: Option<u64>,
@@ -110,8 +135,9 @@ pub struct Args {
     /// Guest kernel + initramfs directory [default: $REMIO_GUEST_DIR, else target/guest].
     #[arg(long)]
     pub guest_dir: Option<PathBuf>,
-    /// With --exec: also show the guest's boot log (on stderr); with `--dispatcher c-driver`
-    /// also the backend VM's serial console.
+    /// Show the guest's boot log (its serial port, always in `serial.log` of the run
+    /// directory) on stderr, and with --exec the summary of what runs where; with
+    /// `--dispatcher c-driver` also the backend VM's serial console.
     #[arg(long, short)]
     pub verbose: bool,
     /// Who dispatches the frontend's requests: `remio` (remio's own dispatcher in this process
@@ -119,6 +145,13 @@ pub struct Args {
     /// I/O dispatcher driver and `remio dm --kernel-driver`; see docs/c-driver.md).
     #[arg(long, value_enum, default_value_t = Dispatcher::Remio)]
     pub dispatcher: Dispatcher,
+}
+
+impl Args {
+    /// `--exec` or `--exec-file`: run a script and exit with its status (no interactive shell).
+    pub fn exec_mode(&self) -> bool {
+        self.exec.is_some() || self.exec_file.is_some()
+    }
 }
 
 /// `--dispatcher`.
@@ -149,6 +182,9 @@ pub struct DeviceSpec {
     /// Net: the TAP interface name.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tap: Option<String>,
+    /// Console with the `socket` backend: its UNIX socket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
     /// The frontend's address of the shared memory (the DM's memory is placed there for the
     /// virtqueue addresses): set for the backend VM's device model, where GET_INFO reports
     /// the backend's address of the ivshmem BAR instead.
@@ -164,17 +200,16 @@ pub struct DmConfig {
     pub device: Vec<DeviceSpec>,
 }
 
-/// Where the virtio console's bytes go: the DM's stdout with `--exec` (so the guest's
-/// `/dev/hvc0` output shows in ours), a pty otherwise (the terminal belongs to the serial
-/// console).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where the virtio console's bytes go: the DM's stdin/stdout (with `--exec` the guest's
+/// `/dev/hvc0` output shows in ours; in the demo it is the shell's terminal), or a UNIX socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConsoleMode {
     /// No virtio console.
     Off,
     /// The device model's stdin/stdout.
     Stdio,
-    /// A new pseudo-terminal (its path is logged by the device model).
-    Pty,
+    /// A UNIX socket the device model listens on (`--console-socket`).
+    Socket(PathBuf),
 }
 
 /// The devices to serve, in window order.
@@ -191,6 +226,7 @@ pub fn device_plan(
         path: None,
         backend: None,
         tap: None,
+        socket: None,
         shmem_addr: None,
     };
     let mut plan = vec![DeviceSpec {
@@ -203,8 +239,9 @@ pub fn device_plan(
             backend: Some("stdio".into()),
             ..spec("console")
         }),
-        ConsoleMode::Pty => plan.push(DeviceSpec {
-            backend: Some("pty".into()),
+        ConsoleMode::Socket(path) => plan.push(DeviceSpec {
+            backend: Some("socket".into()),
+            socket: Some(path),
             ..spec("console")
         }),
     }
@@ -312,16 +349,12 @@ fn planned_devices(
             remio_virtio::devices::block::check_image(d).context("--disk")?;
             d.canonicalize()?
         }
-        None => {
-            let d = tmp.join("disk.img");
-            File::create(&d)?.set_len(DEMO_DISK_SIZE)?;
-            d
-        }
+        None => demo_disk(tmp)?,
     };
-    let console = match (args.no_console, args.exec.is_some()) {
+    let console = match (args.no_console, &args.console_socket) {
         (true, _) => ConsoleMode::Off,
-        (false, true) => ConsoleMode::Stdio,
-        (false, false) => ConsoleMode::Pty,
+        (false, Some(path)) => ConsoleMode::Socket(std::path::absolute(path)?),
+        (false, None) => ConsoleMode::Stdio,
     };
     let tap_name = match (tap, &args.net) {
         (Some(t), _) => Some(t.name().to_owned()),
@@ -334,6 +367,263 @@ fn planned_devices(
         !args.no_rng,
         tap_name.as_deref(),
     ))
+}
+
+/// The demo's README, at the root of its disk (the guest's /mnt/README).
+pub const DEMO_README: &str = "\
+remio demo
+==========
+
+You are in a Linux guest booted by QEMU (TCG). Its devices are not QEMU's: every virtio
+register access traps into remio's model of the Bao hypervisor's Remote I/O, goes through
+remio's I/O dispatcher to a `remio dm` device-model process, and comes back as an interrupt.
+
+  /dev/vda    virtio-blk: this ext4 disk, mounted at /mnt (an image in the run directory)
+  /dev/hvc0   virtio-console: this shell; the device model writes it to your terminal
+  /dev/hwrng  virtio-rng
+  eth0        virtio-net on a host TAP, when one could be made (host 10.77.0.1)
+
+Things to try:
+
+  cat /proc/interrupts | grep virtio     the interrupts remio injected, per device
+  dd if=/dev/hwrng bs=16 count=1 | od -x  bytes from the host's entropy
+  echo hello > /mnt/note; sync            written through remio's virtio-blk
+  dd if=/dev/vda of=/dev/null bs=1M       read the whole disk through remio
+  ping -c 3 10.77.0.1                     the host, over virtio-net (if eth0 is up)
+  dmesg | grep -i virtio                  how the guest found the devices
+
+The kernel's boot log went to serial.log in the run directory (`remio run -v` shows it).
+`exit`, Ctrl-D or `poweroff` ends the guest; remio run exits with the shell's status.
+";
+
+/// The demo disk in `tmp`: a [`DEMO_DISK_SIZE`] ext4 image holding [`DEMO_README`], made with
+/// the host's mkfs.ext4 (`-d`); a blank sparse image, with a warning, when mkfs.ext4 is
+/// missing or fails.
+fn demo_disk(tmp: &Path) -> anyhow::Result<PathBuf> {
+    let img = tmp.join("disk.img");
+    File::create(&img)?.set_len(DEMO_DISK_SIZE)?;
+    let Some(mkfs) = crate::guest::find_tool("mkfs.ext4") else {
+        log::warn!("mkfs.ext4 not found (e2fsprogs): the demo disk is blank");
+        return Ok(img);
+    };
+    let root = tmp.join("disk-root");
+    std::fs::create_dir(&root)?;
+    std::fs::write(root.join("README"), DEMO_README)?;
+    let out = Command::new(mkfs)
+        .args(["-q", "-F", "-L", "remio-demo", "-E", "root_owner=0:0", "-d"])
+        .arg(&root)
+        .arg(&img)
+        .stdin(Stdio::null())
+        .output();
+    let _ = std::fs::remove_dir_all(&root);
+    match out {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => log::warn!(
+            "mkfs.ext4 failed ({}): the demo disk is blank: {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => log::warn!("mkfs.ext4 could not run: the demo disk is blank: {e}"),
+    }
+    Ok(img)
+}
+
+/// Where `/init` finds the script of `--exec` / `--exec-file` (guest/README.md).
+pub const GUEST_EXEC_SCRIPT: &str = "/etc/remio/exec.sh";
+
+/// Parses one `--copy-in HOST:GUEST` (split at the last `:`): the host file and its guest
+/// path, which must be absolute, without `.` or `..` components; one ending in `/` is a
+/// directory, the file keeping its name there.
+pub fn parse_copy_in(spec: &str) -> anyhow::Result<(PathBuf, String)> {
+    let (host, guest) = spec
+        .rsplit_once(':')
+        .with_context(|| format!("--copy-in {spec:?}: expected HOST:GUEST"))?;
+    if host.is_empty() {
+        bail!("--copy-in {spec:?}: no host file before the `:`");
+    }
+    let host = PathBuf::from(host);
+    let mut guest = guest.to_owned();
+    if guest.ends_with('/') {
+        let name = host
+            .file_name()
+            .and_then(|n| n.to_str())
+            .with_context(|| format!("--copy-in {spec:?}: the host path has no file name"))?;
+        guest.push_str(name);
+    }
+    let bad = !guest.starts_with('/')
+        || guest[1..]
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..");
+    if bad {
+        bail!(
+            "--copy-in {spec:?}: bad guest path {guest:?}: it must be absolute, e.g. \
+             /root/file, with no empty, `.` or `..` component"
+        );
+    }
+    Ok((host, guest))
+}
+
+/// The files `remio run` brings into the guest in the archive appended to the initramfs:
+/// the `--copy-in` files, then the script of `--exec` / `--exec-file` at
+/// [`GUEST_EXEC_SCRIPT`], as (guest path, contents, permission bits).
+fn guest_files(args: &Args) -> anyhow::Result<Vec<(String, Vec<u8>, u32)>> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut files = Vec::new();
+    for spec in &args.copy_in {
+        let (host, guest) = parse_copy_in(spec)?;
+        let meta = std::fs::metadata(&host)
+            .with_context(|| format!("--copy-in {spec:?}: {}", host.display()))?;
+        if !meta.is_file() {
+            bail!(
+                "--copy-in {spec:?}: {} is not a regular file",
+                host.display()
+            );
+        }
+        let bytes = std::fs::read(&host)
+            .with_context(|| format!("--copy-in {spec:?}: reading {}", host.display()))?;
+        files.push((guest, bytes, meta.permissions().mode() & 0o7777));
+    }
+    let script = match (&args.exec, &args.exec_file) {
+        (Some(s), _) => Some(s.clone().into_bytes()),
+        (None, Some(path)) => {
+            Some(std::fs::read(path).with_context(|| format!("--exec-file {}", path.display()))?)
+        }
+        (None, None) => None,
+    };
+    if let Some(script) = script {
+        files.push((GUEST_EXEC_SCRIPT.to_owned(), script, 0o755));
+    }
+    Ok(files)
+}
+
+/// The initramfs to boot: `base` as it is without `files`, else `base` with
+/// [`crate::guest::files_archive`]'s archive of `files` appended, written to `out`.
+fn initrd_with(
+    base: &Path,
+    files: &[(String, Vec<u8>, u32)],
+    out: &Path,
+) -> anyhow::Result<PathBuf> {
+    if files.is_empty() {
+        return Ok(base.to_owned());
+    }
+    let mut initrd = std::fs::read(base).with_context(|| format!("reading {}", base.display()))?;
+    // newc archives are 4-byte aligned; the kernel skips zero padding between them.
+    initrd.resize(initrd.len().next_multiple_of(4), 0);
+    let members: Vec<(&str, &[u8], u32)> = files
+        .iter()
+        .map(|(p, b, m)| (p.as_str(), b.as_slice(), *m))
+        .collect();
+    initrd.extend(crate::guest::files_archive(&members)?);
+    std::fs::write(out, &initrd).with_context(|| format!("writing {}", out.display()))?;
+    Ok(out.to_owned())
+}
+
+/// This terminal in raw mode while the demo's shell runs on it (through the device model's
+/// stdio): Ctrl-C, Ctrl-D and the like go to the guest; restored on drop.
+struct RawTerminal {
+    saved: libc::termios,
+}
+
+impl RawTerminal {
+    /// Stdin in raw mode, when it is a terminal (`None` otherwise).
+    fn enter() -> Option<Self> {
+        // SAFETY: isatty only reads the descriptor's state.
+        if unsafe { libc::isatty(libc::STDIN_FILENO) } != 1 {
+            return None;
+        }
+        // SAFETY: termios is plain data; tcgetattr fills it from stdin, checked below.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: `saved` is a valid, writable termios.
+        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut saved) } != 0 {
+            return None;
+        }
+        let mut raw = saved;
+        // SAFETY: `raw` is a valid termios obtained from tcgetattr.
+        unsafe { libc::cfmakeraw(&mut raw) };
+        // SAFETY: `raw` is a valid termios.
+        if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) } != 0 {
+            return None;
+        }
+        Some(Self { saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        // SAFETY: `saved` is the termios tcgetattr returned for this terminal.
+        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.saved) };
+    }
+}
+
+/// The terminal's size as `ROWSxCOLS` (the guest's `remio.ttysize=`), when stdin is one.
+fn terminal_size() -> Option<String> {
+    // SAFETY: winsize is plain data; TIOCGWINSZ fills it, the result is checked.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ writes one winsize to the valid pointer given.
+    let r = unsafe { libc::ioctl(libc::STDIN_FILENO, libc::TIOCGWINSZ, &mut ws) };
+    (r == 0 && ws.ws_row > 0 && ws.ws_col > 0).then(|| format!("{}x{}", ws.ws_row, ws.ws_col))
+}
+
+/// What the summary block printed before the boot says about one device.
+fn describe_device(d: &DeviceSpec, interactive: bool) -> String {
+    match d.kind.as_str() {
+        "block" => format!(
+            "/dev/vda, image {}",
+            d.path.as_deref().unwrap_or(Path::new("?")).display()
+        ),
+        "console" => match &d.socket {
+            Some(s) => format!("/dev/hvc0 on the UNIX socket {}", s.display()),
+            None if interactive => "/dev/hvc0, the guest's shell, on this terminal".to_owned(),
+            None => "/dev/hvc0 on remio's stdout".to_owned(),
+        },
+        "rng" => "/dev/hwrng".to_owned(),
+        "net" => format!("eth0 on the host's TAP {}", d.tap.as_deref().unwrap_or("?")),
+        other => other.to_owned(),
+    }
+}
+
+/// Who runs what, for the summary block.
+struct Summary<'a> {
+    run_dir: &'a Path,
+    platform_pid: u32,
+    dm_pid: Option<u32>,
+    backend_pid: Option<u32>,
+    qemu_pid: u32,
+    serial_log: &'a Path,
+    /// (kind, what the guest sees) per window, in window order.
+    devices: Vec<(String, String)>,
+}
+
+impl Summary<'_> {
+    fn render(&self) -> String {
+        let mut out = format!(
+            "remio run: run directory {}\n  platform      pid {:<7} hypervisor model, dispatcher, QEMU bridge\n",
+            self.run_dir.display(),
+            self.platform_pid
+        );
+        if let Some(pid) = self.dm_pid {
+            out.push_str(&format!(
+                "  device model  pid {pid:<7} remio dm (log: its stderr)\n"
+            ));
+        }
+        if let Some(pid) = self.backend_pid {
+            out.push_str(&format!(
+                "  backend VM    pid {pid:<7} QEMU: the C driver and remio dm --kernel-driver\n"
+            ));
+        }
+        out.push_str(&format!(
+            "  guest (QEMU)  pid {:<7} boot log: {}\n",
+            self.qemu_pid,
+            self.serial_log.display()
+        ));
+        for ((kind, what), i) in self.devices.iter().zip(0u64..) {
+            out.push_str(&format!(
+                "  window {i}  {:#x}  {kind:<8} {what}\n",
+                MMIO_BASE + i * WINDOW
+            ));
+        }
+        out
+    }
 }
 
 /// Checks a `--config` file against the layout `remio run` gives the guest (device `i` is
@@ -389,14 +679,14 @@ fn host_tap(args: &Args) -> anyhow::Result<Option<crate::hosttap::HostTap>> {
         Some(_) => return Ok(None),
         // The c-driver backend VM has no way to reach a host TAP: no net unless asked for
         // (and then refused by `check_c_driver_args`).
-        None => !args.no_net && args.exec.is_none() && args.dispatcher == Dispatcher::Remio,
+        None => !args.no_net && !args.exec_mode() && args.dispatcher == Dispatcher::Remio,
     };
     if !wanted {
         return Ok(None);
     }
     match crate::hosttap::HostTap::create() {
         Ok(tap) => {
-            log::info!(
+            log::debug!(
                 "net: TAP {} with the host at {} (the guest's eth0 is {})",
                 tap.name(),
                 crate::hosttap::HOST_ADDR,
@@ -549,11 +839,23 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
     } else {
         None
     };
+    let exec_mode = args.exec_mode();
+    // Read (and checked) before anything starts: a missing --copy-in file is an error now.
+    let files = guest_files(args)?;
+    let initrd = initrd_with(&initrd, &files, &tmp.join("initrd.cpio"))?;
     let mut c_driver = None;
-    let (n, dm_config) = match &args.config {
-        Some(c) => (devices_in_user_config(c)?, c.clone()),
+    let (n, dm_config, described) = match &args.config {
+        Some(c) => (
+            devices_in_user_config(c)?,
+            c.clone(),
+            user_config_devices(c),
+        ),
         None => {
             let devices = planned_devices(args, &tmp, host_tap.as_ref())?;
+            let described = devices
+                .iter()
+                .map(|d| (d.kind.clone(), describe_device(d, !exec_mode)))
+                .collect();
             let n = u32::try_from(devices.len()).context("too many devices")?;
             if args.dispatcher == Dispatcher::CDriver {
                 let hook = args.backend_hook.as_deref();
@@ -563,7 +865,7 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
             let text = toml::to_string(&DmConfig { device: devices })
                 .context("serialising the device-model config")?;
             std::fs::write(&path, text)?;
-            (n, path)
+            (n, path, described)
         }
     };
     let hyp = Hypervisor::new(hyp_config(
@@ -576,9 +878,25 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
     let frontend = hyp.frontend(FRONTEND_VM).context("frontend VM missing")?;
     let bridge = Bridge::for_frontend(&frontend, &ram, &tmp.join("ivshmem.sock"))
         .context("starting the QEMU bridge")?;
+    // The demo's shell is on hvc0, served by the device model (on this terminal or on
+    // --console-socket); without one (--no-console, --config, the c-driver's backend VM,
+    // whose console is its serial port) it is on the serial port, on this terminal.
+    let hvc0_shell = !exec_mode
+        && args.config.is_none()
+        && !args.no_console
+        && args.dispatcher == Dispatcher::Remio;
+    let console_on_terminal = hvc0_shell && args.console_socket.is_none();
+    let serial_piped = exec_mode || hvc0_shell;
     let serving = match args.dispatcher {
         Dispatcher::Remio => {
-            let platform = start_remio_dispatcher(&mut session, &hyp, &tmp, &dm_config, n)?;
+            let platform = start_remio_dispatcher(
+                &mut session,
+                &hyp,
+                &tmp,
+                &dm_config,
+                n,
+                console_on_terminal,
+            )?;
             Serving::Remio {
                 _platform: platform,
             }
@@ -598,14 +916,16 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
     };
 
     let mut cmdline_extra = Vec::new();
-    if let Some(cmd) = &args.exec {
-        cmdline_extra.push(format!(
-            "remio.exec={}",
-            crate::guest::base64(cmd.as_bytes())
-        ));
-    }
     if host_tap.is_some() {
         cmdline_extra.push(format!("remio.net={}", crate::hosttap::GUEST_ADDR));
+    }
+    if hvc0_shell {
+        cmdline_extra.push("remio.console=hvc0".to_owned());
+        if console_on_terminal {
+            if let Some(size) = terminal_size() {
+                cmdline_extra.push(format!("remio.ttysize={size}"));
+            }
+        }
     }
     let cmdline_extra = cmdline_extra.join(" ");
     let opts = QemuOptions {
@@ -616,12 +936,36 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
         extra_args: vec![],
     };
     let mut qcmd = bridge.qemu_command(&opts);
-    let exec_mode = args.exec.is_some();
-    if exec_mode {
+    // The serial port (the boot log, /init's markers) comes to us; the terminal is the
+    // device model's (the demo's shell on hvc0) or ours (--exec's output).
+    if serial_piped {
         qcmd.stdin(Stdio::null()).stdout(Stdio::piped());
     }
     let mut qemu_child = qcmd.spawn().context("starting QEMU")?;
-    log::info!("QEMU pid {}", qemu_child.id());
+    log::debug!("QEMU pid {}", qemu_child.id());
+    let serial_log = tmp.join("serial.log");
+    if !exec_mode || args.verbose {
+        let summary = Summary {
+            run_dir: &tmp,
+            platform_pid: std::process::id(),
+            dm_pid: session.dm.as_ref().map(Child::id),
+            backend_pid: session.backend.as_ref().map(Child::id),
+            qemu_pid: qemu_child.id(),
+            serial_log: if serial_piped {
+                &serial_log
+            } else {
+                Path::new("this terminal")
+            },
+            devices: described,
+        };
+        eprint!("{}", summary.render());
+        if hvc0_shell {
+            eprintln!(
+                "  (the run directory is removed at exit unless --keep; `exit` or Ctrl-D in the \
+                 guest's shell ends the demo)"
+            );
+        }
+    }
     let console = qemu_child.stdout.take();
     session.qemu = Some(qemu_child);
 
@@ -630,19 +974,30 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
         .or(exec_mode.then_some(300))
         .map(Duration::from_secs);
     let exit = Arc::new(std::sync::Mutex::new(None::<i32>));
+    let log_file =
+        File::create(&serial_log).with_context(|| format!("creating {}", serial_log.display()))?;
+    // The terminal is the guest shell's until QEMU is gone (dropped before the session's
+    // messages, on every path).
+    let raw = console_on_terminal.then(RawTerminal::enter).flatten();
     let reader = console.map(|out| {
         let exit = Arc::clone(&exit);
-        let verbose = args.verbose;
-        std::thread::spawn(move || pump_exec_console(out, verbose, &exit))
+        let pump = ConsolePump {
+            exec: exec_mode,
+            verbose: args.verbose,
+            raw: raw.is_some(),
+        };
+        std::thread::spawn(move || pump.run(out, log_file, &exit))
     });
 
     let started = Instant::now();
-    let qemu_status = supervise(&mut session, &bridge, n, timeout, started, args.dm_restarts)?;
+    let qemu_status = supervise(&mut session, &bridge, n, timeout, started, args.dm_restarts);
+    // QEMU must be gone before the console reader can see the end of its output.
+    session.kill_children();
+    drop(raw);
+    let qemu_status = qemu_status?;
     if let Serving::CDriver(b) = &serving {
         b.report();
     }
-    // QEMU must be gone before the console reader can see the end of its output.
-    session.kill_children();
     if let Some(r) = reader {
         let _ = r.join();
     }
@@ -663,7 +1018,8 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
     drop(session);
     drop(host_tap);
 
-    if !exec_mode {
+    if !serial_piped {
+        // The shell was on the serial port, on this terminal: its status was not seen.
         return Ok(None);
     }
     let status = *exit
@@ -677,6 +1033,27 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
             bail!("the guest stopped without reporting a status (QEMU {st})")
         }
     }
+}
+
+/// The devices of a `--config` file for the summary block: (kind, where it comes from).
+fn user_config_devices(path: &Path) -> Vec<(String, String)> {
+    let Ok(config) = remio_virtio::config::Config::from_file(path) else {
+        return Vec::new();
+    };
+    let mut devices: Vec<_> = config.devices.iter().collect();
+    devices.sort_by_key(|d| d.dm_id);
+    devices
+        .iter()
+        .map(|d| {
+            let kind = format!("{:?}", d.kind);
+            let kind = kind
+                .split(|c: char| !c.is_alphanumeric())
+                .next()
+                .unwrap_or("?")
+                .to_lowercase();
+            (kind, format!("from {}", path.display()))
+        })
+        .collect()
 }
 
 /// Who serves the frontend's devices while the guest runs; dropped after the children died.
@@ -698,6 +1075,7 @@ fn start_remio_dispatcher(
     tmp: &Path,
     dm_config: &Path,
     n: u32,
+    console_on_terminal: bool,
 ) -> anyhow::Result<Platform> {
     let api_socket = tmp.join("api.sock");
     let platform = Platform::with_hypervisor(Arc::clone(hyp), BACKEND_VM, Some(&api_socket))
@@ -706,9 +1084,10 @@ fn start_remio_dispatcher(
         exe: std::env::current_exe().context("locating the remio binary")?,
         config: dm_config.to_owned(),
         socket: api_socket,
+        console_on_terminal,
     };
     let dm = launcher.spawn()?;
-    log::info!("device model pid {}", dm.id());
+    log::debug!("device model pid {}", dm.id());
     session.dm = Some(dm);
     session.dm_launcher = Some(launcher);
     wait_for_device_model(session, &platform, n)?;
@@ -721,6 +1100,9 @@ struct DmLauncher {
     exe: PathBuf,
     config: PathBuf,
     socket: PathBuf,
+    /// The demo: the device model's stdio console is the guest's shell on this terminal, so it
+    /// gets our stdin.
+    console_on_terminal: bool,
 }
 
 impl DmLauncher {
@@ -741,9 +1123,16 @@ impl DmLauncher {
             .arg(&self.config)
             .arg("--socket")
             .arg(&self.socket)
-            .stdin(Stdio::null())
-            .spawn()
-            .context("starting the device model (remio dm)")
+            .stdin(if self.console_on_terminal {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            });
+        // Its start-up INFO lines would repeat the summary `remio run` prints.
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "warn");
+        }
+        cmd.spawn().context("starting the device model (remio dm)")
     }
 }
 
@@ -816,7 +1205,10 @@ pub fn backend_device_plan(plan: &[DeviceSpec]) -> anyhow::Result<(Vec<DeviceSpe
                 }
                 b.path = Some(PathBuf::from(BACKEND_DISK));
             }
-            "console" => b.backend = Some("stdio".into()),
+            "console" => {
+                b.backend = Some("stdio".into());
+                b.socket = None;
+            }
             "rng" => {}
             other => bail!("--dispatcher c-driver cannot serve a {other} device"),
         }
@@ -1087,7 +1479,7 @@ fn start_backend_vm(
         .stderr(qemu_log)
         .spawn()
         .context("starting the backend VM's QEMU")?;
-    log::info!("backend VM QEMU pid {}", child.id());
+    log::debug!("backend VM QEMU pid {}", child.id());
     let console = child.stdout.take().context("the backend's console pipe")?;
     session.backend = Some(child);
     let watch = BackendWatch::start(console, serial_log, args.verbose);
@@ -1257,7 +1649,7 @@ fn supervise(
                     );
                     std::thread::sleep(pause);
                     let dm = launcher.spawn()?;
-                    log::info!("device model pid {}", dm.id());
+                    log::info!("new device model pid {}", dm.id());
                     session.dm = Some(dm);
                     continue;
                 }
@@ -1290,29 +1682,45 @@ fn supervise(
     }
 }
 
-/// Copies the guest's serial output for `--exec`: the command's output to stdout, the rest to
-/// stderr when verbose; records the status of `REMIO-EXIT`.
-fn pump_exec_console(out: impl std::io::Read, verbose: bool, exit: &std::sync::Mutex<Option<i32>>) {
-    let mut in_output = false;
-    let stdout = std::io::stdout();
-    for line in BufReader::new(out).split(b'\n') {
-        let Ok(line) = line else { break };
-        let text = String::from_utf8_lossy(&line);
-        match classify(&text) {
-            ConsoleLine::Begin => in_output = true,
-            ConsoleLine::Exit(s) => {
-                in_output = false;
-                if let Ok(mut e) = exit.lock() {
-                    *e = Some(s);
+/// Copies the guest's serial output: everything to the serial log; with `--exec` the script's
+/// output (between `REMIO-EXEC-BEGIN` and `REMIO-EXIT`) to stdout; the rest to stderr when
+/// verbose. Records the status of `REMIO-EXIT`.
+struct ConsolePump {
+    exec: bool,
+    verbose: bool,
+    /// The terminal is in raw mode: lines end in CR LF.
+    raw: bool,
+}
+
+impl ConsolePump {
+    fn run(&self, out: impl std::io::Read, log: File, exit: &std::sync::Mutex<Option<i32>>) {
+        let mut log = std::io::BufWriter::new(log);
+        let mut in_output = false;
+        let stdout = std::io::stdout();
+        let eol = if self.raw { "\r\n" } else { "\n" };
+        for line in BufReader::new(out).split(b'\n') {
+            let Ok(line) = line else { break };
+            let _ = log.write_all(&line);
+            let _ = log.write_all(b"\n");
+            let _ = log.flush();
+            let text = String::from_utf8_lossy(&line);
+            let text = text.trim_end_matches('\r');
+            match classify(text) {
+                ConsoleLine::Begin => in_output = self.exec,
+                ConsoleLine::Exit(s) => {
+                    in_output = false;
+                    if let Ok(mut e) = exit.lock() {
+                        *e = Some(s);
+                    }
                 }
+                ConsoleLine::Text if in_output => {
+                    let mut o = stdout.lock();
+                    let _ = writeln!(o, "{text}");
+                    let _ = o.flush();
+                }
+                ConsoleLine::Text if self.verbose => eprint!("{text}{eol}"),
+                ConsoleLine::Text => {}
             }
-            ConsoleLine::Text if in_output => {
-                let mut o = stdout.lock();
-                let _ = writeln!(o, "{}", text.trim_end_matches('\r'));
-                let _ = o.flush();
-            }
-            ConsoleLine::Text if verbose => eprintln!("{}", text.trim_end_matches('\r')),
-            ConsoleLine::Text => {}
         }
     }
 }
@@ -1320,6 +1728,139 @@ fn pump_exec_console(out: impl std::io::Read, verbose: bool, exit: &std::sync::M
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copy_in_splits_at_the_last_colon_and_takes_a_directory_target() {
+        assert_eq!(
+            parse_copy_in("/h/a:b/f.bin:/srv/f.bin").unwrap(),
+            (PathBuf::from("/h/a:b/f.bin"), "/srv/f.bin".to_owned())
+        );
+        assert_eq!(
+            parse_copy_in("data/x.txt:/root/").unwrap(),
+            (PathBuf::from("data/x.txt"), "/root/x.txt".to_owned())
+        );
+    }
+
+    #[test]
+    fn copy_in_refuses_relative_dotted_or_missing_guest_paths() {
+        for bad in [
+            "/h/f:root/f",
+            "/h/f:/a/../etc/passwd",
+            "/h/f:/a//b",
+            "/h/f",
+            ":/x",
+        ] {
+            let e = format!("{:#}", parse_copy_in(bad).unwrap_err());
+            assert!(e.contains("--copy-in"), "{bad}: {e}");
+        }
+        let e = format!("{:#}", parse_copy_in("/h/f:rel").unwrap_err());
+        assert!(e.contains("bad guest path \"rel\""), "{e}");
+    }
+
+    fn parse_args(extra: &[&str]) -> Args {
+        use clap::Parser;
+        #[derive(Debug, clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: Args,
+        }
+        let mut argv = vec!["remio"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).unwrap().run
+    }
+
+    #[test]
+    fn a_missing_copy_in_file_is_an_error_naming_it() {
+        let args = parse_args(&["--copy-in", "/nonexistent/remio-x:/x", "--exec", "true"]);
+        let e = format!("{:#}", guest_files(&args).unwrap_err());
+        assert!(e.contains("/nonexistent/remio-x"), "{e}");
+        assert!(e.contains("No such file"), "{e}");
+    }
+
+    #[test]
+    fn the_exec_script_and_copied_files_are_appended_as_a_second_archive() {
+        let tmp = make_tmp().unwrap();
+        let host = tmp.join("f.txt");
+        std::fs::write(&host, b"copied").unwrap();
+        let script = tmp.join("s.sh");
+        std::fs::write(&script, "echo from-a-file\n").unwrap();
+        let spec = format!("{}:/root/f.txt", host.display());
+        let args = parse_args(&["--copy-in", &spec, "--exec-file", script.to_str().unwrap()]);
+        assert!(args.exec_mode());
+        let files = guest_files(&args).unwrap();
+        let names: Vec<&str> = files.iter().map(|f| f.0.as_str()).collect();
+        assert_eq!(names, ["/root/f.txt", GUEST_EXEC_SCRIPT]);
+        assert_eq!(files[1].1, b"echo from-a-file\n");
+        assert_eq!(files[1].2, 0o755);
+
+        let base = tmp.join("base.cpio");
+        std::fs::write(&base, b"070701 base, 13").unwrap();
+        let out = initrd_with(&base, &files, &tmp.join("initrd.cpio")).unwrap();
+        let bytes = std::fs::read(&out).unwrap();
+        // The base, padded to 4 bytes, then a newc archive holding both files.
+        assert!(bytes.starts_with(b"070701 base, 13\0"));
+        assert_eq!(&bytes[16..22], b"070701");
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(text.contains("etc/remio/exec.sh\0"));
+        assert!(text.contains("echo from-a-file"));
+        assert!(text.contains("root/f.txt\0"));
+        assert!(text.contains("TRAILER!!!"));
+        assert_eq!(
+            initrd_with(&base, &[], &tmp.join("unused")).unwrap(),
+            base,
+            "no files: the cached initramfs as it is"
+        );
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    #[test]
+    fn the_demo_disk_is_ext4_holding_the_readme() {
+        if crate::guest::find_tool("mkfs.ext4").is_none() {
+            eprintln!("*** SKIPPED: mkfs.ext4 not found (e2fsprogs) ***");
+            return;
+        }
+        let tmp = make_tmp().unwrap();
+        let img = demo_disk(&tmp).unwrap();
+        let bytes = std::fs::read(&img).unwrap();
+        std::fs::remove_dir_all(&tmp).unwrap();
+        assert_eq!(bytes.len() as u64, DEMO_DISK_SIZE);
+        // The ext2/3/4 superblock at 1024, its magic 0xEF53 at offset 56.
+        assert_eq!(&bytes[1024 + 56..1024 + 58], &[0x53, 0xef]);
+        let readme = DEMO_README.as_bytes();
+        assert!(
+            bytes.windows(readme.len()).any(|w| w == readme),
+            "the README's bytes are in a data block"
+        );
+    }
+
+    #[test]
+    fn the_summary_names_every_process_and_window() {
+        let plan = device_plan(Path::new("/d.img"), ConsoleMode::Stdio, true, Some("tap9"));
+        let summary = Summary {
+            run_dir: Path::new("/tmp/r"),
+            platform_pid: 10,
+            dm_pid: Some(11),
+            backend_pid: None,
+            qemu_pid: 12,
+            serial_log: Path::new("/tmp/r/serial.log"),
+            devices: plan
+                .iter()
+                .map(|d| (d.kind.clone(), describe_device(d, true)))
+                .collect(),
+        }
+        .render();
+        assert!(summary.contains("platform      pid 10"), "{summary}");
+        assert!(summary.contains("device model  pid 11"), "{summary}");
+        assert!(summary.contains("guest (QEMU)  pid 12"), "{summary}");
+        assert!(summary.contains("/tmp/r/serial.log"), "{summary}");
+        assert!(
+            summary.contains("window 1  0x10000200  console  /dev/hvc0, the guest's shell"),
+            "{summary}"
+        );
+        assert!(summary.contains("TAP tap9"), "{summary}");
+        assert!(!summary.contains("backend VM"), "{summary}");
+        assert_eq!(summary.lines().count(), 8, "{summary}");
+    }
 
     #[test]
     fn device_model_restarts_back_off_from_none_to_at_most_1_6_s() {
@@ -1340,7 +1881,12 @@ mod tests {
 
     #[test]
     fn device_plan_numbers_windows_in_order_and_adds_net_only_with_a_tap() {
-        let plan = device_plan(Path::new("/d.img"), ConsoleMode::Pty, true, None);
+        let plan = device_plan(
+            Path::new("/d.img"),
+            ConsoleMode::Socket("/c.sock".into()),
+            true,
+            None,
+        );
         let kinds: Vec<&str> = plan.iter().map(|d| d.kind.as_str()).collect();
         assert_eq!(kinds, ["block", "console", "rng"]);
         assert_eq!(plan[2].mmio_base, MMIO_BASE + 2 * WINDOW);
@@ -1380,7 +1926,12 @@ mod tests {
 
     #[test]
     fn backend_plan_serves_the_disk_at_dev_vda_with_the_frontends_shmem_at_0() {
-        let plan = device_plan(Path::new("/h/d.img"), ConsoleMode::Pty, true, None);
+        let plan = device_plan(
+            Path::new("/h/d.img"),
+            ConsoleMode::Socket("/c.sock".into()),
+            true,
+            None,
+        );
         let (backend, disk) = backend_device_plan(&plan).unwrap();
         assert_eq!(disk, Path::new("/h/d.img"));
         assert_eq!(backend[0].path.as_deref(), Some(Path::new("/dev/vda")));

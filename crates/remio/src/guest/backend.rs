@@ -515,26 +515,40 @@ fn overlay_archive(
     dm_config: &str,
     extra_files: &[(String, Vec<u8>, u32)],
 ) -> anyhow::Result<Vec<u8>> {
-    let mut files: Vec<(String, &[u8], u32)> = vec![
-        (GUEST_REMIO.to_owned(), remio, 0o755),
-        (GUEST_DM_CONFIG.to_owned(), dm_config.as_bytes(), 0o644),
+    let mut files: Vec<(&str, &[u8], u32)> = vec![
+        (GUEST_REMIO, remio, 0o755),
+        (GUEST_DM_CONFIG, dm_config.as_bytes(), 0o644),
     ];
-    for (path, bytes, mode) in extra_files {
+    files.extend(
+        extra_files
+            .iter()
+            .map(|(path, bytes, mode)| (path.as_str(), bytes.as_slice(), *mode)),
+    );
+    files_archive(&files)
+}
+
+/// A complete newc archive (length a multiple of 4) of `files` as (guest path, contents,
+/// permission bits), their parent directories created first: an overlay to append to an
+/// initramfs (later members replace earlier ones). Fails on a path with an empty, `.` or `..`
+/// component and on a mode with more than permission bits.
+pub fn files_archive(files: &[(&str, &[u8], u32)]) -> anyhow::Result<Vec<u8>> {
+    let mut members = Vec::with_capacity(files.len());
+    for (path, bytes, mode) in files {
         ensure!(
             mode & !0o7777 == 0,
             "{path}: mode {mode:#o} is more than permission bits"
         );
-        files.push((member_name(path)?, bytes, *mode));
+        members.push((member_name(path)?, *bytes, *mode));
     }
     let mut dirs = BTreeSet::new();
-    for (name, _, _) in &files {
+    for (name, _, _) in &members {
         dirs.extend(parents(name));
     }
     let mut c = Cpio::default();
     for d in &dirs {
         c.dir(d)?;
     }
-    for (name, bytes, mode) in &files {
+    for (name, bytes, mode) in &members {
         c.file(name, *mode, bytes)?;
     }
     c.finish()

@@ -25,7 +25,7 @@ use sha2::{Digest as _, Sha256};
 pub mod backend;
 mod patch;
 
-pub use backend::{backend_overlay, backend_status};
+pub use backend::{backend_overlay, backend_status, files_archive};
 
 /// Bumped whenever the build recipe changes in a way the hashed sources below do not show.
 const FORMAT: u32 = 1;
