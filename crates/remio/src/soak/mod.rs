@@ -64,6 +64,16 @@ pub struct Args {
     /// re-creation, chosen at random); 0 for none.
     #[arg(long, default_value_t = 100)]
     churn_ms: u64,
+    /// The kinds of churn event to choose from (comma separated): kill (SIGKILL a device-model
+    /// process and restart it), pause (pause a DM for 1-5 ms), recreate (a device model ends a
+    /// session and opens a new one).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "kill,pause,recreate"
+    )]
+    churn: Vec<ChurnKind>,
     /// Seconds of load and churn before the start sample (not counted).
     #[arg(long, default_value_t = 10)]
     warmup_secs: u64,
@@ -79,6 +89,17 @@ pub struct Args {
     /// Internal: DMs served.
     #[arg(long, hide = true, default_value_t = 0)]
     count: u32,
+}
+
+/// A kind of churn event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ChurnKind {
+    /// SIGKILL a device-model process and start a new one.
+    Kill,
+    /// Pause a DM for 1-5 ms.
+    Pause,
+    /// Have a device model end one session and open a new one.
+    Recreate,
 }
 
 /// Quiet unless asked: session ends are logged at info, and churn ends thousands of them.
@@ -269,6 +290,8 @@ struct Churner<'a> {
     procs: &'a Mutex<Vec<DmProcess>>,
     shared: &'a Shared,
     rng: Rng,
+    /// The kinds of event to choose from (see [`Churner::event`]).
+    kinds: Vec<u64>,
     counts: Churn,
 }
 
@@ -332,7 +355,12 @@ impl Churner<'_> {
             if !nap(jitter, stop) {
                 return Ok(());
             }
-            let kind = self.rng.below(3);
+            let Some(&kind) = self
+                .kinds
+                .get(usize::try_from(self.rng.below(self.kinds.len() as u64)).unwrap_or(0))
+            else {
+                return Ok(());
+            };
             self.event(kind)?;
         }
     }
@@ -482,6 +510,15 @@ fn soak(args: &Args, stop: Stop) -> anyhow::Result<Report> {
         procs: &procs,
         shared: &shared,
         rng: Rng::new(0x50a6),
+        kinds: args
+            .churn
+            .iter()
+            .map(|k| match k {
+                ChurnKind::Kill => 0,
+                ChurnKind::Pause => 1,
+                ChurnKind::Recreate => 2,
+            })
+            .collect(),
         counts: Churn::default(),
     };
     let mut scratch = vec![vec![Expect::known(0); DMS as usize]; args.vcpus];
@@ -493,7 +530,7 @@ fn soak(args: &Args, stop: Stop) -> anyhow::Result<Report> {
     eprintln!("soak: warm-up ({} s) ...", args.warmup_secs);
     active.store(true, Ordering::Relaxed);
     if interval.is_some() {
-        for kind in 0..3 {
+        for kind in churner.kinds.clone() {
             churner.event(kind)?;
         }
     }
@@ -503,6 +540,7 @@ fn soak(args: &Args, stop: Stop) -> anyhow::Result<Report> {
     churner.counts = Churn::default();
     let before = settle_and_sample(&platform, &procs, &setup, None)?;
     shared.claimed.store(0, Ordering::Relaxed);
+    let interrupts_before = shared.interrupts.load(Ordering::Relaxed);
 
     eprintln!("soak: measuring ...");
     active.store(true, Ordering::Relaxed);
@@ -543,7 +581,7 @@ fn soak(args: &Args, stop: Stop) -> anyhow::Result<Report> {
     let after = settle_and_sample(&platform, &procs, &setup, Some(before.platform.fds))?;
     let settled = setup_of(&platform) == setup;
     finished.store(true, Ordering::Relaxed);
-    let interrupts = shared.interrupts.load(Ordering::Relaxed);
+    let interrupts = shared.interrupts.load(Ordering::Relaxed) - interrupts_before;
     drop(procs);
     drop(platform);
     Ok(Report {
