@@ -182,7 +182,10 @@ fn takeover_and_restart_after_sigkill_resume_the_device() {
     let second = Dm::spawn(&dir, Some(old.child.id()));
     second.wait_ready();
     let status = old.child.wait().unwrap();
-    assert!(status.success(), "the old device model exited with {status}");
+    assert!(
+        status.success(),
+        "the old device model exited with {status}"
+    );
 
     assert_eq!(r(&fe, VIRTIO_MMIO_STATUS), 0xf, "still live, not reset");
     request_entropy(&fe, &vq, 1);
@@ -199,7 +202,11 @@ fn takeover_and_restart_after_sigkill_resume_the_device() {
     third.wait_ready();
     during.join().unwrap();
 
-    assert_eq!(wait_used(&vq, 3), 3, "the request made while no device model ran");
+    assert_eq!(
+        wait_used(&vq, 3),
+        3,
+        "the request made while no device model ran"
+    );
     assert_eq!(r(&fe, VIRTIO_MMIO_STATUS), 0xf);
     assert_eq!(platform.hypervisor().stats().timeouts, 0);
     drop(third);
