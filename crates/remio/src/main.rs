@@ -9,6 +9,7 @@ use remio::platform;
 mod hosttap;
 mod run;
 mod soak;
+mod stats;
 
 use clap::{Parser, Subcommand};
 
@@ -35,6 +36,8 @@ enum Command {
     Bench(bench::Args),
     /// Load with churn across processes: exactly-once accounting, fds and memory flat.
     Soak(soak::Args),
+    /// Show the counters of a running `remio run` (requests by route, interrupts, timeouts).
+    Stats(stats::Args),
 }
 
 fn main() {
@@ -47,6 +50,7 @@ fn main() {
         Command::Guest(args) => guest::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Soak(args) => soak::run(args),
+        Command::Stats(args) => stats::run(args),
     };
     if let Err(err) = result {
         eprintln!("remio: {}", error_chain(&err));

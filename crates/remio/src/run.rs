@@ -38,7 +38,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -392,6 +392,9 @@ Things to try:
   ping -c 3 10.77.0.1                     the host, over virtio-net (if eth0 is up)
   dmesg | grep -i virtio                  how the guest found the devices
 
+On the host, in a second terminal, `remio stats` shows this run's counters live: requests per
+device by route (control client, status word, ioeventfd), interrupts, timeouts.
+
 The kernel's boot log went to serial.log in the run directory (`remio run -v` shows it).
 `exit`, Ctrl-D or `poweroff` ends the guest; remio run exits with the shell's status.
 ";
@@ -589,6 +592,8 @@ struct Summary<'a> {
     dm_pid: Option<u32>,
     backend_pid: Option<u32>,
     qemu_pid: u32,
+    /// The stats socket (`remio stats` finds it).
+    stats: Option<&'a Path>,
     serial_log: &'a Path,
     /// (kind, what the guest sees) per window, in window order.
     devices: Vec<(String, String)>,
@@ -616,6 +621,12 @@ impl Summary<'_> {
             self.qemu_pid,
             self.serial_log.display()
         ));
+        if let Some(sock) = self.stats {
+            out.push_str(&format!(
+                "  counters      `remio stats` (socket {})\n",
+                sock.display()
+            ));
+        }
         for ((kind, what), i) in self.devices.iter().zip(0u64..) {
             out.push_str(&format!(
                 "  window {i}  {:#x}  {kind:<8} {what}\n",
@@ -915,6 +926,9 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
         }
     };
 
+    let dm_restarts = Arc::new(AtomicU32::new(0));
+    let stats_server = start_stats(&serving, &hyp, &bridge, &dm_restarts);
+
     let mut cmdline_extra = Vec::new();
     if host_tap.is_some() {
         cmdline_extra.push(format!("remio.net={}", crate::hosttap::GUEST_ADDR));
@@ -951,6 +965,7 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
             dm_pid: session.dm.as_ref().map(Child::id),
             backend_pid: session.backend.as_ref().map(Child::id),
             qemu_pid: qemu_child.id(),
+            stats: stats_server.as_ref().map(crate::stats::StatsServer::path),
             serial_log: if serial_piped {
                 &serial_log
             } else {
@@ -990,7 +1005,15 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
     });
 
     let started = Instant::now();
-    let qemu_status = supervise(&mut session, &bridge, n, timeout, started, args.dm_restarts);
+    let qemu_status = supervise(
+        &mut session,
+        &bridge,
+        n,
+        timeout,
+        started,
+        args.dm_restarts,
+        &dm_restarts,
+    );
     // QEMU must be gone before the console reader can see the end of its output.
     session.kill_children();
     drop(raw);
@@ -1013,6 +1036,7 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
     // Children first (QEMU must not outlive the bridge), then the bridge and the platform,
     // then the temporary directory they had their sockets in.
     session.kill_children();
+    drop(stats_server);
     drop(bridge);
     drop(serving);
     drop(session);
@@ -1031,6 +1055,70 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
         (None, Outcome::Interrupted) => bail!("interrupted"),
         (None, Outcome::Exited(st)) => {
             bail!("the guest stopped without reporting a status (QEMU {st})")
+        }
+    }
+}
+
+/// Serves the run's counters for `remio stats` ([`crate::stats`]); a socket that cannot be
+/// made is a warning, not an error of the run.
+fn start_stats(
+    serving: &Serving,
+    hyp: &Arc<Hypervisor>,
+    bridge: &Bridge,
+    dm_restarts: &Arc<AtomicU32>,
+) -> Option<crate::stats::StatsServer> {
+    use crate::stats::{DmSnapshot, Snapshot};
+    let dispatcher = match serving {
+        Serving::Remio { _platform: p } => Some(Arc::clone(p.dispatcher())),
+        Serving::CDriver(_) => None,
+    };
+    let hyp = Arc::clone(hyp);
+    let bridge_stats = bridge.stats();
+    let restarts = Arc::clone(dm_restarts);
+    let started = Instant::now();
+    let snapshot = move || {
+        let hs = hyp.stats();
+        let (bridge_accesses, bridge_mean_ns) = bridge_stats.bar_summary();
+        let dms = dispatcher
+            .as_ref()
+            .map(|d| d.dms())
+            .unwrap_or_default()
+            .iter()
+            .map(|dm| {
+                let st = dm.stats();
+                DmSnapshot {
+                    id: dm.id(),
+                    requests: st.dispatched,
+                    to_control: st.to_control,
+                    to_status_word: st.to_status_word,
+                    to_ioeventfd: st.to_ioeventfd,
+                    to_io_client: st.to_io_client,
+                    completed_by_dispatcher: st.completed_by_dispatcher,
+                    interrupts: st.irqfd_notifies,
+                    hypercall_errors: st.hypercall_errors,
+                    session: dm.has_control_client(),
+                }
+            })
+            .collect();
+        Snapshot {
+            pid: std::process::id(),
+            uptime_s: started.elapsed().as_secs(),
+            dm_restarts: restarts.load(Ordering::Relaxed),
+            requests: hs.requests,
+            completions: hs.completions,
+            timeouts: hs.timeouts,
+            interrupts: hs.notifies,
+            bridge_accesses,
+            bridge_mean_ns,
+            dms,
+        }
+    };
+    let dir = crate::stats::run_dir();
+    match crate::stats::StatsServer::start(&dir, snapshot) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            log::warn!("no stats socket (remio stats will not find this run): {e:#}");
+            None
         }
     }
 }
@@ -1615,6 +1703,7 @@ fn supervise(
     timeout: Option<Duration>,
     started: Instant,
     dm_restarts: u32,
+    restarted: &AtomicU32,
 ) -> anyhow::Result<Outcome> {
     let mut dm_reported = false;
     let mut restarts = 0;
@@ -1642,6 +1731,7 @@ fn supervise(
                     .filter(|_| restarts < dm_restarts);
                 if let Some(launcher) = launcher {
                     restarts += 1;
+                    restarted.store(restarts, Ordering::Relaxed);
                     let pause = restart_backoff(restarts);
                     log::warn!(
                         "the device model exited ({st}); restarting it in {pause:?} \
@@ -1842,6 +1932,7 @@ mod tests {
             dm_pid: Some(11),
             backend_pid: None,
             qemu_pid: 12,
+            stats: Some(Path::new("/run/remio/stats-10.sock")),
             serial_log: Path::new("/tmp/r/serial.log"),
             devices: plan
                 .iter()
@@ -1859,7 +1950,8 @@ mod tests {
         );
         assert!(summary.contains("TAP tap9"), "{summary}");
         assert!(!summary.contains("backend VM"), "{summary}");
-        assert_eq!(summary.lines().count(), 8, "{summary}");
+        assert!(summary.contains("`remio stats` (socket /run/remio/stats-10.sock)"));
+        assert_eq!(summary.lines().count(), 9, "{summary}");
     }
 
     #[test]

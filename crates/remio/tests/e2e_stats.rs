@@ -1,0 +1,137 @@
+//! `remio stats` during a guest's I/O: found without arguments in the per-user run directory
+//! (here a private $XDG_RUNTIME_DIR), its counters match what the guest did.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+mod e2e_common;
+use e2e_common::*;
+
+/// Kills `remio run` if the test fails while it runs.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// How many direct 4 KiB reads the guest makes: one request and one interrupt each.
+const READS: u64 = 1000;
+
+#[test]
+fn remio_stats_finds_the_run_and_counts_the_guests_block_requests() {
+    if !prerequisites("e2e_stats") {
+        return;
+    }
+    let runtime = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/remio-e2e-xdg").unwrap();
+    let stats = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_remio"))
+            .arg("stats")
+            .args(extra)
+            .env("XDG_RUNTIME_DIR", runtime.as_path())
+            .output()
+            .unwrap()
+    };
+    let none = stats(&["--once"]);
+    assert!(!none.status.success());
+    let msg = String::from_utf8_lossy(&none.stderr);
+    assert!(
+        msg.contains(&runtime.as_path().join("remio").display().to_string()),
+        "the error names where it looked: {msg}"
+    );
+
+    let _lock = boot_lock();
+    let script = format!(
+        "dd if=/dev/vda of=/dev/null bs=4096 count={READS} iflag=direct 2>/dev/null; \
+         echo IO-DONE; sleep 15"
+    );
+    let child = Command::new(env!("CARGO_BIN_EXE_remio"))
+        .args(["run", "--no-console", "--no-rng", "--timeout"])
+        .arg(GUEST_TIMEOUT.as_secs().to_string())
+        .arg("--exec")
+        .arg(&script)
+        .env("XDG_RUNTIME_DIR", runtime.as_path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut run = Running(child);
+    let mut stderr = run.0.stderr.take().unwrap();
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = run.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("the guest never said IO-DONE");
+        if line.contains("IO-DONE") {
+            break;
+        }
+    }
+
+    let json = stats(&["--json"]);
+    let table = stats(&["--once"]);
+    let _ = run.0.wait();
+    eprintln!("--- remio stderr ---\n{}", t_err.join().unwrap());
+    assert!(
+        json.status.success(),
+        "{}",
+        String::from_utf8_lossy(&json.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    eprintln!("{v:#}");
+    assert_eq!(v["pid"].as_u64(), Some(u64::from(run.0.id())));
+    let block = &v["dms"][0];
+    assert_eq!(block["id"].as_u64(), Some(0));
+    assert_eq!(block["session"].as_bool(), Some(true));
+    // Each read is a QueueNotify (an ioeventfd) and a completion interrupt, at least.
+    let notifies = block["to_ioeventfd"].as_u64().unwrap();
+    let irqs = block["interrupts"].as_u64().unwrap();
+    assert!(
+        notifies >= READS,
+        "{notifies} queue notifies for {READS} reads"
+    );
+    assert!(irqs >= READS, "{irqs} interrupts for {READS} reads");
+    let requests = block["requests"].as_u64().unwrap();
+    let routed = [
+        "to_control",
+        "to_status_word",
+        "to_ioeventfd",
+        "to_io_client",
+    ]
+    .iter()
+    .map(|k| block[k].as_u64().unwrap())
+    .sum::<u64>();
+    assert!(routed <= requests, "{routed} routed of {requests} requests");
+    assert!(v["requests"].as_u64().unwrap() >= requests);
+    assert_eq!(v["timeouts"].as_u64(), Some(0));
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("requests"), "{table}");
+    assert!(
+        !runtime
+            .as_path()
+            .join("remio")
+            .read_dir()
+            .unwrap()
+            .any(|_| true),
+        "the socket is gone after the run"
+    );
+}
