@@ -320,10 +320,10 @@ pub fn vcpu(
         seq: (seed & 0xff) << 40,
         c: Counts::default(),
     };
-    // Budget: accesses claimed from `shared.claimed` in chunks; a step (one or two accesses)
-    // is taken while any of the chunk is left, so the total overshoots by at most one access
-    // per thread.
-    let mut left = 0u64;
+    // Budget: accesses claimed from `shared.claimed` in chunks. A step is one or two accesses,
+    // so the balance may go one below zero; the next claim pays that back, and the total
+    // overshoots by at most one access per thread.
+    let mut left = 0i64;
     let mut steps = 0u64;
     loop {
         if shared.stop.load(Ordering::Relaxed) {
@@ -335,18 +335,18 @@ pub fn vcpu(
             }
         }
         if let Some(budget) = until.budget {
-            if left == 0 {
+            while left <= 0 {
                 let got = shared.claimed.fetch_add(CLAIM, Ordering::Relaxed);
                 if got >= budget {
-                    break;
+                    return (v.c, v.scratch);
                 }
-                left = CLAIM.min(budget - got);
+                left += i64::try_from(CLAIM.min(budget - got)).unwrap_or(0);
             }
         }
         let before = v.c.accesses;
         v.step();
         steps += 1;
-        left = left.saturating_sub(v.c.accesses - before);
+        left -= i64::try_from(v.c.accesses - before).unwrap_or(0);
     }
     (v.c, v.scratch)
 }
