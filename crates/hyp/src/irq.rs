@@ -167,7 +167,9 @@ impl IrqLine {
     pub(crate) fn eventfd(&self) -> io::Result<EventFd> {
         let mut s = lock(&self.state);
         if s.eventfd.is_none() {
-            s.eventfd = Some(EventFd::new(libc::EFD_NONBLOCK)?);
+            // Close-on-exec: the platform spawns QEMU and device models, which must not
+            // inherit it.
+            s.eventfd = Some(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?);
         }
         let efd = s.eventfd.as_ref().map(EventFd::try_clone);
         let efd = efd.unwrap_or_else(|| Err(io::Error::other("eventfd vanished")))?;
@@ -246,6 +248,16 @@ mod tests {
         line.raise();
         line.raise();
         assert_eq!(efd.read().unwrap(), 2);
+    }
+
+    #[test]
+    fn the_eventfd_is_not_inherited_by_children() {
+        use std::os::fd::AsRawFd;
+        let line = IrqLine::default();
+        let efd = line.eventfd().unwrap();
+        // SAFETY: F_GETFD on an fd we own; no memory is passed.
+        let flags = unsafe { libc::fcntl(efd.as_raw_fd(), libc::F_GETFD) };
+        assert_ne!(flags & libc::FD_CLOEXEC, 0);
     }
 
     #[test]
