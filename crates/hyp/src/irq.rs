@@ -254,10 +254,17 @@ mod tests {
     fn the_eventfd_is_not_inherited_by_children() {
         use std::os::fd::AsRawFd;
         let line = IrqLine::default();
-        let efd = line.eventfd().unwrap();
-        // SAFETY: F_GETFD on an fd we own; no memory is passed.
-        let flags = unsafe { libc::fcntl(efd.as_raw_fd(), libc::F_GETFD) };
-        assert_ne!(flags & libc::FD_CLOEXEC, 0);
+        let clone = line.eventfd().unwrap();
+        let state = lock(&line.state);
+        // The one the line keeps, and the clone handed out.
+        for fd in [
+            state.eventfd.as_ref().unwrap().as_raw_fd(),
+            clone.as_raw_fd(),
+        ] {
+            // SAFETY: F_GETFD on an fd we own; no memory is passed.
+            let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+            assert_ne!(flags & libc::FD_CLOEXEC, 0);
+        }
     }
 
     #[test]
