@@ -49,12 +49,11 @@ fn openpty(rows: u16, cols: u16) -> (OwnedFd, OwnedFd) {
     };
     assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
     for fd in [master, slave] {
-        // SAFETY: fcntl on a descriptor openpty just returned. Close-on-exec: remio and its
-        // children get the slave only as their stdio, never the master.
-        assert_eq!(
-            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) },
-            0
-        );
+        // Close-on-exec: remio and its children get the slave only as their stdio, never the
+        // master.
+        // SAFETY: fcntl on a descriptor openpty just returned; F_SETFD touches no memory.
+        let r = unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        assert_eq!(r, 0);
     }
     // SAFETY: openpty returned two new descriptors that nothing else owns.
     unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) }
