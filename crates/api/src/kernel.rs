@@ -14,7 +14,8 @@
 //! device model must plan for (the posted driver's defects): IOEVENTFD with DEASSIGN deassigns
 //! and then assigns again; ATTACH interrupted by a signal fails with EFAULT instead of
 //! restarting; an ioeventfd owns its whole range, and writes there whose value matches none
-//! are dropped. [`driver_double`](crate::driver_double) models each of them for tests.
+//! are dropped. `remio_api::driver_double` (feature `driver-double`) models each of them for
+//! tests.
 //!
 //! The system calls sit behind the [`Ioctl`] trait: [`SysIoctl`] makes them for real, and
 //! tests put a recording double or the driver double in its place.
