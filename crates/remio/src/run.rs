@@ -89,6 +89,9 @@ pub struct Args {
     /// permission bits.
     #[arg(long, value_name = "HOST:GUEST")]
     pub copy_in: Vec<String>,
+    /// Write the run's final counters (those of `remio stats --json`) to this file at exit.
+    #[arg(long, value_name = "FILE")]
+    pub stats_json: Option<PathBuf>,
     /// Serve the virtio console (the demo shell's /dev/hvc0) on this UNIX socket instead of
     /// this terminal (e.g. `socat -,raw,echo=0 UNIX-CONNECT:PATH`).
     #[arg(long, value_name = "PATH", conflicts_with = "no_console")]
@@ -906,7 +909,13 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
                 &tmp,
                 &dm_config,
                 n,
-                console_on_terminal,
+                DmStdio {
+                    stdin_terminal: console_on_terminal,
+                    // Only a stdio console needs it: else the device model's own stdout lines
+                    // (REMIO-DM-READY) would mix with the script's output.
+                    stdout: args.config.is_some()
+                        || !(args.no_console || args.console_socket.is_some()),
+                },
             )?;
             Serving::Remio {
                 _platform: platform,
@@ -927,7 +936,8 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
     };
 
     let dm_restarts = Arc::new(AtomicU32::new(0));
-    let stats_server = start_stats(&serving, &hyp, &bridge, &dm_restarts);
+    let snapshot = snapshot_fn(&serving, &hyp, &bridge, &dm_restarts);
+    let stats_server = start_stats(&snapshot);
 
     let mut cmdline_extra = Vec::new();
     if host_tap.is_some() {
@@ -1037,6 +1047,13 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
     // then the temporary directory they had their sockets in.
     session.kill_children();
     drop(stats_server);
+    if let Some(path) = &args.stats_json {
+        let text =
+            serde_json::to_string_pretty(&snapshot()).context("serialising the final counters")?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("--stats-json {}", path.display()))?;
+    }
+    drop(snapshot);
     drop(bridge);
     drop(serving);
     drop(session);
@@ -1059,14 +1076,31 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
     }
 }
 
+/// Takes a snapshot of the run's counters ([`crate::stats::Snapshot`]).
+type SnapshotFn = Arc<dyn Fn() -> crate::stats::Snapshot + Send + Sync>;
+
 /// Serves the run's counters for `remio stats` ([`crate::stats`]); a socket that cannot be
 /// made is a warning, not an error of the run.
-fn start_stats(
+fn start_stats(snapshot: &SnapshotFn) -> Option<crate::stats::StatsServer> {
+    let dir = crate::stats::run_dir();
+    let snapshot = Arc::clone(snapshot);
+    match crate::stats::StatsServer::start(&dir, move || snapshot()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            log::warn!("no stats socket (remio stats will not find this run): {e:#}");
+            None
+        }
+    }
+}
+
+/// The run's counters: the dispatcher's per DM (none with the C driver, whose counters live in
+/// the backend VM), the hypervisor model's and the bridge's.
+fn snapshot_fn(
     serving: &Serving,
     hyp: &Arc<Hypervisor>,
     bridge: &Bridge,
     dm_restarts: &Arc<AtomicU32>,
-) -> Option<crate::stats::StatsServer> {
+) -> SnapshotFn {
     use crate::stats::{DmSnapshot, Snapshot};
     let dispatcher = match serving {
         Serving::Remio { _platform: p } => Some(Arc::clone(p.dispatcher())),
@@ -1113,14 +1147,7 @@ fn start_stats(
             dms,
         }
     };
-    let dir = crate::stats::run_dir();
-    match crate::stats::StatsServer::start(&dir, snapshot) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            log::warn!("no stats socket (remio stats will not find this run): {e:#}");
-            None
-        }
-    }
+    Arc::new(snapshot)
 }
 
 /// The devices of a `--config` file for the summary block: (kind, where it comes from).
@@ -1163,7 +1190,7 @@ fn start_remio_dispatcher(
     tmp: &Path,
     dm_config: &Path,
     n: u32,
-    console_on_terminal: bool,
+    stdio: DmStdio,
 ) -> anyhow::Result<Platform> {
     let api_socket = tmp.join("api.sock");
     let platform = Platform::with_hypervisor(Arc::clone(hyp), BACKEND_VM, Some(&api_socket))
@@ -1172,7 +1199,7 @@ fn start_remio_dispatcher(
         exe: std::env::current_exe().context("locating the remio binary")?,
         config: dm_config.to_owned(),
         socket: api_socket,
-        console_on_terminal,
+        stdio,
     };
     let dm = launcher.spawn()?;
     log::debug!("device model pid {}", dm.id());
@@ -1188,9 +1215,16 @@ struct DmLauncher {
     exe: PathBuf,
     config: PathBuf,
     socket: PathBuf,
-    /// The demo: the device model's stdio console is the guest's shell on this terminal, so it
-    /// gets our stdin.
-    console_on_terminal: bool,
+    stdio: DmStdio,
+}
+
+/// What the device model's stdin and stdout are.
+#[derive(Clone, Copy, Debug)]
+struct DmStdio {
+    /// Ours (the demo: its stdio console is the guest's shell on this terminal), else null.
+    stdin_terminal: bool,
+    /// Ours (a stdio console's output), else null.
+    stdout: bool,
 }
 
 impl DmLauncher {
@@ -1211,7 +1245,12 @@ impl DmLauncher {
             .arg(&self.config)
             .arg("--socket")
             .arg(&self.socket)
-            .stdin(if self.console_on_terminal {
+            .stdin(if self.stdio.stdin_terminal {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .stdout(if self.stdio.stdout {
                 Stdio::inherit()
             } else {
                 Stdio::null()

@@ -1,5 +1,6 @@
 //! `remio stats` during a guest's I/O: found without arguments in the per-user run directory
-//! (here a private $XDG_RUNTIME_DIR), its counters match what the guest did.
+//! (here a private $XDG_RUNTIME_DIR), its counters match what the guest did, and
+//! `remio run --stats-json` writes the final ones.
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader, Read};
@@ -51,8 +52,12 @@ fn remio_stats_finds_the_run_and_counts_the_guests_block_requests() {
         "dd if=/dev/vda of=/dev/null bs=4096 count={READS} iflag=direct 2>/dev/null; \
          echo IO-DONE; sleep 15"
     );
+    let final_json = runtime.as_path().join("final.json");
     let child = Command::new(env!("CARGO_BIN_EXE_remio"))
-        .args(["run", "--no-console", "--no-rng", "--timeout"])
+        .arg("run")
+        .arg("--stats-json")
+        .arg(&final_json)
+        .args(["--no-console", "--no-rng", "--timeout"])
         .arg(GUEST_TIMEOUT.as_secs().to_string())
         .arg("--exec")
         .arg(&script)
@@ -123,6 +128,12 @@ fn remio_stats_finds_the_run_and_counts_the_guests_block_requests() {
     assert!(routed <= requests, "{routed} routed of {requests} requests");
     assert!(v["requests"].as_u64().unwrap() >= requests);
     assert_eq!(v["timeouts"].as_u64(), Some(0));
+    let last: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&final_json).unwrap()).unwrap();
+    assert!(
+        last["dms"][0]["to_ioeventfd"].as_u64().unwrap() >= notifies,
+        "--stats-json has the final counters"
+    );
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(table.contains("requests"), "{table}");
     assert!(
