@@ -1250,16 +1250,91 @@ impl DmLauncher {
             } else {
                 Stdio::null()
             })
-            .stdout(if self.stdio.stdout {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            });
+            .stdout(Stdio::null());
         // Its start-up INFO lines would repeat the summary `remio run` prints.
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "warn");
         }
-        cmd.spawn().context("starting the device model (remio dm)")
+        // A stdio console's output comes through a pipe, copied to our stdout without the
+        // device model's own REMIO-DM-* lines (for scripts and the backend VM, not for the user).
+        let pipe = if self.stdio.stdout {
+            let (r, w) = std::io::pipe().context("a pipe for the device model's stdout")?;
+            cmd.stdout(w);
+            Some(r)
+        } else {
+            None
+        };
+        let child = cmd
+            .spawn()
+            .context("starting the device model (remio dm)")?;
+        // The write end went with the device model: the copy ends when it exits.
+        drop(cmd);
+        if let Some(r) = pipe {
+            std::thread::Builder::new()
+                .name("remio-dm-stdout".into())
+                .spawn(move || copy_console(r))
+                .context("starting the console copier")?;
+        }
+        Ok(child)
+    }
+}
+
+/// Copies a device model's stdout to ours through a [`MarkerFilter`].
+fn copy_console(mut from: impl std::io::Read) {
+    let mut filter = MarkerFilter::default();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        let out = filter.feed(&buf[..n]);
+        if !out.is_empty() {
+            let mut o = std::io::stdout().lock();
+            let _ = o.write_all(&out);
+            let _ = o.flush();
+        }
+    }
+}
+
+/// Drops the `REMIO-DM-FAILED …` / `REMIO-DM-READY <n>` lines a device model prints first on
+/// its stdout (before any console output: the guest has not started, or a restarted device
+/// model has not yet taken a request); everything from the first other byte on passes as it is.
+#[derive(Debug, Default)]
+struct MarkerFilter {
+    /// Past the leading markers: pass everything.
+    passing: bool,
+    /// The start of a line not yet known to be a marker or not.
+    head: Vec<u8>,
+}
+
+impl MarkerFilter {
+    const PREFIX: &'static [u8] = b"REMIO-DM-";
+
+    /// What of `data` to forward.
+    fn feed(&mut self, data: &[u8]) -> Vec<u8> {
+        if self.passing {
+            return data.to_vec();
+        }
+        self.head.extend_from_slice(data);
+        loop {
+            let n = self.head.len().min(Self::PREFIX.len());
+            if self.head[..n] != Self::PREFIX[..n] {
+                self.passing = true;
+                return std::mem::take(&mut self.head);
+            }
+            let Some(nl) = self.head.iter().position(|&b| b == b'\n') else {
+                return Vec::new();
+            };
+            let ready = self.head.starts_with(b"REMIO-DM-READY ");
+            self.head.drain(..=nl);
+            if ready {
+                self.passing = true;
+                return std::mem::take(&mut self.head);
+            }
+        }
     }
 }
 
@@ -1991,6 +2066,22 @@ mod tests {
         assert!(!summary.contains("backend VM"), "{summary}");
         assert!(summary.contains("`remio stats` (socket /run/remio/stats-10.sock)"));
         assert_eq!(summary.lines().count(), 9, "{summary}");
+    }
+
+    #[test]
+    fn the_device_models_leading_markers_are_dropped_and_console_output_is_not() {
+        let mut f = MarkerFilter::default();
+        assert_eq!(f.feed(b"REMIO-DM-FAI"), b"");
+        assert_eq!(f.feed(b"LED 2 no tap\nREMIO-DM-READY 3\nhel"), b"hel");
+        assert_eq!(f.feed(b"lo\nREMIO-DM-READY 3\n"), b"lo\nREMIO-DM-READY 3\n");
+
+        let mut f = MarkerFilter::default();
+        assert_eq!(f.feed(b"RE"), b"");
+        assert_eq!(f.feed(b"MOTE login: "), b"REMOTE login: ");
+        assert_eq!(f.feed(b"x"), b"x");
+
+        let mut f = MarkerFilter::default();
+        assert_eq!(f.feed(b"remio:~# "), b"remio:~# ");
     }
 
     #[test]

@@ -164,6 +164,10 @@ fn on_a_terminal_the_demo_shell_gets_ctrl_c_ctrl_d_and_the_size_and_the_terminal
         text.contains("40 120"),
         "the guest's hvc0 has the terminal's size"
     );
+    assert!(
+        !text.contains("REMIO-DM-READY"),
+        "the device model's marker is not shown to the user"
+    );
     assert_eq!(
         status,
         Some(5),
