@@ -145,8 +145,8 @@ struct Notifiers {
 /// What one activation handed the device.
 #[derive(Debug)]
 struct Activation {
-    /// Kept so that the interrupt outlives the device's use of it until reset.
-    _interrupt: Arc<Interrupt>,
+    /// The activation's interrupt (a resumed device raises it; dropped at reset).
+    interrupt: Arc<Interrupt>,
 }
 
 /// Why DRIVER_OK could not activate the device.
@@ -306,7 +306,7 @@ impl MmioTransport {
                     self.shared
                         .interrupt_status
                         .fetch_or(rec.interrupt_status, Ordering::SeqCst);
-                    active._interrupt.signal_used_queue();
+                    active.interrupt.signal_used_queue();
                 }
                 self.kick_queues();
                 Resumed::Live
@@ -699,7 +699,7 @@ impl MmioTransport {
         };
         self.device.activate(ctx)?;
         self.active = Some(Activation {
-            _interrupt: interrupt,
+            interrupt,
         });
         Ok(())
     }
