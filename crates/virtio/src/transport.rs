@@ -698,9 +698,7 @@ impl MmioTransport {
             acked_features: self.driver_features,
         };
         self.device.activate(ctx)?;
-        self.active = Some(Activation {
-            interrupt,
-        });
+        self.active = Some(Activation { interrupt });
         Ok(())
     }
 
