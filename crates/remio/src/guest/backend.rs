@@ -389,23 +389,7 @@ fn pack(
 ) -> anyhow::Result<Vec<u8>> {
     let mut c = Cpio::default();
     let mut dirs = BTreeSet::new();
-    for d in [
-        "bin",
-        "dev",
-        "etc",
-        "etc/remio",
-        "lib",
-        "lib/modules",
-        "proc",
-        "root",
-        "run",
-        "sbin",
-        "sys",
-        "tmp",
-        "usr",
-        "usr/bin",
-        "usr/sbin",
-    ] {
+    for d in super::SKELETON_DIRS {
         dirs.insert(d.to_owned());
     }
     dirs.insert(format!("lib/modules/{abi}"));

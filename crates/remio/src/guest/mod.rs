@@ -883,6 +883,25 @@ impl Cpio {
     }
 }
 
+/// The directories of both initramfs skeletons (the frontend guest's adds `mnt`).
+pub(crate) const SKELETON_DIRS: [&str; 15] = [
+    "bin",
+    "dev",
+    "etc",
+    "etc/remio",
+    "lib",
+    "lib/modules",
+    "proc",
+    "root",
+    "run",
+    "sbin",
+    "sys",
+    "tmp",
+    "usr",
+    "usr/bin",
+    "usr/sbin",
+];
+
 fn pack_initramfs(
     abi: &str,
     modules_dir: &Path,
@@ -891,24 +910,7 @@ fn pack_initramfs(
     iobench: &Path,
 ) -> anyhow::Result<Vec<u8>> {
     let mut c = Cpio::default();
-    for d in [
-        "bin",
-        "dev",
-        "etc",
-        "etc/remio",
-        "lib",
-        "lib/modules",
-        "mnt",
-        "proc",
-        "root",
-        "run",
-        "sbin",
-        "sys",
-        "tmp",
-        "usr",
-        "usr/bin",
-        "usr/sbin",
-    ] {
+    for d in SKELETON_DIRS.iter().chain(&["mnt"]) {
         c.dir(d)?;
     }
     let mdir = format!("lib/modules/{abi}");
