@@ -131,10 +131,12 @@ fn on_a_terminal_the_demo_shell_gets_ctrl_c_ctrl_d_and_the_size_and_the_terminal
     let deadline = Instant::now() + GUEST_TIMEOUT;
 
     let at = wait_for(&seen, 0, "remio:~# ", deadline);
+    // The guest says when the command line has run up to the sleep (the arithmetic keeps the
+    // echo of the typed line from matching): Ctrl-C then lands on the running sleep.
     input
-        .write_all(b"sleep 100 && echo NOT-$((0+1))-INTERRUPTED\n")
+        .write_all(b"echo SLEEPING-$((1+1)); sleep 100 && echo NOT-$((0+1))-INTERRUPTED\n")
         .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    let at = wait_for(&seen, at, "SLEEPING-2", deadline);
     input.write_all(b"\x03").unwrap();
     let at = wait_for(&seen, at, "remio:~# ", deadline);
     input
