@@ -25,6 +25,8 @@ pub mod launch;
 pub mod pci;
 pub mod ram;
 pub mod remote;
+#[cfg(test)]
+mod test_hyp;
 pub mod wire;
 
 use std::os::fd::{AsRawFd, OwnedFd};

@@ -263,7 +263,7 @@ impl BackendHost {
 mod tests {
     use std::time::Duration;
 
-    use remio_hyp::{HypConfig, Hypervisor, RemioDeviceConfig, Role, ShmemConfig, VmConfig};
+    use remio_hyp::{Hypervisor, ShmemConfig};
 
     use super::*;
 
@@ -343,43 +343,12 @@ mod tests {
     }
 
     fn hyp(n: u32, ram: &GuestRam) -> Arc<Hypervisor> {
-        let dev = |i: u32, role| RemioDeviceConfig {
-            bind_key: i,
-            role,
-            mmio_base: if role == Role::Frontend {
-                0x1000_0000 + u64::from(i) * 0x200
-            } else {
-                0
-            },
-            mmio_size: if role == Role::Frontend { 0x200 } else { 0 },
-            irq: if role == Role::Frontend {
-                32 + i
-            } else {
-                64 + i
-            },
-            shmem_id: 0,
-            shmem_base: 0,
+        let shmem = ShmemConfig {
+            id: 0,
+            size: ram.size(),
+            backing: Some(ram.file().try_clone().unwrap()),
         };
-        Hypervisor::new(HypConfig {
-            shmem: vec![ShmemConfig {
-                id: 0,
-                size: ram.size(),
-                backing: Some(ram.file().try_clone().unwrap()),
-            }],
-            vms: vec![
-                VmConfig {
-                    id: 1,
-                    remio_devices: (0..n).map(|i| dev(i, Role::Frontend)).collect(),
-                },
-                VmConfig {
-                    id: 2,
-                    remio_devices: (0..n).map(|i| dev(i, Role::Backend)).collect(),
-                },
-            ],
-            slots: 4,
-            timeout: Some(Duration::from_secs(2)),
-        })
-        .unwrap()
+        crate::qemu::test_hyp::hypervisor(n, shmem, Duration::from_secs(2))
     }
 
     #[test]
