@@ -1156,7 +1156,15 @@ mod tests {
         base: u64,
     }
 
-    impl DoubleFrontend<'_> {
+    impl<'a> DoubleFrontend<'a> {
+        /// DM 0's device, its window at MMIO.
+        fn of_dm0(drv: &'a DriverDouble) -> Self {
+            Self {
+                drv,
+                dm: 0,
+                base: MMIO,
+            }
+        }
         fn read(&self, offset: u32) -> u64 {
             self.drv
                 .access(self.dm, BAO_IO_READ, self.base + u64::from(offset), 4, 0)
@@ -1230,11 +1238,7 @@ mod tests {
         let handle = serve(&api, &rng_config(&[0])).unwrap();
         let mem = guest_view(&drv, 0);
         let vq = MockSplitQueue::create(&mem, GuestAddress(SHMEM), 16);
-        let fe = DoubleFrontend {
-            drv: &drv,
-            dm: 0,
-            base: MMIO,
-        };
+        let fe = DoubleFrontend::of_dm0(&drv);
         fe.probe(&vq);
         assert_eq!(fe.request_entropy(&vq, 0), WriteRoute::Signalled);
         assert_eq!(wait_used(&vq, 1), 1);
@@ -1262,11 +1266,7 @@ mod tests {
     fn on_the_c_driver_a_signal_in_attach_does_not_end_the_device() {
         let (drv, api) = c_driver(1);
         let handle = serve(&api, &rng_config(&[0])).unwrap();
-        let fe = DoubleFrontend {
-            drv: &drv,
-            dm: 0,
-            base: MMIO,
-        };
+        let fe = DoubleFrontend::of_dm0(&drv);
         assert_eq!(fe.read(VIRTIO_MMIO_MAGIC_VALUE), 0x7472_6976);
 
         // SIGSTOP/SIGCONT, a debugger, any caught signal: ATTACH fails with EFAULT. Twice,
@@ -1295,11 +1295,7 @@ mod tests {
             [ServeError::Session { dm_id: 5, .. }]
         ));
         assert!(drv.is_alive(0), "DM 0's session was not closed");
-        let fe = DoubleFrontend {
-            drv: &drv,
-            dm: 0,
-            base: MMIO,
-        };
+        let fe = DoubleFrontend::of_dm0(&drv);
         assert_eq!(fe.read(VIRTIO_MMIO_MAGIC_VALUE), 0x7472_6976);
         handle.stop();
     }
@@ -1320,11 +1316,7 @@ mod tests {
         assert!(handle.devices().is_empty());
         // The DM is kept and answers as an absent device: the probe reads MagicValue 0.
         assert!(drv.is_alive(0));
-        let fe = DoubleFrontend {
-            drv: &drv,
-            dm: 0,
-            base: MMIO,
-        };
+        let fe = DoubleFrontend::of_dm0(&drv);
         assert_eq!(fe.read(VIRTIO_MMIO_MAGIC_VALUE), 0);
         handle.stop();
     }
@@ -1352,11 +1344,7 @@ mod tests {
         let handle = serve(&api, &config).unwrap();
         let mem = guest_view(&drv, 0);
         let vq = MockSplitQueue::create(&mem, GuestAddress(SHMEM), 16);
-        let fe = DoubleFrontend {
-            drv: &drv,
-            dm: 0,
-            base: MMIO,
-        };
+        let fe = DoubleFrontend::of_dm0(&drv);
 
         fe.probe(&vq);
         assert_eq!(fe.request_entropy(&vq, 0), WriteRoute::Signalled);
