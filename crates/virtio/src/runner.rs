@@ -668,7 +668,7 @@ fn serve_one(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::devices::rng::RngDevice;
     use remio_api::DmInfo;
@@ -1217,7 +1217,7 @@ mod tests {
     }
 
     /// Waits (bounded) until the used ring's index reaches `want`; returns the last index.
-    fn wait_used(vq: &MockSplitQueue<'_, GuestMemoryMmap>, want: u16) -> u16 {
+    pub(crate) fn wait_used(vq: &MockSplitQueue<'_, GuestMemoryMmap>, want: u16) -> u16 {
         for _ in 0..5000 {
             let idx = vq.used().idx().load();
             if idx >= want {

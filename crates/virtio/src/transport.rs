@@ -1235,15 +1235,7 @@ pub(crate) mod tests {
             vq.add_desc_chains(&[RawDescriptor::from(d)], head).unwrap();
         }
 
-        fn wait_used(vq: &MockSplitQueue<'_, GuestMemoryMmap>, want: u16) -> u16 {
-            for _ in 0..5000 {
-                if vq.used().idx().load() >= want {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
-            vq.used().idx().load()
-        }
+        use crate::runner::tests::wait_used;
 
         #[test]
         fn a_new_transport_resumes_a_live_device_and_serves_what_was_left() {
