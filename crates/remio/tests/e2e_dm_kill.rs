@@ -10,19 +10,6 @@ use std::time::{Duration, Instant};
 mod e2e_common;
 use e2e_common::*;
 
-/// The pid of `parent`'s child whose command line contains ` dm `.
-fn dm_child(parent: u32) -> Option<i32> {
-    let children =
-        std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children")).ok()?;
-    children
-        .split_whitespace()
-        .filter_map(|p| p.parse::<i32>().ok())
-        .find(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline"))
-                .is_ok_and(|c| c.split(|&b| b == 0).any(|w| w == b"dm"))
-        })
-}
-
 #[test]
 fn killing_the_device_model_mid_dd_gives_io_errors_not_a_hang() {
     if !prerequisites("e2e_dm_kill") {

@@ -14,19 +14,6 @@ use e2e_common::*;
 
 const KILLS: usize = 5;
 
-/// The pid of `parent`'s child whose command line has the word `dm`.
-fn dm_child(parent: u32) -> Option<i32> {
-    let children =
-        std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children")).ok()?;
-    children
-        .split_whitespace()
-        .filter_map(|p| p.parse::<i32>().ok())
-        .find(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline"))
-                .is_ok_and(|c| c.split(|&b| b == 0).any(|w| w == b"dm"))
-        })
-}
-
 /// Waits (bounded) for a device-model child of `parent` other than `not`.
 fn wait_dm(parent: u32, not: Option<i32>) -> i32 {
     let start = Instant::now();

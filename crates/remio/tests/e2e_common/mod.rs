@@ -180,3 +180,16 @@ pub fn temp_image(size: u64) -> (vmm_sys_util::tempdir::TempDir, PathBuf) {
 pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// The pid of `parent`'s child whose command line contains ` dm `.
+pub fn dm_child(parent: u32) -> Option<i32> {
+    let children =
+        std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children")).ok()?;
+    children
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+        .find(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c.split(|&b| b == 0).any(|w| w == b"dm"))
+        })
+}
