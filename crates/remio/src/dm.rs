@@ -82,7 +82,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         // Signals are taken by one thread (below), so they are blocked in every thread the
         // device model starts from here on.
-        block_stop_signals();
+        remio::signals::block_stop_signals();
         if let Some(pid) = args.takeover {
             take_over_from(pid, Duration::from_millis(args.takeover_timeout_ms))?;
         }
@@ -118,7 +118,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         std::thread::Builder::new()
             .name("remio-dm-signals".into())
             .spawn(move || {
-                let sig = wait_stop_signal();
+                let sig = remio::signals::wait_stop_signal();
                 log::info!("dm: signal {sig}: ending the sessions; the devices stay resumable");
                 stopper.stop();
             })
@@ -128,35 +128,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     log::info!("every session has ended; exiting");
     anyhow::ensure!(failed == 0, "{failed} device(s) could not start");
     Ok(())
-}
-
-/// The signals that stop a device model gracefully.
-fn stop_signals() -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t; the calls only modify it.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-    }
-    set
-}
-
-/// Blocks SIGINT and SIGTERM in this thread and in every thread started after it.
-fn block_stop_signals() {
-    let set = stop_signals();
-    // SAFETY: `set` is initialised; this only changes the calling thread's mask.
-    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-}
-
-/// Waits for SIGINT or SIGTERM (blocked by [`block_stop_signals`]) and returns it.
-fn wait_stop_signal() -> i32 {
-    let set = stop_signals();
-    let mut sig = 0;
-    // SAFETY: `set` is initialised and `sig` is a valid out-pointer.
-    unsafe { libc::sigwait(&set, &mut sig) };
-    sig
 }
 
 /// Signals the device model `pid` to hand over, and waits (bounded) until it has exited: only

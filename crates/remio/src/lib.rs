@@ -2,3 +2,4 @@
 //! them: [`platform::Platform`], the platform side (hypervisor model + dispatcher + API socket).
 
 pub mod platform;
+pub mod signals;

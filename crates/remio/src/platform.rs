@@ -323,17 +323,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.config.display()
         );
     }
-    // Block the signals before any thread starts, so every thread inherits the mask and this
-    // one receives them in sigwait.
-    // SAFETY: sigset_t is plain data initialised by sigemptyset before use.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t; the calls only modify it and this thread's mask.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
+    // Blocked before any thread starts, so that this one receives them in sigwait.
+    crate::signals::block_stop_signals();
     let platform = Platform::start(config)?;
     log::info!(
         "platform: {} DM(s), device-model API on {}",
@@ -342,9 +333,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .socket_path()
             .map_or_else(String::new, |p| p.display().to_string())
     );
-    let mut sig = 0;
-    // SAFETY: `set` is initialised and `sig` is a valid out-pointer.
-    unsafe { libc::sigwait(&set, &mut sig) };
+    let sig = crate::signals::wait_stop_signal();
     log::info!("platform: signal {sig}, stopping");
     drop(platform);
     Ok(())
