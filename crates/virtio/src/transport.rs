@@ -180,8 +180,9 @@ pub struct MmioTransport {
     shm_sel: u32,
     notifiers: Option<Notifiers>,
     active: Option<Activation>,
-    /// Where the state is recorded for a restarted device model, if anywhere.
-    state: Option<StateRegion>,
+    /// Where the state is recorded for a restarted device model, if anywhere, with the record
+    /// reused for every write (no allocation per register write).
+    state: Option<(StateRegion, TransportState)>,
 }
 
 /// What [`MmioTransport::attach_state`] found.
@@ -266,7 +267,7 @@ impl MmioTransport {
         mmio_base: u64,
     ) -> Result<Resumed, PersistError> {
         let (region, record) = StateRegion::open(file, self.fingerprint(mmio_base))?;
-        self.state = Some(region);
+        self.state = Some((region, TransportState::default()));
         let resumed = match record {
             None => Resumed::Fresh,
             Some(rec) => self.restore(&rec),
@@ -319,42 +320,30 @@ impl MmioTransport {
         }
     }
 
-    /// The state as recorded.
-    fn snapshot(&self) -> TransportState {
-        TransportState {
-            status: self.status,
-            device_features_sel: self.device_features_sel,
-            driver_features_sel: self.driver_features_sel,
-            driver_features: self.driver_features,
-            queue_sel: self.queue_sel,
-            shm_sel: self.shm_sel,
-            config_generation: self.shared.config_generation.load(Ordering::SeqCst),
-            interrupt_status: self.shared.interrupt_status.load(Ordering::SeqCst),
-            queues: self
-                .queues
-                .iter()
-                .map(|r| QueueState {
-                    size: r.size,
-                    ready: r.ready,
-                    desc: r.desc,
-                    driver: r.driver,
-                    device: r.device,
-                })
-                .collect(),
-        }
-    }
-
     /// Writes the state record, if a region is attached. A failure is logged and the device
     /// goes on (it only costs the ability to resume).
     fn persist(&mut self) {
-        let snapshot = match &self.state {
-            Some(_) => self.snapshot(),
-            None => return,
+        let Some((region, record)) = &mut self.state else {
+            return;
         };
-        if let Some(region) = &mut self.state {
-            if let Err(e) = region.write(&snapshot) {
-                warn_rl!("virtio-mmio: recording the transport state: {e}");
-            }
+        record.status = self.status;
+        record.device_features_sel = self.device_features_sel;
+        record.driver_features_sel = self.driver_features_sel;
+        record.driver_features = self.driver_features;
+        record.queue_sel = self.queue_sel;
+        record.shm_sel = self.shm_sel;
+        record.config_generation = self.shared.config_generation.load(Ordering::SeqCst);
+        record.interrupt_status = self.shared.interrupt_status.load(Ordering::SeqCst);
+        record.queues.clear();
+        record.queues.extend(self.queues.iter().map(|r| QueueState {
+            size: r.size,
+            ready: r.ready,
+            desc: r.desc,
+            driver: r.driver,
+            device: r.device,
+        }));
+        if let Err(e) = region.write(record) {
+            warn_rl!("virtio-mmio: recording the transport state: {e}");
         }
     }
 
