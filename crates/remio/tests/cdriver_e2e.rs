@@ -393,20 +393,6 @@ fn killing_the_backend_vm_mid_dd_gives_the_frontend_io_errors_not_a_hang() {
     assert!(out.stderr.contains("the backend VM exited"));
 }
 
-/// The host's tool `name` (e2fsprogs), or `None` after saying why.
-fn host_tool(name: &str) -> Option<PathBuf> {
-    let found = ["/sbin", "/usr/sbin", "/bin", "/usr/bin"]
-        .iter()
-        .map(|d| PathBuf::from(d).join(name))
-        .find(|p| p.is_file());
-    if found.is_none() {
-        eprintln!(
-            "\n*** SKIPPED cdriver_e2e ext4: {name} not found (Debian package e2fsprogs) ***\n"
-        );
-    }
-    found
-}
-
 /// An ext4 file system made on the host, written in the frontend through the C driver (the
 /// backend VM's /dev/vda), is clean on the host and holds the guest's file.
 #[test]
@@ -415,9 +401,9 @@ fn through_the_c_driver_an_ext4_round_trip_is_clean_on_the_host() {
         return;
     }
     let (Some(mkfs), Some(fsck), Some(debugfs)) = (
-        host_tool("mkfs.ext4"),
-        host_tool("e2fsck"),
-        host_tool("debugfs"),
+        host_tool("cdriver_e2e ext4", "mkfs.ext4"),
+        host_tool("cdriver_e2e ext4", "e2fsck"),
+        host_tool("cdriver_e2e ext4", "debugfs"),
     ) else {
         return;
     };

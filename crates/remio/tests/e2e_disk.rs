@@ -5,7 +5,7 @@
 //! reads but cannot change.
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 mod e2e_common;
@@ -57,23 +57,6 @@ fn pattern_written_by_the_guest_is_on_the_host_image_and_reads_back_after_reboot
     );
 }
 
-/// The host's `mkfs.ext4` (e2fsprogs, installed by scripts/setup), or `None` after saying why.
-fn host_tool(name: &str) -> Option<PathBuf> {
-    let found = ["/sbin", "/usr/sbin", "/bin", "/usr/bin"]
-        .iter()
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file());
-    if found.is_none() {
-        let why = format!("{name} not found (Debian package e2fsprogs; scripts/setup installs it)");
-        assert!(
-            std::env::var_os("REMIO_REQUIRE_GUEST").is_none_or(|v| v != "1"),
-            "e2e_disk: REMIO_REQUIRE_GUEST=1 but {why}"
-        );
-        eprintln!("\n*** SKIPPED e2e_disk ext4: {why} ***\n");
-    }
-    found
-}
-
 fn md5_of(path: &Path) -> String {
     let out = Command::new("md5sum").arg(path).output().unwrap();
     assert!(out.status.success());
@@ -90,9 +73,9 @@ fn ext4_written_in_the_guest_is_clean_on_the_host_and_keeps_a_checksum_across_bo
         return;
     }
     let (Some(mkfs), Some(fsck), Some(debugfs)) = (
-        host_tool("mkfs.ext4"),
-        host_tool("e2fsck"),
-        host_tool("debugfs"),
+        host_tool("e2e_disk ext4", "mkfs.ext4"),
+        host_tool("e2e_disk ext4", "e2fsck"),
+        host_tool("e2e_disk ext4", "debugfs"),
     ) else {
         return;
     };

@@ -5,7 +5,6 @@
 //! clean.
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -27,14 +26,6 @@ fn wait_dm(parent: u32, not: Option<i32>) -> i32 {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn host_tool(name: &str) -> PathBuf {
-    ["/sbin", "/usr/sbin", "/bin", "/usr/bin"]
-        .iter()
-        .map(|d| PathBuf::from(d).join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("{name} not found (Debian package e2fsprogs; scripts/setup)"))
 }
 
 /// `FILE <n> <md5> <t0> <t1>`: file n's checksum once its fsync returned, and the guest's
@@ -60,7 +51,7 @@ fn sigkilled_device_models_are_restarted_and_the_guest_sees_no_error() {
         return;
     }
     let (dir, img) = temp_image(64 << 20);
-    let mkfs = Command::new(host_tool("mkfs.ext4"))
+    let mkfs = Command::new(host_tool("e2e_dm_restart", "mkfs.ext4").expect("e2fsprogs"))
         .args(["-q", "-F"])
         .arg(&img)
         .status()
@@ -143,7 +134,7 @@ fn sigkilled_device_models_are_restarted_and_the_guest_sees_no_error() {
         ms[ms.len() / 2]
     );
 
-    let fsck = Command::new(host_tool("e2fsck"))
+    let fsck = Command::new(host_tool("e2e_dm_restart", "e2fsck").expect("e2fsprogs"))
         .arg("-fn")
         .arg(&img)
         .output()
@@ -155,7 +146,7 @@ fn sigkilled_device_models_are_restarted_and_the_guest_sees_no_error() {
     );
     for (n, sum, _, _) in &written {
         let dumped = dir.as_path().join(format!("f{n}"));
-        let dump = Command::new(host_tool("debugfs"))
+        let dump = Command::new(host_tool("e2e_dm_restart", "debugfs").expect("e2fsprogs"))
             .arg("-R")
             .arg(format!("dump /f{n} {}", dumped.display()))
             .arg(&img)

@@ -193,3 +193,18 @@ pub fn dm_child(parent: u32) -> Option<i32> {
                 .is_ok_and(|c| c.split(|&b| b == 0).any(|w| w == b"dm"))
         })
 }
+
+/// The host's tool `name` (e2fsprogs, installed by scripts/setup), or `None` after saying, for
+/// `test`, why it skips; with REMIO_REQUIRE_GUEST=1 a missing tool fails instead.
+pub fn host_tool(test: &str, name: &str) -> Option<PathBuf> {
+    let found = ["/sbin", "/usr/sbin", "/bin", "/usr/bin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        let why = format!("{name} not found (Debian package e2fsprogs; scripts/setup installs it)");
+        assert!(!guest_required(), "{test}: REMIO_REQUIRE_GUEST=1 but {why}");
+        eprintln!("\n*** SKIPPED {test}: {why} ***\n");
+    }
+    found
+}
