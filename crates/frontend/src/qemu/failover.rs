@@ -269,18 +269,24 @@ impl Failover {
     /// Returns every outstanding chain of `q` to the driver, failed. Returns how many.
     fn complete_queue(&self, st: &mut WindowState, q: &QueueShadow) -> usize {
         let Some(mem) = &self.mem else { return 0 };
-        let Ok(num) = u16::try_from(q.num) else {
+        let Some(rings) = Rings::new(q) else {
+            remio_ratelimit::warn_rl!(
+                "qemu bridge: a failed device's queue of size {} at {:#x}/{:#x}/{:#x} does not \
+                 fit the address space",
+                q.num,
+                q.desc,
+                q.avail,
+                q.used
+            );
             return 0;
         };
-        if num == 0 {
-            return 0;
-        }
+        let num = rings.num;
         let r16 = |a: u64| mem.read_obj::<u16>(GuestAddress(a)).ok();
-        let used_event_addr = q.used + 4 + 8 * u64::from(num);
         let mut done = 0usize;
         // Twice at most: a request added while we re-enable notifications is taken too.
         for _ in 0..2 {
-            let (Some(avail_idx), Some(used_idx)) = (r16(q.avail + 2), r16(q.used + 2)) else {
+            let (Some(avail_idx), Some(used_idx)) = (r16(rings.avail_idx), r16(rings.used_idx))
+            else {
                 remio_ratelimit::warn_rl!(
                     "qemu bridge: a failed device's rings are outside guest RAM"
                 );
@@ -294,8 +300,8 @@ impl Failover {
                 return done;
             }
             for k in 0..pending {
-                let slot = u64::from(used_idx.wrapping_add(k) % num);
-                let Some(head) = r16(q.avail + 4 + 2 * slot) else {
+                let slot = used_idx.wrapping_add(k) % num;
+                let Some(head) = r16(rings.avail_slot(slot)) else {
                     return done;
                 };
                 let len = if st.device_id == VIRTIO_ID_BLOCK {
@@ -303,7 +309,7 @@ impl Failover {
                 } else {
                     0
                 };
-                let elem = q.used + 4 + 8 * slot;
+                let elem = rings.used_slot(slot);
                 let ok = mem
                     .write_obj(u32::from(head), GuestAddress(elem))
                     .and_then(|()| mem.write_obj(len, GuestAddress(elem + 4)));
@@ -314,17 +320,70 @@ impl Failover {
             // The elements before the index (virtio 1.2 §2.7.8); then ask for every kick:
             // flags 0 and avail_event = what we have taken.
             fence(Ordering::Release);
-            let _ = mem.write_obj(used_idx.wrapping_add(pending), GuestAddress(q.used + 2));
+            let _ = mem.write_obj(used_idx.wrapping_add(pending), GuestAddress(rings.used_idx));
             let _ = mem.write_obj(0u16, GuestAddress(q.used));
-            let _ = mem.write_obj(avail_idx, GuestAddress(used_event_addr));
+            let _ = mem.write_obj(avail_idx, GuestAddress(rings.avail_event));
             fence(Ordering::SeqCst);
             done += usize::from(pending);
-            if r16(q.avail + 2) == Some(avail_idx) {
+            if r16(rings.avail_idx) == Some(avail_idx) {
                 break;
             }
         }
         done
     }
+}
+
+/// The guest addresses of one split queue's ring fields, computed once with checked arithmetic
+/// (the driver programs the bases and the size; virtio 1.2 §2.7). Every address a ring slot can
+/// have then fits: the last one, `avail_event`, is the highest.
+#[derive(Clone, Copy, Debug)]
+struct Rings {
+    num: u16,
+    avail: u64,
+    used: u64,
+    avail_idx: u64,
+    used_idx: u64,
+    avail_event: u64,
+}
+
+impl Rings {
+    /// `None` when the size is 0 or over 2^16, or a ring's end overflows a u64.
+    fn new(q: &QueueShadow) -> Option<Self> {
+        let num = u16::try_from(q.num).ok().filter(|&n| n > 0)?;
+        let n = u64::from(num);
+        // avail: flags, idx, ring[num], used_event (u16 each).
+        q.avail.checked_add(n.checked_mul(2)?.checked_add(6)?)?;
+        // used: flags, idx, ring[num] of 8-byte elements, avail_event (u16).
+        let avail_event = q.used.checked_add(n.checked_mul(8)?.checked_add(4)?)?;
+        avail_event.checked_add(2)?;
+        // The descriptor table: num 16-byte descriptors.
+        q.desc.checked_add(n.checked_mul(16)?)?;
+        Some(Self {
+            num,
+            avail: q.avail,
+            used: q.used,
+            avail_idx: q.avail.checked_add(2)?,
+            used_idx: q.used.checked_add(2)?,
+            avail_event,
+        })
+    }
+
+    /// The address of avail ring entry `slot` (< num; checked in [`Rings::new`]).
+    fn avail_slot(&self, slot: u16) -> u64 {
+        self.avail + 4 + 2 * u64::from(slot)
+    }
+
+    /// The address of used ring element `slot` (< num; checked in [`Rings::new`]).
+    fn used_slot(&self, slot: u16) -> u64 {
+        self.used + 4 + 8 * u64::from(slot)
+    }
+}
+
+/// The address of descriptor `idx` of the table at `table`, or `None` if it overflows.
+fn descriptor(table: u64, idx: u16) -> Option<u64> {
+    table
+        .checked_add(16 * u64::from(idx))
+        .filter(|d| d.checked_add(16).is_some())
 }
 
 /// Sets the status byte of the virtio-blk request at `head` to IOERR (the last byte of the
@@ -336,7 +395,9 @@ fn fail_block_chain(mem: &GuestMemoryMmap, desc: u64, num: u16, head: u16) -> u3
         if u32::from(idx) >= size {
             return 0;
         }
-        let d = table + 16 * u64::from(idx);
+        let Some(d) = descriptor(table, idx) else {
+            return 0;
+        };
         let (Ok(addr), Ok(len), Ok(flags), Ok(next)) = (
             mem.read_obj::<u64>(GuestAddress(d)),
             mem.read_obj::<u32>(GuestAddress(d + 8)),
@@ -594,6 +655,104 @@ mod tests {
         let s: u8 = mem.read_obj(GuestAddress(0x7_0020)).unwrap();
         assert_eq!(u32::from(s), VIRTIO_BLK_S_IOERR);
         assert_eq!(used_idx(&mem), 1);
+    }
+
+    /// Programs queue 0 of the window `setup` made with hostile values, as a guest may.
+    fn program_queue0(f: &Failover, num: u64, desc: u64, avail: u64, used: u64) {
+        let w = |off: u32, v: u64| f.write(BASE + u64::from(off), 4, v).unwrap();
+        w(VIRTIO_MMIO_QUEUE_SEL, 0);
+        w(VIRTIO_MMIO_QUEUE_NUM, num);
+        for (low, high, v) in [
+            (
+                VIRTIO_MMIO_QUEUE_DESC_LOW,
+                VIRTIO_MMIO_QUEUE_DESC_HIGH,
+                desc,
+            ),
+            (
+                VIRTIO_MMIO_QUEUE_AVAIL_LOW,
+                VIRTIO_MMIO_QUEUE_AVAIL_HIGH,
+                avail,
+            ),
+            (
+                VIRTIO_MMIO_QUEUE_USED_LOW,
+                VIRTIO_MMIO_QUEUE_USED_HIGH,
+                used,
+            ),
+        ] {
+            w(low, v & 0xffff_ffff);
+            w(high, v >> 32);
+        }
+        w(VIRTIO_MMIO_QUEUE_READY, 1);
+    }
+
+    #[test]
+    fn rings_at_the_top_of_the_address_space_are_refused_without_overflow() {
+        let (f, _dm, mem, _) = setup();
+        block_request(&mem, 0, 0x7_0000);
+        for (avail, used) in [
+            (u64::MAX - 1, USED),
+            (AVAIL, u64::MAX - 7),
+            (u64::MAX, u64::MAX),
+        ] {
+            program_queue0(&f, u64::from(NUM), DESC, avail, used);
+
+            f.fail(0);
+            f.sweep();
+
+            assert_eq!(used_idx(&mem), 0, "avail {avail:#x} used {used:#x}");
+        }
+    }
+
+    #[test]
+    fn a_huge_queue_whose_used_ring_wraps_around_writes_nothing_at_the_bottom_of_ram() {
+        let (f, _dm, mem, _) = setup();
+        block_request(&mem, 0, 0x7_0000);
+        // used + 4 + 8 * 0x8000 wraps to 0x104: a wrapping build wrote avail_event there.
+        let num = 0x8000u64;
+        let used = 0u64.wrapping_sub(8 * num).wrapping_add(0x100);
+        mem.write_obj(0xabcdu16, GuestAddress(0x104)).unwrap();
+        program_queue0(&f, num, DESC, AVAIL, used);
+
+        f.fail(0);
+
+        let at_0x104: u16 = mem.read_obj(GuestAddress(0x104)).unwrap();
+        assert_eq!(at_0x104, 0xabcd);
+        let status: u8 = mem.read_obj(GuestAddress(0x7_0000)).unwrap();
+        assert_eq!(status, 0xff, "a refused queue's requests are not touched");
+    }
+
+    #[test]
+    fn queue_sizes_over_u16_and_descriptor_tables_past_the_end_are_refused() {
+        let (f, _dm, mem, _) = setup();
+        block_request(&mem, 0, 0x7_0000);
+        for (num, desc) in [(u64::from(u32::MAX), DESC), (0x1_0000, DESC), (0, DESC)] {
+            program_queue0(&f, num, desc, AVAIL, USED);
+            f.fail(0);
+            assert_eq!(used_idx(&mem), 0, "num {num:#x} desc {desc:#x}");
+        }
+        program_queue0(&f, u64::from(NUM), u64::MAX - 16 * 4, AVAIL, USED);
+
+        f.sweep();
+
+        assert_eq!(used_idx(&mem), 0, "a table that overflows is refused");
+    }
+
+    #[test]
+    fn an_indirect_table_at_the_top_of_the_address_space_is_not_followed() {
+        let (f, _dm, mem, _) = setup();
+        desc(&mem, DESC, 5, u64::MAX - 7, 32, VRING_DESC_F_INDIRECT, 0);
+        mem.write_obj(5u16, GuestAddress(AVAIL + 4)).unwrap();
+        mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+
+        f.fail(0);
+
+        assert_eq!(
+            used_idx(&mem),
+            1,
+            "the request is returned, with nothing written"
+        );
+        let len: u32 = mem.read_obj(GuestAddress(USED + 8)).unwrap();
+        assert_eq!(len, 0);
     }
 
     #[test]
