@@ -13,14 +13,15 @@
 //! - Dropping the session (a device model that exits, or whose socket connection ends)
 //!   destroys the control client, so later requests wait for the next session (they are held
 //!   by the DM, bounded by the hypervisor's timeout); deassigns every ioeventfd and irqfd the
-//!   session assigned, and drops its status word; and completes every request it received but did not complete, a read
-//!   with [`ABANDONED_READ_VALUE`] (0) and a write as it was, so no frontend stays stalled.
+//!   session assigned, and drops its status word; and gives every request it received but
+//!   did not complete back to the DM ([`Dm::requeue`]), for the next session to serve (the
+//!   frontend waits, bounded by the hypervisor's timeout); only a request the DM cannot keep
+//!   (being destroyed) is completed, a read with [`ABANDONED_READ_VALUE`] (0).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
-use remio_abi::uapi::BAO_IO_READ;
 use remio_dispatcher::{
     ControlClient, Dispatcher, Dm, IoeventfdConfig, StatusPage, StatusWordConfig,
 };
@@ -515,23 +516,21 @@ impl Drop for InProcessSession {
                 log::debug!("DM {}: session end: status word: {e}", self.info.id);
             }
         }
-        let abandoned = st.outstanding.len();
-        for (_, mut req) in st.outstanding {
-            if req.op == BAO_IO_READ {
-                req.value = ABANDONED_READ_VALUE;
-            }
-            if let Err(e) = self.dm.complete(&req) {
-                log::debug!(
-                    "DM {}: session end: completing {}: {e}",
-                    self.info.id,
-                    req.request_id
-                );
-            }
-        }
-        if abandoned > 0 {
+        // Requests received and not completed go back to the DM for its next session (a
+        // restarted device model executes them again: see `Dm::requeue` for why that is safe
+        // for the registers that reach a control session); the frontend keeps waiting, bounded
+        // by the access timeout. Only those the DM cannot keep are completed, reads with
+        // ABANDONED_READ_VALUE.
+        let outstanding = st.outstanding.len();
+        if outstanding > 0 {
+            let mut reqs: Vec<VirtioRequest> = st.outstanding.into_values().collect();
+            reqs.sort_unstable_by_key(|r| r.request_id);
+            let kept = self.dm.requeue(reqs);
             log::info!(
-                "DM {}: session ended with {abandoned} request(s) outstanding; completed them",
-                self.info.id
+                "DM {}: session ended with {outstanding} request(s) outstanding; {kept} kept \
+                 for the next session, {} completed",
+                self.info.id,
+                outstanding - kept
             );
         }
     }

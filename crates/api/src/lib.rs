@@ -345,8 +345,9 @@ pub trait DmSession: Send + Sync {
     ///   may be opened at once. Requests already attached can still be completed on this
     ///   session.
     /// - Socket: the connection is shut down; every later call fails, and the platform ends the
-    ///   session as if the process had exited (requests attached and not completed are
-    ///   completed, reads with [`ABANDONED_READ_VALUE`]).
+    ///   session as if the process had exited (requests attached and not completed go back
+    ///   to the DM for its next session; only if the DM cannot keep them are they completed,
+    ///   reads with [`ABANDONED_READ_VALUE`]).
     /// - Kernel driver: not available ([`ApiError::NotSupported`]). The posted driver has no
     ///   call that wakes an ATTACH waiter, and closing the DM fd does not either (the blocked
     ///   ioctl holds the file; the driver's release runs after it returns). Its waiters return

@@ -169,6 +169,8 @@ struct Counters {
     overflow: AtomicU64,
     completed_by_dispatcher: AtomicU64,
     hypercall_errors: AtomicU64,
+    /// Control clients created (device-model sessions opened), see [`Dm::control_sessions`].
+    control_sessions: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -493,8 +495,15 @@ impl Dm {
                 InstallError::Busy => ClientError::Busy,
                 InstallError::Closed => ClientError::ShuttingDown,
             })?;
+        bump(&self.counters.control_sessions);
         self.kick();
         Ok(Arc::new(ControlClient::new(self.info.id, q)))
+    }
+
+    /// How many control clients this DM has had (a device model opens one per session, so a
+    /// restarted or replaced device model adds one).
+    pub fn control_sessions(&self) -> u64 {
+        self.counters.control_sessions.load(Ordering::Relaxed)
     }
 
     /// Destroys the control client: its waiters in [`ControlClient::attach`] return
@@ -519,6 +528,30 @@ impl Dm {
     /// Requests held for a control client that does not exist.
     pub fn held(&self) -> usize {
         self.router.held_len()
+    }
+
+    /// Gives back requests that a control client received (ATTACH) and whose session ended
+    /// before it completed them (a device model killed or replaced): they are served by the
+    /// next control client, ahead of the requests held meanwhile, instead of being completed
+    /// with a made-up value. The frontend keeps waiting, bounded by the hypervisor's access
+    /// timeout. Those that cannot be kept (the DM is being destroyed, or its held queue is
+    /// full) are completed as [`Dm::complete_held`] does. Returns how many were given back.
+    ///
+    /// The next device model executes such an access again even if the one that died had
+    /// executed it: the caller must only give back accesses for which that is harmless (for
+    /// virtio-mmio, every register but InterruptACK; see `docs/reliability.md`).
+    pub fn requeue(&self, reqs: impl IntoIterator<Item = VirtioRequest>) -> usize {
+        let mut kept = 0;
+        for r in reqs {
+            match self.router.requeue(r) {
+                None => kept += 1,
+                Some(r) => {
+                    bump(&self.counters.completed_by_dispatcher);
+                    self.complete_with(&r, 0);
+                }
+            }
+        }
+        kept
     }
 
     /// Completes every held request with 0 (reads return 0), so that frontends waiting on a

@@ -245,6 +245,38 @@ impl Router {
         Ok(())
     }
 
+    /// Gives back a request a control client received but that its session ended without
+    /// completing: to the current control client if one exists, else to the front of the held
+    /// queue, so that the next control client receives it before anything that arrived
+    /// later. Returns it when it cannot be kept (the router is closed, or the queue is full):
+    /// the caller completes it.
+    pub(crate) fn requeue(&self, mut req: VirtioRequest) -> Option<VirtioRequest> {
+        loop {
+            let queue = {
+                let t = read(&self.table);
+                if t.closed {
+                    return Some(req);
+                }
+                if let Some(q) = &t.control {
+                    q.clone()
+                } else {
+                    let mut held = lock(&self.held);
+                    if held.len() >= self.capacity {
+                        return Some(req);
+                    }
+                    held.push_front(req);
+                    return None;
+                }
+            };
+            match queue.push(req) {
+                Ok(()) => return None,
+                Err(PushError::Full(r)) => return Some(r),
+                // Removed between the lookup and the push: look again.
+                Err(PushError::Closed(r)) => req = r,
+            }
+        }
+    }
+
     /// Removes the control client: closes its queue and moves its queued requests back to
     /// the held queue (in order, ahead of nothing: held is empty while a control client
     /// exists). Returns the removed queue, or `None` if there was none.

@@ -162,6 +162,19 @@ fn a_second_control_client_is_busy() {
     assert_eq!(e.errno(), libc::EBUSY);
 }
 
+#[test]
+fn control_sessions_count_every_control_client_created_not_refused_ones() {
+    let (hyp, disp) = setup(1);
+    let dm = disp.create_dm(desc(&hyp, 0)).unwrap();
+    assert_eq!(dm.control_sessions(), 0);
+    let _c = dm.create_control_client().unwrap();
+    let _ = dm.create_control_client().unwrap_err();
+    dm.destroy_control_client().unwrap();
+    let _c = dm.create_control_client().unwrap();
+
+    assert_eq!(dm.control_sessions(), 2);
+}
+
 /// Waits (yielding) until `n` threads block in `client.attach()`: the state the queue keeps,
 /// so the test does not depend on how fast a thread gets there.
 fn wait_for_waiters(client: &ControlClient, n: usize) {
@@ -198,6 +211,67 @@ fn destroying_the_control_client_wakes_attachers_and_keeps_its_requests() {
     let req = control.try_attach().unwrap();
     assert_eq!(req.request_id, slot);
     dm.complete(&req).unwrap();
+}
+
+#[test]
+fn requeued_requests_go_to_the_next_control_client_before_later_ones() {
+    let (hyp, disp) = setup(1);
+    let dm = disp.create_dm(desc(&hyp, 0)).unwrap();
+    let control = dm.create_control_client().unwrap();
+    let attached = hyp.trap(0, BAO_IO_READ, 0x20, 4, 0);
+    let req = control.try_attach().unwrap();
+    assert_eq!(req.request_id, attached);
+    // The session dies holding `req`; a request arrives while no control client exists.
+    dm.destroy_control_client().unwrap();
+    let later = hyp.trap(0, BAO_IO_READ, 0x24, 4, 0);
+
+    assert_eq!(dm.requeue([req]), 1);
+
+    assert_eq!(
+        hyp.completion(attached),
+        None,
+        "not completed for the guest"
+    );
+    let control = dm.create_control_client().unwrap();
+    let mut first = control.try_attach().unwrap();
+    let second = control.try_attach().unwrap();
+    assert_eq!(
+        (first.request_id, second.request_id),
+        (attached, later),
+        "the requeued request comes first"
+    );
+    first.value = 7;
+    dm.complete(&first).unwrap();
+    assert_eq!(hyp.completion(attached), Some(7));
+}
+
+#[test]
+fn a_request_requeued_while_a_control_client_exists_goes_to_it() {
+    let (hyp, disp) = setup(1);
+    let dm = disp.create_dm(desc(&hyp, 0)).unwrap();
+    let old = dm.create_control_client().unwrap();
+    let slot = hyp.trap(0, BAO_IO_WRITE, 0x70, 4, 1);
+    let req = old.try_attach().unwrap();
+    dm.destroy_control_client().unwrap();
+    let control = dm.create_control_client().unwrap();
+
+    assert_eq!(dm.requeue([req]), 1);
+
+    assert_eq!(control.try_attach().map(|r| r.request_id), Some(slot));
+}
+
+#[test]
+fn a_request_requeued_on_a_destroyed_dm_is_completed() {
+    let (hyp, disp) = setup(1);
+    let dm = disp.create_dm(desc(&hyp, 0)).unwrap();
+    let control = dm.create_control_client().unwrap();
+    let slot = hyp.trap(0, BAO_IO_READ, 0x20, 4, 0);
+    let req = control.try_attach().unwrap();
+    disp.destroy_dm(0).unwrap();
+
+    assert_eq!(dm.requeue([req]), 0);
+
+    assert_eq!(hyp.completion(slot), Some(0));
 }
 
 #[test]
