@@ -11,6 +11,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::fdpass;
@@ -215,7 +216,7 @@ const READER_SLACK: Duration = Duration::from_millis(50);
 /// While frontends take turns reading, the connection thread wakes at least this often to
 /// re-arm its interest in the socket, which a leaving frontend may leave disarmed (see
 /// [`Conn`]): the bound on how long a packet no frontend reads may wait then.
-const IDLE_REARM_MS: libc::c_int = 5;
+const IDLE_REARM_MS: i32 = 5;
 
 /// epoll data of the socket and of the kick eventfd.
 const EV_SOCK: u64 = 0;
@@ -288,7 +289,7 @@ const EV_KICK: u64 = 1;
 struct Conn {
     sock: OwnedFd,
     /// The connection thread's epoll set: `sock` (data [`EV_SOCK`]) and `kick` ([`EV_KICK`]).
-    epoll: OwnedFd,
+    epoll: Epoll,
     /// Signalled when a frontend reader stashed a packet for the connection thread.
     kick: EventFd,
     /// Who reads the socket (see above). Taken with no other lock of this connection held,
@@ -394,29 +395,17 @@ struct Waiters {
 impl Conn {
     fn new(sock: OwnedFd) -> io::Result<Self> {
         fdpass::set_recv_timeout(sock.as_fd(), READER_TIMEOUT)?;
-        // SAFETY: plain epoll_create1; the result is checked before it is owned.
-        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if ep < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: ep is a new descriptor nobody else owns.
-        let epoll = unsafe { OwnedFd::from_raw_fd(ep) };
+        let epoll = Epoll::new()?;
         let kick = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
-        epoll_ctl(
-            epoll.as_fd(),
-            libc::EPOLL_CTL_ADD,
-            sock.as_fd(),
-            EPOLL_ARMED,
-            EV_SOCK,
+        epoll.ctl(
+            ControlOperation::Add,
+            sock.as_raw_fd(),
+            EpollEvent::new(EPOLL_ARMED, EV_SOCK),
         )?;
-        // SAFETY: the eventfd is open for the lifetime of the borrow.
-        let kick_fd = unsafe { BorrowedFd::borrow_raw(kick.as_raw_fd()) };
-        epoll_ctl(
-            epoll.as_fd(),
-            libc::EPOLL_CTL_ADD,
-            kick_fd,
-            libc::EPOLLIN as u32,
-            EV_KICK,
+        epoll.ctl(
+            ControlOperation::Add,
+            kick.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, EV_KICK),
         )?;
         Ok(Self {
             sock,
@@ -439,40 +428,31 @@ impl Conn {
     }
 
     /// Sets the connection thread's interest in the socket (`EPOLL_CTL_MOD`).
-    fn interest(&self, events: u32) -> io::Result<()> {
-        epoll_ctl(
-            self.epoll.as_fd(),
-            libc::EPOLL_CTL_MOD,
-            self.sock.as_fd(),
-            events,
-            EV_SOCK,
+    fn interest(&self, events: EventSet) -> io::Result<()> {
+        self.epoll.ctl(
+            ControlOperation::Modify,
+            self.sock.as_raw_fd(),
+            EpollEvent::new(events, EV_SOCK),
         )
     }
 
     /// Blocks the connection thread until the socket or `kick` has an event (clearing `kick`)
     /// or `timeout_ms` passed (-1: never). Returns whether the socket's event fired (which
     /// disarmed the one-shot interest).
-    fn wait_event(&self, timeout_ms: libc::c_int) -> io::Result<bool> {
-        // SAFETY: epoll_event is plain data; all-zero is valid.
-        let mut events: [libc::epoll_event; 2] = unsafe { std::mem::zeroed() };
+    fn wait_event(&self, timeout_ms: i32) -> io::Result<bool> {
+        let mut events = [EpollEvent::default(); 2];
         let n = loop {
-            // SAFETY: events has room for 2 entries, as passed.
-            let r = unsafe {
-                libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), 2, timeout_ms)
-            };
-            if r >= 0 {
-                break usize::try_from(r).unwrap_or(0);
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
+            match self.epoll.wait(timeout_ms, &mut events) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
         };
-        if events[..n].iter().any(|e| e.u64 == EV_KICK) {
+        if events[..n].iter().any(|e| e.data() == EV_KICK) {
             // Non-blocking: a concurrent clear leaves nothing to read, which is fine.
             let _ = self.kick.read();
         }
-        Ok(events[..n].iter().any(|e| e.u64 == EV_SOCK))
+        Ok(events[..n].iter().any(|e| e.data() == EV_SOCK))
     }
 
     /// A frontend thread's turn as the reader (the wait helper's body; see [`Conn`]): reads
@@ -521,7 +501,7 @@ impl Conn {
         // of the connection thread, which then finds the role taken and waits again. Left
         // disarmed by the previous frontend: nothing to do.
         if rd.armed {
-            if let Err(e) = self.interest(libc::EPOLLONESHOT as u32) {
+            if let Err(e) = self.interest(EventSet::ONE_SHOT) {
                 log::debug!("api socket: epoll_ctl: {e}");
                 return false;
             }
@@ -1109,23 +1089,7 @@ fn pump_loop(conn: &Conn, session: &dyn DmSession) {
 }
 
 /// The connection thread's interest in the socket while nobody else reads it.
-const EPOLL_ARMED: u32 = (libc::EPOLLIN | libc::EPOLLONESHOT) as u32;
-
-fn epoll_ctl(
-    epoll: BorrowedFd<'_>,
-    op: libc::c_int,
-    fd: BorrowedFd<'_>,
-    events: u32,
-    data: u64,
-) -> io::Result<()> {
-    let mut ev = libc::epoll_event { events, u64: data };
-    // SAFETY: both fds are open for the call; ev is a valid epoll_event.
-    let r = unsafe { libc::epoll_ctl(epoll.as_raw_fd(), op, fd.as_raw_fd(), &mut ev) };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
+const EPOLL_ARMED: EventSet = EventSet::IN.union(EventSet::ONE_SHOT);
 
 /// Checks that `fd` is an eventfd and takes ownership of it as one.
 fn eventfd(fd: Option<OwnedFd>) -> crate::Result<EventFd> {
