@@ -25,6 +25,7 @@
 pub mod config;
 pub mod device;
 pub mod devices;
+pub mod failover;
 pub mod fuzz;
 pub mod persist;
 pub mod runner;
