@@ -24,6 +24,7 @@ use sha2::{Digest as _, Sha256};
 
 pub mod backend;
 mod patch;
+mod rust_kmod;
 
 pub use backend::{backend_overlay, backend_status, files_archive};
 
@@ -92,6 +93,11 @@ struct BuildArgs {
     /// the workspace]. Without it the backend VM is skipped (the frontend is built anyway).
     #[arg(long, value_name = "PATH")]
     c_driver_patch: Option<PathBuf>,
+    /// Build only the Rust kernel module toolchain, kmod/ and its test VM (a trixie chroot,
+    /// the trixie-backports 7.3 kernel, rust/ rebuilt; docs/kmod.md), cached in
+    /// $REMIO_RUST_KMOD_DIR, else <workspace>/target/rust-kmod. Needs root.
+    #[arg(long, conflicts_with_all = ["c_driver_patch", "dir"])]
+    rust_kmod: bool,
     #[command(flatten)]
     dir: DirArgs,
 }
@@ -110,6 +116,10 @@ struct BootArgs {
     /// loading the driver (`REMIO-BACKEND-FAILED /dev/bao-io-dispatcher`). A smoke test.
     #[arg(long, conflicts_with = "exec")]
     backend: bool,
+    /// Boot the 7.3 kernel with the Rust module's test initramfs (`remio guest build
+    /// --rust-kmod`): loads kmod/, calls its ioctl, fails unless it prints REMIO-KMOD-RESULT PASS.
+    #[arg(long, conflicts_with_all = ["exec", "backend"])]
+    rust_kmod: bool,
     /// With --backend: the device-model config packed as /etc/remio/dm.toml.
     #[arg(long, value_name = "FILE", requires = "backend")]
     dm_config: Option<PathBuf>,
@@ -124,6 +134,12 @@ struct BootArgs {
 /// Runs `remio guest`.
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
+        GuestCommand::Build(b) if b.rust_kmod => {
+            rust_kmod::build(&rust_kmod::default_dir(), b.force)
+        }
+        GuestCommand::Boot(b) if b.rust_kmod => {
+            rust_kmod::boot(&rust_kmod::default_dir(), b.timeout)
+        }
         GuestCommand::Build(b) => {
             let dir = guest_dir(&b.dir);
             build(&dir, b.force, b.c_driver_patch.as_deref())
