@@ -33,7 +33,27 @@ fn cmsg_space(fds: usize) -> usize {
 }
 
 /// Sends one packet with `fds` attached. `MSG_NOSIGNAL`: a gone peer is `EPIPE`, not a signal.
+/// Blocks while the peer's queue is full (bounded by `SO_SNDTIMEO`, [`set_send_timeout`]).
 pub fn send_msg(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    send_msg_flags(sock, data, fds, 0)
+}
+
+/// [`send_msg`] without blocking (`MSG_DONTWAIT`): `WouldBlock` when the peer's queue is full
+/// (a peer that stopped reading), and nothing was sent.
+pub fn send_msg_dontwait(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<()> {
+    send_msg_flags(sock, data, fds, libc::MSG_DONTWAIT)
+}
+
+fn send_msg_flags(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+    flags: libc::c_int,
+) -> io::Result<()> {
     let mut iov = libc::iovec {
         iov_base: data.as_ptr().cast_mut().cast(),
         iov_len: data.len(),
@@ -68,7 +88,7 @@ pub fn send_msg(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io
     }
     loop {
         // SAFETY: msg and everything it points to are valid for the call.
-        let r = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        let r = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL | flags) };
         if r >= 0 {
             return if usize::try_from(r).ok() == Some(data.len()) {
                 Ok(())

@@ -12,7 +12,7 @@ mod client;
 mod server;
 
 pub use client::{SocketApi, SocketSession};
-pub use server::{SocketServer, SocketServerConfig};
+pub use server::{SocketServer, SocketServerConfig, SocketServerStats, OUTBOUND_MAX};
 
 #[cfg(test)]
 mod tests;

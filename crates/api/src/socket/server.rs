@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -21,15 +21,42 @@ use remio_abi::uapi::{
     BAO_IOEVENTFD_FLAG_DATAMATCH, BAO_IOEVENTFD_FLAG_DEASSIGN, BAO_IRQFD_FLAG_DEASSIGN,
 };
 
-/// Who may connect, and how long a reply may wait for a client that does not read.
+/// Who may connect, and how long a client may leave its replies untaken.
 #[derive(Clone, Debug)]
 pub struct SocketServerConfig {
     /// Peer uids allowed (checked with `SO_PEERCRED`). `None`: this process's effective uid
     /// and root.
     pub allowed_uids: Option<Vec<u32>>,
-    /// A reply that cannot be written for this long (the client stopped reading) ends the
-    /// connection, so a stuck client cannot block the thread that delivers its requests.
+    /// A client that takes none of its replies for this long (it stopped reading: a device
+    /// model that hangs, or is stopped) is dead: its connection ends, as if it had exited.
+    ///
+    /// No thread ever waits for a client to read: replies are sent without blocking, and
+    /// those its socket has no room for wait in a queue of the connection (at most
+    /// [`OUTBOUND_MAX`] packets; one more also makes the client dead), which the connection
+    /// thread flushes when the socket has room again. So a device model that stops reading
+    /// never delays the thread that hands it a request, which is often a frontend thread
+    /// trapping for another device too.
     pub send_timeout: Duration,
+}
+
+/// Replies one connection may hold for a client that does not take them (see
+/// [`SocketServerConfig::send_timeout`]): what a client may be owed at once — an answer to
+/// each ATTACH it may hold waiting ([`MAX_IN_FLIGHT`]) and to the requests it sent meanwhile
+/// — with room to spare. A client that lets more pile up is dead.
+pub const OUTBOUND_MAX: usize = 4 * MAX_IN_FLIGHT;
+
+/// What a [`SocketServer`] holds right now, and how many clients it gave up on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketServerStats {
+    /// Connections open.
+    pub connections: usize,
+    /// ATTACHes held waiting for a request, over all connections.
+    pub attach_waiting: usize,
+    /// Replies waiting for their client to read (its socket was full), over all connections.
+    pub replies_queued: usize,
+    /// Clients declared dead because they stopped taking their replies (more than
+    /// [`OUTBOUND_MAX`] owed, or none taken for [`SocketServerConfig::send_timeout`]).
+    pub dead_clients: u64,
 }
 
 impl Default for SocketServerConfig {
@@ -49,6 +76,7 @@ pub struct SocketServer {
     listener: Arc<OwnedFd>,
     stop: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<Weak<Conn>>>>,
+    dead_clients: Arc<AtomicU64>,
     accept_thread: Option<JoinHandle<Vec<JoinHandle<()>>>>,
 }
 
@@ -69,17 +97,20 @@ impl SocketServer {
         let listener = Arc::new(fdpass::listen(&path)?);
         let stop = Arc::new(AtomicBool::new(false));
         let conns = Arc::new(Mutex::new(Vec::new()));
+        let dead_clients = Arc::new(AtomicU64::new(0));
         let accept_thread = {
             let (listener, stop, conns) = (listener.clone(), stop.clone(), conns.clone());
+            let dead = dead_clients.clone();
             std::thread::Builder::new()
                 .name("remio-api-accept".into())
-                .spawn(move || accept_loop(&listener, &stop, &conns, &api, &config))?
+                .spawn(move || accept_loop(&listener, &stop, &conns, &api, &config, &dead))?
         };
         Ok(Self {
             path,
             listener,
             stop,
             conns,
+            dead_clients,
             accept_thread: Some(accept_thread),
         })
     }
@@ -95,6 +126,21 @@ impl SocketServer {
             .iter()
             .filter(|c| c.strong_count() > 0)
             .count()
+    }
+
+    /// What the server holds now (a test waits for `attach_waiting` instead of sleeping until
+    /// an ATTACH "has arrived").
+    pub fn stats(&self) -> SocketServerStats {
+        let mut st = SocketServerStats {
+            dead_clients: self.dead_clients.load(Ordering::Relaxed),
+            ..SocketServerStats::default()
+        };
+        for c in lock(&self.conns).iter().filter_map(Weak::upgrade) {
+            st.connections += 1;
+            st.attach_waiting += lock(&c.waiters).queue.len();
+            st.replies_queued += lock(&c.out).queue.len();
+        }
+        st
     }
 }
 
@@ -127,6 +173,7 @@ fn accept_loop(
     conns: &Mutex<Vec<Weak<Conn>>>,
     api: &Arc<dyn DmApi>,
     config: &SocketServerConfig,
+    dead_clients: &Arc<AtomicU64>,
 ) -> Vec<JoinHandle<()>> {
     let mut workers: Vec<JoinHandle<()>> = Vec::new();
     // SAFETY: geteuid cannot fail.
@@ -165,10 +212,7 @@ fn accept_loop(
                 continue;
             }
         }
-        if let Err(e) = fdpass::set_send_timeout(sock.as_fd(), config.send_timeout) {
-            log::warn!("api socket: SO_SNDTIMEO: {e}");
-        }
-        let conn = match Conn::new(sock) {
+        let conn = match Conn::new(sock, config.send_timeout, dead_clients.clone()) {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 log::error!("api socket: cannot set up a connection: {e}");
@@ -218,9 +262,11 @@ const READER_SLACK: Duration = Duration::from_millis(50);
 /// [`Conn`]): the bound on how long a packet no frontend reads may wait then.
 const IDLE_REARM_MS: i32 = 5;
 
-/// epoll data of the socket and of the kick eventfd.
+/// epoll data of the socket (reading), of the kick eventfd and of the socket's duplicate
+/// watched for room to write while replies are queued.
 const EV_SOCK: u64 = 0;
 const EV_KICK: u64 = 1;
+const EV_OUT: u64 = 2;
 
 /// One connection: the socket, its session once OPEN succeeded, and the ATTACHes waiting.
 ///
@@ -281,15 +327,25 @@ const EV_KICK: u64 = 1;
 /// connection thread (within [`IDLE_REARM_MS`] if nothing was due), which alone ends the
 /// session (a kill -9 of the device model behaves as before); (3) a frontend reads at most
 /// [`READER_TIMEOUT`] past its last packet and never past `deadline - READER_SLACK`, so the
-/// hypervisor's timeout still bounds every access (the replies it sends are bounded by
-/// `send_timeout`, as the notifier's always were). One exception to "never left to the timed
+/// hypervisor's timeout still bounds every access (the replies it sends never block: see
+/// [`Conn::reply`]). One exception to "never left to the timed
 /// wake": a request handed out by a thread that is not a stalled frontend (the notifier run
 /// by a DM lifecycle operation such as `resume`) while the interest is deferred is answered
 /// within [`IDLE_REARM_MS`].
 struct Conn {
     sock: OwnedFd,
-    /// The connection thread's epoll set: `sock` (data [`EV_SOCK`]) and `kick` ([`EV_KICK`]).
+    /// A duplicate of `sock`, in the epoll set for `EPOLLOUT` (data [`EV_OUT`], one-shot)
+    /// while replies are queued: its own registration, apart from the reading protocol's.
+    out_fd: OwnedFd,
+    /// The connection thread's epoll set: `sock` (data [`EV_SOCK`]), `kick` ([`EV_KICK`]) and
+    /// `out_fd` ([`EV_OUT`]).
     epoll: Epoll,
+    /// Replies the client has not taken yet. A leaf lock: nothing else is locked under it.
+    out: Mutex<Outbound>,
+    /// See [`SocketServerConfig::send_timeout`].
+    send_timeout: Duration,
+    /// The server's count of clients declared dead.
+    dead_clients: Arc<AtomicU64>,
     /// Signalled when a frontend reader stashed a packet for the connection thread.
     kick: EventFd,
     /// Who reads the socket (see above). Taken with no other lock of this connection held,
@@ -343,6 +399,22 @@ struct Reader {
     kicked: bool,
 }
 
+/// Replies waiting for a client whose socket was full, in order; see [`Conn::reply`].
+#[derive(Default)]
+struct Outbound {
+    queue: VecDeque<Queued>,
+    /// Since when the client has taken none of them (set while `queue` is not empty).
+    stalled_since: Option<Instant>,
+    /// The connection was given up (dead client, or a send failed): nothing is sent any more.
+    closed: bool,
+}
+
+/// A reply waiting in [`Outbound`]: its bytes and the fd it carries (a duplicate).
+struct Queued {
+    bytes: Vec<u8>,
+    fd: Option<OwnedFd>,
+}
+
 /// A packet read by a frontend reader and left to the connection thread.
 struct Stashed {
     bytes: Vec<u8>,
@@ -393,8 +465,13 @@ struct Waiters {
 }
 
 impl Conn {
-    fn new(sock: OwnedFd) -> io::Result<Self> {
+    fn new(
+        sock: OwnedFd,
+        send_timeout: Duration,
+        dead_clients: Arc<AtomicU64>,
+    ) -> io::Result<Self> {
         fdpass::set_recv_timeout(sock.as_fd(), READER_TIMEOUT)?;
+        let out_fd = sock.try_clone()?;
         let epoll = Epoll::new()?;
         let kick = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         epoll.ctl(
@@ -407,9 +484,19 @@ impl Conn {
             kick.as_raw_fd(),
             EpollEvent::new(EventSet::IN, EV_KICK),
         )?;
+        // Disarmed until a reply is queued.
+        epoll.ctl(
+            ControlOperation::Add,
+            out_fd.as_raw_fd(),
+            EpollEvent::new(EventSet::ONE_SHOT, EV_OUT),
+        )?;
         Ok(Self {
             sock,
+            out_fd,
             epoll,
+            out: Mutex::new(Outbound::default()),
+            send_timeout,
+            dead_clients,
             kick,
             reader: Mutex::new(Reader {
                 armed: true,
@@ -440,7 +527,7 @@ impl Conn {
     /// or `timeout_ms` passed (-1: never). Returns whether the socket's event fired (which
     /// disarmed the one-shot interest).
     fn wait_event(&self, timeout_ms: i32) -> io::Result<bool> {
-        let mut events = [EpollEvent::default(); 2];
+        let mut events = [EpollEvent::default(); 3];
         let n = loop {
             match self.epoll.wait(timeout_ms, &mut events) {
                 Ok(n) => break n,
@@ -605,8 +692,10 @@ impl Conn {
         unsafe { libc::shutdown(self.sock.as_raw_fd(), libc::SHUT_RDWR) };
     }
 
-    /// Sends a reply; a failure (peer gone, or not reading for `send_timeout`) ends the
-    /// connection.
+    /// Sends a reply, never blocking: if the client's socket is full (it stopped reading),
+    /// the reply waits in the connection's queue for the connection thread to send when there
+    /// is room ([`Conn::flush`]); replies always leave in order. A client owed more than
+    /// [`OUTBOUND_MAX`] replies is dead, as is one whose socket fails: the connection ends.
     fn reply(
         &self,
         opcode: u16,
@@ -614,21 +703,139 @@ impl Conn {
         result: Result<&ReplyBody, i32>,
         fd: Option<BorrowedFd<'_>>,
     ) {
-        let r = REPLY_BUF.with(|b| {
+        REPLY_BUF.with(|b| {
             let mut buf = b.borrow_mut();
             wire::encode_reply(opcode, tag, result, &mut buf);
+            self.send_or_queue(&buf, fd);
+        });
+    }
+
+    fn send_or_queue(&self, bytes: &[u8], fd: Option<BorrowedFd<'_>>) {
+        let mut out = lock(&self.out);
+        if out.closed {
+            return;
+        }
+        if out.queue.is_empty() {
             let fds: &[BorrowedFd<'_>] = match &fd {
                 Some(f) => std::slice::from_ref(f),
                 None => &[],
             };
-            fdpass::send_msg(self.sock.as_fd(), &buf, fds)
-        });
-        if let Err(e) = r {
-            remio_ratelimit::warn_rl!(
-                "api socket: reply not delivered ({e}); closing the connection"
-            );
-            self.shutdown();
+            match fdpass::send_msg_dontwait(self.sock.as_fd(), bytes, fds) {
+                Ok(()) => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    self.give_up(&mut out, format_args!("reply not delivered ({e})"), false);
+                    return;
+                }
+            }
         }
+        if out.queue.len() >= OUTBOUND_MAX {
+            self.give_up(
+                &mut out,
+                format_args!("the client left {OUTBOUND_MAX} replies untaken"),
+                true,
+            );
+            return;
+        }
+        let fd = match fd.map(|f| f.try_clone_to_owned()).transpose() {
+            Ok(fd) => fd,
+            Err(e) => {
+                self.give_up(
+                    &mut out,
+                    format_args!("cannot keep a reply's fd ({e})"),
+                    false,
+                );
+                return;
+            }
+        };
+        out.queue.push_back(Queued {
+            bytes: bytes.to_vec(),
+            fd,
+        });
+        if out.queue.len() == 1 {
+            out.stalled_since = Some(Instant::now());
+            self.arm_out(&mut out);
+            // The connection thread now watches the client's progress (send_timeout).
+            drop(out);
+            self.wake_server();
+        }
+    }
+
+    /// Watches the socket for room to write (one shot).
+    fn arm_out(&self, out: &mut Outbound) {
+        let ev = EpollEvent::new(EventSet::OUT | EventSet::ONE_SHOT, EV_OUT);
+        if let Err(e) = self
+            .epoll
+            .ctl(ControlOperation::Modify, self.out_fd.as_raw_fd(), ev)
+        {
+            self.give_up(out, format_args!("epoll_ctl: {e}"), false);
+        }
+    }
+
+    /// Sends queued replies while the socket has room (the connection thread, on every wake);
+    /// a client that has taken none for `send_timeout` is dead.
+    fn flush(&self) {
+        let mut out = lock(&self.out);
+        if out.closed || out.queue.is_empty() {
+            return;
+        }
+        while let Some(q) = out.queue.front() {
+            let fds: Vec<BorrowedFd<'_>> = q.fd.iter().map(AsFd::as_fd).collect();
+            match fdpass::send_msg_dontwait(self.sock.as_fd(), &q.bytes, &fds) {
+                Ok(()) => {
+                    out.queue.pop_front();
+                    out.stalled_since = Some(Instant::now());
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    self.give_up(&mut out, format_args!("reply not delivered ({e})"), false);
+                    return;
+                }
+            }
+        }
+        if out.queue.is_empty() {
+            out.stalled_since = None;
+            return;
+        }
+        if out
+            .stalled_since
+            .is_some_and(|t| t.elapsed() >= self.send_timeout)
+        {
+            let secs = self.send_timeout.as_secs_f64();
+            self.give_up(
+                &mut out,
+                format_args!("the client took no reply for {secs:.1} s"),
+                true,
+            );
+            return;
+        }
+        self.arm_out(&mut out);
+    }
+
+    /// How long the connection thread may sleep before the client's stall must be checked
+    /// (`None`: nothing is queued).
+    fn flush_due(&self) -> Option<Duration> {
+        let out = lock(&self.out);
+        if out.closed {
+            return None;
+        }
+        out.stalled_since
+            .map(|t| self.send_timeout.saturating_sub(t.elapsed()))
+    }
+
+    /// Ends the connection: nothing more is sent, the queue is dropped, and the socket shut
+    /// down, so the connection thread sees the end of the stream and ends the session.
+    /// `dead`: the client stopped taking its replies (counted).
+    fn give_up(&self, out: &mut Outbound, why: std::fmt::Arguments<'_>, dead: bool) {
+        out.closed = true;
+        out.queue.clear();
+        out.stalled_since = None;
+        if dead {
+            self.dead_clients.fetch_add(1, Ordering::Relaxed);
+        }
+        remio_ratelimit::warn_rl!("api socket: {why}; closing the connection");
+        self.shutdown();
+        self.wake_server();
     }
 
     fn error(&self, opcode: u16, tag: u32, e: &ApiError) {
@@ -706,11 +913,16 @@ fn serve(conn: &Arc<Conn>, api: &dyn DmApi) {
     let mut pump: Option<JoinHandle<()>> = None;
     let mut takes_seen = 0u64;
     'conn: loop {
-        let timeout = if lock(&conn.reader).timed {
+        let mut timeout = if lock(&conn.reader).timed {
             IDLE_REARM_MS
         } else {
             -1
         };
+        if let Some(due) = conn.flush_due() {
+            // Rounded up: waking before the deadline would only sleep again.
+            let ms = i32::try_from(due.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
+            timeout = if timeout < 0 { ms } else { timeout.min(ms) };
+        }
         let fired = match conn.wait_event(timeout) {
             Ok(f) => f,
             Err(e) => {
@@ -718,6 +930,7 @@ fn serve(conn: &Arc<Conn>, api: &dyn DmApi) {
                 break;
             }
         };
+        conn.flush();
         let stashed = {
             let mut rd = lock(&conn.reader);
             if fired {

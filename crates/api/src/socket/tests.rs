@@ -748,3 +748,121 @@ fn a_packet_nobody_reads_after_frontends_left_the_interest_disarmed_is_still_han
     assert_eq!(reply.tag, 99);
     assert_eq!(fds.len(), 1);
 }
+
+fn server_with(name: &str, config: SocketServerConfig) -> (Arc<FakeDm>, SocketServer) {
+    let dm = FakeDm::new();
+    let srv = SocketServer::bind(sock_path(name), Arc::new(FakeApi(dm.clone())), config).unwrap();
+    (dm, srv)
+}
+
+/// Hands requests to `client`, one ATTACH at a time, from this thread (the frontend thread:
+/// the notifier runs on it) until the server has to queue a reply because the client, which
+/// never reads, has a full socket. Returns how many requests were handed out and the longest
+/// time one hand-out took.
+fn fill_until_queued(dm: &FakeDm, srv: &SocketServer, client: &Raw) -> (u64, Duration) {
+    let mut handed = 0u64;
+    let mut longest = Duration::ZERO;
+    while srv.stats().replies_queued == 0 {
+        assert!(handed < 1_000_000, "the client's socket never filled");
+        let empty = dm.found_empty.load(Ordering::SeqCst);
+        client.request(&Request::Attach, 2);
+        // The ATTACH waits at the server.
+        dm.wait_found_empty(empty + 1);
+        let t = Instant::now();
+        dm.push(req(handed));
+        longest = longest.max(t.elapsed());
+        handed += 1;
+    }
+    (handed, longest)
+}
+
+#[test]
+fn a_device_model_that_stops_reading_never_blocks_the_thread_that_serves_another() {
+    // Were replies sent blocking, this thread would wait for the stuck client up to this long,
+    // then the server would give the client up: both are seen below.
+    let config = SocketServerConfig {
+        send_timeout: Duration::from_secs(60),
+        ..SocketServerConfig::default()
+    };
+    let (dm_a, srv_a) = server_with("stuck-a.sock", config.clone());
+    let (dm_b, srv_b) = server_with("stuck-b.sock", config);
+    let b = SocketApi::connect(srv_b.path()).open(0).unwrap();
+    let served_b = std::thread::spawn(move || {
+        let r = b.attach().unwrap();
+        b.complete(&r).unwrap();
+        r
+    });
+    // Device model A stopped reading (SIGSTOP, a hang): this thread hands it requests until
+    // its socket is full and one more is queued at the server.
+    let a = Raw::opened(&srv_a);
+
+    let (handed, longest) = fill_until_queued(&dm_a, &srv_a, &a);
+    // The same thread traps for device B next: B's device model gets the request and
+    // completes it while A still reads nothing.
+    dm_b.push(req(7));
+
+    assert_eq!(served_b.join().unwrap(), req(7));
+    assert_eq!(*dm_b.completed.lock().unwrap(), vec![req(7)]);
+    let st = srv_a.stats();
+    assert_eq!((st.replies_queued, st.dead_clients), (1, 0));
+    eprintln!(
+        "{handed} requests handed to the stuck client before its socket was full; \
+         the longest hand-out took {longest:?}"
+    );
+    // A reads again: it gets every request, in order, the queued one last.
+    for i in 0..handed {
+        let (reply, _) = a.recv().unwrap();
+        assert_eq!(reply.result.ok(), Some(ReplyBody::Request(req(i))));
+    }
+    assert_eq!(srv_a.stats().replies_queued, 0);
+}
+
+#[test]
+fn a_client_that_leaves_too_many_replies_untaken_is_dead_and_its_session_ends() {
+    let config = SocketServerConfig {
+        send_timeout: Duration::from_secs(3600),
+        ..SocketServerConfig::default()
+    };
+    let (dm, srv) = server_with("overflow.sock", config);
+    let client = Raw::opened(&srv);
+    let (handed, _) = fill_until_queued(&dm, &srv, &client);
+
+    // OUTBOUND_MAX replies may wait; the one after that ends the connection.
+    for i in 0..OUTBOUND_MAX {
+        assert_eq!(srv.stats().replies_queued, i + 1);
+        let empty = dm.found_empty.load(Ordering::SeqCst);
+        client.request(&Request::Attach, 2);
+        dm.wait_found_empty(empty + 1);
+        dm.push(req(handed + i as u64));
+    }
+
+    assert_eq!(srv.stats().dead_clients, 1);
+    assert!(eventually(
+        || dm.sessions_dropped.load(Ordering::SeqCst) == 1
+    ));
+    // What had reached the client's socket is still there, then the end of the stream.
+    let mut got = 0;
+    while client.recv().is_some() {
+        got += 1;
+    }
+    assert_eq!(got, handed - 1);
+}
+
+#[test]
+fn a_client_that_takes_no_reply_for_the_send_timeout_is_dead() {
+    let config = SocketServerConfig {
+        send_timeout: Duration::from_millis(50),
+        ..SocketServerConfig::default()
+    };
+    let (dm, srv) = server_with("stalled.sock", config);
+    let client = Raw::opened(&srv);
+    let (handed, _) = fill_until_queued(&dm, &srv, &client);
+
+    // Nothing is read: the connection thread gives the client up once the timeout passed.
+    assert!(eventually(|| srv.stats().dead_clients == 1));
+    assert!(eventually(
+        || dm.sessions_dropped.load(Ordering::SeqCst) == 1
+    ));
+    assert_eq!(srv.stats().replies_queued, 0);
+    assert!(handed > 0);
+}
