@@ -137,15 +137,23 @@ pub enum VhostUserError {
         /// What it offered.
         features: u64,
     },
+    /// A daemon that came back offers fewer features than the one the device was built with.
+    #[error(
+        "vhost-user daemon at {path}: the new daemon lacks features {missing:#x} the device \
+         offered"
+    )]
+    FewerFeatures {
+        /// The socket.
+        path: PathBuf,
+        /// The feature bits the device offered that the daemon no longer does.
+        missing: u64,
+    },
     /// The shared memory is not mapped from a file, so the daemon could not map it.
     #[error("the shared memory at {0:#x} has no file a daemon could map")]
     NoMemoryFile(u64),
     /// A ring address is outside the shared memory.
     #[error("queue {0}: a ring address is outside the shared memory")]
     RingAddress(usize),
-    /// The daemon has gone away; it can be used again after a reset once it is back.
-    #[error("the vhost-user daemon at {0} has gone away")]
-    Gone(PathBuf),
     /// An eventfd, epoll or thread could not be created.
     #[error("vhost-user device: {0}")]
     Io(#[from] std::io::Error),
@@ -371,8 +379,13 @@ impl VhostUserDevice {
     /// reset the device, so nothing of the old one is in flight).
     fn reconnect(&mut self) -> Result<(), VhostUserError> {
         let conn = Connection::open(&self.spec)?;
-        if conn.offered & self.avail_features != self.avail_features {
-            return Err(VhostUserError::Gone(self.spec.socket.clone()));
+        let missing = self.avail_features & !conn.offered;
+        if missing != 0 {
+            // The driver negotiated against what the first daemon offered.
+            return Err(VhostUserError::FewerFeatures {
+                path: self.spec.socket.clone(),
+                missing,
+            });
         }
         self.conn = conn;
         self.lost.store(false, Ordering::SeqCst);

@@ -785,3 +785,39 @@ fn after_the_daemon_comes_back_a_reset_device_reconnects_at_activation() {
     assert!(msgs.contains(&Msg::SetVringKick(1)));
     assert!(!dev.is_lost());
 }
+
+#[test]
+fn a_daemon_that_comes_back_with_fewer_features_fails_activation_naming_the_socket() {
+    let mut daemon = Daemon::start("fewer", fs_features(), all_protocol(), 2);
+    let spec = VhostUserSpec::fs(daemon.socket.clone(), "share", 1, 16).unwrap();
+    let mut dev = VhostUserDevice::connect(spec).unwrap();
+    let mem = file_mem();
+    let vqs = [
+        MockSplitQueue::create(&mem, GuestAddress(BASE), 16),
+        MockSplitQueue::create(&mem, GuestAddress(BASE + 0x1_0000), 16),
+    ];
+    let (ctx, probe) = context(&mem, &vqs, 1 << VIRTIO_F_VERSION_1);
+    dev.activate(ctx).unwrap();
+    daemon.die();
+    wait_for("needs reset", || {
+        probe.shared.needs_reset.load(Ordering::SeqCst)
+    });
+    dev.reset();
+    // Back, but without EVENT_IDX, which the device offered to the driver.
+    daemon.serve(
+        fs_features() & !(1 << VIRTIO_RING_F_EVENT_IDX),
+        all_protocol(),
+        2,
+    );
+
+    let (ctx, _) = context(&mem, &vqs, 1 << VIRTIO_F_VERSION_1);
+    let err = dev.activate(ctx).unwrap_err();
+
+    let text = format!("{err} {:?}", std::error::Error::source(&err));
+    assert!(text.contains("lacks features 0x20000000"), "{text}");
+    assert!(text.contains(daemon.socket.to_str().unwrap()), "{text}");
+    assert!(
+        dev.is_lost(),
+        "still waiting for a daemon that can serve the device"
+    );
+}
