@@ -39,6 +39,20 @@ fn serve_one(
     })
 }
 
+/// Waits until `n` ATTACHes wait for a request, where the stack can tell: over the socket,
+/// the server holds them ([`remio_api::socket::SocketServerStats::attach_waiting`]). The
+/// in-process API exposes no such count (the dispatcher's `ControlClient::waiters` is not
+/// reachable through `InProcessApi`): there the test takes whatever interleaving it gets, and
+/// its assertions must hold for every one.
+fn wait_attach_waiting(stack: &Stack, n: usize) {
+    if let Some(srv) = &stack.server {
+        assert!(
+            eventually(|| srv.stats().attach_waiting == n),
+            "{n} ATTACH(es) never reached the server"
+        );
+    }
+}
+
 fn open(stack: &Stack, dm: u32) -> Arc<dyn DmSession> {
     Arc::from(stack.api().open(dm).unwrap())
 }
@@ -245,7 +259,7 @@ fn map_shmem_is_the_dms_memory_within_bounds(stack: &Stack) {
 fn concurrent_attach_waiters_each_get_one_request(stack: &Stack) {
     let s = open(stack, 0);
     let waiters: Vec<_> = (0..4).map(|_| serve_one(&s, 0x42)).collect();
-    std::thread::sleep(Duration::from_millis(20));
+    wait_attach_waiting(stack, 4);
     let readers: Vec<_> = (0..4u64)
         .map(|i| {
             let fe = stack.frontend();
@@ -430,8 +444,8 @@ fn shutdown_wakes_a_blocked_attach_and_refuses_later_ones(stack: &Stack) {
         let s = s.clone();
         std::thread::spawn(move || s.attach())
     };
-    // Let it block (if it has not yet, it must fail all the same).
-    std::thread::sleep(Duration::from_millis(20));
+    // It blocks (in process, if it has not yet, it must fail all the same).
+    wait_attach_waiting(stack, 1);
 
     s.shutdown().unwrap();
 

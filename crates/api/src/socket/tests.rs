@@ -551,7 +551,10 @@ fn dropping_the_server_disconnects_waiting_clients_and_removes_the_socket() {
         let s = s.clone();
         std::thread::spawn(move || s.attach())
     };
-    std::thread::sleep(Duration::from_millis(20));
+    // The ATTACH waits at the server.
+    while srv.stats().attach_waiting == 0 {
+        std::thread::yield_now();
+    }
     drop(srv);
     assert!(matches!(t.join().unwrap(), Err(ApiError::Disconnected)));
     assert!(!path.exists());
