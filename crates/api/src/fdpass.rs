@@ -3,6 +3,28 @@
 //!
 //! Every fd that arrives is wrapped in an [`OwnedFd`] before anything else happens, so none
 //! leaks whatever the message turns out to be.
+//!
+//! # Why not vmm-sys-util's `ScmSocket`
+//!
+//! The rest of the workspace passes fds with vmm-sys-util's `ScmSocket` (the QEMU bridge's
+//! MPQEMU and ivshmem sockets) and waits with its `Epoll` (the socket server included). This
+//! transport keeps [`send_msg`] and [`recv_msg`] on `sendmsg`/`recvmsg` because `ScmSocket`
+//! (0.15) cannot do four things the server needs:
+//!
+//! - flags: it always sends with `MSG_NOSIGNAL` alone and receives with no flag, while the
+//!   server's replies must never block (`MSG_DONTWAIT`, [`send_msg_dontwait`]: a device model
+//!   that stopped reading must not hold a frontend thread) and its connection thread reads
+//!   without blocking ([`recv_msg_dontwait`]);
+//! - close-on-exec: received fds must be `MSG_CMSG_CLOEXEC` (the platform process starts QEMU
+//!   and device models; a passed eventfd or memfd must not leak into them);
+//! - `MSG_TRUNC`: an oversized packet must be answered `EINVAL` with its tag, which needs the
+//!   flag ([`Received::truncated`]); `ScmSocket` does not report it;
+//! - `MSG_CTRUNC`: it closes the fds and returns `ENOBUFS` without the byte count, so the
+//!   packet's header (its tag) is lost and the client gets no `EBADF` reply
+//!   ([`Received::fds_truncated`]).
+//!
+//! rustix's `sendmsg`/`recvmsg` would cover all four, but is not a dependency of the
+//! workspace; this file is the one place with raw `cmsg` code.
 
 use std::io;
 use std::mem::{size_of, MaybeUninit};
