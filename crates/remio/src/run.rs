@@ -691,9 +691,7 @@ fn host_tap(args: &Args) -> anyhow::Result<Option<crate::hosttap::HostTap>> {
     let wanted = match args.net.as_deref() {
         Some(NET_AUTO) => true,
         Some(_) => return Ok(None),
-        // The c-driver backend VM has no way to reach a host TAP: no net unless asked for
-        // (and then refused by `check_c_driver_args`).
-        None => !args.no_net && !args.exec_mode() && args.dispatcher == Dispatcher::Remio,
+        None => !args.no_net && !args.exec_mode(),
     };
     if !wanted {
         return Ok(None);
@@ -859,11 +857,18 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
     let initrd = initrd_with(&initrd, &files, &tmp.join("initrd.cpio"))?;
     let mut c_driver = None;
     let (n, dm_config, described) = match &args.config {
-        Some(c) => (
-            devices_in_user_config(c)?,
-            c.clone(),
-            user_config_devices(c),
-        ),
+        Some(c) => {
+            let n = devices_in_user_config(c)?;
+            if args.dispatcher == Dispatcher::CDriver {
+                let config = remio_virtio::config::Config::from_file(c)
+                    .with_context(|| format!("--config {}", c.display()))?;
+                let devices = plan_from_config(&config)
+                    .with_context(|| format!("--config {}", c.display()))?;
+                let hook = args.backend_hook.as_deref();
+                c_driver = Some(CDriverPlan::new(&devices, &gdir, &tmp, hook)?);
+            }
+            (n, c.clone(), user_config_devices(c))
+        }
         None => {
             let devices = planned_devices(args, &tmp, host_tap.as_ref())?;
             let described = devices
@@ -893,12 +898,9 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
     let bridge = Bridge::for_frontend(&frontend, &ram, &tmp.join("ivshmem.sock"))
         .context("starting the QEMU bridge")?;
     // The demo's shell is on hvc0, served by the device model (on this terminal or on
-    // --console-socket); without one (--no-console, --config, the c-driver's backend VM,
-    // whose console is its serial port) it is on the serial port, on this terminal.
-    let hvc0_shell = !exec_mode
-        && args.config.is_none()
-        && !args.no_console
-        && args.dispatcher == Dispatcher::Remio;
+    // --console-socket; with the c-driver through the backend VM's serial port on a socket);
+    // without one (--no-console, --config) it is on the serial port, on this terminal.
+    let hvc0_shell = !exec_mode && args.config.is_none() && !args.no_console;
     let console_on_terminal = hvc0_shell && args.console_socket.is_none();
     let serial_piped = exec_mode || hvc0_shell;
     let serving = match args.dispatcher {
@@ -922,7 +924,8 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
             }
         }
         Dispatcher::CDriver => {
-            let backend = c_driver.as_ref().context("c-driver plan missing")?;
+            let backend = c_driver.as_mut().context("c-driver plan missing")?;
+            backend.console_stdin = console_on_terminal;
             Serving::CDriver(start_backend_vm(
                 &mut session,
                 args,
@@ -1360,18 +1363,6 @@ const BACKEND_TAIL_LINES: usize = 30;
 
 /// The options `--dispatcher c-driver` cannot honour, refused before anything starts.
 fn check_c_driver_args(args: &Args) -> anyhow::Result<()> {
-    if args.config.is_some() {
-        bail!(
-            "--dispatcher c-driver does not take --config yet: the backend VM serves the devices \
-             the flags describe (see docs/c-driver.md)"
-        );
-    }
-    if args.net.is_some() {
-        bail!(
-            "--dispatcher c-driver has no virtio-net: the backend VM cannot reach a host TAP \
-             (see docs/c-driver.md)"
-        );
-    }
     let ram = args.memory.checked_mul(1 << 20).unwrap_or(0);
     if !ram.is_power_of_two() {
         bail!(
@@ -1384,13 +1375,83 @@ fn check_c_driver_args(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The devices of `remio dm --kernel-driver` inside the backend VM: `plan`'s devices with the
-/// block image at [`BACKEND_DISK`], the console on the device model's stdio (the backend's
-/// serial console), and `shmem_addr = 0` (the frontend's RAM starts at its guest-physical 0).
-/// Returns them with the host image the backend's QEMU must attach. Net and a second block
-/// device cannot be served in the backend VM.
-pub fn backend_device_plan(plan: &[DeviceSpec]) -> anyhow::Result<(Vec<DeviceSpec>, PathBuf)> {
+/// The device model's TAP inside the backend VM, bridged there with the backend's NIC on the
+/// host's TAP (guest/backend/init, `remio.bridge=`).
+pub const BACKEND_NET_TAP: &str = "remio-dm0";
+/// The device model's console inside the backend VM: a PTY symlinked here, relayed by the
+/// backend's /init to the serial port QEMU connects to a host socket (`remio.console=`).
+pub const BACKEND_CONSOLE_PTY: &str = "/dev/remio-console";
+
+/// What the backend VM serves and how it reaches the host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendPlan {
+    /// The devices of `remio dm --kernel-driver` inside the backend VM.
+    pub devices: Vec<DeviceSpec>,
+    /// The host image the backend's QEMU attaches as virtio-blk ([`BACKEND_DISK`] inside).
+    pub disk: PathBuf,
+    /// The frontend's console on the host: our stdio or a UNIX socket (QEMU's end of the
+    /// backend's second serial port), when there is a console.
+    pub console: Option<ConsoleMode>,
+    /// The host TAP the backend VM's NIC is on, when there is a net device.
+    pub net_tap: Option<String>,
+}
+
+/// One device of the backend's device-model config: a [`DeviceSpec`] and the console's PTY
+/// alias (a key only the backend needs).
+#[derive(Debug, serde::Serialize)]
+struct BackendDevice<'a> {
+    #[serde(flatten)]
+    spec: &'a DeviceSpec,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pty_alias: Option<&'a str>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct BackendDmConfig<'a> {
+    device: Vec<BackendDevice<'a>>,
+}
+
+impl BackendPlan {
+    /// The device-model config (TOML) of `remio dm --kernel-driver` inside the backend VM.
+    pub fn dm_config_toml(&self) -> anyhow::Result<String> {
+        let device = self
+            .devices
+            .iter()
+            .map(|spec| BackendDevice {
+                spec,
+                pty_alias: (spec.kind == "console").then_some(BACKEND_CONSOLE_PTY),
+            })
+            .collect();
+        toml::to_string(&BackendDmConfig { device })
+            .context("serialising the backend's device-model config")
+    }
+
+    /// The backend kernel's command-line words for /init: `remio.console=ttyS1` (relay the
+    /// console's PTY to the serial port on the host socket) and `remio.bridge=TAP` (bridge
+    /// the device model's TAP with the NIC on the host's TAP).
+    pub fn cmdline(&self) -> Vec<String> {
+        let mut words = Vec::new();
+        if self.console.is_some() {
+            words.push(format!(
+                "remio.console={}",
+                remio_frontend::qemu::backend::CONSOLE_TTY
+            ));
+        }
+        if self.net_tap.is_some() {
+            words.push(format!("remio.bridge={BACKEND_NET_TAP}"));
+        }
+        words
+    }
+}
+
+/// The backend VM's plan for `plan`'s devices: the block image at [`BACKEND_DISK`], the
+/// console on a PTY the backend relays to the host ([`BACKEND_CONSOLE_PTY`]), net on a TAP
+/// bridged to the host's ([`BACKEND_NET_TAP`]), and `shmem_addr = 0` (the frontend's RAM
+/// starts at its guest-physical 0). A second block device cannot be served in the backend VM.
+pub fn backend_device_plan(plan: &[DeviceSpec]) -> anyhow::Result<BackendPlan> {
     let mut disk = None;
+    let mut console = None;
+    let mut net_tap = None;
     let mut out = Vec::with_capacity(plan.len());
     for d in plan {
         let mut b = DeviceSpec {
@@ -1408,8 +1469,33 @@ pub fn backend_device_plan(plan: &[DeviceSpec]) -> anyhow::Result<(Vec<DeviceSpe
                 b.path = Some(PathBuf::from(BACKEND_DISK));
             }
             "console" => {
-                b.backend = Some("stdio".into());
+                let host = match (d.backend.as_deref(), &d.socket) {
+                    (Some("socket"), Some(path)) => ConsoleMode::Socket(path.clone()),
+                    (None | Some("stdio"), _) => ConsoleMode::Stdio,
+                    (other, _) => bail!(
+                        "--dispatcher c-driver serves the console on stdio or a UNIX socket, not \
+                         {}",
+                        other.unwrap_or("?")
+                    ),
+                };
+                if console.replace(host).is_some() {
+                    bail!("--dispatcher c-driver serves one console");
+                }
+                b.backend = Some("pty".into());
                 b.socket = None;
+            }
+            "net" => {
+                let Some(tap) = d
+                    .tap
+                    .clone()
+                    .filter(|_| d.backend.as_deref() == Some("tap"))
+                else {
+                    bail!("--dispatcher c-driver serves net on a host TAP only");
+                };
+                if net_tap.replace(tap).is_some() {
+                    bail!("--dispatcher c-driver serves one net device (the backend's eth0)");
+                }
+                b.tap = Some(BACKEND_NET_TAP.to_owned());
             }
             "rng" => {}
             other => bail!("--dispatcher c-driver cannot serve a {other} device"),
@@ -1417,7 +1503,88 @@ pub fn backend_device_plan(plan: &[DeviceSpec]) -> anyhow::Result<(Vec<DeviceSpe
         out.push(b);
     }
     let disk = disk.context("--dispatcher c-driver needs a block device")?;
-    Ok((out, disk))
+    Ok(BackendPlan {
+        devices: out,
+        disk,
+        console,
+        net_tap,
+    })
+}
+
+/// The devices of a `--config` file (already checked by [`check_layout`]) as `remio run`'s
+/// own plan, for `--dispatcher c-driver`: what the backend VM can carry (block on a host
+/// image, console on stdio or a UNIX socket, rng, net on a host TAP). Options it cannot carry
+/// are refused by name rather than dropped.
+pub fn plan_from_config(config: &remio_virtio::config::Config) -> anyhow::Result<Vec<DeviceSpec>> {
+    use remio_virtio::config::{ConsoleBackend, DeviceKind, NetBackendConfig};
+    let mut devices: Vec<_> = config.devices.iter().collect();
+    devices.sort_by_key(|d| d.dm_id);
+    let mut out = Vec::with_capacity(devices.len());
+    for d in devices {
+        let refuse = |what: &str| {
+            anyhow::anyhow!(
+                "device {}: --dispatcher c-driver cannot carry {what} into the backend VM \
+                 (see docs/c-driver.md)",
+                d.dm_id
+            )
+        };
+        // `device_plan`'s block device as the template: every optional field empty.
+        let mut spec = DeviceSpec {
+            dm_id: d.dm_id,
+            mmio_base: d.mmio_base,
+            path: None,
+            ..device_plan(Path::new(""), ConsoleMode::Off, false, None)[0].clone()
+        };
+        if d.shmem_addr.is_some() || d.shmem_size.is_some() || d.irq.is_some() {
+            return Err(refuse(
+                "shmem_addr, shmem_size or irq (remio run places the shared memory)",
+            ));
+        }
+        match &d.kind {
+            DeviceKind::Block(b) => {
+                if b.read_only || b.serial.is_some() {
+                    return Err(refuse("read_only or serial"));
+                }
+                spec.kind = "block".into();
+                spec.path = Some(std::path::absolute(&b.path)?);
+            }
+            DeviceKind::Console(c) => {
+                spec.kind = "console".into();
+                match &c.backend {
+                    ConsoleBackend::Stdio => spec.backend = Some("stdio".into()),
+                    ConsoleBackend::Socket(p) => {
+                        spec.backend = Some("socket".into());
+                        spec.socket = Some(std::path::absolute(p)?);
+                    }
+                    ConsoleBackend::Pty { .. } => {
+                        return Err(refuse(
+                            "a pty console (use backend = \"socket\" or \"stdio\")",
+                        ))
+                    }
+                }
+            }
+            DeviceKind::Rng(r) => {
+                if r.rate.is_some() {
+                    return Err(refuse("an rng rate"));
+                }
+                spec.kind = "rng".into();
+            }
+            DeviceKind::Net(n) => {
+                let NetBackendConfig::Tap(tap) = &n.backend else {
+                    return Err(refuse("a net socket backend (use a tap)"));
+                };
+                if n.mac.is_some() {
+                    return Err(refuse("a net mac"));
+                }
+                spec.kind = "net".into();
+                spec.backend = Some("tap".into());
+                spec.tap = Some(tap.clone());
+            }
+            DeviceKind::VhostUser(_) => return Err(refuse("a vhost-user device")),
+        }
+        out.push(spec);
+    }
+    Ok(out)
 }
 
 /// What `--dispatcher c-driver` boots besides the frontend: the backend VM's initramfs (with
@@ -1430,6 +1597,14 @@ struct CDriverPlan {
     initrd: PathBuf,
     /// The host image the backend's QEMU attaches as virtio-blk.
     disk: PathBuf,
+    /// The backend kernel's command-line words for its /init ([`BackendPlan::cmdline`]).
+    cmdline: Vec<String>,
+    /// The frontend console's and net's ways to the host.
+    ports: remio_frontend::qemu::backend::BackendPorts,
+    /// The console is ours (stdio): `remio run` connects to its socket and copies it.
+    console_to_stdio: bool,
+    /// And our stdin goes to it (the interactive demo's shell on this terminal).
+    console_stdin: bool,
     /// The backend VM's serial console, in the run directory.
     serial_log: PathBuf,
     /// The backend QEMU's own messages, in the run directory.
@@ -1446,11 +1621,8 @@ impl CDriverPlan {
         tmp: &Path,
         hook: Option<&Path>,
     ) -> anyhow::Result<Self> {
-        let (backend_devices, disk) = backend_device_plan(devices)?;
-        let toml_text = toml::to_string(&DmConfig {
-            device: backend_devices,
-        })
-        .context("serialising the backend's device-model config")?;
+        let backend = backend_device_plan(devices)?;
+        let toml_text = backend.dm_config_toml()?;
         std::fs::write(tmp.join("backend-dm.toml"), &toml_text)?;
         let exe = std::env::current_exe().context("locating the remio binary")?;
         let initrd = tmp.join("backend-initrd.cpio");
@@ -1465,10 +1637,24 @@ impl CDriverPlan {
         };
         let kernel = write_backend_initrd(gdir, &exe, &toml_text, &extra, &initrd)
             .context("--dispatcher c-driver")?;
+        // The console's host end: the user's socket, or one in the run directory that we
+        // connect to and copy to our stdio.
+        let console_socket = match &backend.console {
+            None => None,
+            Some(ConsoleMode::Socket(path)) => Some(path.clone()),
+            Some(_) => Some(tmp.join("backend-console.sock")),
+        };
         Ok(Self {
             kernel,
             initrd,
-            disk,
+            cmdline: backend.cmdline(),
+            ports: remio_frontend::qemu::backend::BackendPorts {
+                console_socket,
+                net_tap: backend.net_tap.clone(),
+            },
+            console_to_stdio: matches!(backend.console, Some(ConsoleMode::Stdio)),
+            console_stdin: false,
+            disk: backend.disk,
             serial_log: tmp.join("backend-serial.log"),
             qemu_log: tmp.join("backend-qemu.log"),
         })
@@ -1656,11 +1842,16 @@ fn start_backend_vm(
         &session.tmp.join("backend-ivshmem.sock"),
     )
     .context("serving the backend VM")?;
-    let mut cmdline_extra = String::new();
+    let mut words = plan.cmdline.clone();
     if let Ok(filter) = std::env::var("RUST_LOG") {
         if !filter.is_empty() && !filter.contains(char::is_whitespace) {
-            cmdline_extra = format!("remio.log={filter}");
+            words.push(format!("remio.log={filter}"));
         }
+    }
+    let cmdline_extra = words.join(" ");
+    if let Some(sock) = &plan.ports.console_socket {
+        // QEMU does not replace a stale socket (remio dm's socket console does).
+        clear_stale_socket(sock).context("the console socket")?;
     }
     let opts = remio_frontend::qemu::BackendOptions {
         qemu: qemu.to_owned(),
@@ -1675,7 +1866,7 @@ fn start_backend_vm(
     let serial_log = File::create(&plan.serial_log)
         .with_context(|| format!("creating {}", plan.serial_log.display()))?;
     let mut child = host
-        .command(&opts)?
+        .command_with_ports(&opts, &plan.ports)?
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(qemu_log)
@@ -1686,10 +1877,76 @@ fn start_backend_vm(
     session.backend = Some(child);
     let watch = BackendWatch::start(console, serial_log, args.verbose);
     wait_for_backend(session, &watch, plan, n)?;
+    if plan.console_to_stdio {
+        if let Some(sock) = &plan.ports.console_socket {
+            relay_backend_console(sock, plan.console_stdin)?;
+        }
+    }
     Ok(BackendVmRun {
         host,
         _watch: watch,
     })
+}
+
+/// Removes a UNIX socket left at `path` by an earlier run; anything else there is an error.
+fn clear_stale_socket(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale socket {}", path.display())),
+        Ok(_) => bail!("{} exists and is not a socket", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| path.display().to_string()),
+    }
+}
+
+/// The frontend's console on our stdio in c-driver mode: connects to the socket the backend
+/// QEMU serves its console's serial port on, copies it to our stdout and, with `stdin`, our
+/// stdin to it (the interactive demo's shell). The threads end with the socket (QEMU gone)
+/// or our stdin.
+fn relay_backend_console(sock: &Path, stdin: bool) -> anyhow::Result<()> {
+    let stream = std::os::unix::net::UnixStream::connect(sock)
+        .with_context(|| format!("connecting to the backend's console at {}", sock.display()))?;
+    let reader = stream.try_clone()?;
+    std::thread::Builder::new()
+        .name("remio-backend-hvc0".into())
+        .spawn(move || copy_console(reader))
+        .context("starting the console copier")?;
+    if stdin {
+        let mut writer = stream;
+        std::thread::Builder::new()
+            .name("remio-backend-hvc0-in".into())
+            .spawn(move || {
+                let mut buf = [0u8; 1024];
+                loop {
+                    match read_stdin(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if writer.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            })
+            .context("starting the console input copier")?;
+    }
+    Ok(())
+}
+
+/// One read of our stdin's descriptor (unbuffered: a terminal in raw mode gives each key).
+fn read_stdin(buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes; fd 0 is ours.
+        let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            return Ok(n.unsigned_abs());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
 }
 
 /// Waits until the backend's device model says `REMIO-DM-READY n`; any failure first is an
@@ -2154,26 +2411,93 @@ mod tests {
             true,
             None,
         );
-        let (backend, disk) = backend_device_plan(&plan).unwrap();
-        assert_eq!(disk, Path::new("/h/d.img"));
-        assert_eq!(backend[0].path.as_deref(), Some(Path::new("/dev/vda")));
-        assert_eq!(backend[1].backend.as_deref(), Some("stdio"));
-        assert!(backend.iter().all(|d| d.shmem_addr == Some(0)));
-        let same = |f: fn(&DeviceSpec) -> u64| plan.iter().map(f).eq(backend.iter().map(f));
+        let bp = backend_device_plan(&plan).unwrap();
+        assert_eq!(bp.disk, Path::new("/h/d.img"));
+        assert_eq!(bp.devices[0].path.as_deref(), Some(Path::new("/dev/vda")));
+        assert!(bp.devices.iter().all(|d| d.shmem_addr == Some(0)));
+        let same = |f: fn(&DeviceSpec) -> u64| plan.iter().map(f).eq(bp.devices.iter().map(f));
         assert!(same(|d| u64::from(d.dm_id)) && same(|d| d.mmio_base));
-        let text = toml::to_string(&DmConfig { device: backend }).unwrap();
+        let text = bp.dm_config_toml().unwrap();
         let parsed = remio_virtio::Config::from_toml_str(&text).unwrap();
         assert_eq!(parsed.devices.len(), 3);
         assert!(parsed.devices.iter().all(|d| d.shmem_addr == Some(0)));
     }
 
     #[test]
-    fn backend_plan_refuses_net_and_needs_a_disk() {
-        let net = device_plan(Path::new("/d"), ConsoleMode::Off, false, Some("tap0"));
-        let e = backend_device_plan(&net).unwrap_err();
-        assert!(e.to_string().contains("cannot serve a net device"), "{e}");
-        let rng_only: Vec<_> = net.into_iter().filter(|d| d.kind == "rng").collect();
-        assert!(backend_device_plan(&rng_only).is_err());
+    fn backend_plan_puts_the_console_on_a_relayed_pty_and_its_socket_on_the_host() {
+        let plan = device_plan(
+            Path::new("/h/d.img"),
+            ConsoleMode::Socket("/c.sock".into()),
+            false,
+            None,
+        );
+
+        let bp = backend_device_plan(&plan).unwrap();
+
+        assert_eq!(bp.console, Some(ConsoleMode::Socket("/c.sock".into())));
+        assert_eq!(bp.cmdline(), ["remio.console=ttyS1"]);
+        let parsed = remio_virtio::Config::from_toml_str(&bp.dm_config_toml().unwrap()).unwrap();
+        let remio_virtio::config::DeviceKind::Console(c) = &parsed.devices[1].kind else {
+            panic!("device 1 is not the console: {parsed:?}");
+        };
+        assert_eq!(
+            c.backend,
+            remio_virtio::config::ConsoleBackend::Pty {
+                alias: Some(BACKEND_CONSOLE_PTY.into())
+            }
+        );
+        let stdio = device_plan(Path::new("/d"), ConsoleMode::Stdio, false, None);
+        assert_eq!(
+            backend_device_plan(&stdio).unwrap().console,
+            Some(ConsoleMode::Stdio)
+        );
+    }
+
+    #[test]
+    fn backend_plan_puts_net_on_a_tap_bridged_to_the_hosts_and_needs_a_disk() {
+        let net = device_plan(Path::new("/d"), ConsoleMode::Off, false, Some("remio-7"));
+
+        let bp = backend_device_plan(&net).unwrap();
+
+        assert_eq!(bp.net_tap.as_deref(), Some("remio-7"));
+        assert_eq!(bp.devices[1].tap.as_deref(), Some(BACKEND_NET_TAP));
+        assert_eq!(bp.cmdline(), [format!("remio.bridge={BACKEND_NET_TAP}")]);
+        assert!(bp.console.is_none());
+        let no_disk: Vec<_> = net.into_iter().filter(|d| d.kind == "net").collect();
+        assert!(backend_device_plan(&no_disk).is_err());
+    }
+
+    #[test]
+    fn a_user_config_becomes_the_backends_plan_or_is_refused_by_option() {
+        let config = |text: &str| remio_virtio::Config::from_toml_str(text).unwrap();
+        let ok = config(
+            "[[device]]\ndm_id = 0\ntype = \"block\"\nmmio_base = 0x10000000\npath = \"/i.img\"\n\
+             [[device]]\ndm_id = 1\ntype = \"console\"\nmmio_base = 0x10000200\n\
+             backend = \"socket\"\nsocket = \"/c.sock\"\n\
+             [[device]]\ndm_id = 2\ntype = \"net\"\nmmio_base = 0x10000400\ntap = \"t0\"\n",
+        );
+
+        let plan = plan_from_config(&ok).unwrap();
+
+        let bp = backend_device_plan(&plan).unwrap();
+        assert_eq!(bp.disk, Path::new("/i.img"));
+        assert_eq!(bp.console, Some(ConsoleMode::Socket("/c.sock".into())));
+        assert_eq!(bp.net_tap.as_deref(), Some("t0"));
+        assert_eq!(plan[2].mmio_base, 0x1000_0400);
+        for (bad, why) in [
+            (
+                "type = \"block\"\npath = \"/i\"\nread_only = true",
+                "read_only",
+            ),
+            ("type = \"console\"\nbackend = \"pty\"", "pty"),
+            ("type = \"rng\"\nrate = 100", "rate"),
+        ] {
+            let c = config(&format!(
+                "[[device]]\ndm_id = 0\nmmio_base = 0x10000000\n{bad}\n"
+            ));
+            let e = format!("{:#}", plan_from_config(&c).unwrap_err());
+            assert!(e.contains(why) && e.contains("c-driver"), "{e}");
+        }
     }
 
     #[test]
@@ -2197,7 +2521,7 @@ mod tests {
     }
 
     #[test]
-    fn c_driver_refuses_config_net_and_ram_that_is_no_power_of_two() {
+    fn c_driver_takes_config_and_net_but_refuses_ram_that_is_no_power_of_two() {
         use clap::Parser;
         #[derive(Debug, clap::Parser)]
         struct Cli {
@@ -2213,8 +2537,8 @@ mod tests {
         assert_eq!(parse(&[]).dispatcher, Dispatcher::CDriver);
         let e = check_c_driver_args(&parse(&["--memory", "384"])).unwrap_err();
         assert!(e.to_string().contains("power of two"), "{e}");
-        assert!(check_c_driver_args(&parse(&["--net", "auto"])).is_err());
-        assert!(check_c_driver_args(&parse(&["--config", "x.toml"])).is_err());
+        assert!(check_c_driver_args(&parse(&["--net", "auto"])).is_ok());
+        assert!(check_c_driver_args(&parse(&["--config", "x.toml"])).is_ok());
         let default = Cli::try_parse_from(["remio"]).unwrap().run;
         assert_eq!(default.dispatcher, Dispatcher::Remio);
     }
@@ -2246,6 +2570,10 @@ mod tests {
             kernel: PathBuf::new(),
             initrd: PathBuf::new(),
             disk: PathBuf::new(),
+            cmdline: Vec::new(),
+            ports: Default::default(),
+            console_to_stdio: false,
+            console_stdin: false,
             serial_log,
             qemu_log: tmp.join("backend-qemu.log"),
         };

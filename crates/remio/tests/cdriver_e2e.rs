@@ -8,8 +8,9 @@
 //! boot lock); every run is bounded.
 #![allow(clippy::unwrap_used)]
 
-use std::io::Read;
-use std::path::PathBuf;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -557,4 +558,112 @@ echo "WHOLE $(dd if=/dev/vda bs=65536 count=16 iflag=direct 2>/dev/null | md5sum
         counts(&remio),
         counts(&cdrv)
     );
+}
+
+/// Reads from `s` until `needle` has been seen or `deadline` passes; returns all that was read.
+fn read_until(s: &mut UnixStream, needle: &str, deadline: Instant) -> String {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&seen).contains(needle) && Instant::now() < deadline {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e) => panic!("console socket: {e}"),
+        }
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+fn connect(path: &Path, deadline: Instant) -> UnixStream {
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return s,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "console socket never came up: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Whether this process may make TAP interfaces (what `--net auto` needs); else a loud skip,
+/// or a failure under REMIO_REQUIRE_GUEST=1.
+fn taps_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root && Path::new("/dev/net/tun").exists() {
+        return true;
+    }
+    let why = "cannot create a TAP (needs root and /dev/net/tun)";
+    assert!(!guest_required(), "{test}: REMIO_REQUIRE_GUEST=1 but {why}");
+    eprintln!("\n*** SKIPPED {test}: {why} ***\n");
+    false
+}
+
+/// The console echo of e2e_console and the ping of e2e_net in one boot of the pair: the
+/// frontend's hvc0 is served by the device model in the backend VM on a PTY that the backend
+/// relays to its second serial port, which QEMU serves on `--console-socket`; its eth0 by the
+/// device model on a TAP that the backend bridges with its own NIC on the host TAP of
+/// `--net auto`.
+#[test]
+fn through_the_c_driver_the_console_echoes_a_line_and_the_guest_pings_the_host() {
+    if !c_driver_prerequisites("cdriver_e2e") || !taps_or_skip("cdriver_e2e") {
+        return;
+    }
+    let (dir, img) = temp_image(16 << 20);
+    let sock = dir.as_path().join("console.sock");
+    let script = "stty -F /dev/hvc0 -echo; exec 3<>/dev/hvc0; echo READY >&3; \
+                  read -r line <&3; echo \"echo:$line\" >&3; echo GOT \"$line\"; \
+                  ip -o addr show dev eth0; ping -c 3 -W 5 10.77.0.1";
+    let mut host_side = String::new();
+    let mut remio_pid = 0;
+    let out = run_exec_with(
+        script,
+        &[
+            "--dispatcher",
+            "c-driver",
+            "--disk",
+            path_str(&img),
+            "--no-rng",
+            "--net",
+            "auto",
+            "--console-socket",
+            path_str(&sock),
+        ],
+        |pid| {
+            remio_pid = pid;
+            // The backend may take 100 s to be ready, the frontend as long again to boot.
+            let deadline = Instant::now() + Duration::from_secs(240);
+            let mut s = connect(&sock, deadline);
+            s.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            host_side = read_until(&mut s, "READY", deadline);
+            if host_side.contains("READY") {
+                s.write_all(b"hello-remio-4711\n").unwrap();
+                host_side.push_str(&read_until(&mut s, "echo:hello-remio-4711", deadline));
+            }
+        },
+    );
+    assert!(
+        host_side.contains("READY"),
+        "the guest never said READY: {host_side:?}"
+    );
+    assert_eq!(out.status, Some(0), "ping failed");
+    assert!(
+        out.stdout.contains("GOT hello-remio-4711"),
+        "the guest read the host's line"
+    );
+    assert!(
+        host_side.contains("echo:hello-remio-4711"),
+        "the host read the guest's answer: {host_side:?}"
+    );
+    assert!(out.stdout.contains("10.77.0.2/24"), "eth0 got its address");
+    assert!(out.stdout.contains("3 packets received") || out.stdout.contains("3 received"));
+    let tap = format!("/sys/class/net/remio-{}", remio_pid % 10_000_000);
+    assert!(!Path::new(&tap).exists(), "{tap} left behind");
 }

@@ -22,7 +22,6 @@
 //! # Ok(()) }
 //! ```
 
-mod crash_point;
 pub mod config;
 pub mod device;
 pub mod devices;

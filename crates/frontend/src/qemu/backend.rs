@@ -83,6 +83,25 @@ pub struct BackendOptions {
     pub ram_mib: u64,
 }
 
+/// The backend VM's ports to the host besides its serial console: what the device model
+/// inside it serves for the frontend reaches the host through these.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BackendPorts {
+    /// The frontend's virtio console: the backend's second serial port (`/dev/ttyS1` inside,
+    /// [`CONSOLE_TTY`]), which QEMU serves as a UNIX socket listening at this path (one client
+    /// at a time, like `remio dm`'s socket console; output with no client is dropped).
+    pub console_socket: Option<PathBuf>,
+    /// The frontend's virtio-net: a virtio-net-pci of the backend on this existing host TAP
+    /// (`eth0` inside; the backend bridges it with the device model's TAP).
+    pub net_tap: Option<String>,
+}
+
+/// The backend's serial port that carries the frontend's virtio console ([`BackendPorts`]).
+pub const CONSOLE_TTY: &str = "ttyS1";
+/// The MAC of the backend's own NIC on the host TAP (locally administered; the frontend's
+/// virtio-net has its own).
+pub const NET_MAC: &str = "52:54:00:4e:b0:01";
+
 /// The descriptors and paths of a [`BackendHost`] that QEMU needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendEnds {
@@ -108,6 +127,45 @@ fn qemu_path(path: &Path) -> String {
 /// ivshmem-plain BAR, the hypercall window, the doorbell and the disk as virtio-blk-pci.
 pub fn args(opts: &BackendOptions, ends: &BackendEnds) -> Result<Vec<OsString>, BackendError> {
     args_with_tsc(opts, ends, launch::host_tsc_khz())
+}
+
+/// [`args`] plus the host ports of `ports`: the console's serial port on a listening UNIX
+/// socket (`-serial` after the console's, so `ttyS1`) and a virtio-net-pci on the host TAP.
+pub fn args_with_ports(
+    opts: &BackendOptions,
+    ports: &BackendPorts,
+    ends: &BackendEnds,
+) -> Result<Vec<OsString>, BackendError> {
+    let mut a = args(opts, ends)?;
+    a.extend(port_args(ports).into_iter().map(OsString::from));
+    Ok(a)
+}
+
+fn port_args(ports: &BackendPorts) -> Vec<String> {
+    let mut a = Vec::new();
+    if let Some(sock) = &ports.console_socket {
+        a.extend([
+            "-chardev".to_owned(),
+            format!(
+                "socket,id=remio-con,path={},server=on,wait=off",
+                qemu_path(sock)
+            ),
+            "-serial".to_owned(),
+            "chardev:remio-con".to_owned(),
+        ]);
+    }
+    if let Some(tap) = &ports.net_tap {
+        a.extend([
+            "-netdev".to_owned(),
+            format!(
+                "tap,id=remio-net,ifname={},script=no,downscript=no",
+                tap.replace(',', ",,")
+            ),
+            "-device".to_owned(),
+            format!("virtio-net-pci,netdev=remio-net,mac={NET_MAC}"),
+        ]);
+    }
+    a
 }
 
 fn args_with_tsc(
@@ -236,9 +294,18 @@ impl BackendHost {
     /// The backend QEMU's command, inheriting the window socket and the RAM file, killed if
     /// this process dies. The caller sets stdio (stdout is the serial console).
     pub fn command(&self, opts: &BackendOptions) -> Result<Command, BackendError> {
+        self.command_with_ports(opts, &BackendPorts::default())
+    }
+
+    /// [`Self::command`] with the host ports of `ports` ([`args_with_ports`]).
+    pub fn command_with_ports(
+        &self,
+        opts: &BackendOptions,
+        ports: &BackendPorts,
+    ) -> Result<Command, BackendError> {
         let ends = self.ends();
         let mut cmd = Command::new(&opts.qemu);
-        cmd.args(args(opts, &ends)?);
+        cmd.args(args_with_ports(opts, ports, &ends)?);
         let keep = [ends.window_fd, ends.frontend_ram_fd];
         // SAFETY: the closure only calls prctl and fcntl, which are async-signal-safe, on
         // descriptors open in the parent at fork time (this host owns them).
@@ -340,6 +407,50 @@ mod tests {
         };
         let a = strings(args_with_tsc(&o, &ends(), None).unwrap());
         assert!(!a.iter().any(|x| x == "-drive"));
+    }
+
+    #[test]
+    fn without_ports_the_backend_has_one_serial_port_and_no_nic() {
+        let a = strings(args_with_ports(&opts(), &BackendPorts::default(), &ends()).unwrap());
+        assert_eq!(a.iter().filter(|x| *x == "-serial").count(), 1);
+        assert!(!a.iter().any(|x| x == "-netdev"));
+        assert!(!a.iter().any(|x| x.starts_with("socket,id=remio-con")));
+    }
+
+    #[test]
+    fn the_console_port_is_a_second_serial_port_on_a_listening_socket() {
+        let ports = BackendPorts {
+            console_socket: Some("/run/x,y/con.sock".into()),
+            net_tap: None,
+        };
+        let a = strings(args_with_ports(&opts(), &ports, &ends()).unwrap());
+        let serials: Vec<&String> = a
+            .iter()
+            .zip(a.iter().skip(1))
+            .filter(|(f, _)| *f == "-serial")
+            .map(|(_, v)| v)
+            .collect();
+        // ttyS0 stays the backend's console (stdio); ttyS1 is the frontend's console.
+        assert_eq!(serials, ["stdio", "chardev:remio-con"]);
+        assert!(a
+            .iter()
+            .any(|x| x == "socket,id=remio-con,path=/run/x,,y/con.sock,server=on,wait=off"));
+    }
+
+    #[test]
+    fn the_net_port_is_a_virtio_net_pci_on_the_host_tap() {
+        let ports = BackendPorts {
+            console_socket: None,
+            net_tap: Some("remio-42".into()),
+        };
+        let a = strings(args_with_ports(&opts(), &ports, &ends()).unwrap());
+        assert!(a
+            .iter()
+            .any(|x| x == "tap,id=remio-net,ifname=remio-42,script=no,downscript=no"));
+        assert!(a
+            .iter()
+            .any(|x| x == &format!("virtio-net-pci,netdev=remio-net,mac={NET_MAC}")));
+        assert_eq!(a.iter().filter(|x| *x == "-serial").count(), 1);
     }
 
     fn hyp(n: u32, ram: &GuestRam) -> Arc<Hypervisor> {

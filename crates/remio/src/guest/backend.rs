@@ -4,7 +4,8 @@
 //!
 //! Built into the guest directory (`target/guest/`) next to the frontend, same kernel:
 //! - `backend-initramfs.cpio`: busybox, virtio_pci + virtio_blk and their dependencies,
-//!   `remio_backend.ko` (guest/backend/glue), `bao-io-dispatcher.ko` (the driver), the shared
+//!   `remio_backend.ko` (guest/backend/glue), `bao-io-dispatcher.ko` (the driver), virtio_net,
+//!   tun and bridge (loaded only when the frontend has net: `remio.bridge=`), the shared
 //!   libraries of the `remio` binary that ran the build (with the dynamic loader), and
 //!   `guest/backend/init`. Not in it: `/usr/bin/remio` and `/etc/remio/dm.toml`, which
 //!   [`backend_overlay`] packs into a second newc archive to append at run time (the kernel
@@ -41,10 +42,14 @@ const DRIVER_KBUILD: &str = include_str!("../../../../guest/backend/driver.Kbuil
 const INIT: &str = include_str!("../../../../guest/backend/init");
 
 /// Bumped whenever the backend recipe changes in a way the hashed sources do not show.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 
 /// The kernel modules of the backend's own devices (dependencies are added from modules.dep).
 const WANTED_MODULES: &[&str] = &["virtio_pci", "virtio_blk"];
+/// The modules `/init` loads only for `remio.bridge=` (the frontend's net): the backend's NIC
+/// on the host TAP, the device model's TAP, and the bridge between them (dependencies added,
+/// those of [`WANTED_MODULES`] left out).
+const NET_MODULES: &[&str] = &["virtio_net", "tun", "bridge"];
 
 /// Our glue module and the driver, as `/init` loads them (after [`WANTED_MODULES`]).
 pub const GLUE_MODULE: &str = "remio_backend";
@@ -140,6 +145,8 @@ fn recipe_hash() -> String {
         text.push_str(part);
     }
     text.push_str(&WANTED_MODULES.join(","));
+    text.push(';');
+    text.push_str(&NET_MODULES.join(","));
     sha256_hex(text.as_bytes())
 }
 
@@ -265,12 +272,18 @@ pub(super) fn build(
         DRIVER_MODULE.to_owned(),
         std::fs::read(dir.join(DRIVER_KO))?,
     ));
+    let net_modules: Vec<(String, Vec<u8>)> = module_order(&modules_dir, NET_MODULES)?
+        .iter()
+        .filter(|(stem, _)| !order.iter().any(|(s, _)| s == stem))
+        .map(|(stem, rel)| Ok((stem.clone(), read_module(&modules_dir.join(rel))?)))
+        .collect::<anyhow::Result<_>>()?;
     step(&format!(
-        "packing the backend initramfs ({} modules, {} libraries)",
+        "packing the backend initramfs ({} + {} net modules, {} libraries)",
         modules.len(),
+        net_modules.len(),
         libraries.len()
     ));
-    let cpio = pack(abi, &modules, &libraries)?;
+    let cpio = pack(abi, &modules, &net_modules, &libraries)?;
     write_atomic(&dir.join(BACKEND_INITRAMFS), &cpio)?;
     let record = BackendRecord {
         inputs,
@@ -385,6 +398,7 @@ fn build_driver(
 fn pack(
     abi: &str,
     modules: &[(String, Vec<u8>)],
+    net_modules: &[(String, Vec<u8>)],
     libraries: &[(String, Vec<u8>)],
 ) -> anyhow::Result<Vec<u8>> {
     let mut c = Cpio::default();
@@ -410,6 +424,13 @@ fn pack(
         list.push('\n');
     }
     c.file("etc/remio/modules", 0o644, list.as_bytes())?;
+    let mut net_list = String::new();
+    for (stem, bytes) in net_modules {
+        c.file(&format!("lib/modules/{abi}/{stem}.ko"), 0o644, bytes)?;
+        net_list.push_str(stem);
+        net_list.push('\n');
+    }
+    c.file("etc/remio/modules-net", 0o644, net_list.as_bytes())?;
     c.file("etc/remio/abi", 0o644, format!("{abi}\n").as_bytes())?;
     for (guest, bytes) in libraries {
         c.file(guest, 0o755, bytes)?;
