@@ -15,6 +15,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use remio_ratelimit::warn_rl;
 
+use crate::crash_point::crash_point;
+
 /// Where InterruptStatus lives: in this process (the default), or in the status word the
 /// session shares with the dispatcher ([`remio_api::DmSession::register_status_word`]), which
 /// then answers the driver's InterruptStatus reads and InterruptACK writes itself. Either way
@@ -377,9 +379,12 @@ where
         loop {
             let next = queue.iter(mem)?.next();
             let Some(chain) = next else { break };
+            crash_point!("popped");
             let head = chain.head_index();
             let len = handle(chain);
+            crash_point!("executed");
             queue.add_used(mem, head, len)?;
+            crash_point!("used");
             used_any = true;
         }
         if !queue.enable_notification(mem)? {
@@ -387,6 +392,7 @@ where
         }
     }
     if used_any && queue.needs_notification(mem)? {
+        crash_point!("before-interrupt");
         interrupt.signal_used_queue();
     }
     Ok(())

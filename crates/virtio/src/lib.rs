@@ -22,6 +22,7 @@
 //! # Ok(()) }
 //! ```
 
+mod crash_point;
 pub mod config;
 pub mod device;
 pub mod devices;

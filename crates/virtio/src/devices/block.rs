@@ -625,6 +625,9 @@ impl<E: BlockEngine> BlockBackend<E> {
                     self.engine.write(mem, &req.data, offset)
                 }
                 .map_err(|e| ioerr(&e))?;
+                if kind == RequestType::Out {
+                    crate::crash_point::crash_point!("blk-written");
+                }
                 Ok(if kind == RequestType::In {
                     u32::try_from(req.data_len).unwrap_or(u32::MAX)
                 } else {
