@@ -10,6 +10,7 @@ mod hosttap;
 mod run;
 mod soak;
 mod stats;
+mod vhostd;
 
 use clap::{Parser, Subcommand};
 
@@ -25,7 +26,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Boot a Linux guest whose devices are served through remio (the demo with no arguments).
-    Run(run::Args),
+    /// Boxed: its many flags would make every `Command` as large (clippy::large_enum_variant).
+    Run(Box<run::Args>),
     /// Run the platform side: hypervisor model, dispatcher and the device-model API socket.
     Platform(platform::Args),
     /// Run a device-model process serving the devices of a config file.
@@ -44,7 +46,7 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run::run(args),
+        Command::Run(args) => run::run(*args),
         Command::Platform(args) => platform::run(args),
         Command::Dm(args) => dm::run(args),
         Command::Guest(args) => guest::run(args),

@@ -5,9 +5,9 @@
 //! `remio guest build` resolves `linux-image-cloud-amd64` to its ABI, downloads the kernel and
 //! header packages with `apt-get download`, extracts them with `dpkg -x` (nothing is installed),
 //! builds `guest/glue` against the extracted headers, and packs an uncompressed newc initramfs
-//! with busybox, the virtio modules in dependency order, the glue module, `guest/tools/iobench`
-//! and `guest/init`. The guest's command-line contract (`remio.exec=`, `REMIO-EXIT`) is described
-//! in `guest/README.md`.
+//! with busybox, the virtio modules in dependency order, the glue module, the tools of
+//! `guest/tools` (iobench, vsock, ...) and `guest/init`. The guest's command-line contract
+//! (`remio.exec=`, `REMIO-EXIT`) is described in `guest/README.md`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -52,6 +52,9 @@ const GLUE_KBUILD: &str = include_str!("../../../../guest/glue/Kbuild");
 const IDS_H: &str = include_str!("../../../../guest/remio-ids.h");
 const INIT: &str = include_str!("../../../../guest/init");
 const IOBENCH_C: &str = include_str!("../../../../guest/tools/iobench.c");
+const VSOCK_C: &str = include_str!("../../../../guest/tools/vsock.c");
+/// The static tools of guest/tools, installed as /usr/bin/<name>.
+const GUEST_TOOLS: &[(&str, &str)] = &[("iobench", IOBENCH_C), ("vsock", VSOCK_C)];
 
 /// File names inside the guest directory.
 const MANIFEST: &str = "manifest.json";
@@ -191,7 +194,7 @@ struct Inputs {
     /// busybox-static and gcc-12 as installed on the build machine.
     host_packages: Vec<Pkg>,
     busybox_sha256: String,
-    /// sha256 over the glue source, Kbuild, remio-ids.h, /init, iobench.c and the module list.
+    /// sha256 over the glue source, Kbuild, remio-ids.h, /init, the guest tools and the module list.
     recipe_sha256: String,
     glue_source_sha256: String,
 }
@@ -400,7 +403,7 @@ fn apt_lists_fingerprint() -> String {
 
 fn recipe_hash() -> String {
     let mut h = Sha256::new();
-    for part in [GLUE_C, GLUE_KBUILD, IDS_H, INIT, IOBENCH_C] {
+    for part in [GLUE_C, GLUE_KBUILD, IDS_H, INIT, IOBENCH_C, VSOCK_C] {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part.as_bytes());
     }
@@ -545,14 +548,17 @@ fn build_frontend(
     write_atomic(&dir.join(KERNEL), &kernel)?;
 
     let glue_ko = build_glue(dir, &root, &abi)?;
-    let iobench = build_iobench(dir)?;
+    let tools = GUEST_TOOLS
+        .iter()
+        .map(|(name, src)| Ok((*name, build_tool(dir, name, src)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let modules_dir = root.join("lib/modules").join(&abi);
     let order = module_order(&modules_dir, WANTED_MODULES)?;
     step(&format!(
         "packing the initramfs ({} modules + glue)",
         order.len()
     ));
-    let cpio = pack_initramfs(&abi, &modules_dir, &order, &glue_ko, &iobench)?;
+    let cpio = pack_initramfs(&abi, &modules_dir, &order, &glue_ko, &tools)?;
     write_atomic(&dir.join(INITRAMFS), &cpio)?;
 
     let mut modules: Vec<String> = order.iter().map(|(n, _)| n.clone()).collect();
@@ -711,21 +717,21 @@ fn build_glue(dir: &Path, root: &Path, abi: &str) -> anyhow::Result<PathBuf> {
     Ok(ko)
 }
 
-/// Builds guest/tools/iobench.c statically (the initramfs has no shared libraries).
-fn build_iobench(dir: &Path) -> anyhow::Result<PathBuf> {
-    step("building iobench (static)");
+/// Builds guest/tools/<name>.c statically (the initramfs has no shared libraries).
+fn build_tool(dir: &Path, name: &str, source: &str) -> anyhow::Result<PathBuf> {
+    step(&format!("building {name} (static)"));
     let build_dir = dir.join("tools");
     std::fs::create_dir_all(&build_dir)?;
-    let src = build_dir.join("iobench.c");
-    std::fs::write(&src, IOBENCH_C)?;
-    let bin = build_dir.join("iobench");
+    let src = build_dir.join(format!("{name}.c"));
+    std::fs::write(&src, source)?;
+    let bin = build_dir.join(name);
     run_shown(
         Command::new(tool("gcc")?)
             .args(["-O2", "-static", "-pthread", "-Wall", "-o"])
             .arg(&bin)
             .arg(&src),
     )
-    .context("building iobench (needs libc6-dev)")?;
+    .with_context(|| format!("building {name} (needs libc6-dev)"))?;
     Ok(bin)
 }
 
@@ -923,7 +929,7 @@ fn pack_initramfs(
     modules_dir: &Path,
     order: &[(String, PathBuf)],
     glue_ko: &Path,
-    iobench: &Path,
+    tools: &[(&str, PathBuf)],
 ) -> anyhow::Result<Vec<u8>> {
     let mut c = Cpio::default();
     for d in SKELETON_DIRS.iter().chain(&["mnt"]) {
@@ -935,7 +941,9 @@ fn pack_initramfs(
     c.chardev("dev/null", 0o666, 1, 3)?;
     c.file("init", 0o755, INIT.as_bytes())?;
     c.file("bin/busybox", 0o755, &std::fs::read("/bin/busybox")?)?;
-    c.file("usr/bin/iobench", 0o755, &std::fs::read(iobench)?)?;
+    for (name, bin) in tools {
+        c.file(&format!("usr/bin/{name}"), 0o755, &std::fs::read(bin)?)?;
+    }
 
     // Flat module directory with a matching modules.dep, so busybox modprobe works too.
     let mut list = String::new();
