@@ -119,6 +119,14 @@ pub struct Args {
     /// Leave out the virtio rng device.
     #[arg(long)]
     pub no_rng: bool,
+    /// Share this host directory with the guest through virtio-fs: remio starts virtiofsd on
+    /// it (from scripts/setup) and the guest mounts it at /mnt/host (tag `remio`).
+    #[arg(long, value_name = "HOSTDIR", conflicts_with = "config")]
+    pub share: Option<PathBuf>,
+    /// Give the guest a vsock device with this CID (3 or more), served by vhost-device-vsock
+    /// (from scripts/setup); remio prints the host-side UNIX socket host programs connect to.
+    #[arg(long, value_name = "CID", conflicts_with = "config")]
+    pub vsock: Option<u64>,
     /// How long one trapped register access may stall before it completes anyway (ms; 0: no
     /// limit, as on Bao, where a device model that never answers stalls the vCPU).
     #[arg(long, default_value_t = 5000)]
@@ -193,6 +201,12 @@ pub struct DeviceSpec {
     /// the backend's address of the ivshmem BAR instead.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shmem_addr: Option<u64>,
+    /// fs (`--share`): the virtio-fs tag.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// vsock (`--vsock`): the guest's CID.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_cid: Option<u64>,
 }
 
 /// The device-model config `remio run` writes for `remio dm --config` (`remio_virtio::Config`'s
@@ -231,6 +245,8 @@ pub fn device_plan(
         tap: None,
         socket: None,
         shmem_addr: None,
+        tag: None,
+        guest_cid: None,
     };
     let mut plan = vec![DeviceSpec {
         path: Some(disk.to_owned()),
@@ -584,6 +600,11 @@ fn describe_device(d: &DeviceSpec, interactive: bool) -> String {
         },
         "rng" => "/dev/hwrng".to_owned(),
         "net" => format!("eth0 on the host's TAP {}", d.tap.as_deref().unwrap_or("?")),
+        "fs" => format!("virtio-fs at {}, served by virtiofsd", crate::vhostd::SHARE_MOUNT),
+        "vsock" => format!(
+            "vsock, guest CID {}, served by vhost-device-vsock",
+            d.guest_cid.unwrap_or(0)
+        ),
         other => other.to_owned(),
     }
 }
@@ -854,6 +875,8 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
     let exec_mode = args.exec_mode();
     // Read (and checked) before anything starts: a missing --copy-in file is an error now.
     let files = guest_files(args)?;
+    // --share / --vsock: checked (and their daemons found) now, started before the DM.
+    let vhost = crate::vhostd::Plan::new(args.share.as_deref(), args.vsock, &tmp)?;
     let initrd = initrd_with(&initrd, &files, &tmp.join("initrd.cpio"))?;
     let mut c_driver = None;
     let (n, dm_config, described) = match &args.config {
@@ -870,7 +893,8 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
             (n, c.clone(), user_config_devices(c))
         }
         None => {
-            let devices = planned_devices(args, &tmp, host_tap.as_ref())?;
+            let mut devices = planned_devices(args, &tmp, host_tap.as_ref())?;
+            vhost.add_devices(&mut devices);
             let described = devices
                 .iter()
                 .map(|d| (d.kind.clone(), describe_device(d, !exec_mode)))
@@ -887,6 +911,15 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
             (n, path, described)
         }
     };
+    let _daemons = vhost.start()?;
+    if let Some(host) = vhost.vsock_host_socket() {
+        eprintln!(
+            "remio: vsock: host programs connect to {} (send `CONNECT <port>\\n`); the guest's \
+             connections to CID 2 port P reach a host program listening on {}_P",
+            host.display(),
+            host.display()
+        );
+    }
     let hyp = Hypervisor::new(hyp_config(
         n,
         &ram,
@@ -946,6 +979,7 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
     if host_tap.is_some() {
         cmdline_extra.push(format!("remio.net={}", crate::hosttap::GUEST_ADDR));
     }
+    cmdline_extra.extend(vhost.cmdline());
     if hvc0_shell {
         cmdline_extra.push("remio.console=hvc0".to_owned());
         if console_on_terminal {
