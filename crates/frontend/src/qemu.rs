@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 pub use backend::{BackendHost, BackendOptions};
-pub use failover::Failover;
+pub use failover::{DeviceFailover, Failover, OpaqueDevice};
 pub use hcwindow::{HcWindow, HcWindowServer};
 pub use ivshmem::{Interrupt, IvshmemServer};
 pub use launch::QemuOptions;
@@ -91,12 +91,14 @@ impl Bridge {
     /// Starts serving: window `i` of the proxy's BAR0 forwards to the Remote I/O device whose
     /// frontend MMIO window starts at `windows[i]` through `target`; the ivshmem server
     /// listens at `ivshmem_path` with one vector per window. Accesses pass through a
-    /// [`Failover`] ([`Bridge::fail_device`]).
+    /// [`Failover`] ([`Bridge::fail_device`]) with `device(i)` as window `i`'s
+    /// [`DeviceFailover`].
     pub fn start(
         windows: Vec<u64>,
         target: Arc<dyn MmioTarget>,
         ram: &GuestRam,
         ivshmem_path: &Path,
+        device: &dyn Fn(usize) -> Box<dyn DeviceFailover>,
     ) -> Result<Self, BridgeError> {
         let n = windows.len();
         let ivshmem = IvshmemServer::start(ivshmem_path, n)?;
@@ -115,6 +117,7 @@ impl Bridge {
             windows.clone(),
             Some(map_ram(ram)?),
             raise,
+            (0..n).map(device).collect(),
         ));
         let remote = Remote::new(
             windows,

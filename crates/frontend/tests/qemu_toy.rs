@@ -172,6 +172,7 @@ fn guest_virtio_mmio_probes_one_device_per_window_through_the_bridge() {
         &hyp.frontend(1).unwrap(),
         &ram,
         &tmp.as_path().join("iv.sock"),
+        &|_| Box::new(remio_frontend::qemu::OpaqueDevice),
     )
     .unwrap();
 

@@ -4,6 +4,7 @@
 
 mod bench;
 mod dm;
+mod failover;
 mod guest;
 use remio::platform;
 mod hosttap;

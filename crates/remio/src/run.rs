@@ -928,7 +928,8 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
     .context("hypervisor model configuration")?;
 
     let frontend = hyp.frontend(FRONTEND_VM).context("frontend VM missing")?;
-    let bridge = Bridge::for_frontend(&frontend, &ram, &tmp.join("ivshmem.sock"))
+    let ivshmem = tmp.join("ivshmem.sock");
+    let bridge = Bridge::for_frontend(&frontend, &ram, &ivshmem, &crate::failover::virtio_window)
         .context("starting the QEMU bridge")?;
     // The demo's shell is on hvc0, served by the device model (on this terminal or on
     // --console-socket; with the c-driver through the backend VM's serial port on a socket);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use remio_hyp::FrontendVm;
 
 use super::remote::{MmioTarget, TargetError};
-use super::{Bridge, BridgeError, GuestRam};
+use super::{Bridge, BridgeError, DeviceFailover, GuestRam};
 
 impl MmioTarget for FrontendVm {
     fn read(&self, addr: u64, width: u8) -> Result<u64, TargetError> {
@@ -21,11 +21,13 @@ impl MmioTarget for FrontendVm {
 
 impl Bridge {
     /// Starts a bridge for every frontend device of `vm`, in index order: window `i` is
-    /// device `i`'s MMIO window, and device `i`'s NOTIFY raises ivshmem vector `i`.
+    /// device `i`'s MMIO window, and device `i`'s NOTIFY raises ivshmem vector `i`;
+    /// `device(i)` answers for device `i` once it failed ([`Bridge::start`]).
     pub fn for_frontend(
         vm: &FrontendVm,
         ram: &GuestRam,
         ivshmem_path: &Path,
+        device: &dyn Fn(usize) -> Box<dyn DeviceFailover>,
     ) -> Result<Self, BridgeError> {
         let devices = vm.devices();
         let windows = devices.iter().map(|d| d.mmio_base).collect();
@@ -38,7 +40,7 @@ impl Bridge {
                 );
             }
         }
-        let bridge = Bridge::start(windows, Arc::new(vm.clone()), ram, ivshmem_path)?;
+        let bridge = Bridge::start(windows, Arc::new(vm.clone()), ram, ivshmem_path, device)?;
         for d in &devices {
             let Some(line) = bridge.interrupt(d.index) else {
                 continue;
