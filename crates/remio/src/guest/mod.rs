@@ -53,8 +53,13 @@ const IDS_H: &str = include_str!("../../../../guest/remio-ids.h");
 const INIT: &str = include_str!("../../../../guest/init");
 const IOBENCH_C: &str = include_str!("../../../../guest/tools/iobench.c");
 const VSOCK_C: &str = include_str!("../../../../guest/tools/vsock.c");
+const BLKVERIFY_C: &str = include_str!("../../../../guest/tools/blkverify.c");
 /// The static tools of guest/tools, installed as /usr/bin/<name>.
-const GUEST_TOOLS: &[(&str, &str)] = &[("iobench", IOBENCH_C), ("vsock", VSOCK_C)];
+const GUEST_TOOLS: &[(&str, &str)] = &[
+    ("iobench", IOBENCH_C),
+    ("vsock", VSOCK_C),
+    ("blkverify", BLKVERIFY_C),
+];
 
 /// File names inside the guest directory.
 const MANIFEST: &str = "manifest.json";
@@ -403,7 +408,15 @@ fn apt_lists_fingerprint() -> String {
 
 fn recipe_hash() -> String {
     let mut h = Sha256::new();
-    for part in [GLUE_C, GLUE_KBUILD, IDS_H, INIT, IOBENCH_C, VSOCK_C] {
+    for part in [
+        GLUE_C,
+        GLUE_KBUILD,
+        IDS_H,
+        INIT,
+        IOBENCH_C,
+        VSOCK_C,
+        BLKVERIFY_C,
+    ] {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part.as_bytes());
     }
