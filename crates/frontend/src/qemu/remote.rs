@@ -4,9 +4,9 @@
 use std::os::fd::{AsFd, OwnedFd};
 
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::pci::{ConfigSpace, PciError, WINDOW_SIZE};
 use super::ram::RamIdentity;
@@ -51,6 +51,12 @@ pub struct RemoteStats {
     pub sysmem_syncs: AtomicU64,
     /// Accesses that failed (bad window, bad width, target error, malformed message).
     pub errors: AtomicU64,
+    /// Times a window's device model was found stuck: an access to it took the whole access
+    /// timeout ([`Remote::with_access_timeout`]).
+    pub stalls: AtomicU64,
+    /// Accesses to a stuck window answered at once (a read all ones, a write dropped) instead
+    /// of waiting for its device model.
+    pub stuck_refused: AtomicU64,
 }
 
 impl RemoteStats {
@@ -79,6 +85,14 @@ pub struct Decoded {
     pub addr: u64,
     /// Width in bytes.
     pub width: u8,
+}
+
+/// One access on `target`: a write of `value` if given, else a read (a write's result is 0).
+fn perform(target: &dyn MmioTarget, d: Decoded, value: Option<u64>) -> Result<u64, TargetError> {
+    match value {
+        Some(v) => target.write(d.addr, d.width, v).map(|()| 0),
+        None => target.read(d.addr, d.width),
+    }
 }
 
 /// Checks that every region backed by the RAM file maps it identically (guest-physical address
@@ -114,11 +128,24 @@ pub fn check_ram_layout(ram: &RamIdentity, regions: &[SysmemRegion], fds: &[Owne
     ok
 }
 
+/// Whether a window's device model is stuck; see [`Remote::with_access_timeout`].
+#[derive(Debug, Default)]
+struct Stall {
+    /// An access took the whole access timeout, and no access has completed in time since.
+    stuck: AtomicBool,
+    /// A probe (a guest access on its own thread) runs.
+    probing: AtomicBool,
+}
+
 /// The remote's state: config space, window bases and the last memory layout.
 pub struct Remote {
     cfg: ConfigSpace,
     windows: Vec<u64>,
     target: Arc<dyn MmioTarget>,
+    /// See [`Remote::with_access_timeout`].
+    access_timeout: Option<Duration>,
+    /// Per window.
+    stalls: Vec<Arc<Stall>>,
     ram: Option<RamIdentity>,
     sysmem_fds: Vec<OwnedFd>,
     last_layout: Vec<SysmemRegion>,
@@ -145,6 +172,8 @@ impl Remote {
     ) -> Result<Self, RemoteError> {
         Ok(Self {
             cfg: ConfigSpace::new(windows.len())?,
+            stalls: windows.iter().map(|_| Arc::default()).collect(),
+            access_timeout: None,
             windows,
             target,
             ram,
@@ -152,6 +181,73 @@ impl Remote {
             last_layout: Vec::new(),
             stats: Arc::new(RemoteStats::default()),
         })
+    }
+
+    /// Stops waiting for a device model found stuck: `timeout` is the hypervisor's access
+    /// timeout (`None`, the default: always wait, as before).
+    ///
+    /// QEMU's `x-pci-proxy-dev` sends every BAR access of the proxy device over this one socket
+    /// and waits for each answer (and the guest has one vCPU), so while an access waits for one
+    /// window's device model, no other window is served. The hypervisor bounds each access by
+    /// its timeout; with this set, a window whose access took that long is *stuck*, and from
+    /// then on its accesses are answered at once, a read with all ones and a write dropped (what
+    /// a timeout gives too: the stopped device model never sees them), so a stuck device model
+    /// delays the others once, by at most the timeout, not once per access. While stuck, each
+    /// access is also handed to a thread of its own as a probe (at most one at a time per
+    /// window): one that completes within the timeout means the device model answers again,
+    /// and the window is served as before.
+    #[must_use]
+    pub fn with_access_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.access_timeout = timeout;
+        self
+    }
+
+    /// Whether window `i`'s device model is stuck (see [`Remote::with_access_timeout`]).
+    pub fn is_stuck(&self, i: usize) -> bool {
+        self.stalls
+            .get(i)
+            .is_some_and(|s| s.stuck.load(Ordering::Acquire))
+    }
+
+    /// Performs `d` (a write of `value` if given, else a read) on the target, unless its window
+    /// is stuck: then `None`, at once (see [`Remote::with_access_timeout`]).
+    fn access(&self, d: Decoded, value: Option<u64>) -> Option<Result<u64, TargetError>> {
+        let Some((limit, stall)) = self.access_timeout.zip(self.stalls.get(d.window)) else {
+            return Some(perform(&*self.target, d, value));
+        };
+        if stall.stuck.load(Ordering::Acquire) {
+            self.stats.stuck_refused.fetch_add(1, Ordering::Relaxed);
+            if !stall.probing.swap(true, Ordering::AcqRel) {
+                let (target, stall2) = (Arc::clone(&self.target), Arc::clone(stall));
+                let probe = std::thread::Builder::new()
+                    .name("remio-mpqemu-probe".into())
+                    .spawn(move || {
+                        let start = Instant::now();
+                        let r = perform(&*target, d, value);
+                        if r.is_ok() && start.elapsed() < limit {
+                            log::info!("qemu remote: window {} answers again", d.window);
+                            stall2.stuck.store(false, Ordering::Release);
+                        }
+                        stall2.probing.store(false, Ordering::Release);
+                    });
+                if let Err(e) = probe {
+                    remio_ratelimit::warn_rl!("qemu remote: cannot start a probe: {e}");
+                    stall.probing.store(false, Ordering::Release);
+                }
+            }
+            return None;
+        }
+        let start = Instant::now();
+        let r = perform(&*self.target, d, value);
+        if start.elapsed() >= limit && !stall.stuck.swap(true, Ordering::AcqRel) {
+            self.stats.stalls.fetch_add(1, Ordering::Relaxed);
+            remio_ratelimit::warn_rl!(
+                "qemu remote: window {}'s device model did not answer within {limit:?}: \
+                 its accesses fail at once until it answers again",
+                d.window
+            );
+        }
+        Some(r)
     }
 
     /// The counters.
@@ -204,12 +300,13 @@ impl Remote {
             Request::BarRead { addr, size, .. } => {
                 self.stats.bar_reads.fetch_add(1, Ordering::Relaxed);
                 match self.decode_bar(addr, size) {
-                    Some(d) => match self.target.read(d.addr, d.width) {
-                        Ok(v) => v,
-                        Err(e) => {
+                    Some(d) => match self.access(d, None) {
+                        Some(Ok(v)) => v,
+                        Some(Err(e)) => {
                             self.bad(format_args!("read {:#x}/{}: {e}", d.addr, d.width));
                             all_ones(size)
                         }
+                        None => all_ones(size),
                     },
                     None => {
                         self.bad(format_args!("read outside the windows: {addr:#x}/{size}"));
@@ -223,7 +320,7 @@ impl Remote {
                 self.stats.bar_writes.fetch_add(1, Ordering::Relaxed);
                 match self.decode_bar(addr, size) {
                     Some(d) => {
-                        if let Err(e) = self.target.write(d.addr, d.width, val) {
+                        if let Some(Err(e)) = self.access(d, Some(val)) {
                             self.bad(format_args!("write {:#x}/{}: {e}", d.addr, d.width));
                         }
                     }
@@ -331,6 +428,7 @@ impl Remote {
 mod tests {
     use std::io::{Read, Write};
     use std::sync::Mutex;
+    use std::time::Duration;
 
     use super::super::wire::{self, Header};
     use super::*;
@@ -497,6 +595,111 @@ mod tests {
         let other = super::super::GuestRam::new(2 << 20).unwrap();
         let foreign = OwnedFd::from(other.file().try_clone().unwrap());
         assert!(!check_ram_layout(&id, &[region(0, 0x1000, 0)], &[foreign]));
+    }
+
+    /// Window 1's device model does not answer while `stuck` is set: an access to it waits
+    /// as the hypervisor's does, until the timeout has passed, then completes with 0.
+    struct Stoppable {
+        stuck: Mutex<bool>,
+        cv: std::sync::Condvar,
+        timeout: Duration,
+        calls: [AtomicU64; 2],
+    }
+
+    impl MmioTarget for Stoppable {
+        fn read(&self, addr: u64, _width: u8) -> Result<u64, TargetError> {
+            let w = usize::from(addr >= 0x1000_1000);
+            self.calls[w].fetch_add(1, Ordering::SeqCst);
+            if w == 0 {
+                return Ok(0xb);
+            }
+            let deadline = Instant::now() + self.timeout;
+            let mut stuck = self.stuck.lock().unwrap();
+            while *stuck {
+                let now = Instant::now();
+                if now >= deadline {
+                    return Ok(0);
+                }
+                stuck = self.cv.wait_timeout(stuck, deadline - now).unwrap().0;
+            }
+            Ok(0xa)
+        }
+        fn write(&self, addr: u64, width: u8, _value: u64) -> Result<(), TargetError> {
+            self.read(addr, width).map(|_| ())
+        }
+    }
+
+    fn bar_read(r: &mut Remote, window: u64) -> u64 {
+        let addr = 0xfe00_0000 + window * WINDOW_SIZE + 0x70;
+        r.handle(
+            Request::BarRead {
+                addr,
+                size: 4,
+                memory: true,
+            },
+            vec![],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_stuck_device_model_costs_other_windows_one_timeout_then_fails_at_once_until_it_answers() {
+        let timeout = Duration::from_millis(20);
+        let dm = Arc::new(Stoppable {
+            stuck: Mutex::new(true),
+            cv: std::sync::Condvar::new(),
+            timeout,
+            calls: [AtomicU64::new(0), AtomicU64::new(0)],
+        });
+        let mut r = Remote::new(vec![0x1000_0000, 0x1000_1000], dm.clone(), None)
+            .unwrap()
+            .with_access_timeout(Some(timeout));
+        program_bar(&mut r, 0xfe00_0000);
+
+        // The first access waits the whole timeout (the hypervisor's value): window 1 is stuck.
+        assert_eq!(bar_read(&mut r, 1), 0);
+        assert!(r.is_stuck(1));
+        // Then its accesses are answered at once, the other window's as usual.
+        for _ in 0..10 {
+            assert_eq!(bar_read(&mut r, 1), 0xffff_ffff);
+            assert_eq!(bar_read(&mut r, 0), 0xb);
+        }
+        let stats = r.stats();
+        assert_eq!(stats.stalls.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.stuck_refused.load(Ordering::Relaxed), 10);
+        // Only the first access and probes (one at a time) reached the device model.
+        assert!(dm.calls[1].load(Ordering::SeqCst) <= 11);
+        assert_eq!(dm.calls[0].load(Ordering::SeqCst), 10);
+
+        // It answers again: a probe finds out, and the window is served as before.
+        *dm.stuck.lock().unwrap() = false;
+        dm.cv.notify_all();
+        let end = Instant::now() + Duration::from_secs(20);
+        while r.is_stuck(1) && Instant::now() < end {
+            bar_read(&mut r, 1);
+            std::thread::yield_now();
+        }
+        assert!(!r.is_stuck(1));
+        assert_eq!(bar_read(&mut r, 1), 0xa);
+    }
+
+    #[test]
+    fn without_an_access_timeout_every_access_waits_for_its_device_model() {
+        let dm = Arc::new(Stoppable {
+            stuck: Mutex::new(true),
+            cv: std::sync::Condvar::new(),
+            timeout: Duration::from_millis(5),
+            calls: [AtomicU64::new(0), AtomicU64::new(0)],
+        });
+        let mut r = Remote::new(vec![0x1000_0000, 0x1000_1000], dm.clone(), None).unwrap();
+        program_bar(&mut r, 0xfe00_0000);
+
+        for _ in 0..3 {
+            assert_eq!(bar_read(&mut r, 1), 0);
+        }
+
+        assert!(!r.is_stuck(1));
+        assert_eq!(dm.calls[1].load(Ordering::SeqCst), 3);
     }
 
     fn send(sock: &mut UnixStream, cmd: i32, payload: &[u8]) {
