@@ -693,16 +693,24 @@ fn a_frontend_reader_returns_once_its_request_is_complete() {
 fn the_end_of_the_stream_while_a_frontend_reads_still_ends_the_session() {
     let (dm, srv) = server("eofreader.sock");
     let raw = Raw::opened(&srv);
-    let closer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(5));
-        drop(raw);
-    });
+    // Frontend turns taken: the client closes once frontends are reading, not after a sleep.
+    let turns = Arc::new(AtomicUsize::new(0));
+    let closer = {
+        let turns = turns.clone();
+        std::thread::spawn(move || {
+            while turns.load(Ordering::SeqCst) < 3 {
+                std::thread::yield_now();
+            }
+            drop(raw);
+        })
+    };
     let end = Instant::now() + Duration::from_secs(20);
     while dm.sessions_dropped.load(Ordering::SeqCst) == 0 && Instant::now() < end {
         let Some(h) = dm.helper.lock().unwrap().clone() else {
             break;
         };
         dm.push(req(1));
+        turns.fetch_add(1, Ordering::SeqCst);
         h(&FakeWait(|| false));
     }
     closer.join().unwrap();
