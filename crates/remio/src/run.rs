@@ -2620,6 +2620,25 @@ mod tests {
     }
 
     #[test]
+    fn a_stale_console_socket_is_replaced_but_a_file_there_is_refused() {
+        let tmp = make_tmp().unwrap();
+        let sock = tmp.join("con.sock");
+        drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+        let file = tmp.join("plain");
+        std::fs::write(&file, b"x").unwrap();
+
+        let stale = clear_stale_socket(&sock);
+        let refused = clear_stale_socket(&file);
+        let absent = clear_stale_socket(&tmp.join("none"));
+
+        assert!(stale.is_ok() && !sock.exists());
+        assert!(refused.unwrap_err().to_string().contains("is not a socket"));
+        assert!(file.exists());
+        assert!(absent.is_ok());
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    #[test]
     fn a_backend_that_fails_before_ready_is_an_error_naming_the_step_with_the_console_tail() {
         let failed = wait_for_fake_backend(
             "echo REMIO-BACKEND-STEP virtio_pci ok; echo 'insmod: ERROR: -22'; \

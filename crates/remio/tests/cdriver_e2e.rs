@@ -667,3 +667,144 @@ fn through_the_c_driver_the_console_echoes_a_line_and_the_guest_pings_the_host()
     let tap = format!("/sys/class/net/remio-{}", remio_pid % 10_000_000);
     assert!(!Path::new(&tap).exists(), "{tap} left behind");
 }
+
+/// The frontend's half of the "destroy another DM" demonstrations: disk I/O works, then it
+/// asks (a marker at sector 2048 of its disk) for device 1 (rng) to be opened by a second
+/// device-model process that then goes away, waits, and tries its disk again (in the
+/// background, bounded: a stalled virtio-blk read cannot be killed).
+const DESTROY_SCRIPT: &str = "dd if=/dev/urandom of=/tmp/p bs=4096 count=16 2>/dev/null; \
+    dd if=/tmp/p of=/dev/vda bs=4096 seek=64 oflag=direct conv=fsync 2>/dev/null \
+      && echo WRITE-OK; \
+    echo REMIO-DESTROY-DM-1 | dd of=/dev/vda bs=512 seek=2048 conv=sync,fsync oflag=direct \
+      2>/dev/null; \
+    sleep 20; \
+    ( dd if=/dev/vda of=/tmp/q bs=4096 skip=64 count=16 iflag=direct 2>/dev/null \
+        && cmp -s /tmp/p /tmp/q && echo READ-BACK-OK ) & pid=$!; \
+    i=0; while kill -0 $pid 2>/dev/null && [ $i -lt 40 ]; do sleep 1; i=$((i+1)); done; \
+    kill -0 $pid 2>/dev/null && echo DISK-STALLED; echo FINISHED";
+
+/// The second device model's config: device 1 (rng) alone.
+const RNG_ONLY: &str = "[[device]]\ndm_id = 1\ntype = \"rng\"\nmmio_base = 0x10000200\n";
+
+/// Whether the frontend wrote the marker of [`DESTROY_SCRIPT`] into `img`.
+fn destroy_marker_in(img: &Path) -> bool {
+    let mut buf = vec![0u8; 512];
+    std::fs::File::open(img)
+        .and_then(|mut f| {
+            use std::io::Seek;
+            f.seek(std::io::SeekFrom::Start(2048 * 512))?;
+            f.read_exact(&mut buf)
+        })
+        .is_ok_and(|()| buf.starts_with(b"REMIO-DESTROY-DM-1"))
+}
+
+/// Defects "IOEVENTFD with DEASSIGN deassigns, then assigns again" and "one global interrupt
+/// handler for all DMs: destroying one DM silences all" (spec/remote-io.md), shown from the
+/// backend VM with guest/backend/tools/baodefect once the frontend's disk has worked: a second
+/// process gets a DM fd for DM 1 (rng; DM_GET_INFO hands one out for a DM in use), assigns,
+/// deassigns and assigns again an ioeventfd (EEXIST: the deassign re-assigned it), and another
+/// closes its DM 1 fd while alive, which destroys DM 1 under the device model, clears the one
+/// interrupt handler of every DM (and destroys DM 0's dispatch workqueue: the id was zeroed
+/// first). The frontend's disk, DM 0, then gets no answer. The same action against remio's
+/// dispatcher (a second `remio dm` for device 1 on the platform's socket, then killed) leaves
+/// the disk working. remio's DEASSIGN is `deassign_does_not_reassign` in crates/dispatcher.
+#[test]
+fn one_process_closing_a_dm_silences_every_dm_on_the_c_driver_but_not_on_remios() {
+    if !c_driver_prerequisites("cdriver_e2e") {
+        return;
+    }
+    let (dir, img) = temp_image(16 << 20);
+    let hook = dir.as_path().join("backend.sh");
+    // DM 1's window is at 0x10000200; 0x1f0 in it is no register the frontend writes.
+    std::fs::write(
+        &hook,
+        "( while ! dd if=/dev/vda bs=512 skip=2048 count=1 iflag=direct 2>/dev/null \
+             | grep -q REMIO-DESTROY-DM-1; do usleep 300000; done; \
+           baodefect deassign 1 0x100003f0 & sleep 2; \
+           baodefect close 1 & sleep 3; \
+           echo REMIO-TEST-CLOSED; dmesg | tail -n 20 ) &\n",
+    )
+    .unwrap();
+    let cdrv = c_driver_exec(
+        DESTROY_SCRIPT,
+        &[
+            "--disk",
+            path_str(&img),
+            "--no-console",
+            "-v",
+            "--backend-hook",
+            path_str(&hook),
+        ],
+    );
+
+    let (dir2, img2) = temp_image(16 << 20);
+    let rng_only = dir2.as_path().join("rng-only.toml");
+    std::fs::write(&rng_only, RNG_ONLY).unwrap();
+    let mut second_dm = None;
+    let remio = run_exec_with(
+        DESTROY_SCRIPT,
+        &["--disk", path_str(&img2), "--no-console"],
+        |pid| {
+            let deadline = Instant::now() + Duration::from_secs(200);
+            while !destroy_marker_in(&img2) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let socket = std::fs::read_dir(std::env::temp_dir())
+                .unwrap()
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .find(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(&format!("remio-run-{pid}-")))
+                })
+                .map(|d| d.join("api.sock"))
+                .expect("the run directory of remio run");
+            let mut child = Command::new(env!("CARGO_BIN_EXE_remio"))
+                .args(["dm", "--socket"])
+                .arg(&socket)
+                .arg("--config")
+                .arg(&rng_only)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(Duration::from_secs(2));
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            second_dm = Some(String::from_utf8_lossy(&out.stderr).into_owned());
+        },
+    );
+
+    assert!(cdrv.stdout.contains("WRITE-OK"), "the disk worked first");
+    assert!(
+        cdrv.stderr
+            .contains("REMIO-DEFECT deassign assign=0 deassign=0 assign-again=-17"),
+        "the posted driver's DEASSIGN left the ioeventfd assigned"
+    );
+    assert!(
+        cdrv.stderr.contains("REMIO-DEFECT close dm=1"),
+        "a second process closed its DM 1 fd in the backend VM"
+    );
+    assert!(
+        !cdrv.stdout.contains("READ-BACK-OK"),
+        "the posted driver kept serving DM 0 after DM 1 was destroyed"
+    );
+    eprintln!(
+        "c-driver: after DM 1's destruction the disk {}",
+        if cdrv.stdout.contains("DISK-STALLED") {
+            "stalled (no answer)"
+        } else {
+            "failed"
+        }
+    );
+    assert_eq!(remio.status, Some(0));
+    eprintln!("remio: the second device model said: {second_dm:?}");
+    assert!(second_dm.is_some(), "the second device model ran");
+    assert!(remio.stdout.contains("WRITE-OK"));
+    assert!(
+        remio.stdout.contains("READ-BACK-OK") && !remio.stdout.contains("DISK-STALLED"),
+        "remio's dispatcher kept serving DM 0"
+    );
+}

@@ -5,7 +5,8 @@
 //! Built into the guest directory (`target/guest/`) next to the frontend, same kernel:
 //! - `backend-initramfs.cpio`: busybox, virtio_pci + virtio_blk and their dependencies,
 //!   `remio_backend.ko` (guest/backend/glue), `bao-io-dispatcher.ko` (the driver), virtio_net,
-//!   tun and bridge (loaded only when the frontend has net: `remio.bridge=`), the shared
+//!   tun and bridge (loaded only when the frontend has net: `remio.bridge=`),
+//!   `/usr/bin/baodefect` (guest/backend/tools, static: shows the driver's defects), the shared
 //!   libraries of the `remio` binary that ran the build (with the dynamic loader), and
 //!   `guest/backend/init`. Not in it: `/usr/bin/remio` and `/etc/remio/dm.toml`, which
 //!   [`backend_overlay`] packs into a second newc archive to append at run time (the kernel
@@ -40,6 +41,7 @@ const ASM_BAO_H: &str = include_str!("../../../../guest/backend/include/asm/bao.
 const COMPAT_H: &str = include_str!("../../../../guest/backend/compat.h");
 const DRIVER_KBUILD: &str = include_str!("../../../../guest/backend/driver.Kbuild");
 const INIT: &str = include_str!("../../../../guest/backend/init");
+const BAODEFECT_C: &str = include_str!("../../../../guest/backend/tools/baodefect.c");
 
 /// Bumped whenever the backend recipe changes in a way the hashed sources do not show.
 const FORMAT: u32 = 2;
@@ -140,6 +142,7 @@ fn recipe_hash() -> String {
         COMPAT_H,
         DRIVER_KBUILD,
         INIT,
+        BAODEFECT_C,
     ] {
         text.push_str(&format!("{}\0", part.len()));
         text.push_str(part);
@@ -283,7 +286,8 @@ pub(super) fn build(
         net_modules.len(),
         libraries.len()
     ));
-    let cpio = pack(abi, &modules, &net_modules, &libraries)?;
+    let baodefect = build_baodefect(dir)?;
+    let cpio = pack(abi, &modules, &net_modules, &libraries, &baodefect)?;
     write_atomic(&dir.join(BACKEND_INITRAMFS), &cpio)?;
     let record = BackendRecord {
         inputs,
@@ -395,11 +399,30 @@ fn build_driver(
     Ok(d)
 }
 
+/// Builds guest/backend/tools/baodefect.c statically (the driver's defects shown from the
+/// backend VM; docs/c-driver.md).
+fn build_baodefect(dir: &Path) -> anyhow::Result<Vec<u8>> {
+    step("building baodefect (static)");
+    let d = fresh_dir(dir, "tools")?;
+    let src = d.join("baodefect.c");
+    std::fs::write(&src, BAODEFECT_C)?;
+    let bin = d.join("baodefect");
+    run_shown(
+        Command::new(tool("gcc")?)
+            .args(["-O2", "-static", "-Wall", "-o"])
+            .arg(&bin)
+            .arg(&src),
+    )
+    .context("building baodefect (needs libc6-dev)")?;
+    std::fs::read(&bin).with_context(|| format!("reading {}", bin.display()))
+}
+
 fn pack(
     abi: &str,
     modules: &[(String, Vec<u8>)],
     net_modules: &[(String, Vec<u8>)],
     libraries: &[(String, Vec<u8>)],
+    baodefect: &[u8],
 ) -> anyhow::Result<Vec<u8>> {
     let mut c = Cpio::default();
     let mut dirs = BTreeSet::new();
@@ -417,6 +440,7 @@ fn pack(
     c.chardev("dev/null", 0o666, 1, 3)?;
     c.file("init", 0o755, INIT.as_bytes())?;
     c.file("bin/busybox", 0o755, &std::fs::read("/bin/busybox")?)?;
+    c.file("usr/bin/baodefect", 0o755, baodefect)?;
     let mut list = String::new();
     for (stem, bytes) in modules {
         c.file(&format!("lib/modules/{abi}/{stem}.ko"), 0o644, bytes)?;
