@@ -1053,14 +1053,31 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
     });
 
     let started = Instant::now();
+    // Whether every device has a device-model session (someone serves it: ours, or one that
+    // took over with `remio dm --takeover`), and how many sessions the devices have had.
+    let sessions = || match &serving {
+        Serving::Remio { _platform: p } => {
+            (0..n).fold((true, 0), |(all, total), i| match p.dispatcher().dm(i) {
+                Ok(dm) => (
+                    all && dm.has_control_client(),
+                    total + dm.control_sessions(),
+                ),
+                Err(_) => (false, total),
+            })
+        }
+        _ => (true, 0),
+    };
     let qemu_status = supervise(
         &mut session,
         &bridge,
         n,
         timeout,
         started,
-        args.dm_restarts,
-        &dm_restarts,
+        DmRestarts {
+            limit: args.dm_restarts,
+            count: &dm_restarts,
+            sessions: &sessions,
+        },
     );
     // QEMU must be gone before the console reader can see the end of its output.
     session.kill_children();
@@ -2102,18 +2119,56 @@ enum Outcome {
     Interrupted,
 }
 
+/// What [`supervise`] needs to restart device models.
+struct DmRestarts<'a> {
+    /// `--dm-restarts`.
+    limit: u32,
+    /// Restarts so far (for `remio stats`).
+    count: &'a AtomicU32,
+    /// Whether every device has a device-model session, and how many sessions they have had.
+    sessions: &'a dyn Fn() -> (bool, u64),
+}
+
+/// A device model that lived this long before it died was not failing at start-up (which is
+/// what the back-off is for): the next restart is immediate again. The number of restarts stays
+/// bounded by `--dm-restarts`.
+const DM_STABLE: Duration = Duration::from_millis(500);
+/// How long the devices may go without a device model after ours exited on request (status
+/// 0: `remio dm --takeover`, or a SIGTERM) before we start one: a `--takeover` successor opens
+/// its sessions within milliseconds of the exit.
+const DM_HANDOVER_GRACE: Duration = Duration::from_secs(2);
+
 fn supervise(
     session: &mut Session,
     bridge: &Bridge,
     devices: u32,
     timeout: Option<Duration>,
     started: Instant,
-    dm_restarts: u32,
-    restarted: &AtomicU32,
+    dm: DmRestarts<'_>,
 ) -> anyhow::Result<Outcome> {
     let mut dm_reported = false;
     let mut restarts = 0;
+    // Deaths in a row of device models that did not reach DM_STABLE: the back-off's index.
+    let mut streak = 0;
+    let mut dm_started = Instant::now();
+    // Our device model handed over (exited with status 0): since when the devices have had
+    // no session, if they have none.
+    let mut handed_over: Option<Option<Instant>> = None;
+    let mut dm_exit = session.dm.as_ref().and_then(|c| ExitWatch::new(c.id()));
+    // When the last device model died and how many sessions there had been, until its
+    // successor has opened one on every device.
+    let mut died_at: Option<(Instant, u64)> = None;
     loop {
+        if let Some((t, before)) = died_at {
+            let (all, now) = (dm.sessions)();
+            if all && now >= before + u64::from(devices) {
+                log::info!(
+                    "the devices are served again {} ms after the device model died",
+                    t.elapsed().as_millis()
+                );
+                died_at = None;
+            }
+        }
         if dm_reported {
             // Requests queued on the failed devices since the last pass fail now.
             bridge.sweep_failed();
@@ -2121,6 +2176,28 @@ fn supervise(
         if let Some(q) = session.qemu.as_mut() {
             if let Some(st) = q.try_wait()? {
                 return Ok(Outcome::Exited(st));
+            }
+        }
+        if let (Some(unserved), Some(launcher)) = (&mut handed_over, &session.dm_launcher) {
+            // Someone else serves our devices (an upgrade), or no one does.
+            if (dm.sessions)().0 {
+                *unserved = None;
+            } else if unserved.get_or_insert_with(Instant::now).elapsed() > DM_HANDOVER_GRACE
+                && restarts < dm.limit
+            {
+                restarts += 1;
+                dm.count.store(restarts, Ordering::Relaxed);
+                log::warn!(
+                    "no device model has served the devices for {DM_HANDOVER_GRACE:?}; \
+                     starting one ({restarts} of {})",
+                    dm.limit
+                );
+                let child = launcher.spawn()?;
+                dm_exit = ExitWatch::new(child.id());
+                session.dm = Some(child);
+                dm_started = Instant::now();
+                handed_over = None;
+                continue;
             }
         }
         if !dm_reported {
@@ -2131,22 +2208,40 @@ fn supervise(
                 .transpose()?
                 .flatten()
             {
-                let launcher = session
-                    .dm_launcher
-                    .as_ref()
-                    .filter(|_| restarts < dm_restarts);
+                if st.success() && session.dm_launcher.is_some() {
+                    // It ended its sessions on request: a successor takes over (an upgrade,
+                    // `remio dm --takeover`), which is no crash to restart from.
+                    log::info!(
+                        "the device model exited on request; its devices are left to the one \
+                         that takes over (or a new one in {DM_HANDOVER_GRACE:?})"
+                    );
+                    session.dm = None;
+                    dm_exit = None;
+                    handed_over = Some(None);
+                    continue;
+                }
+                let launcher = session.dm_launcher.as_ref().filter(|_| restarts < dm.limit);
                 if let Some(launcher) = launcher {
+                    died_at = Some((Instant::now(), (dm.sessions)().1));
                     restarts += 1;
-                    restarted.store(restarts, Ordering::Relaxed);
-                    let pause = restart_backoff(restarts);
+                    dm.count.store(restarts, Ordering::Relaxed);
+                    streak = if dm_started.elapsed() >= DM_STABLE {
+                        1
+                    } else {
+                        streak + 1
+                    };
+                    let pause = restart_backoff(streak);
                     log::warn!(
                         "the device model exited ({st}); restarting it in {pause:?} \
-                         ({restarts} of {dm_restarts}): it resumes the devices where they were"
+                         ({restarts} of {}): it resumes the devices where they were",
+                        dm.limit
                     );
                     std::thread::sleep(pause);
-                    let dm = launcher.spawn()?;
-                    log::info!("new device model pid {}", dm.id());
-                    session.dm = Some(dm);
+                    let child = launcher.spawn()?;
+                    log::info!("new device model pid {}", child.id());
+                    dm_exit = ExitWatch::new(child.id());
+                    session.dm = Some(child);
+                    dm_started = Instant::now();
                     continue;
                 }
             }
@@ -2174,7 +2269,44 @@ fn supervise(
         if timeout.is_some_and(|t| started.elapsed() > t) {
             return Ok(Outcome::TimedOut);
         }
-        std::thread::sleep(Duration::from_millis(50));
+        // The device model's death wakes us at once (its restart is on the guest's pause);
+        // everything else is polled.
+        // Until a restarted device model serves, look often (the figure it logs).
+        let tick = Duration::from_millis(if died_at.is_some() { 2 } else { 50 });
+        match &dm_exit {
+            // Once reported, the dead child's pidfd stays readable: poll.
+            Some(w) if !dm_reported => w.wait(tick),
+            _ => std::thread::sleep(tick),
+        }
+    }
+}
+
+/// A pidfd of a child, to sleep until it exits.
+struct ExitWatch(std::os::fd::OwnedFd);
+
+impl ExitWatch {
+    /// `None` if pidfd_open fails (an old kernel): the caller polls instead.
+    fn new(pid: u32) -> Option<Self> {
+        use std::os::fd::FromRawFd as _;
+        let pid = libc::pid_t::try_from(pid).ok()?;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        let raw = i32::try_from(raw).ok().filter(|&fd| fd >= 0)?;
+        // SAFETY: `raw` is a new fd that nothing else owns.
+        Some(Self(unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) }))
+    }
+
+    /// Returns when the process has exited, or after `timeout`.
+    fn wait(&self, timeout: Duration) {
+        use std::os::fd::AsRawFd as _;
+        let mut pfd = libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut pfd, 1, ms) };
     }
 }
 

@@ -3,9 +3,14 @@
 //! region, takes again the requests that were in flight, and the guest sees only pauses. Every
 //! file whose fsync returned is intact on the host afterwards, and e2fsck finds the file system
 //! clean.
+//!
+//! The same workload with one `remio dm --takeover` upgrade in the middle (a new device model,
+//! started by hand with the running one's config and socket, replaces it): no error either,
+//! and `remio run` does not take the old one's clean exit for a crash to restart from.
 #![allow(clippy::unwrap_used)]
 
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod e2e_common;
@@ -45,19 +50,22 @@ fn files(stdout: &str) -> Vec<(u32, String, u64, u64)> {
         .collect()
 }
 
-#[test]
-fn sigkilled_device_models_are_restarted_and_the_guest_sees_no_error() {
-    if !prerequisites("e2e_dm_restart") {
-        return;
+/// The fsync workload on a fresh ext4 image, with `during(remio pid, image)` run meanwhile;
+/// checks that the guest finished with no I/O error, that e2fsck finds the image clean and that
+/// every fsynced file is intact on the host. Returns remio's output and the guest's file
+/// write times in ms, sorted.
+fn fsync_workload(test: &str, during: impl FnOnce(u32, &Path)) -> Option<(RunOutput, Vec<u64>)> {
+    if !prerequisites(test) {
+        return None;
     }
     let (dir, img) = temp_image(64 << 20);
-    let mkfs = Command::new(host_tool("e2e_dm_restart", "mkfs.ext4").expect("e2fsprogs"))
+    let mkfs = Command::new(host_tool(test, "mkfs.ext4").expect("e2fsprogs"))
         .args(["-q", "-F"])
         .arg(&img)
         .status()
         .unwrap();
     assert!(mkfs.success());
-    // Files of random data, each written with fsync, for 25 s of guest time: beyond the five
+    // Files of random data, each written with fsync, for 25 s of guest time: beyond the
     // kills. The guest's uptime (centiseconds) frames each write.
     let script = "cs() { read u _ < /proc/uptime; echo ${u%.*}${u#*.}; }; \
                   mount -t ext4 /dev/vda /mnt || exit 10; end=$(( $(cs) + 2500 )); n=0; \
@@ -67,7 +75,6 @@ fn sigkilled_device_models_are_restarted_and_the_guest_sees_no_error() {
                     echo FILE $n $(md5sum < /mnt/f$n | cut -d' ' -f1) $t0 $(cs); n=$((n+1)); \
                   done; umount /mnt || echo UMOUNT-FAILED; sync; \
                   echo IOERRORS $(dmesg | grep -ci 'i/o error')";
-    let mut kills = Vec::new();
     let out = remio_exec_with(
         script,
         &[
@@ -78,30 +85,9 @@ fn sigkilled_device_models_are_restarted_and_the_guest_sees_no_error() {
             "--access-timeout-ms",
             "20000",
         ],
-        |pid| {
-            let mut dm = wait_dm(pid, None);
-            // Wait until the guest writes (the image changes), then kill every second or so.
-            let mtime = || std::fs::metadata(&img).unwrap().modified().unwrap();
-            let before = mtime();
-            let start = Instant::now();
-            while mtime() == before {
-                assert!(
-                    start.elapsed() < GUEST_TIMEOUT * 3 / 4,
-                    "the guest never wrote"
-                );
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            for i in 0..KILLS {
-                std::thread::sleep(Duration::from_millis(700 + 300 * (i as u64 % 3)));
-                // SAFETY: kill(2) on our child's child, found just now; no memory involved.
-                assert_eq!(unsafe { libc::kill(dm, libc::SIGKILL) }, 0);
-                kills.push(Instant::now());
-                dm = wait_dm(pid, Some(dm));
-            }
-        },
+        |pid| during(pid, &img),
     );
 
-    assert_eq!(kills.len(), KILLS);
     assert_eq!(out.status, Some(0), "the guest did not finish its script");
     assert!(
         !out.stdout.contains("IOERR "),
@@ -112,29 +98,13 @@ fn sigkilled_device_models_are_restarted_and_the_guest_sees_no_error() {
         out.stdout.lines().any(|l| l == "IOERRORS 0"),
         "the guest's kernel logged I/O errors"
     );
-    assert_eq!(
-        out.stderr.matches("restarting it in").count(),
-        KILLS,
-        "remio run restarted the device model once per kill"
-    );
     let written = files(&out.stdout);
     assert!(
         written.len() > KILLS,
         "only {} files written",
         written.len()
     );
-    // Each kill shows as one slow write: the KILLS slowest are the guest-visible pauses.
-    let mut ms: Vec<u64> = written.iter().map(|f| (f.3 - f.2) * 10).collect();
-    ms.sort_unstable();
-    let pauses = &ms[ms.len() - KILLS..];
-    eprintln!(
-        "e2e_dm_restart: {} files, {KILLS} kills; the {KILLS} slowest writes (ms): {pauses:?}, \
-         median write {} ms",
-        written.len(),
-        ms[ms.len() / 2]
-    );
-
-    let fsck = Command::new(host_tool("e2e_dm_restart", "e2fsck").expect("e2fsprogs"))
+    let fsck = Command::new(host_tool(test, "e2fsck").expect("e2fsprogs"))
         .arg("-fn")
         .arg(&img)
         .output()
@@ -146,7 +116,7 @@ fn sigkilled_device_models_are_restarted_and_the_guest_sees_no_error() {
     );
     for (n, sum, _, _) in &written {
         let dumped = dir.as_path().join(format!("f{n}"));
-        let dump = Command::new(host_tool("e2e_dm_restart", "debugfs").expect("e2fsprogs"))
+        let dump = Command::new(host_tool(test, "debugfs").expect("e2fsprogs"))
             .arg("-R")
             .arg(format!("dump /f{n} {}", dumped.display()))
             .arg(&img)
@@ -161,4 +131,132 @@ fn sigkilled_device_models_are_restarted_and_the_guest_sees_no_error() {
             "file f{n} differs on the host"
         );
     }
+    let mut ms: Vec<u64> = written.iter().map(|f| (f.3 - f.2) * 10).collect();
+    ms.sort_unstable();
+    Some((out, ms))
+}
+
+/// Waits (bounded) until the guest has written to `img`.
+fn wait_guest_writes(img: &Path) {
+    let mtime = || std::fs::metadata(img).unwrap().modified().unwrap();
+    let before = mtime();
+    let start = Instant::now();
+    while mtime() == before {
+        assert!(
+            start.elapsed() < GUEST_TIMEOUT * 3 / 4,
+            "the guest never wrote"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn sigkilled_device_models_are_restarted_and_the_guest_sees_no_error() {
+    let mut kills = 0;
+    let Some((out, ms)) = fsync_workload("e2e_dm_restart", |pid, img| {
+        let mut dm = wait_dm(pid, None);
+        // Wait until the guest writes, then kill every second or so.
+        wait_guest_writes(img);
+        for i in 0..KILLS {
+            std::thread::sleep(Duration::from_millis(700 + 300 * (i as u64 % 3)));
+            // SAFETY: kill(2) on our child's child, found just now; no memory involved.
+            assert_eq!(unsafe { libc::kill(dm, libc::SIGKILL) }, 0);
+            kills += 1;
+            dm = wait_dm(pid, Some(dm));
+        }
+    }) else {
+        return;
+    };
+
+    assert_eq!(kills, KILLS);
+    assert_eq!(
+        out.stderr.matches("restarting it in").count(),
+        KILLS,
+        "remio run restarted the device model once per kill"
+    );
+    // Each kill shows as one slow write: the KILLS slowest are the guest-visible pauses.
+    let pauses = &ms[ms.len() - KILLS..];
+    eprintln!(
+        "e2e_dm_restart: {} files, {KILLS} kills; the {KILLS} slowest writes (ms): {pauses:?}, \
+         median write {} ms",
+        ms.len(),
+        ms[ms.len() / 2]
+    );
+}
+
+/// The `--config` and `--socket` arguments of the running `remio dm` `pid`.
+fn dm_args(pid: i32) -> Vec<String> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let words: Vec<String> = cmdline
+        .split(|&b| b == 0)
+        .map(|w| String::from_utf8_lossy(w).into_owned())
+        .collect();
+    let mut args = Vec::new();
+    for flag in ["--config", "--socket"] {
+        let i = words.iter().position(|w| w == flag).expect(flag);
+        args.push(flag.to_owned());
+        args.push(words[i + 1].clone());
+    }
+    args
+}
+
+#[test]
+fn a_takeover_upgrade_under_the_workload_is_invisible_to_the_guest() {
+    let mut upgraded = None;
+    let Some((out, ms)) = fsync_workload("e2e_dm_restart", |pid, img| {
+        let old = wait_dm(pid, None);
+        wait_guest_writes(img);
+        std::thread::sleep(Duration::from_millis(1500));
+        // The upgrade, as a user makes it: a new `remio dm` on the same config and socket.
+        let new = Command::new(env!("CARGO_BIN_EXE_remio"))
+            .arg("dm")
+            .args(dm_args(old))
+            .arg("--takeover")
+            .arg(old.to_string())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        upgraded = Some(new);
+    }) else {
+        return;
+    };
+    // It served until the platform went away with `remio run`, then ended its sessions.
+    let mut new = upgraded.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = new.try_wait().unwrap() {
+            break Some(st);
+        }
+        if Instant::now() > deadline {
+            let _ = new.kill();
+            let _ = new.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+
+    assert!(
+        status.is_some_and(|st| st.success()),
+        "the new device model did not end cleanly with the platform: {status:?}"
+    );
+    assert!(
+        out.stderr.contains("exited on request"),
+        "remio run saw the old device model hand over"
+    );
+    assert_eq!(
+        out.stderr.matches("restarting it in").count()
+            + out.stderr.matches("starting one (").count(),
+        0,
+        "remio run started no device model of its own"
+    );
+    eprintln!(
+        "e2e_dm_restart: takeover: {} files; the slowest write (the pause) {} ms, median write \
+         {} ms",
+        ms.len(),
+        ms[ms.len() - 1],
+        ms[ms.len() / 2]
+    );
 }
