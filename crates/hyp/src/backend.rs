@@ -269,6 +269,7 @@ impl BackendVm {
             return self.invalid(args, "dm_id out of range");
         };
         bump(&self.hyp.stats.notifies);
+        bump(&pair.counters.notifies);
         pair.frontend_line.raise();
         RemioRet::with_status(0)
     }

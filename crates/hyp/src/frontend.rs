@@ -242,17 +242,19 @@ impl Hypervisor {
         value: u64,
     ) -> Completion {
         let pair = &self.pairs[pi];
-        let deadline = self.timeout.map(|t| Instant::now() + t);
+        // One clock read for both the deadline and the latency histogram.
+        let trapped = Instant::now();
+        let deadline = self.timeout.map(|t| trapped + t);
         let Some(idx) = self
             .slots
             .acquire(deadline, || bump(&self.stats.slot_waits))
         else {
             bump(&self.stats.timeouts_no_slot);
-            return self.timed_out(pair, addr, "no free request slot");
+            return self.timed_out(pair, trapped, addr, "no free request slot");
         };
         let Some(slot) = self.slots.get(idx) else {
             // Unreachable: the pool only hands out its own indices.
-            return self.timed_out(pair, addr, "bad slot");
+            return self.timed_out(pair, trapped, addr, "bad slot");
         };
         *slot.lock() = SlotInner {
             state: SlotState::Pending,
@@ -266,6 +268,7 @@ impl Hypervisor {
         };
         lock(&pair.fifo).push_back(idx);
         bump(&self.stats.requests);
+        bump(&pair.counters.requests);
         bump(if op == RemioOp::Read {
             &self.stats.reads
         } else {
@@ -282,7 +285,7 @@ impl Hypervisor {
         let mut s = slot.lock();
         loop {
             if s.state == SlotState::Complete {
-                return self.take(s, idx, op);
+                return self.take(s, idx, op, pair, trapped);
             }
             s.sleeping = true;
             s = match deadline {
@@ -320,16 +323,18 @@ impl Hypervisor {
             drop(s);
             self.slots.release(idx);
             bump(&self.stats.timeouts_pending);
-            self.timed_out(pair, addr, "request still pending")
+            bump(&pair.counters.timeouts_queued);
+            self.timed_out(pair, trapped, addr, "request still pending")
         } else if s.state == SlotState::Complete {
             // Completed between the deadline and now: not a timeout after all.
-            self.take(s, idx, op)
+            self.take(s, idx, op, pair, trapped)
         } else {
             // PROCESSING: the backend holds it. Keep the slot until it completes it.
             s.abandoned = true;
             drop(s);
             bump(&self.stats.timeouts_abandoned);
-            self.timed_out(pair, addr, "backend did not complete the request")
+            bump(&pair.counters.timeouts_queued);
+            self.timed_out(pair, trapped, addr, "backend did not complete the request")
         }
     }
 
@@ -339,19 +344,24 @@ impl Hypervisor {
         mut s: std::sync::MutexGuard<'_, SlotInner>,
         idx: usize,
         op: RemioOp,
+        pair: &Pair,
+        trapped: Instant,
     ) -> Completion {
         let value = if op == RemioOp::Read { s.value } else { 0 };
         s.state = SlotState::Free;
         drop(s);
         self.slots.release(idx);
+        pair.counters.latency.record(elapsed_ns(trapped));
         Completion {
             value,
             timed_out: false,
         }
     }
 
-    fn timed_out(&self, pair: &Pair, addr: u64, why: &str) -> Completion {
+    fn timed_out(&self, pair: &Pair, trapped: Instant, addr: u64, why: &str) -> Completion {
         bump(&self.stats.timeouts);
+        bump(&pair.counters.timeouts);
+        pair.counters.latency.record(elapsed_ns(trapped));
         remio_ratelimit::warn_rl!(
             "Remote I/O access at {addr:#x} (bind key {}) timed out after {:?}: {why}; \
              completing it (a read returns {TIMEOUT_READ_VALUE})",
@@ -363,4 +373,9 @@ impl Hypervisor {
             timed_out: true,
         }
     }
+}
+
+/// Nanoseconds since `t`, saturating.
+fn elapsed_ns(t: Instant) -> u64 {
+    u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }

@@ -115,6 +115,7 @@
 mod backend;
 mod config;
 mod frontend;
+pub mod histogram;
 mod irq;
 mod slots;
 mod wait;
@@ -132,6 +133,7 @@ pub use config::{
     ConfigError, HypConfig, RemioDeviceConfig, Role, ShmemConfig, VmConfig, MAX_SLOTS,
 };
 pub use frontend::{AccessError, Completion, FrontendDevice, FrontendVm, SinkError};
+pub use histogram::{HistogramSnapshot, LatencyHistogram};
 /// Re-exported for [`FrontendVm::access`].
 pub use remio_abi::RemioOp;
 pub use wait::{SlotWaiter, WaitHelper, WaitHelperError};
@@ -205,6 +207,50 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
+/// The counters of one device pair, bumped on the access path with relaxed atomics (no lock,
+/// no allocation; the histogram is allocated with the pair).
+#[derive(Debug, Default)]
+struct PairCounters {
+    /// Accesses queued on this pair's FIFO.
+    requests: AtomicU64,
+    /// Accesses that timed out, all causes (a slot never found included). Completions are not
+    /// counted apart: every access that returns records its latency once, so they are the
+    /// histogram's count minus these (one atomic fewer on the access path).
+    timeouts: AtomicU64,
+    /// Of the queued accesses, those that timed out (for [`DeviceStats::waiting`]).
+    timeouts_queued: AtomicU64,
+    /// NOTIFY hypercalls of this pair.
+    notifies: AtomicU64,
+    /// From the trap (before a slot is taken) to the access's return, completed or timed out:
+    /// recorded exactly once per access.
+    latency: Box<LatencyHistogram>,
+}
+
+/// The counters of one Remote I/O device pair ([`Hypervisor::device_stats`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceStats {
+    /// The pair's bind key.
+    pub bind_key: u32,
+    /// The backend VM of the pair.
+    pub backend_vm: u32,
+    /// The pair's `dm_id` in that backend VM (its index among the VM's backend devices).
+    pub dm_id: u32,
+    /// Accesses queued (reached the FIFO).
+    pub requests: u64,
+    /// Of which completed by the backend.
+    pub completions: u64,
+    /// Accesses that timed out (all causes).
+    pub timeouts: u64,
+    /// Frontend interrupts injected (NOTIFY).
+    pub notifies: u64,
+    /// Accesses queued and not yet returned to the frontend (pending or held by the backend).
+    pub waiting: u64,
+    /// Of which still on the FIFO (not yet fetched with ASK).
+    pub pending: u64,
+    /// Trapped-access latency in nanoseconds, from the trap to the access's return.
+    pub latency: HistogramSnapshot,
+}
+
 /// One Remote I/O pair (frontend + backend sharing a bind key).
 #[derive(Debug)]
 pub(crate) struct Pair {
@@ -229,6 +275,8 @@ pub(crate) struct Pair {
     /// Run by a stalled frontend instead of sleeping (see [`wait`]). Leaf lock; read on every
     /// access, never held while the helper runs.
     wait_helper: wait::HelperCell,
+    /// Per-pair counters and latency histogram.
+    counters: PairCounters,
 }
 
 #[derive(Debug)]
@@ -350,6 +398,7 @@ impl Hypervisor {
                 backend_line: Arc::default(),
                 frontend_line: Arc::default(),
                 wait_helper: wait::HelperCell::default(),
+                counters: PairCounters::default(),
             });
         }
 
@@ -417,6 +466,43 @@ impl Hypervisor {
             backend_irqs: g(&c.backend_irqs),
             backend_irqs_latched: g(&c.backend_irqs_latched),
         }
+    }
+
+    /// The counters of every device pair, in configuration order of the pairs.
+    pub fn device_stats(&self) -> Vec<DeviceStats> {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        self.pairs
+            .iter()
+            .enumerate()
+            .map(|(pi, p)| {
+                let c = &p.counters;
+                let backend_vm = self
+                    .backend_vms
+                    .iter()
+                    .find(|v| v.devices.contains(&pi))
+                    .map_or(0, |v| v.id);
+                let pending = irq::lock(&p.fifo).len() as u64;
+                let requests = g(&c.requests);
+                let timeouts = g(&c.timeouts);
+                let latency = c.latency.snapshot();
+                let completions = latency.count.saturating_sub(timeouts);
+                // Read after `requests`: what returned was queued before, so no underflow
+                // but for counts read while they move, which saturate at 0.
+                let returned = completions + g(&c.timeouts_queued);
+                DeviceStats {
+                    bind_key: p.bind_key,
+                    backend_vm,
+                    dm_id: u32::try_from(p.dm_id).unwrap_or(u32::MAX),
+                    requests,
+                    completions,
+                    timeouts,
+                    notifies: g(&c.notifies),
+                    waiting: requests.saturating_sub(returned),
+                    pending,
+                    latency,
+                }
+            })
+            .collect()
     }
 }
 

@@ -1186,3 +1186,46 @@ fn a_removed_wait_helper_is_not_run_and_unknown_devices_are_refused() {
         Err(WaitHelperError::NoSuchDevice(2))
     );
 }
+
+// ---- per-device counters -----------------------------------------------------------------
+
+#[test]
+fn device_stats_count_each_pairs_accesses_waiting_requests_and_latency() {
+    let (hyp, f, b) = setup(4, Some(Duration::from_secs(1)));
+    // Device 1 (dm 1): one access held by the backend while the counters are read.
+    let held = spawn_read(&f, WIN1, 4);
+    assert!(wait_until(|| hyp.stats().requests == 1));
+    let r1 = ask(&b, 1);
+    // Device 0 (dm 0): two completed accesses, one still pending when read.
+    for v in [5, 6] {
+        let reader = spawn_read(&f, WIN0, 4);
+        assert!(wait_until(|| hyp.device_stats()[0].pending == 1));
+        let r = ask(&b, 0);
+        thread::sleep(Duration::from_millis(2));
+        assert_eq!(complete(&b, 0, RemioOp::Read, r.request_id, v).status, 0);
+        assert_eq!(reader.join().unwrap(), Ok(v));
+    }
+    let pending = spawn_read(&f, WIN0, 4);
+    assert!(wait_until(|| hyp.device_stats()[0].pending == 1));
+
+    let s = hyp.device_stats();
+
+    assert_eq!((s[0].bind_key, s[0].backend_vm, s[0].dm_id), (1, 2, 0));
+    assert_eq!((s[0].requests, s[0].completions, s[0].waiting), (3, 2, 1));
+    assert_eq!(s[0].latency.count, 2);
+    assert!(s[0].latency.max >= 2_000_000, "{:?}", s[0].latency.max);
+    assert!(s[0].latency.percentile(50.0) <= s[0].latency.max);
+    assert_eq!((s[1].bind_key, s[1].dm_id), (2, 1));
+    assert_eq!((s[1].requests, s[1].pending, s[1].waiting), (1, 0, 1));
+    assert_eq!(s[1].latency.count, 0);
+
+    // The pending access times out: counted on its own pair, with its latency.
+    assert_eq!(pending.join().unwrap(), Ok(0));
+    assert_eq!(complete(&b, 1, RemioOp::Read, r1.request_id, 1).status, 0);
+    let _ = held.join().unwrap();
+    assert_eq!(call(&b, 1, RemioOp::Notify as u64, 0, 0, 0).status, 0);
+    let s = hyp.device_stats();
+    assert_eq!((s[0].timeouts, s[0].waiting, s[0].latency.count), (1, 0, 3));
+    assert!(s[0].latency.max >= 1_000_000_000);
+    assert_eq!((s[1].notifies, s[0].notifies), (1, 0));
+}
