@@ -71,9 +71,17 @@ pub struct SharedStatus {
     pub needs_reset: Arc<AtomicBool>,
     /// ConfigGeneration (virtio 1.2 §4.2.2), bumped on every device-side config change.
     pub config_generation: Arc<AtomicU32>,
+    /// The device's counters (`remio stats`); they outlive resets.
+    pub stats: Arc<crate::stats::DeviceStats>,
 }
 
 impl SharedStatus {
+    /// Sets DEVICE_NEEDS_RESET and counts it.
+    pub fn set_needs_reset(&self) {
+        self.needs_reset.store(true, Ordering::SeqCst);
+        self.stats.record_needs_reset();
+    }
+
     /// Clears everything (device reset).
     pub fn reset(&self) {
         self.interrupt_status.store(0, Ordering::SeqCst);
@@ -114,8 +122,13 @@ impl Interrupt {
 
     /// The device cannot go on (virtio 1.2 §2.1.2): DEVICE_NEEDS_RESET and a config interrupt.
     pub fn set_needs_reset(&self) {
-        self.shared.needs_reset.store(true, Ordering::SeqCst);
+        self.shared.set_needs_reset();
         self.signal_config_change();
+    }
+
+    /// The device's counters.
+    pub fn stats(&self) -> &crate::stats::DeviceStats {
+        &self.shared.stats
     }
 
     /// The irqfd this interrupt signals.

@@ -30,6 +30,7 @@ pub mod failover;
 pub mod fuzz;
 pub mod persist;
 pub mod runner;
+pub mod stats;
 mod sys;
 pub mod transport;
 
@@ -37,6 +38,7 @@ pub use config::{Config, ConfigError, DeviceConfig, DeviceKind};
 pub use device::{
     ActivateContext, ActivateError, Interrupt, InterruptStatusWord, SharedStatus, VirtioDevice,
 };
+pub use stats::{DeviceStats, DeviceStatsSnapshot, RequestKind};
 pub use runner::{
     handle_request, serve, share_interrupt_status, DeviceInfo, DeviceModelHandle, DeviceRunner,
     ServeError, SessionRegistrar,

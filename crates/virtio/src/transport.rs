@@ -314,7 +314,7 @@ impl MmioTransport {
             }
             Err(e) => {
                 warn_rl!("virtio-mmio: resuming the device failed: {e}");
-                self.shared.needs_reset.store(true, Ordering::SeqCst);
+                self.shared.set_needs_reset();
                 Resumed::NeedsReset
             }
         }
@@ -631,7 +631,7 @@ impl MmioTransport {
                 Err(e) => {
                     warn_rl!("virtio-mmio: activation failed: {e}");
                     self.status = new;
-                    self.shared.needs_reset.store(true, Ordering::SeqCst);
+                    self.shared.set_needs_reset();
                 }
             },
             _ => self.status = new,

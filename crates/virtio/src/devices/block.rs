@@ -582,6 +582,41 @@ impl<E: BlockEngine> BlockBackend<E> {
         mem: &GuestMemoryMmap,
         descs: I,
     ) -> u32 {
+        self.handle_inner(mem, descs).0
+    }
+
+    /// [`BlockBackend::handle`], counting the request in `stats` (kind, data bytes, error).
+    pub fn handle_counted<I: IntoIterator<Item = Descriptor>>(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        descs: I,
+        stats: &crate::stats::DeviceStats,
+    ) -> u32 {
+        use crate::stats::RequestKind as K;
+        let (used, status) = self.handle_inner(mem, descs);
+        let kind = match (status == S_UNSUPP, self.req.kind) {
+            (false, Some(RequestType::In)) => K::Read,
+            (false, Some(RequestType::Out)) => K::Write,
+            (false, Some(RequestType::Flush)) => K::Flush,
+            (false, Some(RequestType::GetId)) => K::GetId,
+            (false, Some(RequestType::Discard)) => K::Discard,
+            (false, Some(RequestType::WriteZeroes)) => K::WriteZeroes,
+            _ => K::Other,
+        };
+        let bytes = match kind {
+            K::Read | K::Write if status == S_OK => self.req.data_len,
+            _ => 0,
+        };
+        stats.record(kind, bytes, status == S_OK);
+        used
+    }
+
+    /// Parses, runs and answers one request: the used length and the status answered.
+    fn handle_inner<I: IntoIterator<Item = Descriptor>>(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        descs: I,
+    ) -> (u32, u8) {
         let mut req = std::mem::take(&mut self.req);
         let (status, written) = match parse_block_request(mem, descs, self.disk, &mut req) {
             Ok(()) => match self.execute(mem, &req) {
@@ -604,7 +639,7 @@ impl<E: BlockEngine> BlockBackend<E> {
             None => 0,
         };
         self.req = req;
-        used
+        (used, status)
     }
 
     /// Runs a validated request; `Ok(bytes written to guest buffers)` or `Err(status)`.
@@ -833,7 +868,7 @@ fn run_block<E: BlockEngine>(
                 _ => {
                     let _ = evt.read();
                     if let Err(e) = drain_queue(&mut queue, &mem, interrupt, |chain| {
-                        backend.handle(&mem, chain)
+                        backend.handle_counted(&mem, chain, interrupt.stats())
                     }) {
                         return fail_device(interrupt, "virtio-blk queue", &e);
                     }
@@ -918,6 +953,39 @@ mod tests {
         mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
         let expect: Vec<u8> = (512..1536).map(|i| (i % 251) as u8).collect();
         assert_eq!(buf, expect);
+    }
+
+    #[test]
+    fn counted_requests_record_kind_data_bytes_and_errors() {
+        use crate::stats::{DeviceStats, RequestKind};
+        let mem = mem();
+        let (_tmp, mut b) = image(false, None);
+        let stats = DeviceStats::default();
+        let counted = |b: &mut BlockBackend, descs: &[RawDescriptor]| {
+            let vq = MockSplitQueue::new(&mem, 16);
+            let chain = vq.build_desc_chain(descs).unwrap();
+            b.handle_counted(&mem, chain, &stats)
+        };
+        let read = [d(HDR, 16, 0), d(DATA, 1024, W), d(STATUS, 1, W)];
+        header(&mem, VIRTIO_BLK_T_IN, 1);
+        counted(&mut b, &read);
+        header(&mem, VIRTIO_BLK_T_OUT, 2);
+        counted(&mut b, &[d(HDR, 16, 0), d(DATA, 512, 0), d(STATUS, 1, W)]);
+        // Past the end: an error, no bytes.
+        header(&mem, VIRTIO_BLK_T_IN, 15);
+        counted(&mut b, &read);
+        header(&mem, 0xdead, 0);
+        counted(&mut b, &read);
+
+        let s = stats.snapshot();
+
+        assert_eq!(s.requests_of(RequestKind::Read), 1);
+        assert_eq!(s.bytes_of(RequestKind::Read), 1024);
+        assert_eq!(s.requests_of(RequestKind::Write), 1);
+        assert_eq!(s.bytes_of(RequestKind::Write), 512);
+        // Refused before execution (out of range, unknown type): "other", an error each.
+        assert_eq!(s.requests_of(RequestKind::Other), 2);
+        assert_eq!(s.errors, 2);
     }
 
     #[test]

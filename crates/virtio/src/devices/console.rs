@@ -386,6 +386,9 @@ impl ConsoleWorker {
                 written += len;
             }
             q.add_used(mem, head, u32::try_from(written).unwrap_or(0))?;
+            self.interrupt
+                .stats()
+                .record(crate::stats::RequestKind::Read, written as u64, true);
             used_any = true;
         }
         if used_any && q.needs_notification(mem)? {

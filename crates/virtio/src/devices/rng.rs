@@ -201,6 +201,9 @@ pub(crate) fn serve(
                 b.tokens = b.tokens.saturating_add(budget - u64::from(len)).min(b.rate);
             }
             queue.add_used(mem, head, len)?;
+            interrupt
+                .stats()
+                .record(crate::stats::RequestKind::Read, u64::from(len), true);
             used_any = true;
         }
         if starved || !queue.enable_notification(mem)? {

@@ -1,0 +1,152 @@
+//! Per-device counters: requests and bytes by kind, errors, DEVICE_NEEDS_RESET.
+//!
+//! One [`DeviceStats`] per device, created with its transport ([`crate::SharedStatus::stats`])
+//! and reached by its workers through their [`crate::Interrupt`]. Every counter is a relaxed
+//! atomic bumped by the thread that handled the request: no lock, no allocation, nothing
+//! another thread waits for. Readers ([`DeviceStats::snapshot`], the device model's stats
+//! socket that `remio stats` reads) see each counter exactly, not all at one instant.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// What a request did, across the devices: the kinds `remio stats` shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestKind {
+    /// Data from the device to the driver (block IN, rng entropy, console/net receive).
+    Read = 0,
+    /// Data from the driver to the device (block OUT, console/net transmit).
+    Write = 1,
+    /// Block FLUSH.
+    Flush = 2,
+    /// Block GET_ID.
+    GetId = 3,
+    /// Block DISCARD.
+    Discard = 4,
+    /// Block WRITE_ZEROES.
+    WriteZeroes = 5,
+    /// A request the device refused before executing it (malformed, unsupported, out of
+    /// range), whatever its type.
+    Other = 6,
+}
+
+impl RequestKind {
+    /// Every kind, in index order.
+    pub const ALL: [RequestKind; KINDS] = [
+        Self::Read,
+        Self::Write,
+        Self::Flush,
+        Self::GetId,
+        Self::Discard,
+        Self::WriteZeroes,
+        Self::Other,
+    ];
+
+    /// The name `remio stats` uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Write => "write",
+            Self::Flush => "flush",
+            Self::GetId => "get_id",
+            Self::Discard => "discard",
+            Self::WriteZeroes => "write_zeroes",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// Number of [`RequestKind`]s.
+pub const KINDS: usize = 7;
+
+/// The counters of one device.
+#[derive(Debug, Default)]
+pub struct DeviceStats {
+    requests: [AtomicU64; KINDS],
+    bytes: [AtomicU64; KINDS],
+    errors: AtomicU64,
+    needs_reset: AtomicU64,
+}
+
+impl DeviceStats {
+    /// One request of `kind` that moved `bytes` bytes of data (0 for none); `ok` is false when
+    /// the device answered it with an error status.
+    pub fn record(&self, kind: RequestKind, bytes: u64, ok: bool) {
+        let i = kind as usize;
+        self.requests[i].fetch_add(1, Ordering::Relaxed);
+        if bytes != 0 {
+            self.bytes[i].fetch_add(bytes, Ordering::Relaxed);
+        }
+        if !ok {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The device entered DEVICE_NEEDS_RESET.
+    pub fn record_needs_reset(&self) {
+        self.needs_reset.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counters now.
+    pub fn snapshot(&self) -> DeviceStatsSnapshot {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        DeviceStatsSnapshot {
+            requests: std::array::from_fn(|i| g(&self.requests[i])),
+            bytes: std::array::from_fn(|i| g(&self.bytes[i])),
+            errors: g(&self.errors),
+            needs_reset: g(&self.needs_reset),
+        }
+    }
+}
+
+/// What a [`DeviceStats`] held when read; arrays are indexed by [`RequestKind`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceStatsSnapshot {
+    /// Requests by kind.
+    pub requests: [u64; KINDS],
+    /// Data bytes by kind.
+    pub bytes: [u64; KINDS],
+    /// Requests answered with an error status.
+    pub errors: u64,
+    /// Times the device entered DEVICE_NEEDS_RESET.
+    pub needs_reset: u64,
+}
+
+impl DeviceStatsSnapshot {
+    /// Requests of `kind`.
+    pub fn requests_of(&self, kind: RequestKind) -> u64 {
+        self.requests[kind as usize]
+    }
+
+    /// Bytes of `kind`.
+    pub fn bytes_of(&self, kind: RequestKind) -> u64 {
+        self.bytes[kind as usize]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_bytes_and_errors_are_counted_by_kind() {
+        let s = DeviceStats::default();
+        s.record(RequestKind::Read, 4096, true);
+        s.record(RequestKind::Read, 512, true);
+        s.record(RequestKind::Write, 0, false);
+        s.record_needs_reset();
+
+        let snap = s.snapshot();
+
+        assert_eq!(snap.requests_of(RequestKind::Read), 2);
+        assert_eq!(snap.bytes_of(RequestKind::Read), 4608);
+        assert_eq!(snap.requests_of(RequestKind::Write), 1);
+        assert_eq!(snap.bytes_of(RequestKind::Write), 0);
+        assert_eq!((snap.errors, snap.needs_reset), (1, 1));
+    }
+
+    #[test]
+    fn kinds_are_listed_in_index_order() {
+        for (i, k) in RequestKind::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i, "{}", k.name());
+        }
+    }
+}
