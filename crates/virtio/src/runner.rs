@@ -618,6 +618,25 @@ impl Failed {
     }
 }
 
+/// How long a device model waits for its DM's previous session to end (EBUSY): the platform
+/// ends a dead device model's session when it sees its connection close, which can be just
+/// after a restarted or taking-over one connects.
+const SESSION_FREE_WAIT: Duration = Duration::from_secs(2);
+
+/// Opens a session on `dm_id`, retrying while the DM still has the previous one (bounded by
+/// [`SESSION_FREE_WAIT`]).
+fn open_when_free(api: &dyn DmApi, dm_id: u32) -> Result<Box<dyn DmSession>, ApiError> {
+    let start = std::time::Instant::now();
+    loop {
+        match api.open(dm_id) {
+            Err(ApiError::Busy(_)) if start.elapsed() < SESSION_FREE_WAIT => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// One device, whose backend is built. Also says whether sessions on this API destroy their
 /// DM when they end.
 fn serve_one(
@@ -627,7 +646,7 @@ fn serve_one(
     description: String,
 ) -> Result<(DeviceRunner, DeviceInfo, bool), Failed> {
     let dm_id = dev.dm_id;
-    let session: Arc<dyn DmSession> = match api.open(dm_id) {
+    let session: Arc<dyn DmSession> = match open_when_free(api, dm_id) {
         Ok(s) => Arc::from(s),
         Err(source) => {
             return Err(Failed {
@@ -955,6 +974,21 @@ pub(crate) mod tests {
             })
             .unwrap();
         (hyp, Arc::new(remio_api::InProcessApi::new(dispatcher)))
+    }
+
+    #[test]
+    fn a_new_device_model_waits_for_the_previous_session_of_its_dm_to_end() {
+        let (_hyp, api) = platform();
+        let previous = api.open(0).unwrap();
+        let ender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            drop(previous);
+        });
+
+        let opened = open_when_free(api.as_ref(), 0);
+
+        ender.join().unwrap();
+        assert!(opened.is_ok(), "{:?}", opened.err());
     }
 
     #[test]
