@@ -11,6 +11,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod e2e_common;
@@ -145,7 +146,7 @@ fn a_killed_virtiofsd_gives_the_guest_errors_and_remio_keeps_serving_the_disk() 
                   dd if=/dev/vda of=/dev/null bs=4096 count=64 && echo DISK-OK";
     let share_watch = share.clone();
     let out = remio_exec_with(script, &["--config", path_str(&config)], |_| {
-        let deadline = Instant::now() + GUEST_TIMEOUT / 2;
+        let deadline = Instant::now() + GUEST_TIMEOUT;
         while !share_watch.join("kill-now").exists() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -169,4 +170,154 @@ fn a_killed_virtiofsd_gives_the_guest_errors_and_remio_keeps_serving_the_disk() 
         "remio says the daemon went away:\n{}",
         out.stderr
     );
+}
+
+#[test]
+fn after_virtiofsd_is_killed_and_restarted_a_rebound_device_serves_a_new_mount() {
+    let Some((bin, dir, img, share)) = setup("e2e_vhost_user_restart") else {
+        return;
+    };
+    std::fs::write(share.join("f.txt"), "served\n").unwrap();
+    let sock = dir.as_path().join("virtiofsd.sock");
+    let first = start_virtiofsd(&bin, &sock, &share);
+    let config = config(dir.as_path(), &img, &sock);
+    // The first daemon dies under a mounted share; the guest unmounts it, and once the host
+    // has a new daemon listening, unbinds and binds the device (the reset and re-activation
+    // that make remio connect again) and mounts the share anew.
+    let script = "mount -t virtiofs hostshare /mnt || exit 11; \
+                  echo \"BEFORE:$(cat /mnt/f.txt)\"; \
+                  touch /mnt/kill-now; sleep 3; \
+                  cat /mnt/f.txt >/dev/null 2>&1 || echo DEAD-READ-FAILED; \
+                  umount /mnt || umount -l /mnt || exit 12; \
+                  drv=/sys/bus/virtio/drivers/virtiofs; \
+                  d=$(cd $drv && ls -d virtio* | head -1); echo \"DEVICE $d\"; \
+                  echo $d > $drv/unbind || exit 13; \
+                  echo $d > $drv/bind || exit 14; \
+                  mount -t virtiofs hostshare /mnt || exit 15; \
+                  echo \"AFTER:$(cat /mnt/f.txt)\"; \
+                  echo second-life > /mnt/after.txt || exit 16; \
+                  umount /mnt; echo RESTART-DONE";
+    let share_watch = share.clone();
+    let second: Arc<Mutex<Option<Daemon>>> = Arc::default();
+    let second_w = Arc::clone(&second);
+    let out = remio_exec_with(script, &["--config", path_str(&config)], move |_| {
+        let mut first = first;
+        let deadline = Instant::now() + GUEST_TIMEOUT;
+        while !share_watch.join("kill-now").exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = first.0.kill();
+        let _ = first.0.wait();
+        let _ = std::fs::remove_file(&sock);
+        *second_w.lock().unwrap() = Some(start_virtiofsd(&bin, &sock, &share_watch));
+    });
+
+    assert_eq!(
+        out.status,
+        Some(0),
+        "stdout:\n{}\nstderr:\n{}",
+        out.stdout,
+        out.stderr
+    );
+    assert!(out.stdout.contains("BEFORE:served"), "{}", out.stdout);
+    assert!(out.stdout.contains("DEAD-READ-FAILED"), "{}", out.stdout);
+    assert!(out.stdout.contains("AFTER:served"), "{}", out.stdout);
+    assert!(out.stdout.contains("RESTART-DONE"), "{}", out.stdout);
+    assert_eq!(
+        std::fs::read_to_string(share.join("after.txt")).unwrap(),
+        "second-life\n"
+    );
+    assert!(
+        out.stderr.contains("reconnected to the daemon"),
+        "remio says it reconnected:\n{}",
+        out.stderr
+    );
+    drop(second);
+}
+
+#[test]
+fn a_bao_virtio_dm_yaml_with_block_console_and_a_vhost_user_fs_runs_end_to_end() {
+    let Some((bin, dir, img, share)) = setup("e2e_vhost_user_yaml") else {
+        return;
+    };
+    std::fs::write(&img, vec![0xa5; 16 << 20]).unwrap();
+    std::fs::write(share.join("yaml.txt"), "from-yaml-share\n").unwrap();
+    // bao-virtio-dm's socket rule: <socket_path><Type><id>.sock.
+    let prefix = format!("{}/", path_str(dir.as_path()));
+    let sock = dir.as_path().join("Fs2.sock");
+    let _daemon = start_virtiofsd(&bin, &sock, &share);
+    let alias = dir.as_path().join("console");
+    let config = dir.as_path().join("devices.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "devices:\n\
+             \x20 - id: 0\n    type: block\n    shmem_addr: 0x0\n    mmio_addr: 0x10000000\n    \
+             data_plane: virtio\n    file_path: {img}\n\
+             \x20 - id: 1\n    type: console\n    mmio_addr: 0x10000200\n    data_plane: virtio\n    \
+             pty_alias: {alias}\n\
+             \x20 - id: 2\n    type: fs\n    mmio_addr: 0x10000400\n    data_plane: vhost_user\n    \
+             socket_path: {prefix}\n",
+            img = path_str(&img),
+            alias = path_str(&alias),
+        ),
+    )
+    .unwrap();
+    // The YAML fs device has no tag key: its tag is fs<id>.
+    let script = "echo \"DISK $(dd if=/dev/vda bs=1 count=1 2>/dev/null | od -An -tx1)\"; \
+                  mount -t virtiofs fs2 /mnt || exit 11; \
+                  echo \"SHARE:$(cat /mnt/yaml.txt)\"; \
+                  n=0; while [ ! -e /mnt/console-seen ] && [ $n -lt 80 ]; do \
+                  echo CONSOLE-HELLO > /dev/hvc0; sleep 0.25; n=$((n + 1)); done; \
+                  [ -e /mnt/console-seen ] && echo CONSOLE-ACKED; umount /mnt; echo YAML-DONE";
+    let share_w = share.clone();
+    let out = remio_exec_with(script, &["--config", path_str(&config)], move |_| {
+        // The console's PTY: read what the guest writes to hvc0, then tell it through the
+        // share.
+        let deadline = Instant::now() + GUEST_TIMEOUT;
+        while !alias.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let Ok(mut pty) = std::fs::File::open(&alias) else {
+            return;
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 256];
+            while let Ok(n) = std::io::Read::read(&mut pty, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                seen.extend_from_slice(&buf[..n]);
+                if String::from_utf8_lossy(&seen).contains("CONSOLE-HELLO") {
+                    let _ = tx.send(());
+                    break;
+                }
+            }
+        });
+        if rx.recv_timeout(GUEST_TIMEOUT).is_ok() {
+            std::fs::write(share_w.join("console-seen"), "").unwrap();
+        }
+    });
+
+    assert_eq!(
+        out.status,
+        Some(0),
+        "stdout:\n{}\nstderr:\n{}",
+        out.stdout,
+        out.stderr
+    );
+    assert!(
+        out.stdout.contains("DISK  a5") || out.stdout.contains("DISK a5"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("SHARE:from-yaml-share"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("CONSOLE-ACKED"), "{}", out.stdout);
+    assert!(out.stdout.contains("YAML-DONE"), "{}", out.stdout);
 }
