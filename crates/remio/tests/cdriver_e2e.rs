@@ -82,6 +82,15 @@ fn c_driver_exec(script: &str, extra: &[&str]) -> RunOutput {
     )
 }
 
+/// [`c_driver_exec`] with `during` run once with the remio process id while it runs.
+fn c_driver_exec_with(script: &str, extra: &[&str], during: impl FnOnce(u32)) -> RunOutput {
+    run_exec_with(
+        script,
+        &[&["--dispatcher", "c-driver"], extra].concat(),
+        during,
+    )
+}
+
 fn run_exec(script: &str, extra: &[&str]) -> RunOutput {
     run_exec_with(script, extra, |_| {})
 }
@@ -666,6 +675,57 @@ fn through_the_c_driver_the_console_echoes_a_line_and_the_guest_pings_the_host()
     assert!(out.stdout.contains("3 packets received") || out.stdout.contains("3 received"));
     let tap = format!("/sys/class/net/remio-{}", remio_pid % 10_000_000);
     assert!(!Path::new(&tap).exists(), "{tap} left behind");
+}
+
+/// `e2e_console` as it is, through the C driver: `remio run --config` (block, and a console on
+/// a UNIX socket) with `--dispatcher c-driver`; a line sent into the socket comes back from the
+/// frontend's /dev/hvc0.
+#[test]
+fn through_the_c_driver_a_config_files_socket_console_echoes_a_line() {
+    if !c_driver_prerequisites("cdriver_e2e") {
+        return;
+    }
+    let (dir, img) = temp_image(16 << 20);
+    let sock = dir.as_path().join("console.sock");
+    let config = dir.as_path().join("devices.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[device]]\ndm_id = 0\ntype = \"block\"\nmmio_base = 0x10000000\npath = \"{}\"\n\n\
+             [[device]]\ndm_id = 1\ntype = \"console\"\nmmio_base = 0x10000200\n\
+             backend = \"socket\"\nsocket = \"{}\"\n",
+            path_str(&img),
+            path_str(&sock)
+        ),
+    )
+    .unwrap();
+    let script = "stty -F /dev/hvc0 -echo; exec 3<>/dev/hvc0; echo READY >&3; \
+                  read -r line <&3; echo \"echo:$line\" >&3; echo GOT \"$line\"";
+    let mut host_side = String::new();
+    let out = c_driver_exec_with(script, &["--config", path_str(&config)], |_| {
+        let deadline = Instant::now() + Duration::from_secs(240);
+        let mut s = connect(&sock, deadline);
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        host_side = read_until(&mut s, "READY", deadline);
+        if host_side.contains("READY") {
+            s.write_all(b"hello-remio-4711\n").unwrap();
+            host_side.push_str(&read_until(&mut s, "echo:hello-remio-4711", deadline));
+        }
+    });
+    assert!(
+        host_side.contains("READY"),
+        "the guest never said READY: {host_side:?}"
+    );
+    assert_eq!(out.status, Some(0));
+    assert!(
+        out.stdout.contains("GOT hello-remio-4711"),
+        "the guest read the host's line"
+    );
+    assert!(
+        host_side.contains("echo:hello-remio-4711"),
+        "the host read the guest's answer: {host_side:?}"
+    );
 }
 
 /// The frontend's half of the "destroy another DM" demonstrations: disk I/O works, then it

@@ -8,7 +8,8 @@
  *                                [ADDR, ADDR+4), deassign it, assign it again. A driver whose
  *                                DEASSIGN deassigns only lets the second assign succeed; the
  *                                posted one re-assigns in DEASSIGN, so the second gets EEXIST.
- *   baodefect close DM           get a DM fd for DM and close it while this process lives.
+ *   baodefect close DM           get a DM fd for DM and close it while this process lives
+ *                                (a line before the close, one after it returns).
  *
  * Each prints one line "REMIO-DEFECT <what> <result>", then waits for a signal: the DM fd
  * (whose release destroys the DM on the posted driver) stays open until the VM powers off,
@@ -87,9 +88,13 @@ int main(int argc, char **argv)
 		       again, again == -EEXIST ? "still assigned: DEASSIGN re-assigned" : "ok");
 	} else if (argc == 3 && !strcmp(argv[1], "close")) {
 		int dm = dm_fd((unsigned)strtoul(argv[2], NULL, 0));
-		int r = close(dm);
+		int r;
 
-		printf("REMIO-DEFECT close dm=%s fd=%d close=%d\n", argv[2], dm, r);
+		/* The posted driver's release may not return: say so before. */
+		printf("REMIO-DEFECT close dm=%s fd=%d closing\n", argv[2], dm);
+		fflush(stdout);
+		r = close(dm);
+		printf("REMIO-DEFECT close dm=%s fd=%d closed=%d\n", argv[2], dm, r);
 	} else {
 		fprintf(stderr, "usage: baodefect deassign DM ADDR | baodefect close DM\n");
 		return 2;
