@@ -24,7 +24,9 @@
 //! (`crates/virtio/src/persist.rs`), takes again the requests that were in flight, and the
 //! guest sees a pause, not an error. Accesses made meanwhile wait at the DM for the new
 //! session (bounded by `--access-timeout-ms`). A device model replaced on purpose with
-//! `remio dm --takeover PID` (an upgrade) is the same from the guest's side.
+//! `remio dm --takeover PID` (an upgrade) is the same from the guest's side: the old one exits
+//! with status 0, which `remio run` takes for a handover, not a crash; it starts a device model
+//! of its own only if none serves the devices for 2 s.
 //!
 //! When no restart is left (or `--dm-restarts 0`), the guest still does not hang: as soon as
 //! `remio run` gives up it declares every window failed ([`remio_frontend::qemu::Failover`]).
@@ -131,8 +133,8 @@ pub struct Args {
     /// limit, as on Bao, where a device model that never answers stalls the vCPU).
     #[arg(long, default_value_t = 5000)]
     pub access_timeout_ms: u64,
-    /// How many times a device model that dies is restarted (at once, then with a growing
-    /// pause, 50 ms up to 1.6 s); each new one resumes the devices where the dead one left them. 0: never;
+    /// How many times a device model that dies is restarted (at once; with a growing pause,
+    /// 50 ms up to 1.6 s, only while they die within 0.5 s of starting); each new one resumes the devices where the dead one left them. 0: never;
     /// the guest's devices then fail their requests. `--dispatcher remio` only.
     #[arg(long, default_value_t = 5)]
     pub dm_restarts: u32,
@@ -1393,9 +1395,10 @@ impl MarkerFilter {
     }
 }
 
-/// The pause before restart number `n` (1-based) of a device model: none for the first (a
-/// crash: the guest is waiting), then 50 ms doubling to at most 1.6 s, so that a device model
-/// that cannot stay up is not restarted in a tight loop.
+/// The pause before a device model's restart when it is the `n`-th (1-based) in a row of
+/// device models that died within [`DM_STABLE`] of starting: none for the first (a crash: the
+/// guest is waiting), then 50 ms doubling to at most 1.6 s, so that a device model that cannot
+/// stay up is not restarted in a tight loop.
 fn restart_backoff(n: u32) -> Duration {
     match n {
         0 | 1 => Duration::ZERO,
