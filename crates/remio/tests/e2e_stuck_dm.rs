@@ -314,21 +314,23 @@ fn a_stopped_device_model_delays_no_other_device_and_its_accesses_time_out() {
         bridge.stalls.load(Ordering::Relaxed),
         bridge.stuck_refused.load(Ordering::Relaxed),
     );
-    if let (Some(s), Some(c), (Some(r0), Some(r1))) = (stopped_at, continued_at, rounds) {
-        eprintln!(
-            "device model A stopped for {:.1} s; {ROUNDS} disk rounds in {:.1} s meanwhile \
-             (access timeout {ACCESS_TIMEOUT:?}); bridge: {stalls} stall(s), {refused} access(es) \
-             to A answered at once; hypervisor: {} timeouts ({} pending, {} abandoned, {} \
-             waiting for a slot) of {} requests",
-            c.duration_since(s).as_secs_f64(),
-            r1.duration_since(r0).as_secs_f64(),
-            stats.timeouts,
-            stats.timeouts_pending,
-            stats.timeouts_abandoned,
-            stats.timeouts_no_slot,
-            stats.requests
-        );
-    }
+    let secs = |a: Option<Instant>, b: Option<Instant>| match (a, b) {
+        (Some(a), Some(b)) => format!("{:.1} s", b.duration_since(a).as_secs_f64()),
+        _ => "-".to_owned(),
+    };
+    eprintln!(
+        "device model A stopped for {}; {ROUNDS} disk rounds in {} meanwhile (access timeout \
+         {ACCESS_TIMEOUT:?}); bridge: {stalls} stall(s), {refused} access(es) to A answered at \
+         once; hypervisor: {} timeouts ({} pending, {} abandoned, {} waiting for a slot) of {} \
+         requests",
+        secs(stopped_at, continued_at),
+        secs(rounds.0, rounds.1),
+        stats.timeouts,
+        stats.timeouts_pending,
+        stats.timeouts_abandoned,
+        stats.timeouts_no_slot,
+        stats.requests
+    );
 
     assert_eq!(
         status,
