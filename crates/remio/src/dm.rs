@@ -97,6 +97,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for d in handle.devices() {
         log::info!("dm {}: {}", d.dm_id, d.description);
     }
+    let api_socket = (!args.kernel_driver).then(|| crate::stats::socket_key(&args.socket));
+    let _stats = crate::stats::serve_device_model(&handle, api_socket);
     let failed = handle.failures().len();
     {
         use std::io::Write as _;

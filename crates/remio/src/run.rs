@@ -1081,6 +1081,8 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
             sessions: &sessions,
         },
     );
+    // The final counters, while the device model still answers for its devices.
+    let final_stats = args.stats_json.is_some().then(|| snapshot());
     // QEMU must be gone before the console reader can see the end of its output.
     session.kill_children();
     drop(raw);
@@ -1104,9 +1106,9 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
     // then the temporary directory they had their sockets in.
     session.kill_children();
     drop(stats_server);
-    if let Some(path) = &args.stats_json {
+    if let (Some(path), Some(final_stats)) = (&args.stats_json, &final_stats) {
         let text =
-            serde_json::to_string_pretty(&snapshot()).context("serialising the final counters")?;
+            serde_json::to_string_pretty(final_stats).context("serialising the final counters")?;
         std::fs::write(path, text + "\n")
             .with_context(|| format!("--stats-json {}", path.display()))?;
     }
@@ -1158,9 +1160,13 @@ fn snapshot_fn(
     bridge: &Bridge,
     dm_restarts: &Arc<AtomicU32>,
 ) -> SnapshotFn {
-    use crate::stats::{DmSnapshot, Snapshot};
+    use crate::stats::Snapshot;
     let dispatcher = match serving {
         Serving::Remio { _platform: p } => Some(Arc::clone(p.dispatcher())),
+        Serving::CDriver(_) => None,
+    };
+    let api_socket = match serving {
+        Serving::Remio { _platform: p } => p.socket_path().map(Path::to_path_buf),
         Serving::CDriver(_) => None,
     };
     let hyp = Arc::clone(hyp);
@@ -1170,27 +1176,10 @@ fn snapshot_fn(
     let snapshot = move || {
         let hs = hyp.stats();
         let (bridge_accesses, bridge_mean_ns) = bridge_stats.bar_summary();
-        let dms = dispatcher
-            .as_ref()
-            .map(|d| d.dms())
-            .unwrap_or_default()
-            .iter()
-            .map(|dm| {
-                let st = dm.stats();
-                DmSnapshot {
-                    id: dm.id(),
-                    requests: st.dispatched,
-                    to_control: st.to_control,
-                    to_status_word: st.to_status_word,
-                    to_ioeventfd: st.to_ioeventfd,
-                    to_io_client: st.to_io_client,
-                    completed_by_dispatcher: st.completed_by_dispatcher,
-                    interrupts: st.irqfd_notifies,
-                    hypercall_errors: st.hypercall_errors,
-                    session: dm.has_control_client(),
-                }
-            })
-            .collect();
+        let mut dms = crate::stats::platform_dms(&hyp, dispatcher.as_deref());
+        if let Some(api) = &api_socket {
+            crate::stats::attach_devices(&mut dms, &crate::stats::run_dir(), api);
+        }
         Snapshot {
             pid: std::process::id(),
             uptime_s: started.elapsed().as_secs(),
@@ -2638,6 +2627,25 @@ mod tests {
     }
 
     #[test]
+    fn a_stale_console_socket_is_replaced_but_a_file_there_is_refused() {
+        let tmp = make_tmp().unwrap();
+        let sock = tmp.join("con.sock");
+        drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+        let file = tmp.join("plain");
+        std::fs::write(&file, b"x").unwrap();
+
+        let stale = clear_stale_socket(&sock);
+        let refused = clear_stale_socket(&file);
+        let absent = clear_stale_socket(&tmp.join("none"));
+
+        assert!(stale.is_ok() && !sock.exists());
+        assert!(refused.unwrap_err().to_string().contains("is not a socket"));
+        assert!(file.exists());
+        assert!(absent.is_ok());
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    #[test]
     fn a_user_config_becomes_the_backends_plan_or_is_refused_by_option() {
         let config = |text: &str| remio_virtio::Config::from_toml_str(text).unwrap();
         let ok = config(
@@ -2752,25 +2760,6 @@ mod tests {
         drop(session);
         drop(watch);
         r
-    }
-
-    #[test]
-    fn a_stale_console_socket_is_replaced_but_a_file_there_is_refused() {
-        let tmp = make_tmp().unwrap();
-        let sock = tmp.join("con.sock");
-        drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
-        let file = tmp.join("plain");
-        std::fs::write(&file, b"x").unwrap();
-
-        let stale = clear_stale_socket(&sock);
-        let refused = clear_stale_socket(&file);
-        let absent = clear_stale_socket(&tmp.join("none"));
-
-        assert!(stale.is_ok() && !sock.exists());
-        assert!(refused.unwrap_err().to_string().contains("is not a socket"));
-        assert!(file.exists());
-        assert!(absent.is_ok());
-        std::fs::remove_dir_all(&tmp).unwrap();
     }
 
     #[test]

@@ -10,7 +10,31 @@
 //! `remio stats` finds the socket itself (the newest live one in [`run_dir`]; `--socket` to
 //! choose) and prints a table refreshed every second, or one table (`--once`) or the JSON
 //! (`--json`, for scripts).
+//!
+//! # Per DM, from the platform
+//!
+//! The hypervisor model counts per device pair (`remio_hyp::DeviceStats`): trapped accesses,
+//! completions, timeouts, interrupts injected, accesses waiting, and a log2 histogram of the
+//! trapped-access latency (trap to return), from which p50/p99 come (within 25%; max exact).
+//! The dispatcher counts per DM where each request went (control client, status word,
+//! ioeventfd, in-process client) and how many device-model sessions the DM has had.
+//!
+//! # Per device, from the device model
+//!
+//! Each `remio dm` serves its devices' counters (`remio_virtio::DeviceStats`: requests and
+//! bytes by kind, errors, DEVICE_NEEDS_RESET) on its own socket, `dm-<pid>.sock` in the same
+//! run directory, as one JSON line ([`DmProcessSnapshot`]) naming the platform API socket it
+//! serves. The platform's snapshot reads the device models of its own API socket and puts
+//! each device under its DM. Why a socket of its own rather than a shared stats region the
+//! device model registers with the platform (as the status word is): it needs no new API
+//! call, so it works the same over remio's socket and the C driver's ioctls (which have no
+//! such call); nothing of the device model's address space is shared for it; and the layout is
+//! JSON, versioned by its field names, not a binary layout both sides must agree on. The
+//! cost: a device model's counters start from zero when it is restarted (the platform's
+//! counters go on), and they are read only while it runs (`remio run --stats-json` reads them
+//! before it stops the device model).
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -36,12 +60,35 @@ pub struct Args {
     pub json: bool,
 }
 
-/// One DM's counters (the dispatcher's `DmStats`).
+/// One DM's counters: the hypervisor model's of its device pair, the dispatcher's
+/// (`DmStats`; zero with the C driver, whose counters live in the backend VM), and its device
+/// model's ([`DeviceSnapshot`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct DmSnapshot {
     /// The DM id (= the device's window index).
     pub id: u32,
-    /// Requests fetched from the hypervisor (ASK).
+    /// The device pair's bind key.
+    pub bind_key: u32,
+    /// Trapped accesses the hypervisor model queued for this DM.
+    pub trapped: u64,
+    /// Of which completed by the backend.
+    pub completions: u64,
+    /// Accesses that timed out.
+    pub timeouts: u64,
+    /// Accesses queued and not yet returned to the frontend now.
+    pub waiting: u64,
+    /// Of which not yet fetched by the dispatcher (ASK).
+    pub pending: u64,
+    /// Trapped-access latency: accesses measured.
+    pub latency_count: u64,
+    /// Trapped-access latency, median (ns; the upper end of its log2/4 bucket).
+    pub latency_p50_ns: u64,
+    /// Trapped-access latency, 99th percentile (ns; the upper end of its bucket).
+    pub latency_p99_ns: u64,
+    /// Trapped-access latency, maximum (ns, exact).
+    pub latency_max_ns: u64,
+    /// Requests fetched from the hypervisor (ASK) by the dispatcher.
     pub requests: u64,
     /// Of which routed to the device model's control client.
     pub to_control: u64,
@@ -53,16 +100,57 @@ pub struct DmSnapshot {
     pub to_io_client: u64,
     /// Completed by the dispatcher itself (DM destroyed, queue overflow, held requests).
     pub completed_by_dispatcher: u64,
-    /// Interrupts injected into the guest for the device model's irqfd.
+    /// Interrupts injected into the guest (NOTIFY hypercalls for this DM).
     pub interrupts: u64,
     /// Hypercalls that returned an unexpected status.
     pub hypercall_errors: u64,
     /// Whether a device model holds a session on this DM now.
     pub session: bool,
+    /// `serving` (a device model holds a session), `no session`, `paused`, `destroyed`, or
+    /// `c-driver` (the dispatcher is in the backend VM: not known here).
+    pub session_state: String,
+    /// Device-model sessions the DM has had.
+    pub sessions: u64,
+    /// Of which after the first: restarts or replacements of its device model.
+    pub restarts: u64,
+    /// The device's own counters, from its device model (absent when it could not be read).
+    pub device: Option<DeviceSnapshot>,
+}
+
+/// One device's counters, as its device model keeps them (`remio_virtio::DeviceStats`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DeviceSnapshot {
+    /// The DM the device serves.
+    pub dm_id: u32,
+    /// What the device is (type and backend).
+    pub description: String,
+    /// Requests by kind (`read`, `write`, `flush`, `get_id`, `discard`, `write_zeroes`,
+    /// `other`); kinds with none are left out.
+    pub requests: BTreeMap<String, u64>,
+    /// Data bytes by kind (`read`: device to driver, `write`: driver to device).
+    pub bytes: BTreeMap<String, u64>,
+    /// Requests answered with an error status.
+    pub errors: u64,
+    /// Times the device entered DEVICE_NEEDS_RESET.
+    pub needs_reset: u64,
+}
+
+/// What a device model's stats socket (`dm-<pid>.sock`) serves.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DmProcessSnapshot {
+    /// The device model's pid.
+    pub pid: u32,
+    /// The platform API socket it serves (canonical path; empty on the C driver).
+    pub api_socket: String,
+    /// Its devices.
+    pub devices: Vec<DeviceSnapshot>,
 }
 
 /// What the stats socket serves.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Snapshot {
     /// The serving process (`remio run`).
     pub pid: u32,
@@ -132,8 +220,31 @@ impl StatsServer {
         dir: &Path,
         snapshot: impl Fn() -> Snapshot + Send + 'static,
     ) -> anyhow::Result<Self> {
+        Self::serve(
+            dir,
+            &format!("stats-{}.sock", std::process::id()),
+            move || serde_json::to_string(&snapshot()).ok(),
+        )
+    }
+
+    /// Serves a device model's counters on `dm-<pid>.sock` in `dir` (see the module docs).
+    pub fn start_dm(
+        dir: &Path,
+        snapshot: impl Fn() -> DmProcessSnapshot + Send + 'static,
+    ) -> anyhow::Result<Self> {
+        Self::serve(dir, &format!("dm-{}.sock", std::process::id()), move || {
+            serde_json::to_string(&snapshot()).ok()
+        })
+    }
+
+    /// Answers every connection to `dir/name` with one line of `json()`.
+    fn serve(
+        dir: &Path,
+        name: &str,
+        json: impl Fn() -> Option<String> + Send + 'static,
+    ) -> anyhow::Result<Self> {
         ensure_run_dir(dir)?;
-        let path = dir.join(format!("stats-{}.sock", std::process::id()));
+        let path = dir.join(name);
         // A socket left by a process with our pid (pids are reused) is stale.
         let _ = std::fs::remove_file(&path);
         let listener =
@@ -149,7 +260,7 @@ impl StatsServer {
                     }
                     let Ok(mut conn) = conn else { continue };
                     let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
-                    if let Ok(mut text) = serde_json::to_string(&snapshot()) {
+                    if let Some(mut text) = json() {
                         text.push('\n');
                         let _ = conn.write_all(text.as_bytes());
                     }
@@ -178,18 +289,166 @@ impl Drop for StatsServer {
             let _ = t.join();
         }
         let _ = std::fs::remove_file(&self.path);
+        // The device models this run started were killed without a chance to remove theirs.
+        if let Some(dir) = self.path.parent() {
+            for path in dm_sockets(dir) {
+                if is_stale(&path) {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
     }
+}
+
+/// The device-model stats sockets (`dm-<pid>.sock`) in `dir`.
+fn dm_sockets(dir: &Path) -> impl Iterator<Item = PathBuf> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("dm-") && name.ends_with(".sock")
+        })
+        .map(|e| e.path())
+}
+
+/// Whether nobody listens on the socket at `path` any more (its process is gone).
+fn is_stale(path: &Path) -> bool {
+    matches!(UnixStream::connect(path), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
 }
 
 /// Reads one snapshot from the socket at `path`.
 pub fn read(path: &Path) -> anyhow::Result<Snapshot> {
+    read_json(path, Duration::from_secs(5))
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path, timeout: Duration) -> anyhow::Result<T> {
     let mut s =
         UnixStream::connect(path).with_context(|| format!("connecting to {}", path.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_read_timeout(Some(timeout))?;
     let mut text = String::new();
     s.read_to_string(&mut text)
         .with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(text.trim()).with_context(|| format!("decoding {}", path.display()))
+}
+
+/// The canonical form of an API socket path, as device models and platforms compare it.
+pub fn socket_key(path: &Path) -> String {
+    std::fs::canonicalize(path)
+        .unwrap_or_else(|_| path.to_owned())
+        .display()
+        .to_string()
+}
+
+/// The per-DM rows of a platform: one per device pair of `hyp`, with the dispatcher's
+/// counters of the DM of the same id when the dispatcher is ours.
+pub fn platform_dms(
+    hyp: &remio_hyp::Hypervisor,
+    dispatcher: Option<&remio_dispatcher::Dispatcher>,
+) -> Vec<DmSnapshot> {
+    let dms: BTreeMap<u32, _> = dispatcher
+        .map(remio_dispatcher::Dispatcher::dms)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|dm| (dm.id(), dm))
+        .collect();
+    let mut rows: Vec<DmSnapshot> = hyp
+        .device_stats()
+        .into_iter()
+        .map(|p| {
+            let mut row = DmSnapshot {
+                id: p.dm_id,
+                bind_key: p.bind_key,
+                trapped: p.requests,
+                completions: p.completions,
+                timeouts: p.timeouts,
+                waiting: p.waiting,
+                pending: p.pending,
+                latency_count: p.latency.count,
+                latency_p50_ns: p.latency.percentile(50.0),
+                latency_p99_ns: p.latency.percentile(99.0),
+                latency_max_ns: p.latency.max,
+                interrupts: p.notifies,
+                session_state: "c-driver".to_owned(),
+                ..DmSnapshot::default()
+            };
+            if let Some(dm) = dms.get(&p.dm_id) {
+                let st = dm.stats();
+                row.requests = st.dispatched;
+                row.to_control = st.to_control;
+                row.to_status_word = st.to_status_word;
+                row.to_ioeventfd = st.to_ioeventfd;
+                row.to_io_client = st.to_io_client;
+                row.completed_by_dispatcher = st.completed_by_dispatcher;
+                row.hypercall_errors = st.hypercall_errors;
+                row.session = dm.has_control_client();
+                row.sessions = dm.control_sessions();
+                row.restarts = row.sessions.saturating_sub(1);
+                row.session_state = if dm.is_destroyed() {
+                    "destroyed"
+                } else if dm.is_paused() {
+                    "paused"
+                } else if row.session {
+                    "serving"
+                } else {
+                    "no session"
+                }
+                .to_owned();
+            }
+            row
+        })
+        .collect();
+    rows.sort_by_key(|r| r.id);
+    rows
+}
+
+/// Fills each row's [`DmSnapshot::device`] from the device models in `dir` that serve the
+/// platform API socket `api_socket` (see the module docs). A device model that does not answer
+/// within 200 ms is left out.
+pub fn attach_devices(rows: &mut [DmSnapshot], dir: &Path, api_socket: &Path) {
+    let key = socket_key(api_socket);
+    for path in dm_sockets(dir) {
+        let Ok(dm) = read_json::<DmProcessSnapshot>(&path, Duration::from_millis(200)) else {
+            continue;
+        };
+        if dm.api_socket != key {
+            continue;
+        }
+        for dev in dm.devices {
+            if let Some(row) = rows.iter_mut().find(|r| r.id == dev.dm_id) {
+                row.device = Some(dev);
+            }
+        }
+    }
+}
+
+/// A device's counters in the form of the stats socket.
+pub fn device_snapshot(
+    dm_id: u32,
+    description: &str,
+    s: &remio_virtio::DeviceStatsSnapshot,
+) -> DeviceSnapshot {
+    let mut requests = BTreeMap::new();
+    let mut bytes = BTreeMap::new();
+    for kind in remio_virtio::RequestKind::ALL {
+        let name = kind.name().to_owned();
+        if s.requests_of(kind) != 0 {
+            requests.insert(name.clone(), s.requests_of(kind));
+        }
+        if s.bytes_of(kind) != 0 {
+            bytes.insert(name, s.bytes_of(kind));
+        }
+    }
+    DeviceSnapshot {
+        dm_id,
+        description: description.to_owned(),
+        requests,
+        bytes,
+        errors: s.errors,
+        needs_reset: s.needs_reset,
+    }
 }
 
 /// The newest stats socket in `dir` that answers; an error naming `dir` when none does.
@@ -222,6 +481,8 @@ pub fn find(dir: &Path) -> anyhow::Result<PathBuf> {
 
 /// The table `remio stats` prints.
 pub fn table(s: &Snapshot) -> String {
+    use std::fmt::Write as _;
+    let us = |ns: u64| ns as f64 / 1000.0;
     let mut out = format!(
         "remio pid {}  up {} s  device-model restarts {}\n\
          hypervisor: {} requests, {} completions, {} timeouts, {} interrupts; bridge: {} \
@@ -234,35 +495,122 @@ pub fn table(s: &Snapshot) -> String {
         s.timeouts,
         s.interrupts,
         s.bridge_accesses,
-        s.bridge_mean_ns as f64 / 1000.0
+        us(s.bridge_mean_ns)
     );
-    out.push_str(&format!(
-        "{:>3} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8}\n",
+    let _ = writeln!(
+        out,
+        "{:>3} {:>9} {:>9} {:>9} {:>9} {:>9} {:>5} {:>8} {:>8} {:>9} {:>8} {:>4} {:>8}",
         "dm",
-        "requests",
+        "trapped",
         "control",
         "status",
         "ioeventfd",
-        "io-client",
-        "by-disp",
         "irqs",
+        "wait",
+        "timeouts",
+        "p50 us",
+        "p99 us",
+        "max us",
+        "rst",
         "session"
-    ));
+    );
     for d in &s.dms {
-        out.push_str(&format!(
-            "{:>3} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8}\n",
+        let _ = writeln!(
+            out,
+            "{:>3} {:>9} {:>9} {:>9} {:>9} {:>9} {:>5} {:>8} {:>8.1} {:>9.1} {:>8.0} {:>4} {:>8}",
             d.id,
-            d.requests,
+            d.trapped,
             d.to_control,
             d.to_status_word,
             d.to_ioeventfd,
-            d.to_io_client,
-            d.completed_by_dispatcher,
             d.interrupts,
+            d.waiting,
+            d.timeouts,
+            us(d.latency_p50_ns),
+            us(d.latency_p99_ns),
+            us(d.latency_max_ns),
+            d.restarts,
             if d.session { "yes" } else { "no" }
-        ));
+        );
+    }
+    let devices: Vec<&DeviceSnapshot> = s.dms.iter().filter_map(|d| d.device.as_ref()).collect();
+    if !devices.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{:>3} {:<28} {:>9} {:>11} {:>9} {:>11} {:>7} {:>6} {:>5}",
+            "dm", "device", "reads", "read MiB", "writes", "write MiB", "other", "errors", "reset"
+        );
+        for d in devices {
+            let get = |m: &BTreeMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(0);
+            let other: u64 = d
+                .requests
+                .iter()
+                .filter(|(k, _)| k.as_str() != "read" && k.as_str() != "write")
+                .map(|(_, v)| v)
+                .sum();
+            let mut desc = d.description.clone();
+            desc.truncate(28);
+            let _ = writeln!(
+                out,
+                "{:>3} {:<28} {:>9} {:>11.2} {:>9} {:>11.2} {:>7} {:>6} {:>5}",
+                d.dm_id,
+                desc,
+                get(&d.requests, "read"),
+                get(&d.bytes, "read") as f64 / 1048576.0,
+                get(&d.requests, "write"),
+                get(&d.bytes, "write") as f64 / 1048576.0,
+                other,
+                d.errors,
+                d.needs_reset
+            );
+        }
     }
     out
+}
+
+/// Serves the counters of `handle`'s devices on this device model's stats socket (see the
+/// module docs) until the returned server is dropped; `api_socket` is the platform API socket
+/// served ([`socket_key`]), `None` on the C driver. A socket that cannot be made is a warning.
+pub fn serve_device_model(
+    handle: &remio_virtio::DeviceModelHandle,
+    api_socket: Option<String>,
+) -> Option<StatsServer> {
+    let devices: Vec<(u32, String, Arc<remio_virtio::DeviceStats>)> = handle
+        .runners()
+        .iter()
+        .filter_map(|r| {
+            let t = r.transport()?;
+            let stats = t
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .shared_status()
+                .stats
+                .clone();
+            let description = handle
+                .devices()
+                .iter()
+                .find(|d| d.dm_id == r.dm_id())
+                .map(|d| d.description.clone())
+                .unwrap_or_default();
+            Some((r.dm_id(), description, stats))
+        })
+        .collect();
+    let api_socket = api_socket.unwrap_or_default();
+    let snapshot = move || DmProcessSnapshot {
+        pid: std::process::id(),
+        api_socket: api_socket.clone(),
+        devices: devices
+            .iter()
+            .map(|(id, desc, st)| device_snapshot(*id, desc, &st.snapshot()))
+            .collect(),
+    };
+    match StatsServer::start_dm(&run_dir(), snapshot) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            log::warn!("no device-model stats socket (remio stats will not show devices): {e:#}");
+            None
+        }
+    }
 }
 
 /// Runs `remio stats`.
@@ -332,6 +680,72 @@ mod tests {
         let path = server.path().to_owned();
         drop(server);
         assert!(!path.exists(), "the socket is removed when the run ends");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn device_counters_come_from_the_device_models_of_this_platforms_api_socket_only() {
+        let dir = tmp_dir();
+        let dm = |api: &str, dm_id: u32, reads: u64| {
+            let api = api.to_owned();
+            move || DmProcessSnapshot {
+                pid: 1,
+                api_socket: api.clone(),
+                devices: vec![DeviceSnapshot {
+                    dm_id,
+                    description: "virtio-blk".into(),
+                    requests: [("read".to_owned(), reads)].into(),
+                    ..DeviceSnapshot::default()
+                }],
+            }
+        };
+        // Two device models in the run directory: ours serves DM 1, another platform's DM 0.
+        let ours = StatsServer::serve(&dir, "dm-1.sock", {
+            let f = dm("/tmp/ours.sock", 1, 7);
+            move || serde_json::to_string(&f()).ok()
+        })
+        .unwrap();
+        let theirs = StatsServer::serve(&dir, "dm-2.sock", {
+            let f = dm("/tmp/theirs.sock", 0, 9);
+            move || serde_json::to_string(&f()).ok()
+        })
+        .unwrap();
+        let mut rows = vec![
+            DmSnapshot {
+                id: 0,
+                ..DmSnapshot::default()
+            },
+            DmSnapshot {
+                id: 1,
+                ..DmSnapshot::default()
+            },
+        ];
+
+        attach_devices(&mut rows, &dir, Path::new("/tmp/ours.sock"));
+
+        assert_eq!(rows[0].device, None);
+        let dev = rows[1].device.as_ref().unwrap();
+        assert_eq!(dev.requests["read"], 7);
+        let t = table(&Snapshot {
+            dms: rows,
+            ..Snapshot::default()
+        });
+        assert!(t.contains("virtio-blk"), "{t}");
+        drop((ours, theirs));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_platform_server_removes_device_model_sockets_nobody_serves() {
+        let dir = tmp_dir();
+        std::fs::create_dir_all(&dir).unwrap();
+        // A device model that was killed left its socket.
+        drop(UnixListener::bind(dir.join("dm-77.sock")).unwrap());
+        let server = StatsServer::start(&dir, Snapshot::default).unwrap();
+
+        drop(server);
+
+        assert!(!dir.join("dm-77.sock").exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

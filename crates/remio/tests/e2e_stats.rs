@@ -1,6 +1,7 @@
 //! `remio stats` during a guest's I/O: found without arguments in the per-user run directory
-//! (here a private $XDG_RUNTIME_DIR), its counters match what the guest did, and
-//! `remio run --stats-json` writes the final ones.
+//! (here a private $XDG_RUNTIME_DIR), its counters match what the guest did (the platform's
+//! per DM, with trapped-access latency percentiles; the device model's per device, bytes read
+//! by request kind), and `remio run --stats-json` writes the final ones.
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader, Read};
@@ -48,8 +49,10 @@ fn remio_stats_finds_the_run_and_counts_the_guests_block_requests() {
     );
 
     let _lock = boot_lock();
+    // The host reads the counters before (IO-READY) and after (IO-DONE) the guest's reads.
     let script = format!(
-        "dd if=/dev/vda of=/dev/null bs=4096 count={READS} iflag=direct 2>/dev/null; \
+        "echo IO-READY; sleep 5; \
+         dd if=/dev/vda of=/dev/null bs=4096 count={READS} iflag=direct 2>/dev/null; \
          echo IO-DONE; sleep 15"
     );
     let final_json = runtime.as_path().join("final.json");
@@ -83,14 +86,17 @@ fn remio_stats_finds_the_run_and_counts_the_guests_block_requests() {
         }
     });
     let deadline = Instant::now() + GUEST_TIMEOUT;
-    loop {
+    let wait_for = |marker: &str| loop {
         let line = rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("the guest never said IO-DONE");
-        if line.contains("IO-DONE") {
+            .unwrap_or_else(|_| panic!("the guest never said {marker}"));
+        if line.contains(marker) {
             break;
         }
-    }
+    };
+    wait_for("IO-READY");
+    let before = stats(&["--json"]);
+    wait_for("IO-DONE");
 
     let json = stats(&["--json"]);
     let table = stats(&["--once"]);
@@ -128,14 +134,58 @@ fn remio_stats_finds_the_run_and_counts_the_guests_block_requests() {
     assert!(routed <= requests, "{routed} routed of {requests} requests");
     assert!(v["requests"].as_u64().unwrap() >= requests);
     assert_eq!(v["timeouts"].as_u64(), Some(0));
+
+    // The platform's view of the DM: trapped accesses, their latency, the session.
+    let trapped = block["trapped"].as_u64().unwrap();
+    assert!(
+        trapped >= requests,
+        "{trapped} trapped, {requests} dispatched"
+    );
+    assert_eq!(block["completions"].as_u64(), Some(trapped));
+    assert_eq!(block["timeouts"].as_u64(), Some(0));
+    assert_eq!(block["latency_count"].as_u64(), Some(trapped));
+    let (p50, p99, max) = (
+        block["latency_p50_ns"].as_u64().unwrap(),
+        block["latency_p99_ns"].as_u64().unwrap(),
+        block["latency_max_ns"].as_u64().unwrap(),
+    );
+    assert!(0 < p50 && p50 <= p99 && p99 <= max, "{p50} {p99} {max}");
+    assert_eq!(block["session_state"].as_str(), Some("serving"));
+    assert_eq!(
+        (block["sessions"].as_u64(), block["restarts"].as_u64()),
+        (Some(1), Some(0))
+    );
+    // The device model's view: exactly the guest's reads between the two snapshots.
+    assert!(before.status.success());
+    let v0: serde_json::Value = serde_json::from_slice(&before.stdout).unwrap();
+    let dev = |v: &serde_json::Value, table: &str| {
+        v["dms"][0]["device"][table]["read"].as_u64().unwrap_or(0)
+    };
+    assert!(
+        v["dms"][0]["device"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("blk"),
+        "{v:#}"
+    );
+    assert_eq!(dev(&v, "requests") - dev(&v0, "requests"), READS);
+    assert_eq!(dev(&v, "bytes") - dev(&v0, "bytes"), READS * 4096);
+    assert_eq!(v["dms"][0]["device"]["errors"].as_u64(), Some(0));
+    assert_eq!(v["dms"][0]["device"]["needs_reset"].as_u64(), Some(0));
     let last: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&final_json).unwrap()).unwrap();
     assert!(
         last["dms"][0]["to_ioeventfd"].as_u64().unwrap() >= notifies,
         "--stats-json has the final counters"
     );
+    assert!(
+        dev(&last, "bytes") >= dev(&v, "bytes"),
+        "--stats-json has the device's final counters: {last:#}"
+    );
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(table.contains("requests"), "{table}");
+    assert!(table.contains("p99 us"), "{table}");
+    assert!(table.contains("read MiB"), "{table}");
     assert!(
         !runtime
             .as_path()
