@@ -21,6 +21,11 @@ impl ChildProcess {
             .with_context(|| format!("starting the {role} child"))?;
         Ok(Self(child))
     }
+
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
 }
 
 impl Drop for ChildProcess {

@@ -12,30 +12,36 @@ use anyhow::Context as _;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::child::ChildProcess;
+use super::cpu::CpuMeter;
 use super::stats::Samples;
 
 /// Bytes per ping-pong message: the size of one `bao_virtio_request`, what a control-path
 /// round trip carries at the least.
 const MESSAGE: usize = 48;
 
-/// Round trips of `MESSAGE` bytes over a UNIX stream socket to a child process that echoes.
-pub fn socket_ping_pong(dir: &Path, iterations: usize) -> anyhow::Result<Samples> {
+/// Round trips of `MESSAGE` bytes over a UNIX stream socket to a child process that echoes;
+/// with the CPU time (both processes) per round trip, in ns.
+pub fn socket_ping_pong(dir: &Path, iterations: usize) -> anyhow::Result<(Samples, f64)> {
     let path = dir.join("floor.sock");
+    let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).context("binding the floor socket")?;
-    let _child = ChildProcess::spawn("socket-echo", &path)?;
+    let child = ChildProcess::spawn("socket-echo", &path)?;
     let (mut conn, _) = listener.accept().context("accepting the echo child")?;
     let mut buf = [0u8; MESSAGE];
     let mut samples = Samples::with_capacity(iterations);
-    let warmup = iterations / 10;
-    for i in 0..iterations + warmup {
+    for _ in 0..iterations / 10 {
+        conn.write_all(&buf)?;
+        conn.read_exact(&mut buf)?;
+    }
+    let meter = CpuMeter::start(&[child.pid()])?;
+    for _ in 0..iterations {
         let t0 = Instant::now();
         conn.write_all(&buf)?;
         conn.read_exact(&mut buf)?;
-        if i >= warmup {
-            samples.push(t0.elapsed());
-        }
+        samples.push(t0.elapsed());
     }
-    Ok(samples)
+    let cpu = meter.stop()?.per_op_ns(iterations as u64);
+    Ok((samples, cpu))
 }
 
 /// The child side of [`socket_ping_pong`]: echo until the parent hangs up.

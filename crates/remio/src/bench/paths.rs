@@ -16,6 +16,7 @@ use remio_hyp::FrontendVm;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::child::ChildProcess;
+use super::cpu::CpuMeter;
 use super::floors::{spin_for, stamp};
 use super::stats::Samples;
 
@@ -50,6 +51,15 @@ fn platform(dms: u32, socket: Option<&Path>) -> anyhow::Result<Platform> {
     })
 }
 
+/// A socket path in `dir` not used before by this run (groups run several times).
+fn fresh_socket(dir: &Path, name: &str) -> std::path::PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    dir.join(format!(
+        "{name}-{}.sock",
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
 fn base_of(dm: u32) -> u64 {
     MMIO_BASE + u64::from(dm) * 0x1000
 }
@@ -72,24 +82,27 @@ fn wait_served(fe: &FrontendVm, dms: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Control path: round trips of a register read served by a device-model process.
-pub fn control(dir: &Path, iterations: usize) -> anyhow::Result<Samples> {
-    let socket = dir.join("control.sock");
+/// Control path: round trips of a register read served by a device-model process; with the
+/// CPU time (platform and device-model processes) per read, in ns.
+pub fn control(dir: &Path, iterations: usize) -> anyhow::Result<(Samples, f64)> {
+    let socket = fresh_socket(dir, "control");
     let platform = platform(1, Some(&socket))?;
     let fe = platform.frontend().context("no frontend VM")?;
-    let _child = ChildProcess::spawn("serve-dm", &dir.join("control.sock:1"))?;
+    let child = ChildProcess::spawn("serve-dm", Path::new(&format!("{}:1", socket.display())))?;
     wait_served(&fe, 1)?;
     let mut samples = Samples::with_capacity(iterations);
     for _ in 0..iterations / 10 {
         fe.read(base_of(0), 4)?;
     }
+    let meter = CpuMeter::start(&[child.pid()])?;
     for _ in 0..iterations {
         let t0 = Instant::now();
         let v = fe.read(base_of(0), 4)?;
         samples.push(t0.elapsed());
         anyhow::ensure!(v == SERVED, "a control read returned {v:#x}: timed out?");
     }
-    Ok(samples)
+    let cpu = meter.stop()?.per_op_ns(iterations as u64);
+    Ok((samples, cpu))
 }
 
 /// The device-model child of [`control`] and [`scale`]: `SOCKET:N` serves DMs 0..N, one
@@ -144,9 +157,20 @@ fn notify_eventfd(platform: &Platform, dm: u32) -> anyhow::Result<Arc<EventFd>> 
     Ok(fd)
 }
 
+/// What the notify path measured.
+#[derive(Debug)]
+pub struct NotifyFigures {
+    /// One-way latency from the write to the worker waking.
+    pub latency: Samples,
+    /// Back-to-back writes per second.
+    pub per_s: f64,
+    /// CPU ns per write in the back-to-back run (the writer and the draining worker).
+    pub cpu_ns_per_write: f64,
+}
+
 /// Notify path: one-way latency from a QueueNotify write to the queue worker waking, and the
-/// rate at which writes go through.
-pub fn notify(iterations: usize) -> anyhow::Result<(Samples, f64)> {
+/// rate at which writes go through (with its CPU time per write).
+pub fn notify(iterations: usize) -> anyhow::Result<NotifyFigures> {
     let platform = platform(1, None)?;
     let fe = platform.frontend().context("no frontend VM")?;
     let fd = notify_eventfd(&platform, 0)?;
@@ -194,11 +218,13 @@ pub fn notify(iterations: usize) -> anyhow::Result<(Samples, f64)> {
             n
         })
     };
+    let meter = CpuMeter::start(&[])?;
     let t0 = Instant::now();
     for _ in 0..writes {
         fe.write(base_of(0) + QUEUE_NOTIFY, 4, 0)?;
     }
     let elapsed = t0.elapsed();
+    let cpu = meter.stop()?.per_op_ns(writes as u64);
     stop.store(true, Ordering::Release);
     fd.write(1)?; // wake the drainer so it sees `stop`
     let seen = drained
@@ -210,17 +236,32 @@ pub fn notify(iterations: usize) -> anyhow::Result<(Samples, f64)> {
     );
     #[expect(clippy::cast_precision_loss, reason = "a rate")]
     let per_s = writes as f64 / elapsed.as_secs_f64();
-    Ok((samples, per_s))
+    Ok(NotifyFigures {
+        latency: samples,
+        per_s,
+        cpu_ns_per_write: cpu,
+    })
+}
+
+/// What a scale run measured.
+#[derive(Debug, Clone, Copy)]
+pub struct ScaleFigures {
+    /// Aggregate requests per second.
+    pub per_s: f64,
+    /// CPU ns per request (platform and device-model processes).
+    pub cpu_ns_per_req: f64,
+    /// CPU seconds used per wall second (at most the core count).
+    pub cores_busy: f64,
 }
 
 /// Scale: `dms` frontend threads, one per DM, each issuing a mix of one control read (served
 /// by the device-model child) and three QueueNotify writes (drained by a worker per DM), for
-/// `duration`. Returns aggregate requests per second.
-pub fn scale(dir: &Path, dms: u32, duration: Duration) -> anyhow::Result<f64> {
-    let socket = dir.join(format!("scale{dms}.sock"));
+/// `duration`.
+pub fn scale(dir: &Path, dms: u32, duration: Duration) -> anyhow::Result<ScaleFigures> {
+    let socket = fresh_socket(dir, &format!("scale{dms}"));
     let platform = platform(dms, Some(&socket))?;
     let fe = platform.frontend().context("no frontend VM")?;
-    let _child = ChildProcess::spawn(
+    let child = ChildProcess::spawn(
         "serve-dm",
         Path::new(&format!("{}:{dms}", socket.display())),
     )?;
@@ -258,6 +299,7 @@ pub fn scale(dir: &Path, dms: u32, duration: Duration) -> anyhow::Result<f64> {
             })
         })
         .collect();
+    let meter = CpuMeter::start(&[child.pid()])?;
     start.wait();
     let t0 = Instant::now();
     let mut total = 0u64;
@@ -267,13 +309,18 @@ pub fn scale(dir: &Path, dms: u32, duration: Duration) -> anyhow::Result<f64> {
             .map_err(|_| anyhow::anyhow!("a scale thread panicked"))??;
     }
     let elapsed = t0.elapsed();
+    let used = meter.stop()?;
     stop.store(true, Ordering::Release);
     for (fd, t) in drainers {
         fd.write(1)?;
         let _ = t.join();
     }
-    #[expect(clippy::cast_precision_loss, reason = "a rate")]
-    Ok(total as f64 / elapsed.as_secs_f64())
+    #[expect(clippy::cast_precision_loss, reason = "rates")]
+    Ok(ScaleFigures {
+        per_s: total as f64 / elapsed.as_secs_f64(),
+        cpu_ns_per_req: used.per_op_ns(total),
+        cores_busy: used.cpu_ns as f64 / used.wall_ns as f64,
+    })
 }
 
 /// Resident memory per idle DM: the platform with 16 DMs minus the platform with 1, over 15.
