@@ -767,7 +767,8 @@ fn destroy_marker_in(img: &Path) -> bool {
 /// interrupt handler of every DM (and destroys DM 0's dispatch workqueue: the id was zeroed
 /// first). The frontend's disk, DM 0, then gets no answer. The same action against remio's
 /// dispatcher (a second `remio dm` for device 1 on the platform's socket, then killed) leaves
-/// the disk working. remio's DEASSIGN is `deassign_does_not_reassign` in crates/dispatcher.
+/// the disk working. remio's DEASSIGN is `deassign_does_not_reassign` in crates/dispatcher, the
+/// destruction of one of its DMs `destroying_one_dm_leaves_another_dispatching`.
 #[test]
 fn one_process_closing_a_dm_silences_every_dm_on_the_c_driver_but_not_on_remios() {
     if !c_driver_prerequisites("cdriver_e2e") {
