@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use remio_abi::{
@@ -241,6 +242,9 @@ impl BackendVm {
         if s.abandoned {
             s.abandoned = false;
             s.state = SlotState::Free;
+            if let Some(pair) = self.hyp.pairs.get(pi) {
+                pair.counters.abandoned_held.fetch_sub(1, Ordering::AcqRel);
+            }
             drop(s);
             self.hyp.slots.release(idx);
             bump(&self.hyp.stats.abandoned_completions);

@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -245,6 +246,19 @@ impl Hypervisor {
         // One clock read for both the deadline and the latency histogram.
         let trapped = Instant::now();
         let deadline = self.timeout.map(|t| trapped + t);
+        // A backend still holding a request it was given up on (stopped, or dead and not yet
+        // replaced) would otherwise take one more slot per access until none is left for the
+        // other devices: refuse at once instead, as if its deadline had passed.
+        if pair.counters.abandoned_held.load(Ordering::Acquire) != 0 {
+            bump(&self.stats.timeouts_no_slot);
+            bump(&self.stats.refused_stuck);
+            return self.timed_out(
+                pair,
+                trapped,
+                addr,
+                "its device model still holds a request",
+            );
+        }
         let Some(idx) = self
             .slots
             .acquire(deadline, || bump(&self.stats.slot_waits))
@@ -331,6 +345,7 @@ impl Hypervisor {
         } else {
             // PROCESSING: the backend holds it. Keep the slot until it completes it.
             s.abandoned = true;
+            pair.counters.abandoned_held.fetch_add(1, Ordering::AcqRel);
             drop(s);
             bump(&self.stats.timeouts_abandoned);
             bump(&pair.counters.timeouts_queued);

@@ -163,8 +163,13 @@ pub struct Stats {
     pub timeouts_pending: u64,
     /// Timeouts of a request the backend held (PROCESSING; slot marked abandoned).
     pub timeouts_abandoned: u64,
-    /// Timeouts while waiting for a free slot (nothing was queued).
+    /// Timeouts that queued nothing: no slot came free before the deadline, or the device's
+    /// backend still held an abandoned request ([`Stats::refused_stuck`]).
     pub timeouts_no_slot: u64,
+    /// Of `timeouts_no_slot`, accesses refused at once because their device's backend still
+    /// held a request abandoned at its deadline: a stopped device model keeps at most one slot,
+    /// so it can never take every slot and stall the other devices' accesses.
+    pub refused_stuck: u64,
     /// Completions of abandoned slots (status 0; the slot was freed).
     pub abandoned_completions: u64,
     /// Accesses that found the slot pool exhausted and had to wait.
@@ -193,6 +198,7 @@ struct Counters {
     timeouts_pending: AtomicU64,
     timeouts_abandoned: AtomicU64,
     timeouts_no_slot: AtomicU64,
+    refused_stuck: AtomicU64,
     abandoned_completions: AtomicU64,
     slot_waits: AtomicU64,
     asks: AtomicU64,
@@ -221,6 +227,9 @@ struct PairCounters {
     timeouts_queued: AtomicU64,
     /// NOTIFY hypercalls of this pair.
     notifies: AtomicU64,
+    /// Slots of this pair abandoned at their deadline and still held by the backend (0 or 1:
+    /// while one is held, new accesses are refused at once, see [`Stats::refused_stuck`]).
+    abandoned_held: AtomicU64,
     /// From the trap (before a slot is taken) to the access's return, completed or timed out:
     /// recorded exactly once per access.
     latency: Box<LatencyHistogram>,
@@ -457,6 +466,7 @@ impl Hypervisor {
             timeouts_pending: g(&c.timeouts_pending),
             timeouts_abandoned: g(&c.timeouts_abandoned),
             timeouts_no_slot: g(&c.timeouts_no_slot),
+            refused_stuck: g(&c.refused_stuck),
             abandoned_completions: g(&c.abandoned_completions),
             slot_waits: g(&c.slot_waits),
             asks: g(&c.asks),

@@ -749,10 +749,10 @@ fn late_completion_of_an_abandoned_slot_does_not_complete_a_newer_request() {
     assert_eq!(first.join().unwrap(), Ok(0), "timed out read returns 0");
     assert_eq!(hyp.stats().timeouts_abandoned, 1);
 
-    // The only slot is still reserved: a new access waits for it.
-    let second = spawn_read(&f, WIN0 + 8, 4);
+    // The only slot is still reserved: another device's access waits for it.
+    let second = spawn_read(&f, WIN1 + 8, 4);
     assert!(wait_until(|| hyp.stats().slot_waits == 1));
-    assert_eq!(ask(&b, 0).status, 1);
+    assert_eq!(ask(&b, 1).status, 1);
 
     // The late completion succeeds, completes nothing, and frees the slot.
     let late = complete(&b, 0, RemioOp::Read, old.request_id, 0xbad);
@@ -761,11 +761,11 @@ fn late_completion_of_an_abandoned_slot_does_not_complete_a_newer_request() {
     assert_eq!(hyp.stats().completions, 0);
 
     assert!(wait_until(|| hyp.stats().requests == 2));
-    let new = ask(&b, 0);
-    assert_eq!((new.status, new.addr), (0, WIN0 + 8));
+    let new = ask(&b, 1);
+    assert_eq!((new.status, new.addr), (0, WIN1 + 8));
     assert_eq!(new.request_id, old.request_id, "same slot reused");
     assert_eq!(
-        complete(&b, 0, RemioOp::Read, new.request_id, 0x600d).status,
+        complete(&b, 1, RemioOp::Read, new.request_id, 0x600d).status,
         0
     );
     assert_eq!(second.join().unwrap(), Ok(0x600d));
@@ -795,12 +795,63 @@ fn waiting_for_a_slot_is_bounded_by_the_timeout() {
     assert!(wait_until(|| hyp.stats().requests == 1));
     let held = ask(&b, 0);
     assert_eq!(first.join().unwrap(), Ok(0));
-    // Slot 0 is abandoned and reserved: this access cannot get a slot.
-    let c = f.access(RemioOp::Write, WIN0, 4, 1).unwrap();
+    // Slot 0 is abandoned and reserved: another device's access cannot get a slot.
+    let c = f.access(RemioOp::Write, WIN1, 4, 1).unwrap();
     assert!(c.timed_out);
     let s = hyp.stats();
     assert_eq!((s.timeouts, s.timeouts_no_slot, s.requests), (2, 1, 1));
+    assert_eq!(
+        s.refused_stuck, 0,
+        "it waited for a slot, it was not refused"
+    );
     assert_eq!(complete(&b, 0, RemioOp::Read, held.request_id, 0).status, 0);
+}
+
+#[test]
+fn a_backend_holding_an_abandoned_request_keeps_one_slot_and_other_devices_keep_the_rest() {
+    // Two slots. Device 0's backend takes every request and answers none (a device model
+    // that stopped): its first access is abandoned at the deadline; without a cap each
+    // further access would take and keep one more slot, and device 1 would find none.
+    let (hyp, f, b) = setup(2, Some(Duration::from_millis(300)));
+    let first = spawn_read(&f, WIN0, 4);
+    assert!(wait_until(|| hyp.stats().requests == 1));
+    let held = ask(&b, 0);
+    assert_eq!(held.status, 0);
+    assert_eq!(first.join().unwrap(), Ok(0));
+    assert_eq!(hyp.stats().timeouts_abandoned, 1);
+
+    for i in 0..3 {
+        let access = spawn_read(&f, WIN0 + 4 * i, 4);
+        let queued_or_refused = |s: Stats| s.requests > 1 + i || s.refused_stuck > i;
+        assert!(wait_until(|| queued_or_refused(hyp.stats())));
+        if hyp.stats().requests > 1 + i {
+            // Queued after all: the stuck backend takes it, as a stopped DM's socket would.
+            ask(&b, 0);
+        }
+        assert_eq!(
+            access.join().unwrap(),
+            Ok(0),
+            "access {i} to the stuck device"
+        );
+    }
+    let s = hyp.stats();
+    assert_eq!((s.refused_stuck, s.timeouts_no_slot, s.requests), (3, 3, 1));
+
+    // Device 1 still gets a slot at once.
+    let other = spawn_read(&f, WIN1, 4);
+    assert!(wait_until(|| hyp.stats().requests == 2));
+    let r = ask(&b, 1);
+    assert_eq!(complete(&b, 1, RemioOp::Read, r.request_id, 5).status, 0);
+    assert_eq!(other.join().unwrap(), Ok(5));
+    assert_eq!(hyp.stats().slot_waits, 0);
+
+    // The late answer lifts the cap: the device is served again.
+    assert_eq!(complete(&b, 0, RemioOp::Read, held.request_id, 0).status, 0);
+    let again = spawn_read(&f, WIN0, 4);
+    assert!(wait_until(|| hyp.stats().requests == 3));
+    let r = ask(&b, 0);
+    assert_eq!(complete(&b, 0, RemioOp::Read, r.request_id, 9).status, 0);
+    assert_eq!(again.join().unwrap(), Ok(9));
 }
 
 // ---- slots ---------------------------------------------------------------------------------
