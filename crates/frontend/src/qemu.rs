@@ -35,6 +35,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 pub use backend::{BackendHost, BackendOptions};
 pub use failover::{DeviceFailover, Failover, OpaqueDevice};
@@ -92,13 +93,15 @@ impl Bridge {
     /// frontend MMIO window starts at `windows[i]` through `target`; the ivshmem server
     /// listens at `ivshmem_path` with one vector per window. Accesses pass through a
     /// [`Failover`] ([`Bridge::fail_device`]) with `device(i)` as window `i`'s
-    /// [`DeviceFailover`].
+    /// [`DeviceFailover`]. `access_timeout` is the hypervisor's: a window whose access took
+    /// that long stops delaying the others ([`Remote::with_access_timeout`]).
     pub fn start(
         windows: Vec<u64>,
         target: Arc<dyn MmioTarget>,
         ram: &GuestRam,
         ivshmem_path: &Path,
         device: &dyn Fn(usize) -> Box<dyn DeviceFailover>,
+        access_timeout: Option<Duration>,
     ) -> Result<Self, BridgeError> {
         let n = windows.len();
         let ivshmem = IvshmemServer::start(ivshmem_path, n)?;
@@ -123,7 +126,8 @@ impl Bridge {
             windows,
             Arc::clone(&failover) as Arc<dyn MmioTarget>,
             Some(ram.identity()?),
-        )?;
+        )?
+        .with_access_timeout(access_timeout);
         let stats = remote.stats();
         let (ours, theirs) = UnixStream::pair()?;
         let thread = std::thread::Builder::new()

@@ -40,7 +40,14 @@ impl Bridge {
                 );
             }
         }
-        let bridge = Bridge::start(windows, Arc::new(vm.clone()), ram, ivshmem_path, device)?;
+        let bridge = Bridge::start(
+            windows,
+            Arc::new(vm.clone()),
+            ram,
+            ivshmem_path,
+            device,
+            vm.hypervisor().timeout(),
+        )?;
         for d in &devices {
             let Some(line) = bridge.interrupt(d.index) else {
                 continue;

@@ -190,8 +190,9 @@ impl Remote {
     /// and waits for each answer (and the guest has one vCPU), so while an access waits for one
     /// window's device model, no other window is served. The hypervisor bounds each access by
     /// its timeout; with this set, a window whose access took that long is *stuck*, and from
-    /// then on its accesses are answered at once, a read with all ones and a write dropped (what
-    /// a timeout gives too: the stopped device model never sees them), so a stuck device model
+    /// then on its accesses are answered at once as a timed-out access is, a read with
+    /// [`remio_hyp::TIMEOUT_READ_VALUE`] and a write dropped (the stopped device model never
+    /// sees them), so a stuck device model
     /// delays the others once, by at most the timeout, not once per access. While stuck, each
     /// access is also handed to a thread of its own as a probe (at most one at a time per
     /// window): one that completes within the timeout means the device model answers again,
@@ -306,7 +307,9 @@ impl Remote {
                             self.bad(format_args!("read {:#x}/{}: {e}", d.addr, d.width));
                             all_ones(size)
                         }
-                        None => all_ones(size),
+                        // Stuck: what a timed-out access reads, so the guest sees one
+                        // value for "no answer" whichever layer gave up.
+                        None => remio_hyp::TIMEOUT_READ_VALUE,
                     },
                     None => {
                         self.bad(format_args!("read outside the windows: {addr:#x}/{size}"));
@@ -661,7 +664,7 @@ mod tests {
         assert!(r.is_stuck(1));
         // Then its accesses are answered at once, the other window's as usual.
         for _ in 0..10 {
-            assert_eq!(bar_read(&mut r, 1), 0xffff_ffff);
+            assert_eq!(bar_read(&mut r, 1), remio_hyp::TIMEOUT_READ_VALUE);
             assert_eq!(bar_read(&mut r, 0), 0xb);
         }
         let stats = r.stats();
