@@ -61,7 +61,7 @@ struct RemioKmodHello {
 
 impl kernel::InPlaceModule for RemioKmodHello {
     fn init(_module: &'static ThisModule) -> impl PinInit<Self, Error> {
-        pr_info!("remio_kmod_hello: loading (ABI version {REMIO_KMOD_HELLO_VERSION})\n");
+        pr_info!("loading (ABI version {REMIO_KMOD_HELLO_VERSION})\n");
         let options = MiscDeviceOptions {
             name: c"remio-kmod-hello",
         };
@@ -79,7 +79,7 @@ impl MiscDevice for HelloDevice {
     type Ptr = KBox<Self>;
 
     fn open(_file: &kernel::fs::File, _misc: &MiscDeviceRegistration<Self>) -> Result<KBox<Self>> {
-        KBox::new(HelloDevice, GFP_KERNEL)
+        Ok(KBox::new(HelloDevice, GFP_KERNEL)?)
     }
 
     fn ioctl(_me: &HelloDevice, _file: &kernel::fs::File, cmd: u32, arg: usize) -> Result<isize> {

@@ -3,11 +3,12 @@
 //! `remio guest boot --rust-kmod` boots that kernel under QEMU TCG, loads the module and calls
 //! its ioctl. The test checks the answer and the taint flags on the serial console.
 //!
-//! The cold build takes many minutes (debootstrap, linux-source, rust/ rebuilt; docs/kmod.md
-//! has measured times), so the test runs only when REMIO_RUST_KMOD=1 or REMIO_REQUIRE_GUEST=1
-//! asks for it, and otherwise says loudly that it skipped. It skips, loudly, when the host cannot
-//! build at all (not root, no debootstrap, no QEMU), except under REMIO_REQUIRE_GUEST=1, where
-//! that fails (CI installs everything). A failing build or boot always fails.
+//! The cold build takes far longer than CI's budget allows (about 45 minutes on the shared
+//! 2-core machine: debootstrap, linux-source, rust/ rebuilt; docs/kmod.md has the measured
+//! times), so the test runs only when REMIO_RUST_KMOD=1 asks for it, and otherwise prints a
+//! loud SKIPPED line (CI's REMIO_REQUIRE_GUEST=1 alone does not opt in). When asked, it skips
+//! loudly if the host cannot build at all (not root, no debootstrap, no QEMU), or fails instead
+//! under REMIO_REQUIRE_GUEST=1. A failing build or boot always fails.
 #![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
@@ -32,10 +33,10 @@ fn on_path(tool: &str) -> bool {
 /// REMIO_REQUIRE_GUEST=1 when a prerequisite is missing.
 fn prerequisites(test: &str) -> bool {
     let asked = std::env::var_os("REMIO_RUST_KMOD").is_some_and(|v| v == "1");
-    if !asked && !guest_required() {
+    if !asked {
         eprintln!(
-            "\n*** SKIPPED {test}: the cold rust-kmod build takes many minutes; set \
-             REMIO_RUST_KMOD=1 (or REMIO_REQUIRE_GUEST=1) to run it ***\n"
+            "\n*** SKIPPED {test}: the cold rust-kmod build takes about 45 minutes; set \
+             REMIO_RUST_KMOD=1 to run it (docs/kmod.md) ***\n"
         );
         return false;
     }

@@ -269,16 +269,25 @@ pub fn build(dir: &Path, force: bool) -> anyhow::Result<()> {
     timed("chroot", t);
 
     let (abi, kernel_packages) = resolve_kernel(&root)?;
-    let toolchain = TOOLCHAIN_PACKAGES
-        .iter()
-        .map(|p| {
-            let version = chroot_output(&root, &format!("dpkg-query -W -f '${{Version}}' {p}"))?;
-            Ok(Pkg {
-                name: (*p).to_owned(),
-                version,
-            })
+    let installed = chroot_output(
+        &root,
+        &format!(
+            "dpkg-query -W -f '${{Package}} ${{Version}}\\n' {}",
+            TOOLCHAIN_PACKAGES.join(" ")
+        ),
+    )?;
+    let toolchain: Vec<Pkg> = installed
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(name, version)| Pkg {
+            name: name.to_owned(),
+            version: version.to_owned(),
         })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .collect();
+    ensure!(
+        toolchain.len() == TOOLCHAIN_PACKAGES.len(),
+        "the chroot lacks some of {TOOLCHAIN_PACKAGES:?}: {installed}"
+    );
     let inputs = Inputs {
         format: FORMAT,
         chroot_key: chroot_key(),
@@ -482,33 +491,69 @@ fn resolve_kernel(root: &Path) -> anyhow::Result<(String, Vec<Pkg>)> {
         format!("linux-kbuild-{version_base}+{common}"),
         format!("linux-source-{KERNEL_SERIES}"),
     ];
-    let mut pkgs = Vec::new();
-    for name in names {
-        let (version, _) = kernel_candidate(root, &name)?;
-        pkgs.push(Pkg { name, version });
-    }
+    // One apt-cache call for all (each chroot entry costs a second or more on a busy machine).
+    let text = chroot_output(
+        root,
+        &format!(
+            "apt-cache -o APT::Default-Release={KERNEL_SUITE} show --no-all-versions {}",
+            names.join(" ")
+        ),
+    )?;
+    let versions = paragraph_versions(&text);
+    let pkgs = names
+        .into_iter()
+        .map(|name| {
+            let version = versions
+                .get(&name)
+                .cloned()
+                .ok_or_else(|| anyhow!("no {KERNEL_SUITE} candidate for {name}"))?;
+            Ok(Pkg { name, version })
+        })
+        .collect::<anyhow::Result<_>>()?;
     Ok((abi, pkgs))
 }
 
-/// Downloads the kernel packages in the chroot (unless there), extracts all but the source
-/// into `/remio/kernel`, and the source tarball into `/remio/linux` (unless already prepared
-/// from the same inputs).
+/// Package -> Version of each paragraph of `apt-cache show` output.
+fn paragraph_versions(text: &str) -> std::collections::BTreeMap<String, String> {
+    let mut map = std::collections::BTreeMap::new();
+    for para in text.split("\n\n") {
+        let field = |key: &str| {
+            para.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|v| v.trim().to_owned())
+        };
+        if let (Some(name), Some(version)) = (field("Package:"), field("Version:")) {
+            map.insert(name, version);
+        }
+    }
+    map
+}
+
+/// Downloads the kernel packages in the chroot (unless there) and extracts all but the source
+/// into `/remio/kernel` (unless already extracted from the same versions).
 fn fetch_kernel(root: &Path, inputs: &Inputs) -> anyhow::Result<()> {
     let wanted: Vec<String> = inputs
         .kernel_packages
         .iter()
         .map(|p| format!("{}={}", p.name, p.version))
         .collect();
+    let key = sha256_hex(wanted.join(" ").as_bytes());
+    let stamp = root.join(rel(C_KERNEL)).join(".remio-extracted");
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == key) {
+        step("the kernel packages are already extracted");
+        return Ok(());
+    }
     let script = format!(
         "mkdir -p {C_DEBS} && cd {C_DEBS}
+         rm -rf {C_KERNEL} && mkdir -p {C_KERNEL}
          for p in {pkgs}; do
            n=${{p%%=*}}; v=${{p#*=}}
-           ls \"${{n}}_$(echo \"$v\" | sed s/:/%3a/)_\"*.deb >/dev/null 2>&1 || \
+           f=$(ls \"${{n}}_$(echo \"$v\" | sed s/:/%3a/)_\"*.deb 2>/dev/null | head -n1 || true)
+           if [ -z \"$f\" ]; then
              apt-get -q -o APT::Sandbox::User=root download \"$p\"
-         done
-         rm -rf {C_KERNEL} && mkdir -p {C_KERNEL}
-         for d in *.deb; do
-           case \"$d\" in linux-source-*) ;; *) dpkg -x \"$d\" {C_KERNEL} ;; esac
+             f=$(ls \"${{n}}_$(echo \"$v\" | sed s/:/%3a/)_\"*.deb | head -n1)
+           fi
+           case \"$n\" in linux-source-*) ;; *) dpkg -x \"$f\" {C_KERNEL} ;; esac
          done",
         pkgs = wanted.join(" ")
     );
@@ -516,7 +561,9 @@ fn fetch_kernel(root: &Path, inputs: &Inputs) -> anyhow::Result<()> {
         root,
         "downloading and extracting the kernel packages",
         &script,
-    )
+    )?;
+    std::fs::write(&stamp, format!("{key}\n"))?;
+    Ok(())
 }
 
 /// The version texts the packaged kernel's config records.
@@ -579,10 +626,16 @@ fn prepare_tree(root: &Path, inputs: &Inputs, force: bool) -> anyhow::Result<Ver
         return Ok(texts);
     }
     let make = kmake(abi);
+    let src_version = inputs
+        .kernel_packages
+        .iter()
+        .find(|p| p.name == format!("linux-source-{KERNEL_SERIES}"))
+        .map(|p| p.version.replace(':', "%3a"))
+        .ok_or_else(|| anyhow!("linux-source-{KERNEL_SERIES} is not among the kernel packages"))?;
     let script = format!(
         "rm -rf {C_TREE} && mkdir -p {C_TREE}
          cd {C_DEBS}
-         dpkg-deb --fsys-tarfile linux-source-{KERNEL_SERIES}_*.deb | \
+         dpkg-deb --fsys-tarfile linux-source-{KERNEL_SERIES}_{src_version}_*.deb | \
            tar -xO ./usr/src/linux-source-{KERNEL_SERIES}.tar.xz | \
            tar -xJ -C {C_TREE} --strip-components=1
          cd {C_TREE}
@@ -850,6 +903,16 @@ mod tests {
             .as_bytes(),
         );
         assert_ne!(key, other);
+    }
+
+    #[test]
+    fn paragraph_versions_pairs_each_package_with_its_own_version() {
+        let text = "Package: linux-source-7.3\nVersion: 7.3.4-1~bpo13+1\nDepends: binutils\n\n\
+                    Package: linux-base-7.3.4+deb13-cloud-amd64\nVersion: 7.3.4-1~bpo13+2\n";
+        let map = paragraph_versions(text);
+        assert_eq!(map.len(), 2);
+        assert_eq!(map["linux-source-7.3"], "7.3.4-1~bpo13+1");
+        assert_eq!(map["linux-base-7.3.4+deb13-cloud-amd64"], "7.3.4-1~bpo13+2");
     }
 
     #[test]
