@@ -667,6 +667,7 @@ fn hyp_delta(a: &Stats, b: &Stats) -> Stats {
         timeouts_pending: a.timeouts_pending - b.timeouts_pending,
         timeouts_abandoned: a.timeouts_abandoned - b.timeouts_abandoned,
         timeouts_no_slot: a.timeouts_no_slot - b.timeouts_no_slot,
+        refused_stuck: a.refused_stuck - b.refused_stuck,
         abandoned_completions: a.abandoned_completions - b.abandoned_completions,
         slot_waits: a.slot_waits - b.slot_waits,
         asks: a.asks - b.asks,
