@@ -352,11 +352,15 @@ fn a_stopped_device_model_delays_no_other_device_and_its_accesses_time_out() {
     assert_eq!(field(&done, "stuck"), Some(ROUNDS), "{done}");
     assert_eq!(line("A-AFTER"), "A-AFTER 0x0000000f", "rng answers again");
     // The stall was found by an access that timed out (bounded by the access timeout); the
-    // round's accesses to A were answered by the bridge at once (its probes refused by the
-    // hypervisor while A held an abandoned request); none timed out waiting for a free
-    // request slot (A's stuck requests did not starve B's).
+    // round's accesses to A were answered at once, by the bridge while it held the window
+    // stuck or by the hypervisor while A held its abandoned request (a probe refused at once
+    // looks like an answer to the bridge, which then stops holding the window); none timed
+    // out waiting for a free request slot (A's stuck requests did not starve B's).
     assert!(stats.timeouts >= 1, "{stats:?}");
     assert!(stalls >= 1);
-    assert!(refused >= u64::from(ROUNDS), "{refused}");
+    assert!(
+        refused + stats.refused_stuck >= u64::from(ROUNDS),
+        "{refused} {stats:?}"
+    );
     assert_eq!(stats.timeouts_no_slot - stats.refused_stuck, 0, "{stats:?}");
 }
