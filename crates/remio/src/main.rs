@@ -44,7 +44,16 @@ enum Command {
 }
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    // virtio-queue logs every invalid queue at error level, unthrottled, each time a guest
+    // sets DRIVER_OK: a guest rewriting the status register could flood the log. The
+    // transport reports the same failure itself, rate-limited. RUST_LOG naming virtio_queue
+    // still gets its lines.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("virtio_queue")) {
+        logger.filter_module("virtio_queue", log::LevelFilter::Off);
+    }
+    logger.init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(*args),

@@ -124,6 +124,18 @@ fn garbage_in_every_register_of_every_window_then_rebinding_leaves_io_working() 
             "a remio process panicked ({what})"
         );
     }
+    // The bad queues were refused, said once by remio's rate-limited line, never by
+    // virtio-queue's unthrottled one (a guest could flood the log with it).
+    assert!(
+        out.stderr.contains("activation failed"),
+        "the bad queues never reached activation:\n{}",
+        out.stderr
+    );
+    assert!(
+        !out.stderr.contains("virtio queue with invalid")
+            && !out.stderr.contains("attempt to use virtio queue"),
+        "virtio-queue's own error lines reached the log"
+    );
     let windows: u32 = line("HOSTILE-WINDOWS ")
         .unwrap()
         .split_whitespace()
