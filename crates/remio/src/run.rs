@@ -602,7 +602,10 @@ fn describe_device(d: &DeviceSpec, interactive: bool) -> String {
         },
         "rng" => "/dev/hwrng".to_owned(),
         "net" => format!("eth0 on the host's TAP {}", d.tap.as_deref().unwrap_or("?")),
-        "fs" => format!("virtio-fs at {}, served by virtiofsd", crate::vhostd::SHARE_MOUNT),
+        "fs" => format!(
+            "virtio-fs at {}, served by virtiofsd",
+            crate::vhostd::SHARE_MOUNT
+        ),
         "vsock" => format!(
             "vsock, guest CID {}, served by vhost-device-vsock",
             d.guest_cid.unwrap_or(0)
