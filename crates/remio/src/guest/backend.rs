@@ -26,11 +26,14 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, ensure, Context as _};
 use serde::{Deserialize, Serialize};
 
-use super::patch::{driver_sources, DriverSources};
-use super::{
-    artifact, module_order, output, read_module, run_shown, sha256_hex, step, tool, write_atomic,
-    Artifact, Cpio, KERNEL,
+use super::host_tools::{output, run_shown, tool};
+use super::initramfs::{Cpio, SKELETON_DIRS};
+use super::manifest::{
+    artifact, artifacts_intact, read_manifest, sha256_hex, write_atomic, Artifact,
 };
+use super::modules::{module_order, read_module};
+use super::patch::{driver_sources, DriverSources};
+use super::{step, KERNEL};
 
 /// Guest sources of the backend, embedded like the frontend's (any change rebuilds `remio` and
 /// changes the recipe hash).
@@ -225,7 +228,7 @@ pub(super) fn build(
     if let Some(prev) = previous.filter(|p| !force && p.inputs == inputs) {
         let current = match &prev.state {
             BackendState::Skipped { .. } => true,
-            BackendState::Built { outputs, .. } => super::artifacts_intact(dir, outputs),
+            BackendState::Built { outputs, .. } => artifacts_intact(dir, outputs),
         };
         if current {
             match &prev.state {
@@ -426,7 +429,7 @@ fn pack(
 ) -> anyhow::Result<Vec<u8>> {
     let mut c = Cpio::default();
     let mut dirs = BTreeSet::new();
-    for d in super::SKELETON_DIRS {
+    for d in SKELETON_DIRS {
         dirs.insert(d.to_owned());
     }
     dirs.insert(format!("lib/modules/{abi}"));
@@ -599,7 +602,7 @@ pub struct BackendArtifacts {
 /// The backend artifacts in `dir`, or why there are none (no build, backend skipped, files
 /// modified since the build). Checks the files' hashes against the manifest.
 pub fn backend_status(dir: &Path) -> Result<BackendArtifacts, String> {
-    let manifest = super::read_manifest(dir).ok_or_else(|| {
+    let manifest = read_manifest(dir).ok_or_else(|| {
         format!(
             "no guest build in {} (run `remio guest build`)",
             dir.display()
@@ -617,8 +620,8 @@ pub fn backend_status(dir: &Path) -> Result<BackendArtifacts, String> {
             outputs, modules, ..
         } => {
             let kernel_ok =
-                super::artifacts_intact(dir, manifest.outputs.iter().filter(|a| a.file == KERNEL));
-            if !kernel_ok || !super::artifacts_intact(dir, &outputs) {
+                artifacts_intact(dir, manifest.outputs.iter().filter(|a| a.file == KERNEL));
+            if !kernel_ok || !artifacts_intact(dir, &outputs) {
                 return Err(format!(
                     "the guest in {} was modified since it was built (run `remio guest build`)",
                     dir.display()

@@ -38,7 +38,12 @@ use anyhow::{anyhow, bail, ensure, Context as _};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use super::{artifact, find_tool, sha256_file, sha256_hex, write_atomic, Artifact, Cpio, Pkg};
+use super::host_tools::{find_tool, output};
+use super::initramfs::{Cpio, SKELETON_DIRS};
+use super::manifest::{
+    artifact, artifacts_intact, sha256_file, sha256_hex, write_atomic, Artifact, Pkg,
+};
+use super::packages::depends_names;
 
 /// Bumped whenever the recipe changes in a way the hashed inputs do not show.
 const FORMAT: u32 = 1;
@@ -222,7 +227,7 @@ fn chroot_run(root: &Path, what: &str, script: &str) -> anyhow::Result<()> {
 
 /// A chroot script's stdout; on failure the error carries its output.
 fn chroot_output(root: &Path, script: &str) -> anyhow::Result<String> {
-    super::output(&mut in_chroot(root, script))
+    output(&mut in_chroot(root, script))
 }
 
 /// Escapes `'` for a single-quoted shell word.
@@ -301,7 +306,7 @@ pub fn build(dir: &Path, force: bool) -> anyhow::Result<()> {
     if !force
         && cached
             .as_ref()
-            .is_some_and(|m| m.inputs == inputs && super::artifacts_intact(dir, &m.outputs))
+            .is_some_and(|m| m.inputs == inputs && artifacts_intact(dir, &m.outputs))
     {
         println!(
             "rust-kmod: up to date ({abi}, {}), nothing to do",
@@ -464,7 +469,7 @@ fn kernel_candidate(root: &Path, name: &str) -> anyhow::Result<(String, String)>
 /// (flavour + common, kbuild) and the source.
 fn resolve_kernel(root: &Path) -> anyhow::Result<(String, Vec<Pkg>)> {
     let (_, meta_deps) = kernel_candidate(root, META_PACKAGE)?;
-    let image = super::depends_names(&meta_deps)
+    let image = depends_names(&meta_deps)
         .into_iter()
         .find(|d| d.starts_with("linux-image-"))
         .ok_or_else(|| anyhow!("{META_PACKAGE} depends on no linux-image-*: {meta_deps}"))?;
@@ -770,7 +775,7 @@ fn build_module(dir: &Path, root: &Path, abi: &str) -> anyhow::Result<String> {
 /// console, devtmpfs and initramfs support are built into the cloud kernel).
 fn pack_initramfs(dir: &Path, abi: &str) -> anyhow::Result<Vec<u8>> {
     let mut c = Cpio::default();
-    for d in super::SKELETON_DIRS {
+    for d in SKELETON_DIRS {
         c.dir(d)?;
     }
     c.chardev("dev/console", 0o600, 5, 1)?;
@@ -807,7 +812,7 @@ pub fn boot(dir: &Path, timeout: u64) -> anyhow::Result<()> {
         )
     })?;
     ensure!(
-        super::artifacts_intact(dir, &manifest.outputs),
+        artifacts_intact(dir, &manifest.outputs),
         "the rust-kmod build in {} was modified: run `remio guest build --rust-kmod`",
         dir.display()
     );
