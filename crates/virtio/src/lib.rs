@@ -22,8 +22,8 @@
 //! # Ok(()) }
 //! ```
 
-mod crash_point;
 pub mod config;
+mod crash_point;
 pub mod device;
 pub mod devices;
 pub mod failover;
@@ -38,9 +38,9 @@ pub use config::{Config, ConfigError, DeviceConfig, DeviceKind};
 pub use device::{
     ActivateContext, ActivateError, Interrupt, InterruptStatusWord, SharedStatus, VirtioDevice,
 };
-pub use stats::{DeviceStats, DeviceStatsSnapshot, RequestKind};
 pub use runner::{
     handle_request, serve, share_interrupt_status, DeviceInfo, DeviceModelHandle, DeviceRunner,
     ServeError, SessionRegistrar,
 };
+pub use stats::{DeviceStats, DeviceStatsSnapshot, RequestKind};
 pub use transport::{MmioTransport, NoopRegistrar, NotifyRegistrar, RegistrarError};
