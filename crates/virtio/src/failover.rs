@@ -26,7 +26,7 @@
 //! (checked arithmetic, indirect tables, loops), after checking that the rings the driver
 //! programmed lie in guest memory. Completion order is not assumed: `avail.idx - used.idx`
 //! requests are in flight, and they are the newest placement of each descriptor head in the
-//! available ring that no later used element returned (see [`in_flight`] for how "later" is
+//! available ring that no later used element returned (see `in_flight` for how "later" is
 //! decided when a head was returned and made available again). The rings keep only the last
 //! `size` entries of each, so a request that stayed in flight while more than `size` newer ones
 //! were made available cannot be found: it is reported (rate limited) and left.
