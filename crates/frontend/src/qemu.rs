@@ -85,6 +85,7 @@ pub struct Bridge {
     ivshmem: IvshmemServer,
     stats: Arc<RemoteStats>,
     failover: Arc<Failover>,
+    stall_guards: remote::StallGuards,
     remote: Option<JoinHandle<Result<(), remote::RemoteError>>>,
 }
 
@@ -129,6 +130,7 @@ impl Bridge {
         )?
         .with_access_timeout(access_timeout);
         let stats = remote.stats();
+        let stall_guards = remote.stall_guards();
         let (ours, theirs) = UnixStream::pair()?;
         let thread = std::thread::Builder::new()
             .name("remio-mpqemu".into())
@@ -146,6 +148,7 @@ impl Bridge {
             ivshmem,
             stats,
             failover,
+            stall_guards,
             remote: Some(thread),
         })
     }
@@ -153,6 +156,9 @@ impl Bridge {
     /// Window `i`'s device model is dead: the window becomes a failed device whose requests
     /// complete with errors ([`Failover`]). Idempotent.
     pub fn fail_device(&self, i: usize) -> bool {
+        // First: an access that timed out while the device model was dying must not hold the
+        // window stuck and keep the guest's next reads from the failover.
+        self.stall_guards.exempt(i);
         self.failover.fail(i)
     }
 

@@ -135,6 +135,25 @@ struct Stall {
     stuck: AtomicBool,
     /// A probe (a guest access on its own thread) runs.
     probing: AtomicBool,
+    /// The window's device failed over ([`StallGuards::exempt`]): its target answers at once
+    /// from now on, and the window is never held stuck again.
+    exempt: AtomicBool,
+}
+
+/// Lets the bridge exempt a window from being held stuck ([`Remote::with_access_timeout`]).
+#[derive(Clone, Debug)]
+pub struct StallGuards(Vec<Arc<Stall>>);
+
+impl StallGuards {
+    /// Window `i`'s device failed over: its accesses answer at once from now on, and each
+    /// must reach the failover (a read answered by the stuck path instead could be the
+    /// InterruptStatus read that completes the guest's failed requests).
+    pub fn exempt(&self, i: usize) {
+        if let Some(s) = self.0.get(i) {
+            s.exempt.store(true, Ordering::Release);
+            s.stuck.store(false, Ordering::Release);
+        }
+    }
 }
 
 /// The remote's state: config space, window bases and the last memory layout.
@@ -203,6 +222,11 @@ impl Remote {
         self
     }
 
+    /// A handle to exempt windows from being held stuck (see [`StallGuards::exempt`]).
+    pub fn stall_guards(&self) -> StallGuards {
+        StallGuards(self.stalls.clone())
+    }
+
     /// Whether window `i`'s device model is stuck (see [`Remote::with_access_timeout`]).
     pub fn is_stuck(&self, i: usize) -> bool {
         self.stalls
@@ -213,7 +237,11 @@ impl Remote {
     /// Performs `d` (a write of `value` if given, else a read) on the target, unless its window
     /// is stuck: then `None`, at once (see [`Remote::with_access_timeout`]).
     fn access(&self, d: Decoded, value: Option<u64>) -> Option<Result<u64, TargetError>> {
-        let Some((limit, stall)) = self.access_timeout.zip(self.stalls.get(d.window)) else {
+        let Some((limit, stall)) = self
+            .access_timeout
+            .zip(self.stalls.get(d.window))
+            .filter(|(_, s)| !s.exempt.load(Ordering::Acquire))
+        else {
             return Some(perform(&*self.target, d, value));
         };
         if stall.stuck.load(Ordering::Acquire) {
@@ -240,7 +268,10 @@ impl Remote {
         }
         let start = Instant::now();
         let r = perform(&*self.target, d, value);
-        if start.elapsed() >= limit && !stall.stuck.swap(true, Ordering::AcqRel) {
+        if start.elapsed() >= limit
+            && !stall.exempt.load(Ordering::Acquire)
+            && !stall.stuck.swap(true, Ordering::AcqRel)
+        {
             self.stats.stalls.fetch_add(1, Ordering::Relaxed);
             remio_ratelimit::warn_rl!(
                 "qemu remote: window {}'s device model did not answer within {limit:?}: \
@@ -684,6 +715,35 @@ mod tests {
         }
         assert!(!r.is_stuck(1));
         assert_eq!(bar_read(&mut r, 1), 0xa);
+    }
+
+    #[test]
+    fn a_failed_over_window_is_never_held_stuck_so_every_read_reaches_the_failover() {
+        let timeout = Duration::from_millis(20);
+        let dm = Arc::new(Stoppable {
+            stuck: Mutex::new(true),
+            cv: std::sync::Condvar::new(),
+            timeout,
+            calls: [AtomicU64::new(0), AtomicU64::new(0)],
+        });
+        let mut r = Remote::new(vec![0x1000_0000, 0x1000_1000], dm.clone(), None)
+            .unwrap()
+            .with_access_timeout(Some(timeout));
+        program_bar(&mut r, 0xfe00_0000);
+        assert_eq!(bar_read(&mut r, 1), 0);
+        assert!(r.is_stuck(1));
+
+        // The device fails over: its target now answers at once (here: the DM is back), and
+        // the very next read must get that answer, not the stuck path's.
+        r.stall_guards().exempt(1);
+        *dm.stuck.lock().unwrap() = false;
+        dm.cv.notify_all();
+        assert!(!r.is_stuck(1));
+        assert_eq!(bar_read(&mut r, 1), 0xa);
+        // A slow answer no longer makes it stuck.
+        *dm.stuck.lock().unwrap() = true;
+        assert_eq!(bar_read(&mut r, 1), 0);
+        assert!(!r.is_stuck(1));
     }
 
     #[test]
