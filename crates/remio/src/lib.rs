@@ -3,3 +3,4 @@
 
 pub mod platform;
 pub mod signals;
+pub mod stats;

@@ -10,7 +10,7 @@ use remio::platform;
 mod hosttap;
 mod run;
 mod soak;
-mod stats;
+use remio::stats;
 mod vhostd;
 
 use clap::{Parser, Subcommand};
@@ -39,7 +39,8 @@ enum Command {
     Bench(bench::Args),
     /// Load with churn across processes: exactly-once accounting, fds and memory flat.
     Soak(soak::Args),
-    /// Show the counters of a running `remio run` (requests by route, interrupts, timeouts).
+    /// Show the counters of a running `remio run` or `remio platform` (requests by route,
+    /// interrupts, timeouts, latency; per device I/O).
     Stats(stats::Args),
 }
 

@@ -3,7 +3,9 @@
 //!
 //! [`Platform`] is the reusable assembly (`remio run` and `remio bench` construct it
 //! in-process); [`run`] is `remio platform --config FILE`, which starts one from a TOML file
-//! (see `examples/platform.toml`) and serves until SIGINT or SIGTERM.
+//! (see `examples/platform.toml`) and serves until SIGINT or SIGTERM, with its counters on a
+//! stats socket in the per-user run directory for `remio stats` ([`crate::stats`]), as
+//! `remio run` does.
 //!
 //! ```toml
 //! socket = "/tmp/remio-api.sock"   # the device-model API socket (mode 0600)
@@ -333,8 +335,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .socket_path()
             .map_or_else(String::new, |p| p.display().to_string())
     );
+    // The same stats socket as `remio run`'s, so that `remio stats` finds this platform too.
+    let stats = match crate::stats::serve_platform(&platform, &crate::stats::run_dir()) {
+        Ok(s) => {
+            log::info!(
+                "platform: counters for `remio stats` on {}",
+                s.path().display()
+            );
+            Some(s)
+        }
+        Err(e) => {
+            log::warn!("no stats socket (remio stats will not find this platform): {e:#}");
+            None
+        }
+    };
     let sig = crate::signals::wait_stop_signal();
     log::info!("platform: signal {sig}, stopping");
+    drop(stats);
     drop(platform);
     Ok(())
 }

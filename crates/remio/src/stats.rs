@@ -1,15 +1,18 @@
-//! `remio stats`: the counters of a running `remio run`, read from its stats socket.
+//! `remio stats`: the counters of a running `remio run` or `remio platform`, read from its
+//! stats socket.
 //!
-//! Every `remio run` serves a small UNIX socket, `stats-<pid>.sock` in a well-known per-user
-//! run directory ([`run_dir`]: `$XDG_RUNTIME_DIR/remio`, else `/tmp/remio-<uid>`, mode 0700).
-//! A client connects and reads one JSON document (one line: [`Snapshot`]), then the server
-//! closes the connection; nothing is read from the client. The counters are the ones the
-//! platform keeps anyway (relaxed atomics in the dispatcher, the hypervisor model and the
-//! bridge), so serving them costs the request path nothing.
+//! Every `remio run` and every `remio platform` serves a small UNIX socket, `stats-<pid>.sock`
+//! in a well-known per-user run directory ([`run_dir`]: `$XDG_RUNTIME_DIR/remio`, else
+//! `/tmp/remio-<uid>`, mode 0700). A client connects and reads one JSON document (one line:
+//! [`Report`], which is a [`Snapshot`] and what serves it), then the server closes the
+//! connection; nothing is read from the client. The counters are the ones the platform keeps
+//! anyway (relaxed atomics in the dispatcher, the hypervisor model and the bridge), so serving
+//! them costs the request path nothing.
 //!
-//! `remio stats` finds the socket itself (the newest live one in [`run_dir`]; `--socket` to
-//! choose) and prints a table refreshed every second, or one table (`--once`) or the JSON
-//! (`--json`, for scripts).
+//! `remio stats` finds the socket itself ([`find`]: the only live one in [`run_dir`]; with
+//! several, the newest, saying on stderr which it picked and which others run; `--list` lists
+//! them; `--socket` to choose) and prints a table refreshed every second, or one table
+//! (`--once`) or the JSON (`--json`, for scripts).
 //!
 //! # Per DM, from the platform
 //!
@@ -48,10 +51,15 @@ use serde::{Deserialize, Serialize};
 /// Arguments of `remio stats`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The stats socket of the `remio run` to read [default: the newest live
-    /// `stats-<pid>.sock` in $XDG_RUNTIME_DIR/remio, else /tmp/remio-<uid>].
+    /// The stats socket of the `remio run` or `remio platform` to read [default: the live
+    /// `stats-<pid>.sock` in $XDG_RUNTIME_DIR/remio, else /tmp/remio-<uid>; the newest when
+    /// several run, named on stderr].
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// List the running `remio run` and `remio platform` processes found in the run directory
+    /// (pid, kind, API socket, stats socket) and exit.
+    #[arg(long, conflicts_with_all = ["socket", "once", "json"])]
+    pub list: bool,
     /// Print one table and exit (default: refresh every second until Ctrl-C).
     #[arg(long)]
     pub once: bool,
@@ -128,8 +136,14 @@ pub struct DeviceSnapshot {
     /// Requests by kind (`read`, `write`, `flush`, `get_id`, `discard`, `write_zeroes`,
     /// `other`); kinds with none are left out.
     pub requests: BTreeMap<String, u64>,
-    /// Data bytes by kind (`read`: device to driver, `write`: driver to device).
+    /// Data bytes by kind (`read`: device to driver, `write`: driver to device). For console
+    /// and net, `read` is what the guest received (input bytes; frames) and `write` what it
+    /// sent (output bytes; frames), net's bytes without the virtio-net header.
     pub bytes: BTreeMap<String, u64>,
+    /// Data the device took and dropped, by cause (`rx_oversize`, `rx_foreign`,
+    /// `rx_truncated`, `tx_oversize`, `tx_malformed`, `tx_backend`; see
+    /// `remio_virtio::stats::DropCause`); causes with none are left out.
+    pub drops: BTreeMap<String, u64>,
     /// Requests answered with an error status.
     pub errors: u64,
     /// Times the device entered DEVICE_NEEDS_RESET.
@@ -174,7 +188,20 @@ pub struct Snapshot {
     pub dms: Vec<DmSnapshot>,
 }
 
-/// The per-user directory where `remio run` puts its stats socket: `$XDG_RUNTIME_DIR/remio`
+/// What a stats socket serves: a [`Snapshot`] and what serves it (one flat JSON object).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Report {
+    /// `run` (`remio run`) or `platform` (`remio platform`).
+    pub kind: String,
+    /// The device-model API socket the platform serves (empty when it serves none).
+    pub api_socket: String,
+    /// The counters.
+    #[serde(flatten)]
+    pub snapshot: Snapshot,
+}
+
+/// The per-user directory where `remio run` and `remio platform` put their stats socket: `$XDG_RUNTIME_DIR/remio`
 /// when that variable names a directory, else `/tmp/remio-<uid>`.
 pub fn run_dir() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
@@ -208,6 +235,7 @@ fn ensure_run_dir(dir: &Path) -> anyhow::Result<()> {
 }
 
 /// The stats socket of a `remio run` while it lives; removed on drop.
+#[derive(Debug)]
 pub struct StatsServer {
     path: PathBuf,
     stop: Arc<AtomicBool>,
@@ -215,15 +243,42 @@ pub struct StatsServer {
 }
 
 impl StatsServer {
-    /// Serves `snapshot()` on `stats-<pid>.sock` in `dir`.
+    /// Serves `snapshot()` of a `remio run` on `stats-<pid>.sock` in `dir`.
     pub fn start(
         dir: &Path,
+        snapshot: impl Fn() -> Snapshot + Send + 'static,
+    ) -> anyhow::Result<Self> {
+        Self::start_kind(dir, "run", String::new(), snapshot)
+    }
+
+    /// Serves `snapshot()` of a `remio platform` whose device-model API socket is
+    /// `api_socket` on `stats-<pid>.sock` in `dir`.
+    pub fn start_platform(
+        dir: &Path,
+        api_socket: Option<&Path>,
+        snapshot: impl Fn() -> Snapshot + Send + 'static,
+    ) -> anyhow::Result<Self> {
+        let api = api_socket.map(socket_key).unwrap_or_default();
+        Self::start_kind(dir, "platform", api, snapshot)
+    }
+
+    fn start_kind(
+        dir: &Path,
+        kind: &'static str,
+        api_socket: String,
         snapshot: impl Fn() -> Snapshot + Send + 'static,
     ) -> anyhow::Result<Self> {
         Self::serve(
             dir,
             &format!("stats-{}.sock", std::process::id()),
-            move || serde_json::to_string(&snapshot()).ok(),
+            move || {
+                serde_json::to_string(&Report {
+                    kind: kind.to_owned(),
+                    api_socket: api_socket.clone(),
+                    snapshot: snapshot(),
+                })
+                .ok()
+            },
         )
     }
 
@@ -319,8 +374,8 @@ fn is_stale(path: &Path) -> bool {
     matches!(UnixStream::connect(path), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
 }
 
-/// Reads one snapshot from the socket at `path`.
-pub fn read(path: &Path) -> anyhow::Result<Snapshot> {
+/// Reads one report from the socket at `path`.
+pub fn read(path: &Path) -> anyhow::Result<Report> {
     read_json(path, Duration::from_secs(5))
 }
 
@@ -441,18 +496,57 @@ pub fn device_snapshot(
             bytes.insert(name, s.bytes_of(kind));
         }
     }
+    let drops = remio_virtio::stats::DropCause::ALL
+        .into_iter()
+        .filter(|&c| s.drops_of(c) != 0)
+        .map(|c| (c.name().to_owned(), s.drops_of(c)))
+        .collect();
     DeviceSnapshot {
         dm_id,
         description: description.to_owned(),
         requests,
         bytes,
+        drops,
         errors: s.errors,
         needs_reset: s.needs_reset,
     }
 }
 
-/// The newest stats socket in `dir` that answers; an error naming `dir` when none does.
-pub fn find(dir: &Path) -> anyhow::Result<PathBuf> {
+/// A running `remio run` or `remio platform`, as found in the run directory.
+#[derive(Clone, Debug)]
+pub struct Found {
+    /// Its stats socket.
+    pub path: PathBuf,
+    /// What it served when asked (`None`: it accepted the connection but did not answer).
+    pub report: Option<Report>,
+}
+
+impl Found {
+    /// One line naming it: pid, kind, API socket, stats socket.
+    pub fn describe(&self) -> String {
+        match &self.report {
+            Some(r) => {
+                let api = if r.api_socket.is_empty() {
+                    String::new()
+                } else {
+                    format!(", API socket {}", r.api_socket)
+                };
+                format!(
+                    "pid {} (remio {}, up {} s{api}): {}",
+                    r.snapshot.pid,
+                    r.kind,
+                    r.snapshot.uptime_s,
+                    self.path.display()
+                )
+            }
+            None => format!("{} (not answering)", self.path.display()),
+        }
+    }
+}
+
+/// The stats sockets in `dir` that someone listens on, newest first (by the socket file's
+/// modification time, i.e. when its process started serving), each with what it serves.
+pub fn live(dir: &Path) -> Vec<Found> {
     let mut socks: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
@@ -464,39 +558,114 @@ pub fn find(dir: &Path) -> anyhow::Result<PathBuf> {
         })
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
         .collect();
-    socks.sort();
-    let live = socks
+    // Newest first; the same instant falls back to the name, for a stable order.
+    socks.sort_by(|a, b| b.cmp(a));
+    socks
         .into_iter()
-        .rev()
         .map(|(_, p)| p)
-        .find(|p| UnixStream::connect(p).is_ok());
-    live.with_context(|| {
-        format!(
-            "no running remio found: no live stats-<pid>.sock in {} (is `remio run` running as \
-             this user? else give --socket PATH)",
+        .filter(|p| !is_stale(p))
+        .map(|path| Found {
+            report: read_json(&path, Duration::from_secs(1)).ok(),
+            path,
+        })
+        .collect()
+}
+
+/// Which stats socket `remio stats` without `--socket` reads: the only live one in `dir`, or
+/// with several the newest, with a note for stderr naming it and the others. An error naming
+/// `dir` when none runs.
+pub fn find(dir: &Path) -> anyhow::Result<(PathBuf, Option<String>)> {
+    let found = live(dir);
+    let Some(first) = found.first() else {
+        bail!(
+            "no running remio found: no live stats-<pid>.sock in {} (is `remio run` or `remio \
+             platform` running as this user? else give --socket PATH)",
             dir.display()
-        )
-    })
+        );
+    };
+    let note = (found.len() > 1).then(|| {
+        use std::fmt::Write as _;
+        let mut note = format!(
+            "{} remio processes serve counters in {}; showing the newest, {}\nthe others \
+             (choose one with --socket PATH):",
+            found.len(),
+            dir.display(),
+            first.describe()
+        );
+        for f in &found[1..] {
+            let _ = write!(note, "\n  {}", f.describe());
+        }
+        note
+    });
+    Ok((first.path.clone(), note))
+}
+
+/// The counters of a [`crate::platform::Platform`] (`remio platform`): the hypervisor model's,
+/// the dispatcher's per DM, and the devices of the device models in `dir` that serve its API
+/// socket.
+pub fn platform_snapshot(
+    platform: &crate::platform::Platform,
+    dir: PathBuf,
+) -> impl Fn() -> Snapshot + Send + 'static {
+    let hyp = Arc::clone(platform.hypervisor());
+    let dispatcher = Arc::clone(platform.dispatcher());
+    let api_socket = platform.socket_path().map(Path::to_path_buf);
+    let started = std::time::Instant::now();
+    move || {
+        let hs = hyp.stats();
+        let mut dms = platform_dms(&hyp, Some(&dispatcher));
+        if let Some(api) = &api_socket {
+            attach_devices(&mut dms, &dir, api);
+        }
+        Snapshot {
+            pid: std::process::id(),
+            uptime_s: started.elapsed().as_secs(),
+            dm_restarts: 0,
+            requests: hs.requests,
+            completions: hs.completions,
+            timeouts: hs.timeouts,
+            interrupts: hs.notifies,
+            bridge_accesses: 0,
+            bridge_mean_ns: 0,
+            dms,
+        }
+    }
+}
+
+/// Serves `platform`'s counters ([`platform_snapshot`]) on `stats-<pid>.sock` in `dir`, for
+/// `remio stats`, until the returned server is dropped.
+pub fn serve_platform(
+    platform: &crate::platform::Platform,
+    dir: &Path,
+) -> anyhow::Result<StatsServer> {
+    StatsServer::start_platform(
+        dir,
+        platform.socket_path(),
+        platform_snapshot(platform, dir.to_owned()),
+    )
 }
 
 /// The table `remio stats` prints.
-pub fn table(s: &Snapshot) -> String {
+pub fn table(r: &Report) -> String {
     use std::fmt::Write as _;
+    let s = &r.snapshot;
     let us = |ns: u64| ns as f64 / 1000.0;
+    let kind = if r.kind.is_empty() { "run" } else { &r.kind };
     let mut out = format!(
-        "remio pid {}  up {} s  device-model restarts {}\n\
-         hypervisor: {} requests, {} completions, {} timeouts, {} interrupts; bridge: {} \
-         accesses, mean {:.1} us\n\n",
-        s.pid,
-        s.uptime_s,
-        s.dm_restarts,
-        s.requests,
-        s.completions,
-        s.timeouts,
-        s.interrupts,
-        s.bridge_accesses,
-        us(s.bridge_mean_ns)
+        "remio {kind} pid {}  up {} s  device-model restarts {}\n\
+         hypervisor: {} requests, {} completions, {} timeouts, {} interrupts; ",
+        s.pid, s.uptime_s, s.dm_restarts, s.requests, s.completions, s.timeouts, s.interrupts,
     );
+    if kind == "platform" {
+        let _ = write!(out, "device-model API socket {}\n\n", r.api_socket);
+    } else {
+        let _ = write!(
+            out,
+            "bridge: {} accesses, mean {:.1} us\n\n",
+            s.bridge_accesses,
+            us(s.bridge_mean_ns)
+        );
+    }
     let _ = writeln!(
         out,
         "{:>3} {:>9} {:>9} {:>9} {:>9} {:>9} {:>5} {:>8} {:>8} {:>9} {:>8} {:>4} {:>8}",
@@ -537,8 +706,17 @@ pub fn table(s: &Snapshot) -> String {
     if !devices.is_empty() {
         let _ = writeln!(
             out,
-            "\n{:>3} {:<28} {:>9} {:>11} {:>9} {:>11} {:>7} {:>6} {:>5}",
-            "dm", "device", "reads", "read MiB", "writes", "write MiB", "other", "errors", "reset"
+            "\n{:>3} {:<28} {:>9} {:>11} {:>9} {:>11} {:>7} {:>6} {:>5} {:>6}",
+            "dm",
+            "device",
+            "reads",
+            "read MiB",
+            "writes",
+            "write MiB",
+            "other",
+            "errors",
+            "reset",
+            "drops"
         );
         for d in devices {
             let get = |m: &BTreeMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(0);
@@ -552,7 +730,7 @@ pub fn table(s: &Snapshot) -> String {
             desc.truncate(28);
             let _ = writeln!(
                 out,
-                "{:>3} {:<28} {:>9} {:>11.2} {:>9} {:>11.2} {:>7} {:>6} {:>5}",
+                "{:>3} {:<28} {:>9} {:>11.2} {:>9} {:>11.2} {:>7} {:>6} {:>5} {:>6}",
                 d.dm_id,
                 desc,
                 get(&d.requests, "read"),
@@ -561,9 +739,18 @@ pub fn table(s: &Snapshot) -> String {
                 get(&d.bytes, "write") as f64 / 1048576.0,
                 other,
                 d.errors,
-                d.needs_reset
+                d.needs_reset,
+                d.drops.values().sum::<u64>()
             );
+            if !d.drops.is_empty() {
+                let causes: Vec<String> = d.drops.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                let _ = writeln!(out, "{:>3} {:<28} dropped: {}", "", "", causes.join(", "));
+            }
         }
+        let _ = writeln!(
+            out,
+            "(console, net: reads = buffers or frames the guest received, writes = what it sent)"
+        );
     }
     out
 }
@@ -615,9 +802,26 @@ pub fn serve_device_model(
 
 /// Runs `remio stats`.
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.list {
+        let dir = run_dir();
+        let found = live(&dir);
+        if found.is_empty() {
+            println!("no running remio serves counters in {}", dir.display());
+        }
+        for f in found {
+            println!("{}", f.describe());
+        }
+        return Ok(());
+    }
     let path = match args.socket {
         Some(p) => p,
-        None => find(&run_dir())?,
+        None => {
+            let (path, note) = find(&run_dir())?;
+            if let Some(note) = note {
+                eprintln!("remio stats: {note}");
+            }
+            path
+        }
     };
     if args.json {
         let s = read(&path)?;
@@ -625,7 +829,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     loop {
-        let s = read(&path).with_context(|| "the remio run may have ended".to_owned())?;
+        let s = read(&path).with_context(|| "the remio process may have ended".to_owned())?;
         let mut o = std::io::stdout().lock();
         if !args.once {
             // Clear the screen and go home, as `top` does.
@@ -671,11 +875,13 @@ mod tests {
             ..Snapshot::default()
         })
         .unwrap();
-        assert_eq!(find(&dir).unwrap(), server.path());
-        let s = read(server.path()).unwrap();
+        assert_eq!(find(&dir).unwrap(), (server.path().to_owned(), None));
+        let r = read(server.path()).unwrap();
+        let s = &r.snapshot;
         assert_eq!((s.pid, s.requests, s.dms[0].to_control), (42, 7, 5));
-        let t = table(&s);
-        assert!(t.contains("remio pid 42"), "{t}");
+        assert_eq!(r.kind, "run");
+        let t = table(&r);
+        assert!(t.contains("remio run pid 42"), "{t}");
         assert!(t.lines().last().unwrap().ends_with("yes"), "{t}");
         let path = server.path().to_owned();
         drop(server);
@@ -726,13 +932,45 @@ mod tests {
         assert_eq!(rows[0].device, None);
         let dev = rows[1].device.as_ref().unwrap();
         assert_eq!(dev.requests["read"], 7);
-        let t = table(&Snapshot {
-            dms: rows,
-            ..Snapshot::default()
+        let t = table(&Report {
+            snapshot: Snapshot {
+                dms: rows,
+                ..Snapshot::default()
+            },
+            ..Report::default()
         });
         assert!(t.contains("virtio-blk"), "{t}");
         drop((ours, theirs));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_devices_drops_are_in_the_json_and_the_table_by_cause() {
+        let stats = remio_virtio::DeviceStats::default();
+        stats.record(remio_virtio::RequestKind::Write, 98, true);
+        stats.record_drop(remio_virtio::stats::DropCause::RxForeign);
+        stats.record_drop(remio_virtio::stats::DropCause::RxForeign);
+        stats.record_drop(remio_virtio::stats::DropCause::TxBackend);
+
+        let dev = device_snapshot(3, "virtio-net (socket)", &stats.snapshot());
+
+        let json = serde_json::to_value(&dev).unwrap();
+        assert_eq!(json["drops"]["rx_foreign"], 2);
+        assert_eq!(json["drops"]["tx_backend"], 1);
+        assert_eq!(json["drops"].as_object().unwrap().len(), 2, "{json}");
+        assert_eq!(json["bytes"]["write"], 98);
+        let t = table(&Report {
+            snapshot: Snapshot {
+                dms: vec![DmSnapshot {
+                    id: 3,
+                    device: Some(dev),
+                    ..DmSnapshot::default()
+                }],
+                ..Snapshot::default()
+            },
+            ..Report::default()
+        });
+        assert!(t.contains("dropped: rx_foreign 2, tx_backend 1"), "{t}");
     }
 
     #[test]
@@ -746,6 +984,70 @@ mod tests {
         drop(server);
 
         assert!(!dir.join("dm-77.sock").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Sets the modification time of the file at `path` (a socket cannot be opened).
+    fn set_mtime(path: &Path, secs: i64) {
+        use std::os::unix::ffi::OsStrExt as _;
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        let t = libc::timespec {
+            tv_sec: secs,
+            tv_nsec: 0,
+        };
+        let times = [t, t];
+        // SAFETY: `c` is a NUL-terminated path and `times` two valid timespecs, both live for
+        // the call.
+        let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    }
+
+    #[test]
+    fn with_several_running_the_newest_is_read_and_the_note_names_the_others() {
+        let dir = tmp_dir();
+        let older = StatsServer::serve(&dir, "stats-101.sock", || {
+            serde_json::to_string(&Report {
+                kind: "run".into(),
+                snapshot: Snapshot {
+                    pid: 101,
+                    ..Snapshot::default()
+                },
+                ..Report::default()
+            })
+            .ok()
+        })
+        .unwrap();
+        let newer =
+            StatsServer::start_platform(&dir, Some(Path::new("/tmp/api-x.sock")), || Snapshot {
+                pid: 102,
+                ..Snapshot::default()
+            })
+            .unwrap();
+        // A stale socket of a process that died is neither read nor listed.
+        drop(UnixListener::bind(dir.join("stats-103.sock")).unwrap());
+        set_mtime(older.path(), 1_000_000);
+        set_mtime(newer.path(), 2_000_000);
+        set_mtime(&dir.join("stats-103.sock"), 3_000_000);
+
+        let (path, note) = find(&dir).unwrap();
+
+        assert_eq!(path, newer.path());
+        let note = note.expect("a note when several run");
+        assert!(note.starts_with("2 remio processes"), "{note}");
+        assert!(
+            note.contains("showing the newest, pid 102 (remio platform"),
+            "{note}"
+        );
+        assert!(note.contains("API socket /tmp/api-x.sock"), "{note}");
+        assert!(note.contains("pid 101 (remio run"), "{note}");
+        assert!(note.contains("--socket"), "{note}");
+        assert!(!note.contains("stats-103"), "{note}");
+        let r = read(&path).unwrap();
+        assert_eq!((r.kind.as_str(), r.snapshot.pid), ("platform", 102));
+        let t = table(&r);
+        assert!(t.starts_with("remio platform pid 102"), "{t}");
+        assert!(t.contains("device-model API socket /tmp/api-x.sock"), "{t}");
+        drop((older, newer));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

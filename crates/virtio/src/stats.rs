@@ -1,4 +1,12 @@
-//! Per-device counters: requests and bytes by kind, errors, DEVICE_NEEDS_RESET.
+//! Per-device counters: requests and bytes by kind, data dropped by cause, errors,
+//! DEVICE_NEEDS_RESET.
+//!
+//! What the kinds mean per device: block counts its request types; rng `read` (entropy
+//! buffers filled); console `read` (receive buffers filled with input given to the guest, their
+//! bytes) and `write` (transmit buffers taken from the guest, the bytes of its output); net
+//! `read` (frames delivered to the guest, bytes of the frames without the virtio-net header)
+//! and `write` (frames the guest sent that went to the backend, likewise). What a device took
+//! and could not deliver is counted by [`DropCause`], not as a request.
 //!
 //! One [`DeviceStats`] per device, created with its transport ([`crate::SharedStatus::stats`])
 //! and reached by its workers through their [`crate::Interrupt`]. Every counter is a relaxed
@@ -57,11 +65,58 @@ impl RequestKind {
 /// Number of [`RequestKind`]s.
 pub const KINDS: usize = 7;
 
+/// Why a device dropped data it took instead of delivering it: the kinds `remio stats` shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropCause {
+    /// net: a datagram over the frame maximum received from the backend (not delivered).
+    RxOversize = 0,
+    /// net: a datagram from another sender than the peer (not delivered).
+    RxForeign = 1,
+    /// net: a frame larger than the driver's receive buffer (the buffer is returned empty).
+    RxTruncated = 2,
+    /// net: a transmit chain over the header plus the frame maximum (not sent).
+    TxOversize = 3,
+    /// net: a transmit chain that is not a frame (a device-writable or unreadable descriptor,
+    /// or no more than the header).
+    TxMalformed = 4,
+    /// net: a frame the backend refused; console: output the port did not take (nobody
+    /// reading, or the reader gone).
+    TxBackend = 5,
+}
+
+impl DropCause {
+    /// Every cause, in index order.
+    pub const ALL: [DropCause; DROP_CAUSES] = [
+        Self::RxOversize,
+        Self::RxForeign,
+        Self::RxTruncated,
+        Self::TxOversize,
+        Self::TxMalformed,
+        Self::TxBackend,
+    ];
+
+    /// The name `remio stats` uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::RxOversize => "rx_oversize",
+            Self::RxForeign => "rx_foreign",
+            Self::RxTruncated => "rx_truncated",
+            Self::TxOversize => "tx_oversize",
+            Self::TxMalformed => "tx_malformed",
+            Self::TxBackend => "tx_backend",
+        }
+    }
+}
+
+/// Number of [`DropCause`]s.
+pub const DROP_CAUSES: usize = 6;
+
 /// The counters of one device.
 #[derive(Debug, Default)]
 pub struct DeviceStats {
     requests: [AtomicU64; KINDS],
     bytes: [AtomicU64; KINDS],
+    drops: [AtomicU64; DROP_CAUSES],
     errors: AtomicU64,
     needs_reset: AtomicU64,
 }
@@ -80,6 +135,11 @@ impl DeviceStats {
         }
     }
 
+    /// The device dropped one frame or chunk of data, for `cause`.
+    pub fn record_drop(&self, cause: DropCause) {
+        self.drops[cause as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The device entered DEVICE_NEEDS_RESET.
     pub fn record_needs_reset(&self) {
         self.needs_reset.fetch_add(1, Ordering::Relaxed);
@@ -91,6 +151,7 @@ impl DeviceStats {
         DeviceStatsSnapshot {
             requests: std::array::from_fn(|i| g(&self.requests[i])),
             bytes: std::array::from_fn(|i| g(&self.bytes[i])),
+            drops: std::array::from_fn(|i| g(&self.drops[i])),
             errors: g(&self.errors),
             needs_reset: g(&self.needs_reset),
         }
@@ -104,6 +165,8 @@ pub struct DeviceStatsSnapshot {
     pub requests: [u64; KINDS],
     /// Data bytes by kind.
     pub bytes: [u64; KINDS],
+    /// Drops by cause, indexed by [`DropCause`].
+    pub drops: [u64; DROP_CAUSES],
     /// Requests answered with an error status.
     pub errors: u64,
     /// Times the device entered DEVICE_NEEDS_RESET.
@@ -119,6 +182,11 @@ impl DeviceStatsSnapshot {
     /// Bytes of `kind`.
     pub fn bytes_of(&self, kind: RequestKind) -> u64 {
         self.bytes[kind as usize]
+    }
+
+    /// Drops for `cause`.
+    pub fn drops_of(&self, cause: DropCause) -> u64 {
+        self.drops[cause as usize]
     }
 }
 
@@ -148,5 +216,24 @@ mod tests {
         for (i, k) in RequestKind::ALL.iter().enumerate() {
             assert_eq!(*k as usize, i, "{}", k.name());
         }
+        for (i, c) in DropCause::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i, "{}", c.name());
+        }
+    }
+
+    #[test]
+    fn drops_are_counted_by_cause_apart_from_requests() {
+        let s = DeviceStats::default();
+        s.record_drop(DropCause::RxForeign);
+        s.record_drop(DropCause::RxForeign);
+        s.record_drop(DropCause::TxBackend);
+
+        let snap = s.snapshot();
+
+        assert_eq!(snap.drops_of(DropCause::RxForeign), 2);
+        assert_eq!(snap.drops_of(DropCause::TxBackend), 1);
+        assert_eq!(snap.drops_of(DropCause::RxOversize), 0);
+        assert_eq!(snap.requests, [0; KINDS]);
+        assert_eq!(snap.errors, 0);
     }
 }

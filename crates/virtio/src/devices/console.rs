@@ -105,22 +105,23 @@ impl ConsolePort {
         }
     }
 
-    /// Writes guest bytes `[addr, addr+len)` to the port; output without a reader is dropped.
+    /// Writes guest bytes `[addr, addr+len)` to the port; output without a reader is dropped
+    /// (`Ok(false)`).
     fn write_from(
         &mut self,
         mem: &GuestMemoryMmap,
         addr: vm_memory::GuestAddress,
         len: usize,
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
         let r = match self {
             Self::Stdio => mem.write_all_volatile_to(addr, &mut io::stdout(), len),
             Self::Pty(p) => mem.write_all_volatile_to(addr, &mut p.master, len),
             Self::Socket { client, .. } => match client {
                 Some(c) => mem.write_all_volatile_to(addr, c, len),
-                None => Ok(()),
+                None => return Ok(false),
             },
         };
-        r.map_err(|e| match e {
+        r.map(|()| true).map_err(|e| match e {
             vm_memory::GuestMemoryError::IOError(io) => io,
             other => io::Error::other(other),
         })
@@ -397,14 +398,19 @@ impl ConsoleWorker {
         Ok(())
     }
 
-    /// Sends every transmit buffer to the port.
+    /// Sends every transmit buffer to the port. Each chain counts as one `write` request of
+    /// the bytes taken from the guest; a buffer the port did not take is a `tx_backend` drop,
+    /// one the device could not read a `tx_malformed` one.
     fn transmit(&mut self) -> Result<(), QueueError> {
+        use crate::stats::{DropCause, RequestKind};
         let port = &mut self.port;
         let mem = &self.mem;
+        let stats = self.interrupt.stats();
         let mut broken = false;
         drain_queue(&mut self.txq, mem, &self.interrupt, |chain| {
+            let mut taken = 0u64;
             for d in chain {
-                if d.is_write_only() || broken {
+                if d.is_write_only() {
                     continue;
                 }
                 let len = d.len() as usize;
@@ -412,20 +418,30 @@ impl ConsoleWorker {
                     || !mem.check_range(d.addr(), len, Permissions::Read)
                 {
                     warn_rl!("virtio-console: tx buffer outside guest memory");
+                    stats.record_drop(DropCause::TxMalformed);
                     break;
                 }
+                taken += u64::from(d.len());
+                if broken {
+                    stats.record_drop(DropCause::TxBackend);
+                    continue;
+                }
                 match port.write_from(mem, d.addr(), len) {
-                    Ok(()) => {}
+                    Ok(true) => {}
+                    Ok(false) => stats.record_drop(DropCause::TxBackend),
                     // Nobody reads fast enough: drop the rest, like a serial line.
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         warn_rl!("virtio-console: output dropped: nobody reads the port");
+                        stats.record_drop(DropCause::TxBackend);
                     }
                     Err(e) => {
                         warn_rl!("virtio-console: output: {e}");
+                        stats.record_drop(DropCause::TxBackend);
                         broken = true;
                     }
                 }
             }
+            stats.record(RequestKind::Write, taken, true);
             0
         })?;
         if broken {
@@ -464,6 +480,7 @@ pub(crate) fn fuzz_passes(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats::{DropCause, RequestKind};
     use std::io::Write;
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
@@ -526,7 +543,67 @@ mod tests {
         assert_eq!(&out, b"hello guest");
         assert_eq!(shared.interrupt_status.load(Ordering::SeqCst) & 1, 1);
 
+        // Joining the worker makes its counters visible here.
         dev.reset();
+        let st = shared.stats.snapshot();
+        assert_eq!(
+            (
+                st.requests_of(RequestKind::Read),
+                st.bytes_of(RequestKind::Read)
+            ),
+            (1, 7),
+            "input given to the guest"
+        );
+        assert_eq!(
+            (
+                st.requests_of(RequestKind::Write),
+                st.bytes_of(RequestKind::Write)
+            ),
+            (1, 11),
+            "the guest's output"
+        );
+        assert_eq!(st.drops_of(DropCause::TxBackend), 0);
+    }
+
+    #[test]
+    fn output_with_no_client_on_the_socket_is_counted_as_taken_and_dropped() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let path = dir.as_path().join("console.sock");
+        let txvq = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
+        let rxvq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+        txvq.add_desc_chains(
+            &[
+                RawDescriptor::from(Descriptor::new(0x9_0000, 5, 0, 0)),
+                RawDescriptor::from(Descriptor::new(0x9_1000, 6, 0, 0)),
+            ],
+            0,
+        )
+        .unwrap();
+        let shared = crate::device::SharedStatus::default();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut w = ConsoleWorker {
+            port: ConsolePort::socket(&path).unwrap(),
+            mem: mem.clone(),
+            rxq: rxvq.create_queue().unwrap(),
+            txq: txvq.create_queue().unwrap(),
+            interrupt: Arc::new(Interrupt::new(shared.clone(), irq)),
+            pending: vec![0; 16],
+            pending_start: 0,
+            pending_end: 0,
+        };
+
+        w.transmit().unwrap();
+
+        let st = shared.stats.snapshot();
+        assert_eq!(
+            (
+                st.requests_of(RequestKind::Write),
+                st.bytes_of(RequestKind::Write)
+            ),
+            (2, 11)
+        );
+        assert_eq!(st.drops_of(DropCause::TxBackend), 2);
     }
 
     #[test]
@@ -588,7 +665,7 @@ mod tests {
             mem: mem.clone(),
             queues: vec![rxvq.create_queue().unwrap(), txvq.create_queue().unwrap()],
             queue_evts: evts.iter().map(|e| e.try_clone().unwrap()).collect(),
-            interrupt: Arc::new(Interrupt::new(shared, irq.try_clone().unwrap())),
+            interrupt: Arc::new(Interrupt::new(shared.clone(), irq.try_clone().unwrap())),
             acked_features: 0,
         })
         .unwrap();
@@ -611,5 +688,12 @@ mod tests {
             panic!("the transmit buffer was never returned: the worker is stuck writing");
         }
         dev.reset();
+        let st = shared.stats.snapshot();
+        assert_eq!(
+            st.bytes_of(RequestKind::Write),
+            0x10_0000,
+            "taken from the guest"
+        );
+        assert_eq!(st.drops_of(DropCause::TxBackend), 1, "and dropped");
     }
 }

@@ -105,8 +105,8 @@ impl NetCounters {
 enum Received {
     /// Header + frame, this many bytes, in the buffer.
     Packet(usize),
-    /// A datagram was taken and dropped (counted and logged).
-    Dropped,
+    /// A datagram was taken and dropped, for this cause (counted and logged).
+    Dropped(crate::stats::DropCause),
     /// Nothing to read.
     Nothing,
 }
@@ -189,7 +189,7 @@ impl NetBackend {
                     |p| p.display().to_string()
                 )
             );
-            return Received::Dropped;
+            return Received::Dropped(crate::stats::DropCause::RxForeign);
         }
         if len > FRAME_MAX {
             let n = NetCounters::bump(&counters.rx_oversize);
@@ -197,7 +197,7 @@ impl NetBackend {
                 "virtio-net: {len}-byte datagram dropped: frames are at most {FRAME_MAX} bytes \
                  ({n} so far)"
             );
-            return Received::Dropped;
+            return Received::Dropped(crate::stats::DropCause::RxOversize);
         }
         Received::Packet(len + NET_HDR_LEN)
     }
@@ -398,15 +398,23 @@ impl NetWorker {
         }
     }
 
-    /// Moves frames from the backend into receive buffers while both exist.
+    /// Moves frames from the backend into receive buffers while both exist. Each frame
+    /// delivered counts as one `read` request of its bytes (without the virtio-net header);
+    /// one dropped counts under its [`crate::stats::DropCause`].
     fn receive(&mut self) -> Result<(), QueueError> {
+        use crate::stats::{DropCause, RequestKind};
         let mem = &self.mem;
+        let stats = self.interrupt.stats();
         let mut used_any = false;
         loop {
             if self.rx_len == 0 {
                 match self.backend.recv(&mut self.rx_buf, &self.counters) {
                     Ok(Received::Packet(n)) if n > NET_HDR_LEN => self.rx_len = n,
-                    Ok(Received::Packet(_) | Received::Dropped) => continue,
+                    Ok(Received::Packet(_)) => continue,
+                    Ok(Received::Dropped(cause)) => {
+                        stats.record_drop(cause);
+                        continue;
+                    }
                     Ok(Received::Nothing) => break,
                     Err(e) => {
                         warn_rl!("virtio-net: backend receive: {e}");
@@ -446,9 +454,15 @@ impl NetWorker {
             if !ok || off < frame.len() {
                 warn_rl!("virtio-net: receive buffer unusable or too small; frame dropped");
                 self.rxq.add_used(mem, head, 0)?;
+                stats.record_drop(DropCause::RxTruncated);
             } else {
                 self.rxq
                     .add_used(mem, head, u32::try_from(off).unwrap_or(0))?;
+                stats.record(
+                    RequestKind::Read,
+                    off.saturating_sub(NET_HDR_LEN) as u64,
+                    true,
+                );
             }
             used_any = true;
             self.rx_len = 0;
@@ -459,12 +473,16 @@ impl NetWorker {
         Ok(())
     }
 
-    /// Sends every transmit chain (header + frame) to the backend.
+    /// Sends every transmit chain (header + frame) to the backend. Each frame sent counts as
+    /// one `write` request of its bytes (without the virtio-net header); one dropped counts
+    /// under its [`crate::stats::DropCause`].
     fn transmit(&mut self) -> Result<(), QueueError> {
+        use crate::stats::{DropCause, RequestKind};
         let mem = &self.mem;
         let buf = &mut self.tx_buf;
         let backend = &mut self.backend;
         let counters = &self.counters;
+        let stats = self.interrupt.stats();
         drain_queue(&mut self.txq, mem, &self.interrupt, |chain| {
             let mut len = 0usize;
             for d in chain {
@@ -474,20 +492,31 @@ impl NetWorker {
                     warn_rl!(
                         "virtio-net: transmit chain over {PACKET_MAX} bytes dropped ({k} so far)"
                     );
+                    stats.record_drop(DropCause::TxOversize);
                     return 0;
                 };
                 if d.is_write_only() || mem.read_slice(dst, d.addr()).is_err() {
                     warn_rl!("virtio-net: bad transmit descriptor; frame dropped");
+                    stats.record_drop(DropCause::TxMalformed);
                     return 0;
                 }
                 len += n;
             }
             if len <= NET_HDR_LEN {
                 warn_rl!("virtio-net: transmit chain shorter than the header");
+                stats.record_drop(DropCause::TxMalformed);
                 return 0;
             }
-            if let Err(e) = backend.send(&buf[..len]) {
-                warn_rl!("virtio-net: backend send: {e}");
+            match backend.send(&buf[..len]) {
+                Ok(()) => stats.record(
+                    RequestKind::Write,
+                    len.saturating_sub(NET_HDR_LEN) as u64,
+                    true,
+                ),
+                Err(e) => {
+                    warn_rl!("virtio-net: backend send: {e}");
+                    stats.record_drop(DropCause::TxBackend);
+                }
             }
             0
         })
@@ -515,6 +544,7 @@ pub(crate) fn fuzz_passes(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats::{DropCause, RequestKind};
     use std::sync::Arc;
     use std::time::Duration;
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
@@ -632,6 +662,11 @@ mod tests {
             }
         }
 
+        /// The device's counters (what `remio stats` shows).
+        fn stats(&self) -> crate::stats::DeviceStatsSnapshot {
+            self.worker.interrupt.stats().snapshot()
+        }
+
         /// What the guest got: each used receive buffer's bytes, in order.
         fn received(&self) -> Vec<Vec<u8>> {
             let used_idx = self
@@ -692,6 +727,17 @@ mod tests {
         assert_eq!(rig.received(), vec![packet(b"small-frame")]);
         assert_eq!(rig.counters.rx_oversize.load(Ordering::Relaxed), 1);
         assert_eq!(rig.counters.rx_foreign.load(Ordering::Relaxed), 0);
+        let st = rig.stats();
+        assert_eq!(st.drops_of(DropCause::RxOversize), 1);
+        assert_eq!(st.drops_of(DropCause::RxForeign), 0);
+        assert_eq!(
+            (
+                st.requests_of(RequestKind::Read),
+                st.bytes_of(RequestKind::Read)
+            ),
+            (1, 11),
+            "one frame delivered, its bytes without the header"
+        );
     }
 
     #[test]
@@ -733,6 +779,9 @@ mod tests {
             vec![packet(b"from-a-1"), packet(b"from-a-2")]
         );
         assert_eq!(rig.counters.rx_foreign.load(Ordering::Relaxed), 2);
+        assert_eq!(rig.stats().drops_of(DropCause::RxForeign), 2);
+        assert_eq!(rig.stats().requests_of(RequestKind::Read), 2);
+        assert_eq!(rig.stats().bytes_of(RequestKind::Read), 16);
         // And the guest's frames go to the peer only.
         let mut pkt = vec![0u8; NET_HDR_LEN];
         pkt.extend_from_slice(b"to-the-peer");
@@ -743,6 +792,14 @@ mod tests {
         assert_eq!(
             b.recv(&mut got).unwrap_err().kind(),
             io::ErrorKind::WouldBlock
+        );
+        let st = rig.stats();
+        assert_eq!(
+            (
+                st.requests_of(RequestKind::Write),
+                st.bytes_of(RequestKind::Write)
+            ),
+            (1, 11)
         );
     }
 
@@ -780,6 +837,15 @@ mod tests {
 
         // Used length 0 tells the guest's driver the buffer holds no frame (it drops it).
         assert_eq!(rig.received(), vec![Vec::new(), packet(b"fits")]);
+        let st = rig.stats();
+        assert_eq!(st.drops_of(DropCause::RxTruncated), 1);
+        assert_eq!(
+            (
+                st.requests_of(RequestKind::Read),
+                st.bytes_of(RequestKind::Read)
+            ),
+            (1, 4)
+        );
     }
 
     /// Puts `pkt` (header + frame) on the transmit queue as one descriptor and runs a
@@ -842,6 +908,38 @@ mod tests {
         send_from_guest(&mut rig, &ok);
         let n = peer.recv(&mut got).unwrap();
         assert_eq!(&got[..n], b"next");
+        let st = rig.stats();
+        assert_eq!(st.drops_of(DropCause::TxOversize), 1);
+        assert_eq!(
+            (
+                st.requests_of(RequestKind::Write),
+                st.bytes_of(RequestKind::Write)
+            ),
+            (1, 4)
+        );
+    }
+
+    #[test]
+    fn frames_the_backend_refuses_and_chains_without_a_frame_are_counted_as_drops() {
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let (peer, peer_path) = bound(dir.as_path(), "peer.sock");
+        let dev_path = dir.as_path().join("dev.sock");
+        let backend = NetBackend::socket(&dev_path, Some(&peer_path)).unwrap();
+        let mut rig = Rig::new(backend, 1, 2048);
+        let header_only = vec![0u8; NET_HDR_LEN];
+        send_from_guest(&mut rig, &header_only);
+        // The peer goes away: the next frame cannot be sent.
+        drop(peer);
+        std::fs::remove_file(&peer_path).unwrap();
+        let mut pkt = vec![0u8; NET_HDR_LEN];
+        pkt.extend_from_slice(b"into-the-void");
+
+        send_from_guest(&mut rig, &pkt);
+
+        let st = rig.stats();
+        assert_eq!(st.drops_of(DropCause::TxMalformed), 1);
+        assert_eq!(st.drops_of(DropCause::TxBackend), 1);
+        assert_eq!(st.requests_of(RequestKind::Write), 0, "nothing was sent");
     }
 
     #[test]
