@@ -52,6 +52,8 @@ struct Device {
     /// A re-creation was asked for: the control loop's end is not the platform going away.
     recreate: AtomicBool,
     out: Arc<Mutex<std::io::Stdout>>,
+    /// Bytes leaked per session opened (`--dm-leak-kib`: a self-test of the soak's leak check).
+    leak: usize,
 }
 
 /// A session and what was set up on it.
@@ -103,6 +105,11 @@ impl Device {
         session
             .assign_irqfd(&self.irqfd)
             .context("assigning the irqfd")?;
+        if self.leak > 0 {
+            // Written, so that it is resident; leaked, so that it is never freed; black_box, so
+            // that the optimiser cannot elide the allocation.
+            std::hint::black_box(Box::leak(vec![0xa5u8; self.leak].into_boxed_slice()));
+        }
         *lock(&self.status) = Some(word.clone());
         *lock(&self.session) = Some(session.clone());
         Ok(Live {
@@ -237,8 +244,9 @@ pub fn create_state_files(socket: &Path, dms: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `remio soak --serve-dm SOCKET --first F --count C`: the device-model process.
-pub fn serve_dm_child(socket: &Path, first: u32, count: u32) -> anyhow::Result<()> {
+/// `remio soak --serve-dm SOCKET --first F --count C`: the device-model process; it leaks
+/// `leak` bytes per session it opens (0 but in the self-test of the leak check).
+pub fn serve_dm_child(socket: &Path, first: u32, count: u32, leak: usize) -> anyhow::Result<()> {
     // A thread that panics must not leave the process up with a request it will never
     // complete: the platform would wait for it forever (as Bao would).
     let default_hook = std::panic::take_hook();
@@ -268,6 +276,7 @@ pub fn serve_dm_child(socket: &Path, first: u32, count: u32) -> anyhow::Result<(
             session: Mutex::new(None),
             recreate: AtomicBool::new(false),
             out: out.clone(),
+            leak,
         });
         lives.push(d.open()?);
         devices.push(d);
@@ -328,6 +337,8 @@ pub struct DmProcess {
     pub first: u32,
     /// How many.
     pub count: u32,
+    /// Bytes it leaks per session (`--dm-leak-kib`), passed on to its successors.
+    leak: usize,
     child: Child,
     stdin: ChildStdin,
     lines: Receiver<String>,
@@ -335,14 +346,16 @@ pub struct DmProcess {
 }
 
 impl DmProcess {
-    /// Starts one and waits for `READY`.
-    pub fn spawn(socket: &Path, first: u32, count: u32) -> anyhow::Result<Self> {
+    /// Starts one and waits for `READY`; it leaks `leak` bytes per session it opens (0 but in
+    /// the self-test of the leak check).
+    pub fn spawn(socket: &Path, first: u32, count: u32, leak: usize) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("finding the remio executable")?;
         let mut child = Command::new(exe)
             .arg("soak")
             .arg("--serve-dm")
             .arg(socket)
             .args(["--first", &first.to_string(), "--count", &count.to_string()])
+            .args(["--dm-leak-kib", &(leak >> 10).to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -364,6 +377,7 @@ impl DmProcess {
             socket: socket.to_owned(),
             first,
             count,
+            leak,
             child,
             stdin,
             lines,
@@ -406,7 +420,7 @@ impl DmProcess {
     /// SIGKILLs it, reaps it, and starts a new one on the same DMs (waiting for `READY`).
     pub fn kill_and_restart(&mut self) -> anyhow::Result<()> {
         self.kill();
-        *self = Self::spawn(&self.socket.clone(), self.first, self.count)?;
+        *self = Self::spawn(&self.socket.clone(), self.first, self.count, self.leak)?;
         Ok(())
     }
 

@@ -5,8 +5,11 @@
 //! device-model processes (`remio soak --serve-dm`, see [`dm`]) over the socket API; frontend
 //! vCPU threads issue a mix of accesses as fast as the machine allows ([`load`]) while a churn
 //! thread, at a controlled rate, SIGKILLs and restarts a device-model process, pauses and
-//! resumes a DM, or has a device model re-create its session (its control client). What is
-//! checked, and how, is in docs/reliability.md.
+//! resumes a DM, or has a device model re-create its session (its control client). Device-model
+//! process 0 is never killed (its DMs are still paused and their sessions re-created), so that
+//! one device-model process lives through the run and its resident memory is compared: a
+//! killed and restarted process is another process, whose RSS says nothing about growth. What
+//! is checked, and how, is in docs/reliability.md.
 //!
 //! Phases: start (device models ready); warm-up (`--warmup-secs` of the same load and churn,
 //! starting with one churn event of each kind, so that the process has grown into its steady
@@ -34,8 +37,13 @@ use regs::Expect;
 
 /// DMs under load.
 const DMS: u32 = 16;
-/// Allowed growth of resident memory over the measured run, per process.
+/// Allowed growth of resident memory over the measured run, per process (the platform, and
+/// each device-model process that lived through the run).
 const RSS_BOUND: u64 = 1 << 20;
+/// The device-model process kept out of the kill churn (it still sees pauses of its DMs and
+/// re-creations of their sessions), so that one device-model process lives through the whole
+/// run and its growth is measured: a killed and restarted one is another process.
+const KEPT: usize = 0;
 /// A run that completes no access for this long is hung: the watchdog aborts it.
 const STALL_LIMIT: Duration = Duration::from_secs(60);
 /// How long fds may take to settle after churn stops (a connection thread finishing the
@@ -65,7 +73,7 @@ pub struct Args {
     #[arg(long, default_value_t = 100)]
     churn_ms: u64,
     /// The kinds of churn event to choose from (comma separated): kill (SIGKILL a device-model
-    /// process and restart it), pause (pause a DM for 1-5 ms), recreate (a device model ends a
+    /// process other than process 0 and restart it), pause (pause a DM for 1-5 ms), recreate (a device model ends a
     /// session and opens a new one).
     #[arg(
         long,
@@ -89,12 +97,16 @@ pub struct Args {
     /// Internal: DMs served.
     #[arg(long, hide = true, default_value_t = 0)]
     count: u32,
+    /// Self-test of the leak check: every device-model process leaks this many KiB (allocated,
+    /// written, never freed) each time it opens a session, so the soak must fail on its RSS.
+    #[arg(long, hide = true, default_value_t = 0)]
+    dm_leak_kib: u64,
 }
 
 /// A kind of churn event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum ChurnKind {
-    /// SIGKILL a device-model process and start a new one.
+    /// SIGKILL a device-model process (never process 0) and start a new one.
     Kill,
     /// Pause a DM for 1-5 ms.
     Pause,
@@ -113,7 +125,7 @@ fn quiet_logs() {
 pub fn run(args: Args) -> anyhow::Result<()> {
     quiet_logs();
     if let Some(socket) = &args.serve_dm {
-        return dm::serve_dm_child(socket, args.first, args.count);
+        return dm::serve_dm_child(socket, args.first, args.count, leak_bytes(&args)?);
     }
     anyhow::ensure!(
         (1..=regs::MAX_VCPUS).contains(&args.vcpus),
@@ -124,6 +136,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.dm_processes > 0 && DMS.is_multiple_of(args.dm_processes),
         "--dm-processes must divide {DMS}"
     );
+    anyhow::ensure!(
+        args.dm_processes > 1 || args.churn_ms == 0 || !args.churn.contains(&ChurnKind::Kill),
+        "--churn kill needs --dm-processes of at least 2: device-model process {KEPT} is never \
+         killed, so that its resident memory is measured over the whole run"
+    );
+    leak_bytes(&args)?;
     let stop = match (args.requests, args.secs) {
         (_, Some(s)) => Stop::After(Duration::from_secs(s)),
         (n, None) => Stop::Requests(n.unwrap_or(10_000_000)),
@@ -141,6 +159,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         failures.join("; ")
     );
     Ok(())
+}
+
+/// `--dm-leak-kib` in bytes.
+fn leak_bytes(args: &Args) -> anyhow::Result<usize> {
+    args.dm_leak_kib
+        .checked_mul(1024)
+        .and_then(|b| usize::try_from(b).ok())
+        .filter(|&b| b <= 1 << 30)
+        .context("--dm-leak-kib must be at most 1 GiB")
 }
 
 /// When the measured run stops.
@@ -292,7 +319,19 @@ struct Churner<'a> {
     rng: Rng,
     /// The kinds of event to choose from (see [`Churner::event`]).
     kinds: Vec<u64>,
+    /// DMs `0..kept_dms` are served by device-model process [`KEPT`], which is never killed.
+    kept_dms: u32,
     counts: Churn,
+}
+
+/// A DM whose device-model process a kill event kills: any but the `kept_dms` DMs of process
+/// [`KEPT`] (the first ones).
+fn kill_target(rng: &mut Rng, kept_dms: u32) -> anyhow::Result<u32> {
+    let others = DMS
+        .checked_sub(kept_dms)
+        .filter(|&n| n > 0)
+        .context("every DM is served by the device-model process kept out of the kills")?;
+    Ok(kept_dms + u32::try_from(rng.below(u64::from(others)))?)
 }
 
 impl Churner<'_> {
@@ -307,6 +346,7 @@ impl Churner<'_> {
         let dm = u32::try_from(self.rng.below(u64::from(DMS)))?;
         match kind {
             0 => {
+                let dm = kill_target(&mut self.rng, self.kept_dms)?;
                 let mut procs = lock(self.procs);
                 let p = procs
                     .iter_mut()
@@ -489,9 +529,10 @@ fn soak(args: &Args, stop: Stop) -> anyhow::Result<Report> {
     }
     dm::create_state_files(&socket, DMS)?;
     let per = DMS / args.dm_processes;
+    let leak = leak_bytes(args)?;
     let procs = Mutex::new(
         (0..args.dm_processes)
-            .map(|p| DmProcess::spawn(&socket, p * per, per))
+            .map(|p| DmProcess::spawn(&socket, p * per, per, leak))
             .collect::<anyhow::Result<Vec<_>>>()?,
     );
     let setup = setup_of(&platform);
@@ -519,6 +560,7 @@ fn soak(args: &Args, stop: Stop) -> anyhow::Result<Report> {
                 ChurnKind::Recreate => 2,
             })
             .collect(),
+        kept_dms: per,
         counts: Churn::default(),
     };
     let mut scratch = vec![vec![Expect::known(0); DMS as usize]; args.vcpus];
@@ -779,16 +821,46 @@ impl Report {
                 format!("device-model process {i}: fds {} -> {}", b.fds, a.fds),
             );
             // Growth means one process grew: a slot whose process churn killed and restarted
-            // holds a fresh process, whose RSS is another process's, not growth.
+            // holds a fresh process, whose RSS is another process's, not growth. Process KEPT
+            // is never killed, so at least its growth is always measured.
             check(
                 a.pid != b.pid || a.rss < b.rss + RSS_BOUND,
                 format!(
-                    "device-model process {i}: RSS grew by {} KiB",
-                    a.rss.saturating_sub(b.rss) >> 10
+                    "device-model process {i} (pid {}, lived through the run): RSS grew by {} \
+                     KiB, {} -> {} KiB",
+                    a.pid,
+                    a.rss.saturating_sub(b.rss) >> 10,
+                    b.rss >> 10,
+                    a.rss >> 10
                 ),
             );
         }
+        check(
+            self.survivors().any(|(i, _, _)| i == KEPT),
+            format!(
+                "device-model process {KEPT} did not live through the run: no device model's \
+                 RSS growth was measured"
+            ),
+        );
         f
+    }
+
+    /// The device-model processes that lived through the measured run (same process at both
+    /// samples): `(index, before, after)`.
+    fn survivors(&self) -> impl Iterator<Item = (usize, &Usage, &Usage)> {
+        self.before
+            .dms
+            .iter()
+            .zip(&self.after.dms)
+            .enumerate()
+            .filter(|(_, (b, a))| a.pid == b.pid)
+            .map(|(i, (b, a))| (i, b, a))
+    }
+
+    /// DMs `first..first + count` of device-model process `i`.
+    fn dms_of(&self, i: usize) -> (u32, u32) {
+        let per = DMS / self.args.dm_processes.max(1);
+        (u32::try_from(i).unwrap_or(0) * per, per)
     }
 
     fn to_json(&self) -> serde_json::Value {
@@ -855,8 +927,23 @@ impl Report {
             },
             "settled": self.settled,
             "platform": { "before": usage(&self.before.platform), "after": usage(&self.after.platform) },
-            "device_models": self.before.dms.iter().zip(&self.after.dms)
-                .map(|(b, a)| json!({ "before": usage(b), "after": usage(a) }))
+            "rss_bound_bytes": RSS_BOUND,
+            "device_models": self.before.dms.iter().zip(&self.after.dms).enumerate()
+                .map(|(i, (b, a))| {
+                    let (first, count) = self.dms_of(i);
+                    let survived = a.pid == b.pid;
+                    json!({
+                        "process": i,
+                        "dms": [first, first + count - 1],
+                        "kept_out_of_kills": i == KEPT,
+                        "survived": survived,
+                        "rss_growth_bytes": survived
+                            .then(|| i128::from(a.rss) - i128::from(b.rss))
+                            .and_then(|g| i64::try_from(g).ok()),
+                        "before": usage(b),
+                        "after": usage(a),
+                    })
+                })
                 .collect::<Vec<_>>(),
             "failures": self.failures(),
         })
@@ -929,20 +1016,166 @@ impl Report {
             kib(self.after.platform.rss)
         );
         for (i, (b, a)) in self.before.dms.iter().zip(&self.after.dms).enumerate() {
+            let (first, count) = self.dms_of(i);
+            let growth = if a.pid == b.pid {
+                format!(
+                    " ({:+} KiB; lived through the run{})",
+                    (i128::from(a.rss) - i128::from(b.rss)) >> 10,
+                    if i == KEPT {
+                        ", kept out of the kills"
+                    } else {
+                        ""
+                    }
+                )
+            } else {
+                format!(" (restarted: pid {} -> {}, RSS not compared)", b.pid, a.pid)
+            };
             println!(
-                "  device-model process {i}: fds {} -> {}, RSS {} KiB -> {} KiB{}",
+                "  device-model process {i} (DMs {first}-{}): fds {} -> {}, RSS {} KiB -> {} \
+                 KiB{growth}",
+                first + count - 1,
                 b.fds,
                 a.fds,
                 kib(b.rss),
                 kib(a.rss),
-                if a.pid == b.pid { "" } else { " (restarted)" }
             );
         }
+        println!(
+            "  RSS bound: growth under {} KiB for the platform and each device-model process \
+             that lived through the run ({} of {})",
+            RSS_BOUND >> 10,
+            self.survivors().count(),
+            self.before.dms.len()
+        );
         let failures = self.failures();
         if failures.is_empty() {
             println!("  result: PASS");
         } else {
             println!("  result: FAIL: {}", failures.join("; "));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn usage(pid: u32, rss: u64) -> Usage {
+        Usage { pid, fds: 33, rss }
+    }
+
+    fn sample(dms: Vec<Usage>) -> Sample {
+        Sample {
+            platform: Usage {
+                pid: 1,
+                fds: 175,
+                rss: 6 * MIB,
+            },
+            dms,
+            hyp: Stats::default(),
+            routes: DmStats::default(),
+        }
+    }
+
+    /// A clean run (no request, nothing wrong) whose device-model processes were sampled as
+    /// `before` and `after`.
+    fn report(before: Vec<Usage>, after: Vec<Usage>) -> Report {
+        Report {
+            args: Config {
+                vcpus: 8,
+                dm_processes: u32::try_from(before.len()).unwrap(),
+                churn_ms: 100,
+                timeout_ms: 5000,
+                warmup_secs: 10,
+            },
+            elapsed: Duration::from_secs(1),
+            counts: Counts::default(),
+            churn: Churn::default(),
+            before: sample(before),
+            after: sample(after),
+            settled: true,
+            interrupts: 0,
+        }
+    }
+
+    #[test]
+    fn a_device_model_that_lived_through_the_run_and_grew_past_the_bound_fails_the_soak() {
+        let r = report(
+            vec![usage(10, 11 * MIB), usage(11, 11 * MIB)],
+            vec![usage(10, 11 * MIB + RSS_BOUND), usage(12, 11 * MIB)],
+        );
+
+        let f = r.failures();
+
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(
+            f[0].starts_with(
+                "device-model process 0 (pid 10, lived through the run): RSS grew by 1024 KiB"
+            ),
+            "{f:?}"
+        );
+    }
+
+    #[test]
+    fn a_device_model_that_lived_through_the_run_within_the_bound_passes() {
+        let r = report(
+            vec![usage(10, 11 * MIB), usage(11, 11 * MIB)],
+            vec![usage(10, 11 * MIB + RSS_BOUND - 4096), usage(11, 10 * MIB)],
+        );
+
+        assert_eq!(r.failures(), Vec::<String>::new());
+        assert_eq!(r.survivors().count(), 2);
+    }
+
+    #[test]
+    fn a_restarted_device_model_is_not_compared_for_rss_but_for_fds() {
+        let mut grown = usage(12, 20 * MIB);
+        grown.fds = 34;
+        let r = report(
+            vec![usage(10, 11 * MIB), usage(11, 11 * MIB)],
+            vec![usage(10, 11 * MIB), grown],
+        );
+
+        let f = r.failures();
+
+        assert_eq!(f, vec!["device-model process 1: fds 33 -> 34".to_owned()]);
+        assert_eq!(
+            r.survivors().map(|(i, _, _)| i).collect::<Vec<_>>(),
+            vec![KEPT]
+        );
+    }
+
+    #[test]
+    fn a_run_in_which_the_kept_device_model_was_restarted_fails_the_soak() {
+        let r = report(
+            vec![usage(10, 11 * MIB), usage(11, 11 * MIB)],
+            vec![usage(13, 11 * MIB), usage(11, 11 * MIB)],
+        );
+
+        let f = r.failures();
+
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(f[0].contains("did not live through the run"), "{f:?}");
+    }
+
+    #[test]
+    fn kill_events_pick_every_dm_but_those_of_the_kept_process() {
+        let mut rng = Rng::new(7);
+        let mut seen = [0u32; DMS as usize];
+
+        for _ in 0..10_000 {
+            let dm = kill_target(&mut rng, 4).unwrap();
+            seen[dm as usize] += 1;
+        }
+
+        assert_eq!(&seen[..4], &[0; 4], "a DM of the kept process was killed");
+        assert!(seen[4..].iter().all(|&n| n > 0), "{seen:?}");
+    }
+
+    #[test]
+    fn kill_events_are_refused_when_the_kept_process_serves_every_dm() {
+        assert!(kill_target(&mut Rng::new(7), DMS).is_err());
     }
 }
