@@ -8,8 +8,7 @@
 //! boot lock); every run is bounded.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -97,59 +96,7 @@ fn run_exec(script: &str, extra: &[&str]) -> RunOutput {
 
 /// Like [`run_exec`]; `during` runs once with the remio process id while it runs.
 fn run_exec_with(script: &str, extra: &[&str], during: impl FnOnce(u32)) -> RunOutput {
-    let _lock = boot_lock();
-    let start = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_remio"))
-        .arg("run")
-        .arg("--exec")
-        .arg(script)
-        .arg("--timeout")
-        .arg(FRONTEND_TIMEOUT.as_secs().to_string())
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    during(child.id());
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st.code();
-        }
-        if start.elapsed() > RUN_LIMIT {
-            eprintln!("remio run did not stop within {RUN_LIMIT:?}: killing it");
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let out = RunOutput {
-        status,
-        stdout: t_out.join().unwrap(),
-        stderr: t_err.join().unwrap(),
-        elapsed: start.elapsed(),
-    };
-    eprintln!(
-        "--- remio stdout ({:.1} s) ---\n{}\n--- remio stderr ---\n{}",
-        out.elapsed.as_secs_f64(),
-        out.stdout,
-        out.stderr
-    );
-    out
+    remio_exec_bounded(script, extra, FRONTEND_TIMEOUT, RUN_LIMIT, during)
 }
 
 const PATTERN_LINE: &[u8] = b"remio-c-driver-pattern-0123456789\n";
@@ -569,37 +516,6 @@ echo "WHOLE $(dd if=/dev/vda bs=65536 count=16 iflag=direct 2>/dev/null | md5sum
     );
 }
 
-/// Reads from `s` until `needle` has been seen or `deadline` passes; returns all that was read.
-fn read_until(s: &mut UnixStream, needle: &str, deadline: Instant) -> String {
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !String::from_utf8_lossy(&seen).contains(needle) && Instant::now() < deadline {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => seen.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
-            Err(e) => panic!("console socket: {e}"),
-        }
-    }
-    String::from_utf8_lossy(&seen).into_owned()
-}
-
-fn connect(path: &Path, deadline: Instant) -> UnixStream {
-    loop {
-        match UnixStream::connect(path) {
-            Ok(s) => return s,
-            Err(e) => {
-                assert!(
-                    Instant::now() < deadline,
-                    "console socket never came up: {e}"
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
-}
-
 /// Whether this process may make TAP interfaces (what `--net auto` needs); else a loud skip,
 /// or a failure under REMIO_REQUIRE_GUEST=1.
 fn taps_or_skip(test: &str) -> bool {
@@ -626,13 +542,12 @@ fn through_the_c_driver_the_console_echoes_a_line_and_the_guest_pings_the_host()
     }
     let (dir, img) = temp_image(16 << 20);
     let sock = dir.as_path().join("console.sock");
-    let script = "stty -F /dev/hvc0 -echo; exec 3<>/dev/hvc0; echo READY >&3; \
-                  read -r line <&3; echo \"echo:$line\" >&3; echo GOT \"$line\"; \
-                  ip -o addr show dev eth0; ping -c 3 -W 5 10.77.0.1";
+    let script =
+        format!("{CONSOLE_ECHO_SCRIPT}; ip -o addr show dev eth0; ping -c 3 -W 5 10.77.0.1");
     let mut host_side = String::new();
     let mut remio_pid = 0;
     let out = run_exec_with(
-        script,
+        &script,
         &[
             "--dispatcher",
             "c-driver",
@@ -647,15 +562,7 @@ fn through_the_c_driver_the_console_echoes_a_line_and_the_guest_pings_the_host()
         |pid| {
             remio_pid = pid;
             // The backend may take 100 s to be ready, the frontend as long again to boot.
-            let deadline = Instant::now() + Duration::from_secs(240);
-            let mut s = connect(&sock, deadline);
-            s.set_read_timeout(Some(Duration::from_millis(200)))
-                .unwrap();
-            host_side = read_until(&mut s, "READY", deadline);
-            if host_side.contains("READY") {
-                s.write_all(b"hello-remio-4711\n").unwrap();
-                host_side.push_str(&read_until(&mut s, "echo:hello-remio-4711", deadline));
-            }
+            host_side = console_echo_host_side(&sock, Instant::now() + Duration::from_secs(240));
         },
     );
     assert!(
@@ -687,32 +594,15 @@ fn through_the_c_driver_a_config_files_socket_console_echoes_a_line() {
     }
     let (dir, img) = temp_image(16 << 20);
     let sock = dir.as_path().join("console.sock");
-    let config = dir.as_path().join("devices.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[[device]]\ndm_id = 0\ntype = \"block\"\nmmio_base = 0x10000000\npath = \"{}\"\n\n\
-             [[device]]\ndm_id = 1\ntype = \"console\"\nmmio_base = 0x10000200\n\
-             backend = \"socket\"\nsocket = \"{}\"\n",
-            path_str(&img),
-            path_str(&sock)
-        ),
-    )
-    .unwrap();
-    let script = "stty -F /dev/hvc0 -echo; exec 3<>/dev/hvc0; echo READY >&3; \
-                  read -r line <&3; echo \"echo:$line\" >&3; echo GOT \"$line\"";
+    let config = console_echo_config(dir.as_path(), &img, &sock);
     let mut host_side = String::new();
-    let out = c_driver_exec_with(script, &["--config", path_str(&config)], |_| {
-        let deadline = Instant::now() + Duration::from_secs(240);
-        let mut s = connect(&sock, deadline);
-        s.set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        host_side = read_until(&mut s, "READY", deadline);
-        if host_side.contains("READY") {
-            s.write_all(b"hello-remio-4711\n").unwrap();
-            host_side.push_str(&read_until(&mut s, "echo:hello-remio-4711", deadline));
-        }
-    });
+    let out = c_driver_exec_with(
+        CONSOLE_ECHO_SCRIPT,
+        &["--config", path_str(&config)],
+        |_| {
+            host_side = console_echo_host_side(&sock, Instant::now() + Duration::from_secs(240));
+        },
+    );
     assert!(
         host_side.contains("READY"),
         "the guest never said READY: {host_side:?}"
@@ -729,19 +619,47 @@ fn through_the_c_driver_a_config_files_socket_console_echoes_a_line() {
 }
 
 /// The frontend's half of the "destroy another DM" demonstrations: disk I/O works, then it
-/// asks (a marker at sector 2048 of its disk) for device 1 (rng) to be opened by a second
-/// device-model process that then goes away, waits, and tries its disk again (in the
-/// background, bounded: a stalled virtio-blk read cannot be killed).
+/// asks (a marker at sector 2048 of its disk) for device 1 (rng) to be opened and closed by a
+/// second process, waits until the host says that is done (a marker at sector 2049, which the
+/// backend hook or the test writes once the second process has closed: `CLOSE-SEEN`), and
+/// reads its disk back. Both in the background, bounded: a stalled virtio-blk read cannot be
+/// killed, and on the posted C driver the disk stalls for good once DM 1 is closed.
 const DESTROY_SCRIPT: &str = "dd if=/dev/urandom of=/tmp/p bs=4096 count=16 2>/dev/null; \
     dd if=/tmp/p of=/dev/vda bs=4096 seek=64 oflag=direct conv=fsync 2>/dev/null \
       && echo WRITE-OK; \
     echo REMIO-DESTROY-DM-1 | dd of=/dev/vda bs=512 seek=2048 conv=sync,fsync oflag=direct \
       2>/dev/null; \
-    sleep 20; \
-    ( dd if=/dev/vda of=/tmp/q bs=4096 skip=64 count=16 iflag=direct 2>/dev/null \
+    ( until dd if=/dev/vda bs=512 skip=2049 count=1 iflag=direct 2>/dev/null \
+          | grep -q REMIO-DM-1-CLOSED; do sleep 0.2; done; echo CLOSE-SEEN; \
+      dd if=/dev/vda of=/tmp/q bs=4096 skip=64 count=16 iflag=direct 2>/dev/null \
         && cmp -s /tmp/p /tmp/q && echo READ-BACK-OK ) & pid=$!; \
-    i=0; while kill -0 $pid 2>/dev/null && [ $i -lt 40 ]; do sleep 1; i=$((i+1)); done; \
+    i=0; while kill -0 $pid 2>/dev/null && [ $i -lt 90 ]; do sleep 1; i=$((i+1)); done; \
     kill -0 $pid 2>/dev/null && echo DISK-STALLED; echo FINISHED";
+
+/// The marker the host writes at sector 2049 once the second process has closed DM 1.
+const CLOSED_MARKER: &[u8] = b"REMIO-DM-1-CLOSED\n";
+
+/// The backend hook of the C-driver half: once the frontend's marker is on the disk (the
+/// backend's /dev/vda), baodefect shows the DEASSIGN defect on DM 1 (at 0x100003f0: DM 1's
+/// window is at 0x10000200, and 0x1f0 in it is no register the frontend writes), then a second
+/// process gets a DM 1 fd and closes it. Each step waits for the line baodefect prints when it is
+/// done (bounded); the close is waited for until it returns or for 5 s (on the posted driver
+/// it does not return). Then the hook writes [`CLOSED_MARKER`] for the frontend.
+const DESTROY_HOOK: &str =
+    "( while ! dd if=/dev/vda bs=512 skip=2048 count=1 iflag=direct 2>/dev/null \
+         | grep -q REMIO-DESTROY-DM-1; do usleep 300000; done; \
+       wait_line() { i=0; until grep -q \"$2\" $1 2>/dev/null || [ $i -ge $3 ]; do \
+         usleep 100000; i=$((i+1)); done; cat $1; }; \
+       baodefect deassign 1 0x100003f0 > /tmp/deassign.out & \
+       wait_line /tmp/deassign.out REMIO-DEFECT 300; \
+       baodefect close 1 > /tmp/close.out & \
+       wait_line /tmp/close.out REMIO-DEFECT 300 >/dev/null; \
+       wait_line /tmp/close.out closed= 50; \
+       grep -q closed= /tmp/close.out && echo REMIO-TEST-CLOSE-RETURNED \
+         || echo REMIO-TEST-CLOSE-DID-NOT-RETURN; \
+       echo REMIO-DM-1-CLOSED | dd of=/dev/vda bs=512 seek=2049 conv=sync,fsync oflag=direct \
+         2>/dev/null; \
+       echo REMIO-TEST-CLOSED; dmesg | tail -n 20 ) &\n";
 
 /// The second device model's config: device 1 (rng) alone.
 const RNG_ONLY: &str = "[[device]]\ndm_id = 1\ntype = \"rng\"\nmmio_base = 0x10000200\n";
@@ -758,6 +676,154 @@ fn destroy_marker_in(img: &Path) -> bool {
         .is_ok_and(|()| buf.starts_with(b"REMIO-DESTROY-DM-1"))
 }
 
+/// Writes [`CLOSED_MARKER`] at sector 2049 of `img` (the frontend reads it with O_DIRECT
+/// through the device model, which reads the file).
+fn write_closed_marker(img: &Path) {
+    use std::io::{Seek, Write};
+    let mut f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+    f.seek(std::io::SeekFrom::Start(2049 * 512)).unwrap();
+    f.write_all(CLOSED_MARKER).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// One DM's row of `remio stats --json`: (session state, sessions it has had, requests the
+/// dispatcher fetched for it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct DmRow {
+    state: String,
+    sessions: u64,
+    requests: u64,
+}
+
+/// DM `id`'s row in the stats of `remio run` process `pid` (its stats socket), read with
+/// `remio stats --json`.
+fn dm_row(pid: u32, id: u64) -> DmRow {
+    // Where `remio run` serves its stats (crates/remio/src/stats.rs, `run_dir`).
+    let dir = match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+        Some(d) if d.is_dir() => d.join("remio"),
+        // SAFETY: getuid has no preconditions.
+        _ => std::env::temp_dir().join(format!("remio-{}", unsafe { libc::getuid() })),
+    };
+    let socket = dir.join(format!("stats-{pid}.sock"));
+    let out = Command::new(env!("CARGO_BIN_EXE_remio"))
+        .args(["stats", "--json", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+        panic!(
+            "remio stats --json: {e}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let row = json["dms"]
+        .as_array()
+        .and_then(|dms| dms.iter().find(|d| d["id"].as_u64() == Some(id)))
+        .unwrap_or_else(|| panic!("no DM {id} in {json}"));
+    DmRow {
+        state: row["session_state"].as_str().unwrap_or_default().to_owned(),
+        sessions: row["sessions"].as_u64().unwrap_or_default(),
+        requests: row["requests"].as_u64().unwrap_or_default(),
+    }
+}
+
+/// What the second client on remio's socket API did and what the platform said around it.
+#[derive(Debug, Default)]
+struct SecondClient {
+    /// DM 0's and DM 1's stats rows before it started.
+    before: Option<(DmRow, DmRow)>,
+    /// Its stdout (REMIO-DM-READY / REMIO-DM-FAILED) and stderr (its error).
+    stdout: String,
+    stderr: String,
+    /// Its exit code, once it has exited (`None`: it did not exit within the deadline and was
+    /// killed).
+    exit: Option<i32>,
+    /// Whether it printed REMIO-DM-READY (it served DM 1), after which it was stopped
+    /// (SIGTERM: it ends its sessions) and waited for.
+    served: bool,
+    /// DM 0's and DM 1's stats rows after it exited.
+    after: Option<(DmRow, DmRow)>,
+}
+
+/// The C side's baodefect against remio's dispatcher, run while `remio run` (`pid`) serves
+/// the frontend: once the frontend's disk has worked (its marker in `img`), a second `remio
+/// dm` asks the platform's socket API for DM 1 (OPEN, the socket API's DM_GET_INFO) while
+/// the run's device model serves it, and ends (closing its connection and, had it got one,
+/// its session), while the frontend keeps using DM 0 (it reads sector 2049 over and over).
+/// Then [`CLOSED_MARKER`] goes to the disk so that the frontend reads its data back. No
+/// assertion here: the test checks what this returns.
+fn second_client_on_dm_1(pid: u32, img: &Path, rng_only: &Path) -> SecondClient {
+    let mut second = SecondClient::default();
+    let deadline = Instant::now() + Duration::from_secs(200);
+    while !destroy_marker_in(img) {
+        if Instant::now() > deadline {
+            return second;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let Some(socket) = run_dir_socket(pid, "api.sock", Duration::from_secs(10)) else {
+        return second;
+    };
+    second.before = Some((dm_row(pid, 0), dm_row(pid, 1)));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_remio"))
+        .args(["dm", "--socket"])
+        .arg(&socket)
+        .arg("--config")
+        .arg(rng_only)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Its stdout line by line (REMIO-DM-READY / REMIO-DM-FAILED), then its end (None).
+    let (tx, lines) = std::sync::mpsc::channel::<Option<String>>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(Some(line));
+        }
+        let _ = tx.send(None);
+    });
+    let t_err = read_in_background(child.stderr.take().unwrap());
+    // Until it says it serves (REMIO-DM-READY) or fails, or its stdout ends (it exited).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(Some(line)) => {
+                second.stdout.push_str(&line);
+                second.stdout.push('\n');
+                if line.starts_with("REMIO-DM-READY") {
+                    second.served = true;
+                    // SAFETY: kill(2) on our own child's pid; no memory involved.
+                    unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGTERM) };
+                }
+            }
+            Ok(None) => break,
+            Err(_) => {
+                let _ = child.kill();
+                break;
+            }
+        }
+    }
+    let status = child.wait().unwrap();
+    second.exit = if Instant::now() < deadline {
+        status.code()
+    } else {
+        None
+    };
+    second.stderr = t_err.join().unwrap();
+    second.after = Some((dm_row(pid, 0), dm_row(pid, 1)));
+    write_closed_marker(img);
+    second
+}
+
 /// Defects "IOEVENTFD with DEASSIGN deassigns, then assigns again" and "one global interrupt
 /// handler for all DMs: destroying one DM silences all" (spec/remote-io.md), shown from the
 /// backend VM with guest/backend/tools/baodefect once the frontend's disk has worked: a second
@@ -765,9 +831,15 @@ fn destroy_marker_in(img: &Path) -> bool {
 /// deassigns and assigns again an ioeventfd (EEXIST: the deassign re-assigned it), and another
 /// closes its DM 1 fd while alive, which destroys DM 1 under the device model, clears the one
 /// interrupt handler of every DM (and destroys DM 0's dispatch workqueue: the id was zeroed
-/// first). The frontend's disk, DM 0, then gets no answer. The same action against remio's
-/// dispatcher (a second `remio dm` for device 1 on the platform's socket, then killed) leaves
-/// the disk working. remio's DEASSIGN is `deassign_does_not_reassign` in crates/dispatcher, the
+/// first). The frontend's disk, DM 0, then gets no answer.
+///
+/// The same action against remio's dispatcher: a second `remio dm` for device 1 on the
+/// platform's socket while the run's device model serves DM 1 and the frontend reads its disk.
+/// remio's socket API refuses a second holder of a DM (OPEN answers EBUSY: one control session
+/// a DM), so the second process gets no handle on DM 1; it fails naming the refusal and
+/// exits, closing its connection; the platform's stats show DM 1 still served by its one
+/// session and DM 0 still dispatching; and the frontend, told only after that exit, reads its
+/// data back. remio's DEASSIGN is `deassign_does_not_reassign` in crates/dispatcher, the
 /// destruction of one of its DMs `destroying_one_dm_leaves_another_dispatching`.
 #[test]
 fn one_process_closing_a_dm_silences_every_dm_on_the_c_driver_but_not_on_remios() {
@@ -776,16 +848,7 @@ fn one_process_closing_a_dm_silences_every_dm_on_the_c_driver_but_not_on_remios(
     }
     let (dir, img) = temp_image(16 << 20);
     let hook = dir.as_path().join("backend.sh");
-    // DM 1's window is at 0x10000200; 0x1f0 in it is no register the frontend writes.
-    std::fs::write(
-        &hook,
-        "( while ! dd if=/dev/vda bs=512 skip=2048 count=1 iflag=direct 2>/dev/null \
-             | grep -q REMIO-DESTROY-DM-1; do usleep 300000; done; \
-           baodefect deassign 1 0x100003f0 & sleep 2; \
-           baodefect close 1 & sleep 3; \
-           echo REMIO-TEST-CLOSED; dmesg | tail -n 20 ) &\n",
-    )
-    .unwrap();
+    std::fs::write(&hook, DESTROY_HOOK).unwrap();
     let cdrv = c_driver_exec(
         DESTROY_SCRIPT,
         &[
@@ -801,41 +864,11 @@ fn one_process_closing_a_dm_silences_every_dm_on_the_c_driver_but_not_on_remios(
     let (dir2, img2) = temp_image(16 << 20);
     let rng_only = dir2.as_path().join("rng-only.toml");
     std::fs::write(&rng_only, RNG_ONLY).unwrap();
-    let mut second_dm = None;
+    let mut second = SecondClient::default();
     let remio = run_exec_with(
         DESTROY_SCRIPT,
         &["--disk", path_str(&img2), "--no-console"],
-        |pid| {
-            let deadline = Instant::now() + Duration::from_secs(200);
-            while !destroy_marker_in(&img2) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            let socket = std::fs::read_dir(std::env::temp_dir())
-                .unwrap()
-                .filter_map(Result::ok)
-                .map(|e| e.path())
-                .find(|p| {
-                    p.file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.starts_with(&format!("remio-run-{pid}-")))
-                })
-                .map(|d| d.join("api.sock"))
-                .expect("the run directory of remio run");
-            let mut child = Command::new(env!("CARGO_BIN_EXE_remio"))
-                .args(["dm", "--socket"])
-                .arg(&socket)
-                .arg("--config")
-                .arg(&rng_only)
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            std::thread::sleep(Duration::from_secs(2));
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            second_dm = Some(String::from_utf8_lossy(&out.stderr).into_owned());
-        },
+        |pid| second = second_client_on_dm_1(pid, &img2, &rng_only),
     );
 
     assert!(cdrv.stdout.contains("WRITE-OK"), "the disk worked first");
@@ -845,25 +878,72 @@ fn one_process_closing_a_dm_silences_every_dm_on_the_c_driver_but_not_on_remios(
         "the posted driver's DEASSIGN left the ioeventfd assigned"
     );
     assert!(
-        cdrv.stderr.contains("REMIO-DEFECT close dm=1"),
-        "a second process closed its DM 1 fd in the backend VM"
+        cdrv.stderr.contains("REMIO-DEFECT close dm=1 fd="),
+        "a second process got a DM 1 fd in the backend VM and closed it"
+    );
+    assert!(
+        cdrv.stderr.contains("REMIO-TEST-CLOSED"),
+        "the backend hook finished"
     );
     assert!(
         !cdrv.stdout.contains("READ-BACK-OK"),
         "the posted driver kept serving DM 0 after DM 1 was destroyed"
     );
     eprintln!(
-        "c-driver: after DM 1's destruction the disk {}",
+        "c-driver: close() {}; after it the disk {}",
+        if cdrv.stderr.contains("REMIO-TEST-CLOSE-RETURNED") {
+            "returned"
+        } else {
+            "did not return within 5 s"
+        },
         if cdrv.stdout.contains("DISK-STALLED") {
             "stalled (no answer)"
         } else {
             "failed"
         }
     );
+
+    eprintln!("remio: the second device model: {second:#?}");
     assert_eq!(remio.status, Some(0));
-    eprintln!("remio: the second device model said: {second_dm:?}");
-    assert!(second_dm.is_some(), "the second device model ran");
-    assert!(remio.stdout.contains("WRITE-OK"));
+    assert!(remio.stdout.contains("WRITE-OK"), "the disk worked first");
+    let (before0, before1) = second
+        .before
+        .clone()
+        .expect("the frontend never wrote its marker, or remio run has no API socket");
+    assert_eq!(
+        before1.state, "serving",
+        "the run's device model serves DM 1"
+    );
+    assert_eq!(before1.sessions, 1);
+    assert_eq!(before0.state, "serving");
+    // (a) The second process asked for DM 1 and was refused: one holder a DM.
+    assert!(
+        !second.served && !second.stdout.contains("REMIO-DM-READY"),
+        "the second process got DM 1 while the run's device model serves it"
+    );
+    assert!(
+        second.stderr.contains("starting the devices: DM 1: busy"),
+        "the second process says the platform refused it DM 1: {}",
+        second.stderr
+    );
+    assert_eq!(second.exit, Some(1), "the second process exited on its own");
+    let (after0, after1) = second.after.clone().unwrap();
+    assert_eq!(
+        (after1.state.as_str(), after1.sessions),
+        ("serving", 1),
+        "DM 1 is still served by its one session after the second process closed"
+    );
+    // (b) DM 0 kept its session, and its disk worked afterwards: the frontend, told only once
+    // the second process was gone, read its data back.
+    assert_eq!(after0.state, "serving");
+    eprintln!(
+        "remio: DM 0 dispatched {} requests while the second process ran",
+        after0.requests.saturating_sub(before0.requests)
+    );
+    assert!(
+        remio.stdout.contains("CLOSE-SEEN"),
+        "the frontend read the host's marker"
+    );
     assert!(
         remio.stdout.contains("READ-BACK-OK") && !remio.stdout.contains("DISK-STALLED"),
         "remio's dispatcher kept serving DM 0"

@@ -16,25 +16,11 @@ use std::time::{Duration, Instant};
 mod e2e_common;
 use e2e_common::*;
 
-fn virtiofsd_present() -> bool {
-    std::env::var_os("REMIO_VIRTIOFSD")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/tools/bin/virtiofsd")
-        })
-        .is_file()
-}
-
 fn setup(test: &str) -> Option<(vmm_sys_util::tempdir::TempDir, PathBuf, PathBuf)> {
     if !prerequisites(test) {
         return None;
     }
-    if !virtiofsd_present() {
-        let why = "virtiofsd not in target/tools/bin (run scripts/setup) nor REMIO_VIRTIOFSD";
-        assert!(!guest_required(), "{test}: REMIO_REQUIRE_GUEST=1 but {why}");
-        eprintln!("\n*** SKIPPED {test}: {why} ***\n");
-        return None;
-    }
+    daemon_or_skip(test, "REMIO_VIRTIOFSD", "virtiofsd")?;
     let (dir, img) = temp_image(16 << 20);
     let share = dir.as_path().join("share");
     std::fs::create_dir(&share).unwrap();

@@ -17,15 +17,6 @@ use std::time::{Duration, Instant};
 mod e2e_common;
 use e2e_common::*;
 
-fn virtiofsd() -> Option<PathBuf> {
-    let path = std::env::var_os("REMIO_VIRTIOFSD")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/tools/bin/virtiofsd")
-        });
-    path.is_file().then_some(path)
-}
-
 /// The daemon, killed when dropped.
 struct Daemon(Child);
 
@@ -60,31 +51,21 @@ fn start_virtiofsd(bin: &Path, sock: &Path, share: &Path) -> Daemon {
 }
 
 fn config(dir: &Path, img: &Path, sock: &Path) -> PathBuf {
-    let config = dir.join("devices.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[[device]]\ndm_id = 0\ntype = \"block\"\nmmio_base = 0x10000000\npath = \"{}\"\n\n\
-             [[device]]\ndm_id = 1\ntype = \"fs\"\nmmio_base = 0x10000200\n\
-             socket = \"{}\"\ntag = \"hostshare\"\n",
-            path_str(img),
+    disk_and_dm1_config(
+        dir,
+        img,
+        &format!(
+            "type = \"fs\"\nsocket = \"{}\"\ntag = \"hostshare\"\n",
             path_str(sock)
         ),
     )
-    .unwrap();
-    config
 }
 
 fn setup(test: &str) -> Option<(PathBuf, vmm_sys_util::tempdir::TempDir, PathBuf, PathBuf)> {
     if !prerequisites(test) {
         return None;
     }
-    let Some(bin) = virtiofsd() else {
-        let why = "virtiofsd not in target/tools/bin (run scripts/setup) nor REMIO_VIRTIOFSD";
-        assert!(!guest_required(), "{test}: REMIO_REQUIRE_GUEST=1 but {why}");
-        eprintln!("\n*** SKIPPED {test}: {why} ***\n");
-        return None;
-    };
+    let bin = daemon_or_skip(test, "REMIO_VIRTIOFSD", "virtiofsd")?;
     let (dir, img) = temp_image(16 << 20);
     let share = dir.as_path().join("share");
     std::fs::create_dir(&share).unwrap();

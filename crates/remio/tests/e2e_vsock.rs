@@ -13,9 +13,8 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::{Read, Write};
-use std::os::unix::fs::FileTypeExt as _;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,36 +25,6 @@ const MIB: usize = 1 << 20;
 const GUEST_CID: &str = "7";
 const HOST_PORT: u32 = 5000;
 const GUEST_PORT: u32 = 5001;
-
-fn daemon_present() -> bool {
-    std::env::var_os("REMIO_VHOST_DEVICE_VSOCK")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../../target/tools/bin/vhost-device-vsock")
-        })
-        .is_file()
-}
-
-/// The host socket of `remio run` process `pid` (its run directory's `vsock`), once it listens.
-fn host_socket(pid: u32, limit: Duration) -> Option<PathBuf> {
-    let deadline = Instant::now() + limit;
-    let prefix = format!("remio-run-{pid}-");
-    while Instant::now() < deadline {
-        let found = std::fs::read_dir(std::env::temp_dir())
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-            .map(|e| e.path().join("vsock"))
-            .find(|p| std::fs::metadata(p).is_ok_and(|m| m.file_type().is_socket()));
-        if found.is_some() {
-            return found;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
-}
 
 /// Echoes one connection accepted on `listener` (within `limit`) until the peer shuts down
 /// its write side.
@@ -147,14 +116,13 @@ fn one_mib_round_trips_guest_to_host_echo_and_host_to_guest_echo_over_vsock() {
     if !prerequisites("e2e_vsock") {
         return;
     }
-    if !daemon_present() {
-        let why = "vhost-device-vsock not in target/tools/bin (run scripts/setup) nor \
-                   REMIO_VHOST_DEVICE_VSOCK";
-        assert!(
-            !guest_required(),
-            "e2e_vsock: REMIO_REQUIRE_GUEST=1 but {why}"
-        );
-        eprintln!("\n*** SKIPPED e2e_vsock: {why} ***\n");
+    if daemon_or_skip(
+        "e2e_vsock",
+        "REMIO_VHOST_DEVICE_VSOCK",
+        "vhost-device-vsock",
+    )
+    .is_none()
+    {
         return;
     }
     let (_dir, img) = temp_image(16 << 20);
@@ -177,7 +145,7 @@ fn one_mib_round_trips_guest_to_host_echo_and_host_to_guest_echo_over_vsock() {
         &script,
         &["--disk", path_str(&img), "--vsock", GUEST_CID],
         move |pid| {
-            let Some(host) = host_socket(pid, Duration::from_secs(60)) else {
+            let Some(host) = run_dir_socket(pid, "vsock", Duration::from_secs(60)) else {
                 return;
             };
             let mut port_path = host.clone().into_os_string();

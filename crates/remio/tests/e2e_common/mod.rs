@@ -113,6 +113,19 @@ pub fn remio_exec(script: &str, extra: &[&str]) -> RunOutput {
 
 /// Like [`remio_exec`]; `during` runs once with the remio process id, while it runs.
 pub fn remio_exec_with(script: &str, extra: &[&str], during: impl FnOnce(u32)) -> RunOutput {
+    remio_exec_bounded(script, extra, GUEST_TIMEOUT, GUEST_TIMEOUT + GRACE, during)
+}
+
+/// Like [`remio_exec_with`], with `remio run --timeout` `timeout`, and killed by the test once
+/// `limit` has passed since its start (a run that needs longer than [`GUEST_TIMEOUT`]: the
+/// backend VM of `--dispatcher c-driver` boots first).
+pub fn remio_exec_bounded(
+    script: &str,
+    extra: &[&str],
+    timeout: Duration,
+    limit: Duration,
+    during: impl FnOnce(u32),
+) -> RunOutput {
     let _lock = boot_lock();
     let start = Instant::now();
     let child = Command::new(env!("CARGO_BIN_EXE_remio"))
@@ -120,7 +133,7 @@ pub fn remio_exec_with(script: &str, extra: &[&str], during: impl FnOnce(u32)) -
         .arg("--exec")
         .arg(script)
         .arg("--timeout")
-        .arg(GUEST_TIMEOUT.as_secs().to_string())
+        .arg(timeout.as_secs().to_string())
         .args(extra)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
@@ -129,25 +142,15 @@ pub fn remio_exec_with(script: &str, extra: &[&str], during: impl FnOnce(u32)) -
         .spawn()
         .expect("spawning remio");
     let mut child = KillOnDrop(child);
-    let mut out = child.0.stdout.take().unwrap();
-    let mut err = child.0.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
+    let t_out = read_in_background(child.0.stdout.take().unwrap());
+    let t_err = read_in_background(child.0.stderr.take().unwrap());
     during(child.0.id());
     let status = loop {
         if let Some(st) = child.0.try_wait().unwrap() {
             break st.code();
         }
-        if start.elapsed() > GUEST_TIMEOUT + GRACE {
-            eprintln!("remio run did not stop after its own timeout: killing it");
+        if start.elapsed() > limit {
+            eprintln!("remio run did not stop within {limit:?}: killing it");
             let _ = child.0.kill();
             let _ = child.0.wait();
             break None;
@@ -167,6 +170,16 @@ pub fn remio_exec_with(script: &str, extra: &[&str], during: impl FnOnce(u32)) -
         out.stderr
     );
     out
+}
+
+/// Reads all of `from` (a child's stdout or stderr) on a thread of its own, so that the child
+/// never blocks on a full pipe; the thread returns it as text.
+pub fn read_in_background(mut from: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = from.read_to_string(&mut s);
+        s
+    })
 }
 
 /// A fresh sparse raw image of `size` bytes in a new temporary directory.
@@ -207,4 +220,141 @@ pub fn host_tool(test: &str, name: &str) -> Option<PathBuf> {
         eprintln!("\n*** SKIPPED {test}: {why} ***\n");
     }
     found
+}
+
+/// A helper daemon a test drives (virtiofsd, vhost-device-vsock): the binary the environment
+/// variable `env` names, else `target/tools/bin/<name>` (scripts/setup installs it there).
+/// `None` after saying, for `test`, why it skips; with REMIO_REQUIRE_GUEST=1 a missing daemon
+/// fails instead.
+pub fn daemon_or_skip(test: &str, env: &str, name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../target/tools/bin")
+            .join(name)
+    });
+    if path.is_file() {
+        return Some(path);
+    }
+    let why = format!("{name} not in target/tools/bin (run scripts/setup) nor {env}");
+    assert!(!guest_required(), "{test}: REMIO_REQUIRE_GUEST=1 but {why}");
+    eprintln!("\n*** SKIPPED {test}: {why} ***\n");
+    None
+}
+
+/// Waits (bounded by `limit`) for `name` in the run directory of `remio run` process `pid`
+/// (`$TMPDIR/remio-run-<pid>-*`) to be a listening socket; its path, or `None` at the limit.
+pub fn run_dir_socket(pid: u32, name: &str, limit: Duration) -> Option<PathBuf> {
+    use std::os::unix::fs::FileTypeExt as _;
+    let deadline = Instant::now() + limit;
+    let prefix = format!("remio-run-{pid}-");
+    loop {
+        let found = std::fs::read_dir(std::env::temp_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.path().join(name))
+            .find(|p| std::fs::metadata(p).is_ok_and(|m| m.file_type().is_socket()));
+        if found.is_some() || Instant::now() >= deadline {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The console echo of e2e_console (also run through the C driver by cdriver_e2e): the guest
+/// says READY on /dev/hvc0, reads one line from it, writes it back as `echo:<line>` and prints
+/// `GOT <line>` on its own output.
+pub const CONSOLE_ECHO_SCRIPT: &str =
+    "stty -F /dev/hvc0 -echo; exec 3<>/dev/hvc0; echo READY >&3; \
+     read -r line <&3; echo \"echo:$line\" >&3; echo GOT \"$line\"";
+
+/// The line the host sends in [`console_echo_host_side`].
+pub const CONSOLE_ECHO_LINE: &str = "hello-remio-4711";
+
+/// A `--config` file (`dir/devices.toml`): the disk `img` at DM 0 (window 0x10000000) and, at
+/// DM 1 (window 0x10000200), the device `dm1` describes (the rest of its `[[device]]` table:
+/// its type and backend keys, one a line).
+pub fn disk_and_dm1_config(dir: &Path, img: &Path, dm1: &str) -> PathBuf {
+    let config = dir.join("devices.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[device]]\ndm_id = 0\ntype = \"block\"\nmmio_base = 0x10000000\npath = \"{}\"\n\n\
+             [[device]]\ndm_id = 1\nmmio_base = 0x10000200\n{dm1}",
+            path_str(img),
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// [`disk_and_dm1_config`] with a virtio console on the UNIX socket `sock` at DM 1, for
+/// [`CONSOLE_ECHO_SCRIPT`].
+pub fn console_echo_config(dir: &Path, img: &Path, sock: &Path) -> PathBuf {
+    disk_and_dm1_config(
+        dir,
+        img,
+        &format!(
+            "type = \"console\"\nbackend = \"socket\"\nsocket = \"{}\"\n",
+            path_str(sock)
+        ),
+    )
+}
+
+/// The host's side of [`CONSOLE_ECHO_SCRIPT`] on the console socket `sock` (connected to as
+/// soon as it exists, until `deadline`): reads until READY, then sends [`CONSOLE_ECHO_LINE`] and
+/// reads until its echo. Returns all it read (without READY, it sent nothing).
+pub fn console_echo_host_side(sock: &Path, deadline: Instant) -> String {
+    let mut s = connect_until(sock, deadline);
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut host_side = read_until(&mut s, "READY", deadline);
+    if host_side.contains("READY") {
+        std::io::Write::write_all(&mut s, format!("{CONSOLE_ECHO_LINE}\n").as_bytes()).unwrap();
+        host_side.push_str(&read_until(
+            &mut s,
+            &format!("echo:{CONSOLE_ECHO_LINE}"),
+            deadline,
+        ));
+    }
+    host_side
+}
+
+/// Connects to the UNIX socket at `path`, retrying until `deadline` (it may not exist yet).
+pub fn connect_until(path: &Path, deadline: Instant) -> std::os::unix::net::UnixStream {
+    loop {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(s) => return s,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "{} never came up: {e}",
+                    path.display()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Reads from `s` (which has a read timeout) until `needle` has been seen, the peer closes, or
+/// `deadline` passes; returns all that was read.
+pub fn read_until(
+    s: &mut std::os::unix::net::UnixStream,
+    needle: &str,
+    deadline: Instant,
+) -> String {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&seen).contains(needle) && Instant::now() < deadline {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e) => panic!("socket: {e}"),
+        }
+    }
+    String::from_utf8_lossy(&seen).into_owned()
 }
