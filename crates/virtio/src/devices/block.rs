@@ -21,15 +21,21 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use crate::devices::block_engine::{BlockEngine, FileEngine};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crate::crash_point::crash_point;
 use crate::device::{
-    drain_queue, fail_device, read_config_bytes, ActivateContext, ActivateError, EventLoop,
-    Interrupt, VirtioDevice, Worker, STOP_TOKEN,
+    check_avail, fail_device, read_config_bytes, ActivateContext, ActivateError, EventLoop,
+    Interrupt, QueueError, VirtioDevice, Worker, STOP_TOKEN,
 };
 use remio_ratelimit::warn_rl;
 
@@ -592,22 +598,8 @@ impl<E: BlockEngine> BlockBackend<E> {
         descs: I,
         stats: &crate::stats::DeviceStats,
     ) -> u32 {
-        use crate::stats::RequestKind as K;
         let (used, status) = self.handle_inner(mem, descs);
-        let kind = match (status == S_UNSUPP, self.req.kind) {
-            (false, Some(RequestType::In)) => K::Read,
-            (false, Some(RequestType::Out)) => K::Write,
-            (false, Some(RequestType::Flush)) => K::Flush,
-            (false, Some(RequestType::GetId)) => K::GetId,
-            (false, Some(RequestType::Discard)) => K::Discard,
-            (false, Some(RequestType::WriteZeroes)) => K::WriteZeroes,
-            _ => K::Other,
-        };
-        let bytes = match kind {
-            K::Read | K::Write if status == S_OK => self.req.data_len,
-            _ => 0,
-        };
-        stats.record(kind, bytes, status == S_OK);
+        count_request(stats, &self.req, status);
         used
     }
 
@@ -618,28 +610,32 @@ impl<E: BlockEngine> BlockBackend<E> {
         descs: I,
     ) -> (u32, u8) {
         let mut req = std::mem::take(&mut self.req);
-        let (status, written) = match parse_block_request(mem, descs, self.disk, &mut req) {
-            Ok(()) => match self.execute(mem, &req) {
-                Ok(written) => (S_OK, written),
-                Err(status) => (status, 0),
-            },
-            Err(e) => {
-                warn_rl!("virtio-blk: request refused: {e}");
-                (e.status().unwrap_or(S_IOERR), 0)
-            }
-        };
-        let used = match req.status_addr {
-            Some(addr) => match mem.write_obj(status, addr) {
-                Ok(()) => written.saturating_add(1),
-                Err(e) => {
-                    warn_rl!("virtio-blk: cannot write status: {e}");
-                    0
-                }
-            },
-            None => 0,
+        let answer = match parse_block_request(mem, descs, self.disk, &mut req) {
+            Ok(()) => self.answer(mem, &req),
+            Err(e) => answer_refused(mem, &req, e),
         };
         self.req = req;
-        (used, status)
+        answer
+    }
+
+    /// Another backend over the same image ([`BlockEngine::try_clone`]), for an I/O worker.
+    fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(Self {
+            engine: self.engine.try_clone()?,
+            disk: self.disk,
+            id: self.id,
+            req: BlockRequest::default(),
+        })
+    }
+
+    /// Runs the validated request `req` and writes its status byte: the used length and the
+    /// status answered.
+    fn answer(&mut self, mem: &GuestMemoryMmap, req: &BlockRequest) -> (u32, u8) {
+        let (status, written) = match self.execute(mem, req) {
+            Ok(written) => (S_OK, written),
+            Err(status) => (status, 0),
+        };
+        (write_status(mem, req, status, written), status)
     }
 
     /// Runs a validated request; `Ok(bytes written to guest buffers)` or `Err(status)`.
@@ -747,19 +743,175 @@ impl<E: BlockEngine> BlockBackend<E> {
     }
 }
 
+/// Answers a request [`parse_block_request`] refused: its status byte, if it has one; the used
+/// length and the status.
+fn answer_refused(mem: &GuestMemoryMmap, req: &BlockRequest, e: BlockRequestError) -> (u32, u8) {
+    warn_rl!("virtio-blk: request refused: {e}");
+    let status = e.status().unwrap_or(S_IOERR);
+    (write_status(mem, req, status, 0), status)
+}
+
+/// Writes `status` to the request's status byte; the used length (`written` data bytes and
+/// the status byte, or 0 when there is nowhere to write it).
+fn write_status(mem: &GuestMemoryMmap, req: &BlockRequest, status: u8, written: u32) -> u32 {
+    match req.status_addr {
+        Some(addr) => match mem.write_obj(status, addr) {
+            Ok(()) => written.saturating_add(1),
+            Err(e) => {
+                warn_rl!("virtio-blk: cannot write status: {e}");
+                0
+            }
+        },
+        None => 0,
+    }
+}
+
+/// Counts an answered request in `stats` (kind, data bytes, error).
+fn count_request(stats: &crate::stats::DeviceStats, req: &BlockRequest, status: u8) {
+    use crate::stats::RequestKind as K;
+    let kind = match (status == S_UNSUPP, req.kind) {
+        (false, Some(RequestType::In)) => K::Read,
+        (false, Some(RequestType::Out)) => K::Write,
+        (false, Some(RequestType::Flush)) => K::Flush,
+        (false, Some(RequestType::GetId)) => K::GetId,
+        (false, Some(RequestType::Discard)) => K::Discard,
+        (false, Some(RequestType::WriteZeroes)) => K::WriteZeroes,
+        _ => K::Other,
+    };
+    let bytes = match kind {
+        K::Read | K::Write if status == S_OK => req.data_len,
+        _ => 0,
+    };
+    stats.record(kind, bytes, status == S_OK);
+}
+
+/// I/O workers a block device runs by default, besides its queue thread (which executes
+/// requests too): with the queue thread, five requests of a queue execute at once. QEMU's own
+/// virtio-blk runs its requests on a thread pool the same way (up to 64 threads); on a
+/// machine of two cores more threads only add wake-ups (docs/performance.md, "Block I/O in
+/// parallel").
+pub const DEFAULT_IO_WORKERS: usize = 4;
+/// The environment variable that overrides [`DEFAULT_IO_WORKERS`] for the block devices of a
+/// device-model process (0: the queue thread executes every request itself, one at a time).
+pub const IO_WORKERS_ENV: &str = "REMIO_BLK_WORKERS";
+/// Most I/O workers [`IO_WORKERS_ENV`] may ask for.
+pub const MAX_IO_WORKERS: usize = 64;
+
+/// The I/O workers [`IO_WORKERS_ENV`] asks for; [`DEFAULT_IO_WORKERS`] without it, and with a
+/// warning when it is not a number up to [`MAX_IO_WORKERS`].
+pub fn io_workers_from_env() -> usize {
+    match std::env::var(IO_WORKERS_ENV) {
+        Err(std::env::VarError::NotPresent) => DEFAULT_IO_WORKERS,
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n <= MAX_IO_WORKERS => n,
+            _ => {
+                log::warn!(
+                    "virtio-blk: {IO_WORKERS_ENV}={v:?} is not a number of I/O workers from 0 \
+                     to {MAX_IO_WORKERS}: using {DEFAULT_IO_WORKERS}"
+                );
+                DEFAULT_IO_WORKERS
+            }
+        },
+        Err(e) => {
+            log::warn!("virtio-blk: {IO_WORKERS_ENV}: {e}: using {DEFAULT_IO_WORKERS}");
+            DEFAULT_IO_WORKERS
+        }
+    }
+}
+
+/// What a block device's queue thread and I/O workers count (relaxed atomics; they outlive
+/// resets). The queue thread logs them when it stops; docs/performance.md uses them to say
+/// where a request's time goes.
+#[derive(Debug, Default)]
+pub struct BlockCounters {
+    /// Times the queue thread woke up (a kick, a completion from a worker, or both).
+    pub wakeups: AtomicU64,
+    /// Of those, with a kick (the queue's eventfd) among the causes.
+    pub kicks: AtomicU64,
+    /// Requests taken from the available ring.
+    pub requests: AtomicU64,
+    /// Passes over the available ring that took at least one request.
+    pub batches: AtomicU64,
+    /// Requests an I/O worker executed (the rest the queue thread did).
+    pub by_workers: AtomicU64,
+    /// Most requests taken and not yet published at once.
+    pub max_in_flight: AtomicU64,
+    /// FLUSHes held until every earlier request had completed.
+    pub flush_waits: AtomicU64,
+    /// Nanoseconds spent executing requests (the engine and the status byte), summed over
+    /// threads.
+    pub exec_ns: AtomicU64,
+    /// Used-buffer interrupts raised.
+    pub interrupts: AtomicU64,
+}
+
+impl BlockCounters {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn summary(&self) -> String {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let requests = g(&self.requests);
+        let per = |n: u64| {
+            if requests == 0 {
+                0.0
+            } else {
+                precise(n) / precise(requests)
+            }
+        };
+        format!(
+            "{requests} requests in {} batches; {} wake-ups ({:.2} per request, {} with a kick); \
+             {} executed by I/O workers; up to {} in flight; {} flushes waited; {:.1} us \
+             executing per request; {} interrupts ({:.2} per request)",
+            g(&self.batches),
+            g(&self.wakeups),
+            per(g(&self.wakeups)),
+            g(&self.kicks),
+            g(&self.by_workers),
+            g(&self.max_in_flight),
+            g(&self.flush_waits),
+            per(g(&self.exec_ns)) / 1000.0,
+            g(&self.interrupts),
+            per(g(&self.interrupts)),
+        )
+    }
+}
+
+#[expect(clippy::cast_precision_loss, reason = "a ratio for a log line")]
+fn precise(n: u64) -> f64 {
+    n as f64
+}
+
 /// The virtio-blk device.
+///
+/// One queue thread takes the available requests, parses them and hands them to a small pool
+/// of I/O workers (and executes some itself), so that a driver's queue depth is concurrency on
+/// the host; the used-ring entries are published strictly in the order the requests were
+/// taken (a reorder buffer), which device-model restart relies on (`crate::persist`). A FLUSH
+/// executes only once every request taken before it has completed. Reset waits for every
+/// request taken, publishes their entries, and joins the workers.
 #[derive(Debug)]
 pub struct BlockDevice<E: BlockEngine = FileEngine> {
     backend: Option<BlockBackend<E>>,
     config: [u8; CONFIG_LEN],
     features: u64,
+    /// I/O workers per activation.
+    io_workers: usize,
+    counters: Arc<BlockCounters>,
     /// Active: the worker owns the backend and hands it back when stopped.
     worker: Option<Worker<BlockBackend<E>>>,
 }
 
 impl<E: BlockEngine> BlockDevice<E> {
-    /// A block device over `backend`.
+    /// A block device over `backend`, with the I/O workers [`io_workers_from_env`] gives.
     pub fn new(backend: BlockBackend<E>) -> Self {
+        Self::with_io_workers(backend, io_workers_from_env())
+    }
+
+    /// A block device over `backend` with `io_workers` I/O workers besides its queue thread
+    /// (0: the queue thread executes the requests one at a time).
+    pub fn with_io_workers(backend: BlockBackend<E>, io_workers: usize) -> Self {
         let disk = backend.geometry();
         let mut features = (1u64 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
@@ -793,8 +945,15 @@ impl<E: BlockEngine> BlockDevice<E> {
             backend: Some(backend),
             config,
             features,
+            io_workers,
+            counters: Arc::default(),
             worker: None,
         }
+    }
+
+    /// The device's counters (they outlive resets).
+    pub fn counters(&self) -> Arc<BlockCounters> {
+        self.counters.clone()
     }
 }
 
@@ -826,8 +985,19 @@ impl<E: BlockEngine> VirtioDevice for BlockDevice<E> {
         }
         let (mem, [queue], [evt], interrupt) = ctx.into_queues()?;
         let mut backend = self.backend.take().ok_or(ActivateError::BackendLost)?;
+        let pool = match IoPool::spawn(&backend, self.io_workers, &mem, &interrupt, &self.counters)
+        {
+            Ok(pool) => pool,
+            Err(e) => {
+                self.backend = Some(backend);
+                return Err(ActivateError::Backend(e));
+            }
+        };
+        let counters = self.counters.clone();
         let worker = Worker::spawn("virtio-blk", move |stop| {
-            run_block(&mut backend, mem, queue, evt, &interrupt, stop);
+            let mut q = QueueRunner::new(&mut backend, pool, mem, queue, &interrupt, counters);
+            q.run(&evt, &stop);
+            drop(q);
             backend
         });
         self.worker = Some(worker.map_err(ActivateError::Backend)?);
@@ -841,40 +1011,457 @@ impl<E: BlockEngine> VirtioDevice for BlockDevice<E> {
     }
 }
 
-fn run_block<E: BlockEngine>(
-    backend: &mut BlockBackend<E>,
-    mem: GuestMemoryMmap,
-    mut queue: Queue,
-    evt: EventFd,
-    interrupt: &Interrupt,
-    stop: EventFd,
-) {
-    const QUEUE_TOKEN: u64 = 0;
-    let mut ev = match EventLoop::new() {
-        Ok(ev) => ev,
-        Err(e) => return fail_device(interrupt, "virtio-blk epoll", &e),
-    };
-    if let Err(e) = ev.add(&evt, QUEUE_TOKEN).and(ev.add(&stop, STOP_TOKEN)) {
-        return fail_device(interrupt, "virtio-blk epoll", &e);
-    }
-    let mut tokens = Vec::with_capacity(2);
-    loop {
-        if let Err(e) = ev.wait(-1, &mut tokens) {
-            return fail_device(interrupt, "virtio-blk epoll", &e);
+/// A request handed to an I/O worker: its place in the reorder buffer and the request.
+#[derive(Debug)]
+struct Job {
+    slot: u16,
+    req: BlockRequest,
+}
+
+/// A request an I/O worker completed: its place, the request (for reuse), the used length.
+#[derive(Debug)]
+struct Done {
+    slot: u16,
+    req: BlockRequest,
+    used: u32,
+}
+
+/// The jobs waiting for an I/O worker.
+#[derive(Debug, Default)]
+struct JobQueue {
+    jobs: std::collections::VecDeque<Job>,
+    /// Workers waiting for a job.
+    idle: usize,
+    /// Set when the pool goes down: workers exit, leaving the jobs.
+    stop: bool,
+}
+
+/// What the queue thread and its I/O workers share. Lock order: `jobs` and `done` are never
+/// held together.
+#[derive(Debug)]
+struct PoolShared {
+    jobs: Mutex<JobQueue>,
+    job_ready: Condvar,
+    done: Mutex<Vec<Done>>,
+    /// Signalled after each push to `done`; the queue thread polls it.
+    done_evt: EventFd,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The I/O workers of one activation; dropping it stops and joins them (a job a worker is
+/// executing finishes first; jobs still queued are left, the queue thread executes those
+/// itself before it stops).
+#[derive(Debug)]
+struct IoPool {
+    shared: Arc<PoolShared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl IoPool {
+    /// `n` workers, each over its own clone of `backend`'s engine.
+    fn spawn<E: BlockEngine>(
+        backend: &BlockBackend<E>,
+        n: usize,
+        mem: &GuestMemoryMmap,
+        interrupt: &Arc<Interrupt>,
+        counters: &Arc<BlockCounters>,
+    ) -> std::io::Result<Self> {
+        let shared = Arc::new(PoolShared {
+            jobs: Mutex::new(JobQueue {
+                jobs: std::collections::VecDeque::with_capacity(usize::from(QUEUE_SIZE)),
+                ..JobQueue::default()
+            }),
+            job_ready: Condvar::new(),
+            done: Mutex::new(Vec::with_capacity(usize::from(QUEUE_SIZE))),
+            done_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+        });
+        let mut pool = Self {
+            shared,
+            threads: Vec::with_capacity(n),
+        };
+        for i in 0..n {
+            let mut backend = backend.try_clone()?;
+            let (shared, mem) = (pool.shared.clone(), mem.clone());
+            let (interrupt, counters) = (interrupt.clone(), counters.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("virtio-blk-io{i}"))
+                .spawn(move || io_worker(&mut backend, &shared, &mem, &interrupt, &counters))?;
+            pool.threads.push(thread);
         }
-        for &token in &tokens {
-            match token {
-                STOP_TOKEN => return,
-                _ => {
-                    let _ = evt.read();
-                    if let Err(e) = drain_queue(&mut queue, &mem, interrupt, |chain| {
-                        backend.handle_counted(&mem, chain, interrupt.stats())
-                    }) {
-                        return fail_device(interrupt, "virtio-blk queue", &e);
+        Ok(pool)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.threads.is_empty()
+    }
+}
+
+impl Drop for IoPool {
+    fn drop(&mut self) {
+        lock(&self.shared.jobs).stop = true;
+        self.shared.job_ready.notify_all();
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                log::error!("virtio-blk: an I/O worker panicked");
+            }
+        }
+    }
+}
+
+/// Executes `req` on `backend` and counts it: the used length. A panic of the engine is
+/// answered IOERR (the worker goes on: its engine holds no state between requests).
+fn execute_counted<E: BlockEngine>(
+    backend: &mut BlockBackend<E>,
+    mem: &GuestMemoryMmap,
+    req: &BlockRequest,
+    interrupt: &Interrupt,
+    counters: &BlockCounters,
+) -> u32 {
+    let start = Instant::now();
+    let answer =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| backend.answer(mem, req)));
+    let (used, status) = answer.unwrap_or_else(|_| {
+        log::error!("virtio-blk: the engine panicked executing a request: answered IOERR");
+        (write_status(mem, req, S_IOERR, 0), S_IOERR)
+    });
+    BlockCounters::add(
+        &counters.exec_ns,
+        u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX),
+    );
+    count_request(interrupt.stats(), req, status);
+    used
+}
+
+/// An I/O worker: takes jobs until the pool stops, pushing each result to `done`.
+fn io_worker<E: BlockEngine>(
+    backend: &mut BlockBackend<E>,
+    shared: &PoolShared,
+    mem: &GuestMemoryMmap,
+    interrupt: &Interrupt,
+    counters: &BlockCounters,
+) {
+    loop {
+        let job = {
+            let mut q = lock(&shared.jobs);
+            loop {
+                if q.stop {
+                    return;
+                }
+                if let Some(job) = q.jobs.pop_front() {
+                    break job;
+                }
+                q.idle += 1;
+                q = shared
+                    .job_ready
+                    .wait(q)
+                    .unwrap_or_else(PoisonError::into_inner);
+                q.idle -= 1;
+            }
+        };
+        let used = execute_counted(backend, mem, &job.req, interrupt, counters);
+        BlockCounters::add(&counters.by_workers, 1);
+        lock(&shared.done).push(Done {
+            slot: job.slot,
+            req: job.req,
+            used,
+        });
+        if let Err(e) = shared.done_evt.write(1) {
+            warn_rl!("virtio-blk: cannot signal a completion: {e}");
+        }
+    }
+}
+
+/// One entry of the reorder buffer: a request taken from the available ring and not yet
+/// published in the used ring.
+#[derive(Clone, Copy, Debug, Default)]
+struct Entry {
+    head: u16,
+    /// `Some(used length)` once executed and answered.
+    used: Option<u32>,
+}
+
+/// The queue thread's state: the queue, the reorder buffer of the requests in flight (in the
+/// order they were taken; published from its front only), and the pool.
+struct QueueRunner<'a, E: BlockEngine> {
+    backend: &'a mut BlockBackend<E>,
+    pool: IoPool,
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    interrupt: &'a Interrupt,
+    counters: Arc<BlockCounters>,
+    /// The reorder buffer: a ring of the queue's size; `first` is the oldest entry, `len` the
+    /// entries in flight.
+    ring: Vec<Entry>,
+    first: usize,
+    len: usize,
+    /// Entries taken and not yet executed (queued, executing, or the held FLUSH).
+    executing: usize,
+    /// A FLUSH taken while earlier requests were executing: it runs once they are done, and
+    /// nothing is taken after it meanwhile.
+    held: Option<(u16, BlockRequest)>,
+    /// Requests parsed in this pass, not yet handed out.
+    batch: Vec<(u16, BlockRequest)>,
+    /// Request buffers to reuse (no allocation per request once warm).
+    spare: Vec<BlockRequest>,
+    /// Completions taken from the pool (swapped with the shared list).
+    done: Vec<Done>,
+    /// A used entry was published since the last interrupt check.
+    used_any: bool,
+}
+
+impl<'a, E: BlockEngine> QueueRunner<'a, E> {
+    fn new(
+        backend: &'a mut BlockBackend<E>,
+        pool: IoPool,
+        mem: GuestMemoryMmap,
+        queue: Queue,
+        interrupt: &'a Interrupt,
+        counters: Arc<BlockCounters>,
+    ) -> Self {
+        let size = usize::from(queue.size()).max(1);
+        Self {
+            backend,
+            pool,
+            mem,
+            queue,
+            interrupt,
+            counters,
+            ring: vec![Entry::default(); size],
+            first: 0,
+            len: 0,
+            executing: 0,
+            held: None,
+            batch: Vec::with_capacity(size),
+            spare: Vec::with_capacity(size),
+            done: Vec::with_capacity(size),
+            used_any: false,
+        }
+    }
+
+    /// Serves the queue until `stop`; then finishes every request taken and returns.
+    fn run(&mut self, evt: &EventFd, stop: &EventFd) {
+        const QUEUE_TOKEN: u64 = 0;
+        const DONE_TOKEN: u64 = 1;
+        let mut ev = match EventLoop::new() {
+            Ok(ev) => ev,
+            Err(e) => return fail_device(self.interrupt, "virtio-blk epoll", &e),
+        };
+        let added = ev
+            .add(evt, QUEUE_TOKEN)
+            .and(ev.add(stop, STOP_TOKEN))
+            .and(ev.add(&self.pool.shared.done_evt, DONE_TOKEN));
+        if let Err(e) = added {
+            return fail_device(self.interrupt, "virtio-blk epoll", &e);
+        }
+        let mut tokens = Vec::with_capacity(3);
+        let mut stopping = false;
+        while !stopping || self.len > 0 {
+            if let Err(e) = ev.wait(-1, &mut tokens) {
+                return fail_device(self.interrupt, "virtio-blk epoll", &e);
+            }
+            BlockCounters::add(&self.counters.wakeups, 1);
+            for &token in &tokens {
+                match token {
+                    STOP_TOKEN => stopping = true,
+                    DONE_TOKEN => {
+                        let _ = self.pool.shared.done_evt.read();
+                    }
+                    _ => {
+                        BlockCounters::add(&self.counters.kicks, 1);
+                        let _ = evt.read();
                     }
                 }
             }
+            if let Err(e) = self.service(!stopping) {
+                return fail_device(self.interrupt, "virtio-blk queue", &e);
+            }
         }
+        log::info!("virtio-blk: stopped: {}", self.counters.summary());
+    }
+
+    /// Does everything that can be done now: collects completions, runs a FLUSH whose turn
+    /// has come, publishes the used entries whose turn has come, takes new requests (if
+    /// `take`) and executes queued ones itself; then interrupts if the driver wants it.
+    fn service(&mut self, take: bool) -> Result<(), QueueError> {
+        loop {
+            let mut progress = self.collect();
+            progress |= self.publish()?;
+            if self.executing == 1 {
+                if let Some((slot, req)) = self.held.take() {
+                    self.execute_here(slot, req);
+                    progress = true;
+                    progress |= self.publish()?;
+                }
+            }
+            if take && self.held.is_none() {
+                progress |= self.take()?;
+            }
+            progress |= self.steal();
+            if !progress {
+                break;
+            }
+        }
+        if self.used_any && self.queue.needs_notification(&self.mem)? {
+            crash_point!("before-interrupt");
+            BlockCounters::add(&self.counters.interrupts, 1);
+            self.interrupt.signal_used_queue();
+        }
+        self.used_any = false;
+        Ok(())
+    }
+
+    /// Takes the available requests (as `drain_queue` does, with the driver's notifications
+    /// suppressed meanwhile), stopping at a FLUSH that must wait or when the reorder buffer is
+    /// full, and hands them out. Whether it took any.
+    fn take(&mut self) -> Result<bool, QueueError> {
+        let mut took = false;
+        loop {
+            self.queue.disable_notification(&self.mem)?;
+            check_avail(&self.queue, &self.mem)?;
+            let mut blocked = false;
+            loop {
+                if self.len == self.ring.len() || self.held.is_some() {
+                    blocked = true;
+                    break;
+                }
+                let next = self.queue.iter(&self.mem)?.next();
+                let Some(chain) = next else { break };
+                crash_point!("popped");
+                took = true;
+                let head = chain.head_index();
+                let slot = (self.first + self.len) % self.ring.len();
+                self.ring[slot] = Entry { head, used: None };
+                self.len += 1;
+                self.counters
+                    .max_in_flight
+                    .fetch_max(self.len as u64, Ordering::Relaxed);
+                BlockCounters::add(&self.counters.requests, 1);
+                let slot16 = u16::try_from(slot).unwrap_or(u16::MAX);
+                let mut req = self.spare.pop().unwrap_or_default();
+                match parse_block_request(&self.mem, chain, self.backend.geometry(), &mut req) {
+                    Err(e) => {
+                        let (used, status) = answer_refused(&self.mem, &req, e);
+                        count_request(self.interrupt.stats(), &req, status);
+                        self.ring[slot].used = Some(used);
+                        self.spare.push(req);
+                    }
+                    Ok(()) => {
+                        self.executing += 1;
+                        let barrier = req.kind == Some(RequestType::Flush);
+                        if barrier && self.executing > 1 {
+                            // Earlier requests are executing: the FLUSH must not be answered
+                            // before they have completed.
+                            BlockCounters::add(&self.counters.flush_waits, 1);
+                            self.held = Some((slot16, req));
+                        } else {
+                            self.batch.push((slot16, req));
+                            if self.pool.is_empty() {
+                                // No workers: execute and publish each as it comes.
+                                self.hand_out();
+                                self.publish()?;
+                            }
+                        }
+                    }
+                }
+            }
+            self.hand_out();
+            // Blocked: the queue thread comes back when a request completes, and takes on
+            // from there (notifications stay suppressed meanwhile).
+            if blocked || !self.queue.enable_notification(&self.mem)? {
+                break;
+            }
+        }
+        if took {
+            BlockCounters::add(&self.counters.batches, 1);
+        }
+        Ok(took)
+    }
+
+    /// Hands this pass's requests out: all but the last to the workers, the last executed
+    /// here (the queue thread then helps with the others, see [`Self::steal`]).
+    fn hand_out(&mut self) {
+        let Some((slot, req)) = self.batch.pop() else {
+            return;
+        };
+        if !self.batch.is_empty() {
+            let n = self.batch.len();
+            let idle = {
+                let mut q = lock(&self.pool.shared.jobs);
+                q.jobs
+                    .extend(self.batch.drain(..).map(|(slot, req)| Job { slot, req }));
+                q.idle
+            };
+            for _ in 0..n.min(idle) {
+                self.pool.shared.job_ready.notify_one();
+            }
+        }
+        self.execute_here(slot, req);
+    }
+
+    /// Executes queued jobs no worker has taken yet; whether there were any.
+    fn steal(&mut self) -> bool {
+        let mut stole = false;
+        loop {
+            let job = lock(&self.pool.shared.jobs).jobs.pop_front();
+            let Some(Job { slot, req }) = job else {
+                return stole;
+            };
+            stole = true;
+            self.execute_here(slot, req);
+        }
+    }
+
+    fn execute_here(&mut self, slot: u16, req: BlockRequest) {
+        let used = execute_counted(
+            self.backend,
+            &self.mem,
+            &req,
+            self.interrupt,
+            &self.counters,
+        );
+        self.complete(slot, req, used);
+    }
+
+    fn complete(&mut self, slot: u16, req: BlockRequest, used: u32) {
+        if let Some(e) = self.ring.get_mut(usize::from(slot)) {
+            e.used = Some(used);
+        }
+        self.executing = self.executing.saturating_sub(1);
+        self.spare.push(req);
+    }
+
+    /// Takes the workers' completions; whether there were any.
+    fn collect(&mut self) -> bool {
+        std::mem::swap(&mut *lock(&self.pool.shared.done), &mut self.done);
+        let any = !self.done.is_empty();
+        let mut done = std::mem::take(&mut self.done);
+        for d in done.drain(..) {
+            self.complete(d.slot, d.req, d.used);
+        }
+        self.done = done;
+        any
+    }
+
+    /// Publishes, in the order they were taken, the executed requests at the front of the
+    /// reorder buffer; whether it published any.
+    fn publish(&mut self) -> Result<bool, QueueError> {
+        let mut published = false;
+        while self.len > 0 {
+            let Entry { head, used } = self.ring[self.first];
+            let Some(used) = used else { break };
+            crash_point!("executed");
+            self.queue.add_used(&self.mem, head, used)?;
+            crash_point!("used");
+            self.ring[self.first].used = None;
+            self.first = (self.first + 1) % self.ring.len();
+            self.len -= 1;
+            published = true;
+            self.used_any = true;
+        }
+        Ok(published)
     }
 }
 
@@ -1381,7 +1968,7 @@ mod tests {
     /// before its bytes moved). Operations listed in `fail` return EIO.
     #[derive(Debug)]
     struct RecordingEngine {
-        image: Vec<u8>,
+        image: Arc<std::sync::Mutex<Vec<u8>>>,
         log: Arc<std::sync::Mutex<Vec<(Op, u16)>>>,
         mem: GuestMemoryMmap,
         used_idx: GuestAddress,
@@ -1396,6 +1983,16 @@ mod tests {
     }
 
     impl BlockEngine for RecordingEngine {
+        fn try_clone(&self) -> std::io::Result<Self> {
+            Ok(Self {
+                image: self.image.clone(),
+                log: self.log.clone(),
+                mem: self.mem.clone(),
+                used_idx: self.used_idx,
+                fail_writes: self.fail_writes,
+            })
+        }
+
         fn read(
             &mut self,
             mem: &GuestMemoryMmap,
@@ -1403,8 +2000,9 @@ mod tests {
             offset: u64,
         ) -> std::io::Result<()> {
             let mut at = offset as usize;
+            let image = self.image.lock().unwrap();
             for &(addr, len) in data {
-                mem.write_slice(&self.image[at..at + len as usize], addr)
+                mem.write_slice(&image[at..at + len as usize], addr)
                     .unwrap();
                 at += len as usize;
             }
@@ -1435,7 +2033,7 @@ mod tests {
                 bytes.extend_from_slice(&buf);
             }
             let at = offset as usize;
-            self.image[at..at + bytes.len()].copy_from_slice(&bytes);
+            self.image.lock().unwrap()[at..at + bytes.len()].copy_from_slice(&bytes);
             self.record(Op::Write { offset, bytes });
             Ok(())
         }
@@ -1471,11 +2069,12 @@ mod tests {
 
     /// A device over a recording engine, activated on a 16-entry queue at 0x8_0000 with
     /// `chains` (each a header address, its data descriptors and a status address) made
-    /// available; returns the device, the log, the mock queue's used-ring address and the
-    /// notifier and interrupt eventfds.
+    /// available, with `io_workers` I/O workers; returns the device, the log, the mock queue's
+    /// used-ring address and the notifier and interrupt eventfds.
     #[expect(clippy::type_complexity, reason = "a test rig")]
     fn recording_device(
         mem: &GuestMemoryMmap,
+        io_workers: usize,
         read_only: bool,
         fail_writes: bool,
         chains: &[Vec<RawDescriptor>],
@@ -1495,7 +2094,9 @@ mod tests {
         let used_idx = vq.used_addr().unchecked_add(2);
         let log = Arc::new(std::sync::Mutex::new(Vec::new()));
         let engine = RecordingEngine {
-            image: (0..16 * 512).map(|i| (i % 251) as u8).collect(),
+            image: Arc::new(std::sync::Mutex::new(
+                (0..16 * 512).map(|i| (i % 251) as u8).collect(),
+            )),
             log: log.clone(),
             mem: mem.clone(),
             used_idx,
@@ -1505,7 +2106,8 @@ mod tests {
             capacity: 16,
             read_only,
         };
-        let mut dev = BlockDevice::new(BlockBackend::with_engine(engine, disk, None));
+        let mut dev =
+            BlockDevice::with_io_workers(BlockBackend::with_engine(engine, disk, None), io_workers);
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         dev.activate(ActivateContext {
@@ -1557,7 +2159,7 @@ mod tests {
         let write = chain(HDR, &[(DATA, 512, 0)], STATUS, 0);
         let flush = chain(HDR + 0x100, &[], STATUS + 1, write.len() as u16);
         let (mut dev, log, used_idx, evt, irq) =
-            recording_device(&mem, false, false, &[write, flush]);
+            recording_device(&mem, 4, false, false, &[write, flush]);
 
         evt.write(1).unwrap();
         while mem.read_obj::<u16>(used_idx).unwrap() < 2 {
@@ -1595,13 +2197,349 @@ mod tests {
         assert_eq!(status(&mem), S_OK);
     }
 
+    // ---- Requests in parallel, answered in order ----
+
+    /// What a [`GateEngine`] and its clones share.
+    #[derive(Debug, Default)]
+    struct Gate {
+        state: std::sync::Mutex<GateState>,
+        cv: std::sync::Condvar,
+    }
+
+    #[derive(Debug, Default)]
+    struct GateState {
+        /// Reads and writes that reached the engine.
+        entered: usize,
+        /// Set by the test: reads and writes may return (unless `reverse_of`).
+        open: bool,
+        /// When non-zero: reads wait until this many have entered, then return in descending
+        /// order of offset (the engine completes them in reverse).
+        reverse_of: usize,
+        /// Operations in the order they returned, with the used index the guest saw then.
+        finished: Vec<(Op, u16)>,
+        /// Engines alive (the device's and its workers' clones).
+        live: usize,
+        /// A wait gave up after 10 s (the test then fails instead of hanging).
+        timed_out: bool,
+    }
+
+    /// An engine whose reads and writes block on a [`Gate`]; flushes pass at once. Moves no
+    /// bytes (the device writes the status bytes).
+    #[derive(Debug)]
+    struct GateEngine {
+        gate: Arc<Gate>,
+        mem: GuestMemoryMmap,
+        used_idx: GuestAddress,
+    }
+
+    impl GateEngine {
+        fn new(gate: &Arc<Gate>, mem: &GuestMemoryMmap, used_idx: GuestAddress) -> Self {
+            gate.state.lock().unwrap().live += 1;
+            Self {
+                gate: gate.clone(),
+                mem: mem.clone(),
+                used_idx,
+            }
+        }
+
+        /// Waits on the gate until `ready` holds (at most 10 s, then marks `timed_out`).
+        fn wait_until<'g>(
+            &'g self,
+            mut st: std::sync::MutexGuard<'g, GateState>,
+            ready: impl Fn(&GateState) -> bool,
+        ) -> std::sync::MutexGuard<'g, GateState> {
+            let deadline = Instant::now() + std::time::Duration::from_secs(10);
+            while !ready(&st) {
+                let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                    st.timed_out = true;
+                    break;
+                };
+                st = self.gate.cv.wait_timeout(st, left).unwrap().0;
+            }
+            st
+        }
+
+        fn io(&self, op: Op, offset: u64) {
+            let mut st = self.gate.state.lock().unwrap();
+            st.entered += 1;
+            self.gate.cv.notify_all();
+            let reverse = st.reverse_of;
+            st = if reverse > 0 {
+                let st = self.wait_until(st, |s| s.entered >= reverse);
+                // Sector k of 0..reverse returns after the reverse - 1 - k above it.
+                let above = reverse - 1 - (offset / 512) as usize;
+                self.wait_until(st, |s| s.finished.len() >= above)
+            } else {
+                self.wait_until(st, |s| s.open)
+            };
+            let seen: u16 = self.mem.read_obj(self.used_idx).unwrap();
+            st.finished.push((op, seen));
+            self.gate.cv.notify_all();
+        }
+    }
+
+    impl Drop for GateEngine {
+        fn drop(&mut self) {
+            let mut st = self.gate.state.lock();
+            st.as_mut().unwrap_or_else(|p| p.get_mut()).live -= 1;
+        }
+    }
+
+    impl BlockEngine for GateEngine {
+        fn try_clone(&self) -> std::io::Result<Self> {
+            Ok(Self::new(&self.gate, &self.mem, self.used_idx))
+        }
+
+        fn read(
+            &mut self,
+            _mem: &GuestMemoryMmap,
+            data: &[(GuestAddress, u32)],
+            offset: u64,
+        ) -> std::io::Result<()> {
+            let len = data.iter().map(|&(_, l)| u64::from(l)).sum();
+            self.io(Op::Read { offset, len }, offset);
+            Ok(())
+        }
+
+        fn write(
+            &mut self,
+            _mem: &GuestMemoryMmap,
+            _data: &[(GuestAddress, u32)],
+            offset: u64,
+        ) -> std::io::Result<()> {
+            let bytes = Vec::new();
+            self.io(Op::Write { offset, bytes }, offset);
+            Ok(())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            let seen: u16 = self.mem.read_obj(self.used_idx).unwrap();
+            let mut st = self.gate.state.lock().unwrap();
+            st.finished.push((Op::Flush, seen));
+            self.gate.cv.notify_all();
+            Ok(())
+        }
+
+        fn discard(&mut self, _offset: u64, _len: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+
+        fn write_zeroes(&mut self, _offset: u64, _len: u64, _unmap: bool) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// One request per `(type, sector)`: header at HDR + 0x100 i, 512 bytes at DATA + 0x1000 i
+    /// (device-writable for reads), status byte at STATUS + i (set to 0xff). Returns the chains
+    /// and their heads (in avail order).
+    fn requests(mem: &GuestMemoryMmap, reqs: &[(u32, u64)]) -> (Vec<Vec<RawDescriptor>>, Vec<u16>) {
+        let (mut chains, mut heads, mut first) = (Vec::new(), Vec::new(), 0u16);
+        for (i, &(kind, sector)) in reqs.iter().enumerate() {
+            let i = i as u64;
+            put_header(mem, HDR + 0x100 * i, kind, sector);
+            mem.write_obj(0xffu8, GuestAddress(STATUS + i)).unwrap();
+            let data: &[(u64, u32, u16)] = match kind {
+                VIRTIO_BLK_T_IN => &[(DATA + 0x1000 * i, 512, W)],
+                VIRTIO_BLK_T_OUT => &[(DATA + 0x1000 * i, 512, 0)],
+                _ => &[],
+            };
+            let c = chain(HDR + 0x100 * i, data, STATUS + i, first);
+            heads.push(first);
+            first += c.len() as u16;
+            chains.push(c);
+        }
+        (chains, heads)
+    }
+
+    /// A device with `io_workers` workers over a [`GateEngine`] (reads in reverse when
+    /// `reverse_of`), activated on a 16-entry queue at 0x8_0000 holding `chains`; returns the
+    /// device, the gate, the used ring's address and the notifier and interrupt eventfds.
+    fn gated_device(
+        mem: &GuestMemoryMmap,
+        io_workers: usize,
+        reverse_of: usize,
+        chains: &[Vec<RawDescriptor>],
+    ) -> (
+        BlockDevice<GateEngine>,
+        Arc<Gate>,
+        GuestAddress,
+        EventFd,
+        EventFd,
+    ) {
+        let vq = MockSplitQueue::create(mem, GuestAddress(0x8_0000), 16);
+        let mut at = 0u16;
+        for chain in chains {
+            vq.add_desc_chains(chain, at).unwrap();
+            at += chain.len() as u16;
+        }
+        let gate = Arc::new(Gate::default());
+        gate.state.lock().unwrap().reverse_of = reverse_of;
+        let engine = GateEngine::new(&gate, mem, vq.used_addr().unchecked_add(2));
+        let disk = DiskGeometry {
+            capacity: 16,
+            read_only: false,
+        };
+        let mut dev =
+            BlockDevice::with_io_workers(BlockBackend::with_engine(engine, disk, None), io_workers);
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        dev.activate(ActivateContext {
+            mem: mem.clone(),
+            queues: vec![vq.create_queue().unwrap()],
+            queue_evts: vec![evt.try_clone().unwrap()],
+            interrupt: Arc::new(Interrupt::new(Default::default(), irq.try_clone().unwrap())),
+            acked_features: 0,
+        })
+        .unwrap();
+        (dev, gate, vq.used_addr(), evt, irq)
+    }
+
+    /// The used ring's index and its first `n` elements' ids.
+    fn used_ids(mem: &GuestMemoryMmap, used: GuestAddress, n: usize) -> (u16, Vec<u16>) {
+        let idx = mem.read_obj::<u16>(used.unchecked_add(2)).unwrap();
+        let ids = (0..n as u64)
+            .map(|i| mem.read_obj::<u32>(used.unchecked_add(4 + 8 * i)).unwrap() as u16)
+            .collect();
+        (idx, ids)
+    }
+
+    /// Waits (at most 10 s) until `ready` holds of the gate's state.
+    fn wait_gate(gate: &Gate, ready: impl Fn(&GateState) -> bool) {
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let mut st = gate.state.lock().unwrap();
+        while !ready(&st) {
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .expect("the engine never reached the awaited state");
+            st = gate.cv.wait_timeout(st, left).unwrap().0;
+        }
+    }
+
+    #[test]
+    fn requests_executed_in_parallel_are_published_in_avail_order_when_they_complete_in_reverse() {
+        let mem = mem();
+        let reads: Vec<(u32, u64)> = (0..4).map(|s| (VIRTIO_BLK_T_IN, s)).collect();
+        let (chains, heads) = requests(&mem, &reads);
+        // Three workers and the queue thread: the four reads are in the engine at once.
+        let (mut dev, gate, used, evt, irq) = gated_device(&mem, 3, 4, &chains);
+
+        evt.write(1).unwrap();
+        while used_ids(&mem, used, 0).0 < 4 {
+            wait_irq(&irq);
+        }
+        dev.reset();
+
+        let st = gate.state.lock().unwrap();
+        assert!(
+            !st.timed_out,
+            "the four reads were never in the engine together"
+        );
+        // The engine completed them in reverse, and nothing was published before the first.
+        let finished: Vec<(Op, u16)> = (0..4u64)
+            .rev()
+            .map(|s| {
+                let op = Op::Read {
+                    offset: s * 512,
+                    len: 512,
+                };
+                (op, 0)
+            })
+            .collect();
+        assert_eq!(st.finished, finished);
+        assert_eq!(used_ids(&mem, used, 4), (4, heads));
+        let mut statuses = [0xffu8; 4];
+        mem.read_slice(&mut statuses, GuestAddress(STATUS)).unwrap();
+        assert_eq!(statuses, [S_OK; 4]);
+    }
+
+    #[test]
+    fn a_flush_executes_only_after_every_earlier_write_has_completed() {
+        let mem = mem();
+        let (chains, heads) = requests(
+            &mem,
+            &[
+                (VIRTIO_BLK_T_OUT, 1),
+                (VIRTIO_BLK_T_OUT, 2),
+                (VIRTIO_BLK_T_FLUSH, 0),
+            ],
+        );
+        let (mut dev, gate, used, evt, irq) = gated_device(&mem, 2, 0, &chains);
+        let counters = dev.counters();
+
+        evt.write(1).unwrap();
+        // Both writes are in the engine, blocked, and the device has taken the flush.
+        wait_gate(&gate, |s| s.entered == 2);
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while counters.flush_waits.load(Ordering::Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "the flush was never held");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(gate.state.lock().unwrap().finished, Vec::new());
+        gate.state.lock().unwrap().open = true;
+        gate.cv.notify_all();
+        while used_ids(&mem, used, 0).0 < 3 {
+            wait_irq(&irq);
+        }
+        dev.reset();
+
+        // The flush reached the engine after both writes returned and were published.
+        let st = gate.state.lock().unwrap();
+        assert!(!st.timed_out);
+        assert_eq!(st.finished.len(), 3);
+        assert_eq!(st.finished[2], (Op::Flush, 2));
+        assert_eq!(used_ids(&mem, used, 3), (3, heads));
+    }
+
+    #[test]
+    fn reset_with_requests_in_flight_answers_them_in_order_and_joins_the_workers() {
+        let mem = mem();
+        let reads: Vec<(u32, u64)> = (0..3).map(|s| (VIRTIO_BLK_T_IN, s)).collect();
+        let (chains, heads) = requests(&mem, &reads);
+        let (dev, gate, used, evt, _irq) = gated_device(&mem, 2, 0, &chains);
+        assert_eq!(
+            gate.state.lock().unwrap().live,
+            3,
+            "the device's engine and two clones"
+        );
+
+        evt.write(1).unwrap();
+        wait_gate(&gate, |s| s.entered == 3);
+        let resetting = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let resetter = {
+            let resetting = resetting.clone();
+            std::thread::spawn(move || {
+                let mut dev = dev;
+                resetting.store(true, Ordering::SeqCst);
+                dev.reset();
+                dev
+            })
+        };
+        while !resetting.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        // Nothing is published while the three execute, reset or not.
+        assert_eq!(used_ids(&mem, used, 0).0, 0);
+        gate.state.lock().unwrap().open = true;
+        gate.cv.notify_all();
+        let dev = resetter.join().unwrap();
+
+        // Reset returned: every request taken was answered, in order, and the workers are
+        // gone with their engines (only the device's own is left, for the next activation).
+        assert_eq!(used_ids(&mem, used, 3), (3, heads));
+        let mut statuses = [0xffu8; 3];
+        mem.read_slice(&mut statuses, GuestAddress(STATUS)).unwrap();
+        assert_eq!(statuses, [S_OK; 3]);
+        assert_eq!(gate.state.lock().unwrap().live, 1);
+        assert!(dev.backend.is_some());
+    }
+
     #[test]
     fn a_write_the_engine_fails_is_answered_ioerr_after_the_attempt() {
         let mem = mem();
         put_header(&mem, HDR, VIRTIO_BLK_T_OUT, 0);
         mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
         let write = chain(HDR, &[(DATA, 512, 0)], STATUS, 0);
-        let (mut dev, log, used_idx, evt, irq) = recording_device(&mem, false, true, &[write]);
+        let (mut dev, log, used_idx, evt, irq) = recording_device(&mem, 0, false, true, &[write]);
 
         evt.write(1).unwrap();
         while mem.read_obj::<u16>(used_idx).unwrap() < 1 {
@@ -1650,7 +2588,7 @@ mod tests {
             chains.push(c);
         }
         mem.write_slice(&[0xff; 3], GuestAddress(STATUS)).unwrap();
-        let (mut dev, log, used_idx, evt, irq) = recording_device(&mem, true, false, &chains);
+        let (mut dev, log, used_idx, evt, irq) = recording_device(&mem, 0, true, false, &chains);
 
         evt.write(1).unwrap();
         while mem.read_obj::<u16>(used_idx).unwrap() < 3 {
@@ -1691,7 +2629,7 @@ mod tests {
             first += c.len() as u16;
             chains.push(c);
         }
-        let (mut dev, log, used_idx, evt, irq) = recording_device(&mem, false, false, &chains);
+        let (mut dev, log, used_idx, evt, irq) = recording_device(&mem, 0, false, false, &chains);
 
         evt.write(1).unwrap();
         while mem.read_obj::<u16>(used_idx).unwrap() < 3 {

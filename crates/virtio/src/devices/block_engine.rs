@@ -14,7 +14,17 @@ use vmm_sys_util::write_zeroes::WriteZeroesAt;
 /// Moves a block device's bytes. Every call is synchronous: when it returns `Ok`, the bytes
 /// are where they were asked to go (in the image's page cache for writes, on stable storage
 /// after `flush`). Offsets and lengths are in bytes and were checked against the capacity.
+///
+/// A device runs a queue's requests on several threads at once (its I/O workers, see
+/// [`BlockDevice`](super::block::BlockDevice)), each with its own engine made by
+/// [`BlockEngine::try_clone`]: the clones serve the same image, and a `flush` on any of them
+/// makes the writes completed on all of them durable.
 pub trait BlockEngine: Send + std::fmt::Debug + 'static {
+    /// Another engine over the same image, for another I/O thread.
+    fn try_clone(&self) -> io::Result<Self>
+    where
+        Self: Sized;
+
     /// Reads from the image at `offset` into the guest buffers `data`, in order.
     fn read(
         &mut self,
@@ -42,13 +52,17 @@ pub trait BlockEngine: Send + std::fmt::Debug + 'static {
 }
 
 /// The real engine: one `preadv`/`pwritev` per request into guest memory, `fdatasync` for a
-/// flush and `fallocate` for discard and write-zeroes, on the image's only descriptor (which
-/// carries the image lock, see [`BlockBackend::open`](super::block::BlockBackend::open)).
+/// flush and `fallocate` for discard and write-zeroes, on the image's open file description
+/// (which carries the image lock, see [`BlockBackend::open`](super::block::BlockBackend::open)).
+/// Its clones `dup` the descriptor: one open file description, so one lock, released when the
+/// last clone is closed, and one `fdatasync` covers the writes of every clone.
 #[derive(Debug)]
 pub struct FileEngine {
     file: File,
     /// Reused for every request (no allocation per request).
     iov: crate::sys::IoVecs,
+    /// The room `iov` was made with, for clones.
+    segments: usize,
 }
 
 impl FileEngine {
@@ -57,11 +71,20 @@ impl FileEngine {
         Self {
             file,
             iov: crate::sys::IoVecs::with_capacity(segments),
+            segments,
         }
     }
 }
 
 impl BlockEngine for FileEngine {
+    fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            file: self.file.try_clone()?,
+            iov: crate::sys::IoVecs::with_capacity(self.segments),
+            segments: self.segments,
+        })
+    }
+
     fn read(
         &mut self,
         mem: &GuestMemoryMmap,
