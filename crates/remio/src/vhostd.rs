@@ -122,7 +122,7 @@ impl Plan {
     }
 
     /// The socket virtiofsd listens on.
-    fn fs_socket(&self) -> PathBuf {
+    pub fn fs_socket(&self) -> PathBuf {
         self.run_dir.join("virtiofsd.sock")
     }
 

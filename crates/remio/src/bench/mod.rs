@@ -1,8 +1,8 @@
 //! `remio bench`: every cost as a ratio against a floor measured in the same run.
 //!
-//! Groups (select with `--only`): `control`, `notify`, `scale`, `guest`. Each group measures
-//! the floors it is compared with in the same run. Nothing here asserts on time: benchmarks are
-//! not tests.
+//! Groups (select with `--only`): `control`, `notify`, `scale`, `guest`, `fs`. Each group
+//! measures the floors it is compared with in the same run. Nothing here asserts on time:
+//! benchmarks are not tests.
 //!
 //! Method (docs/performance.md): the control, notify and scale groups run `--repeat` times
 //! (default 5), interleaved (control, notify, scale, control, …) so that a change in the
@@ -10,11 +10,13 @@
 //! the same repeat) is reported as the median with its spread (min–max). Next to wall latency,
 //! the CPU time per request (user + system of every process involved, from their CPU-time
 //! clocks), which does not depend on how long an idle core takes to wake. The guest group runs
-//! once, alternating `--guest-runs` boots of each side.
+//! once, alternating `--guest-runs` boots of each side. The fs group boots one QEMU and one
+//! remio guest per repeat (alternating) and reports each repeat's ratio (see `fs.rs`).
 
 mod child;
 mod cpu;
 mod floors;
+mod fs;
 mod guest;
 mod paths;
 mod plot;
@@ -28,7 +30,7 @@ use serde_json::{json, Map, Value};
 use stats::Samples;
 
 /// Every benchmark group, in the order they run.
-const GROUPS: [&str; 4] = ["control", "notify", "scale", "guest"];
+const GROUPS: [&str; 5] = ["control", "notify", "scale", "guest", "fs"];
 
 /// Arguments of `remio bench`.
 #[derive(Debug, clap::Args)]
@@ -36,7 +38,7 @@ pub struct Args {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
-    /// Run only these groups (comma separated): control, notify, scale, guest.
+    /// Run only these groups (comma separated): control, notify, scale, guest, fs.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Write latency-distribution plots (SVG) into this directory.
@@ -48,7 +50,7 @@ pub struct Args {
     /// Guest group: boots of each side (alternating QEMU and remio); medians are reported.
     #[arg(long, default_value_t = 3)]
     guest_runs: usize,
-    /// Runs of the control, notify and scale groups (interleaved); medians and min-max are
+    /// Runs of the control, notify, scale and fs groups (interleaved); medians and min-max are
     /// reported.
     #[arg(long, default_value_t = 5)]
     repeat: usize,
@@ -148,6 +150,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let dir = TempDir::new()?;
     let load_before = loadavg();
     let mut runs: Vec<Report> = Vec::new();
+    let mut fs_share = None;
 
     for r in 1..=args.repeat {
         if args.repeat > 1 && (selected("control") || selected("notify") || selected("scale")) {
@@ -162,6 +165,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         if selected("scale") {
             scale(&mut report, &dir.0)?;
+        }
+        if selected("fs") {
+            fs_round(&mut report, &dir.0, &mut fs_share, r, args.repeat)?;
         }
         runs.push(report);
     }
@@ -364,6 +370,34 @@ fn guest(report: &mut Report, dir: &std::path::Path, runs: usize) -> anyhow::Res
         report.add("guest.status_word_per_io", status_word / remio.ios, "");
         report.add("guest.ioeventfd_per_io", ioeventfd / remio.ios, "");
     }
+    Ok(())
+}
+
+/// One round of the fs group: a QEMU boot, then a remio boot, on the same share (written on
+/// the first round).
+fn fs_round(
+    report: &mut Report,
+    dir: &std::path::Path,
+    share: &mut Option<PathBuf>,
+    round: usize,
+    rounds: usize,
+) -> anyhow::Result<()> {
+    let guest_dir = crate::guest::default_dir();
+    anyhow::ensure!(
+        guest_dir.join("vmlinuz").exists(),
+        "no guest image in {} (run scripts/setup or `remio guest build`)",
+        guest_dir.display()
+    );
+    let share = match share {
+        Some(s) => s.clone(),
+        None => share.insert(fs::make_share(dir)?).clone(),
+    };
+    eprintln!(
+        "fs: round {round}/{rounds}: QEMU's vhost-user-fs-device, then remio's, same virtiofsd ..."
+    );
+    let qemu = fs::qemu(&share, &guest_dir, dir)?;
+    let remio = fs::remio(&share, dir)?;
+    fs::add_round(report, &qemu, &remio);
     Ok(())
 }
 
