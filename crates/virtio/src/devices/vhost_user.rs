@@ -23,6 +23,24 @@
 //! DEVICE_NEEDS_RESET, and for virtio-fs every request the guest has queued (and every later
 //! one) is completed with `EIO`, so that nothing in the guest waits for a daemon that is gone.
 //!
+//! In-flight requests are not resumed across a daemon's death:
+//! `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` (the shared region where a daemon records the
+//! descriptors it has taken, for its successor to replay) is never negotiated, and none of the
+//! daemons remio is used with offers it. What they offered (GET_PROTOCOL_FEATURES, logged at
+//! `info` on every connection), measured on 2026-11-30:
+//!
+//! | daemon | protocol features offered |
+//! | --- | --- |
+//! | virtiofsd 1.14.0 (Rust, crates.io; `remio run --share`) | `0x8a42b`: MQ, LOG_SHMFD, REPLY_ACK, BACKEND_REQ, BACKEND_SEND_FD, RESET_DEVICE, CONFIGURE_MEM_SLOTS, DEVICE_STATE |
+//! | virtiofsd of Debian bookworm's qemu-system-common 7.2 (C, `/usr/lib/qemu/virtiofsd`) | `0x8c2b`: MQ, LOG_SHMFD, REPLY_ACK, BACKEND_REQ, BACKEND_SEND_FD, HOST_NOTIFIER, CONFIGURE_MEM_SLOTS |
+//! | vhost-device-vsock 0.3.0 (`remio run --vsock`) | `0x209`: MQ, REPLY_ACK, CONFIG |
+//!
+//! So the clean failure is the only path: a daemon that dies with requests in flight leaves
+//! the device in DEVICE_NEEDS_RESET with those requests (virtio-fs: failed with `EIO`) and
+//! every later one failed, the guest sees errors and nothing waits; after the guest resets the
+//! device, the next activation connects to a daemon listening again (a new mount for
+//! virtio-fs).
+//!
 //! A daemon that is not there, is not a socket, offers fewer queues than configured, lacks
 //! VIRTIO_F_VERSION_1 or hangs up during negotiation is an error naming the socket; every
 //! socket read and write is bounded by [`SOCKET_TIMEOUT`], so a daemon that stops answering
@@ -279,8 +297,9 @@ impl Connection {
             });
         }
         let mut protocol = VhostUserProtocolFeatures::empty();
+        let mut theirs = VhostUserProtocolFeatures::empty();
         if offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
-            let theirs = frontend
+            theirs = frontend
                 .get_protocol_features()
                 .map_err(proto("GET_PROTOCOL_FEATURES"))?;
             protocol = theirs & wanted_protocol_features();
@@ -304,6 +323,18 @@ impl Connection {
             }
         }
         frontend.set_owner().map_err(proto("SET_OWNER"))?;
+        // Once per connection (device start-up and reconnections), never per guest access.
+        log::info!(
+            "vhost-user daemon at {}: features {offered:#x}, protocol features offered \
+             {:#x} ({theirs:?}), used {protocol:?}; inflight tracking (INFLIGHT_SHMFD) {}",
+            path.display(),
+            theirs.bits(),
+            if theirs.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
+                "offered, not used: requests in flight fail if the daemon dies"
+            } else {
+                "not offered: requests in flight fail if the daemon dies"
+            }
+        );
         Ok(Self {
             frontend,
             offered,
