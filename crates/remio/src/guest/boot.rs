@@ -2,7 +2,7 @@
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -40,40 +40,32 @@ pub(super) fn exit_marker(line: &str) -> Option<i32> {
     rest.split_whitespace().next()?.parse().ok()
 }
 
-pub(super) fn boot(dir: &Path, exec: Option<&str>, timeout: u64) -> anyhow::Result<()> {
-    let manifest = read_manifest(dir).ok_or_else(|| {
-        anyhow!(
-            "no guest build in {} (run `remio guest build`)",
-            dir.display()
-        )
-    })?;
-    ensure!(
-        outputs_intact(dir, &manifest),
-        "the guest in {} was modified: run `remio guest build`",
-        dir.display()
-    );
+/// The QEMU command of a test VM booting `kernel` and `initrd` alone (no remio devices), with
+/// `append` on its kernel command line: q35 with 256 MiB under TCG, serial console on stdio
+/// (`remio_frontend::qemu::launch::guest_args`). q35, not microvm: it boots a plain image with
+/// no remio devices, and has an HPET to fall back on should TSC calibration fail (see
+/// guest/README.md). Used by `remio guest boot` and `remio guest boot --rust-kmod`.
+pub(super) fn test_vm(kernel: &Path, initrd: &Path, append: &str) -> anyhow::Result<Command> {
     let qemu = find_tool("qemu-system-x86_64").ok_or_else(|| {
         anyhow!("`qemu-system-x86_64` not found: install the Debian package `qemu-system-x86`")
     })?;
-    let append = exec.map_or_else(String::new, |cmd| {
-        format!("remio.exec={}", base64(cmd.as_bytes()))
-    });
     let mut cmd = Command::new(qemu);
-    // q35, not microvm: it boots the plain image with no remio devices, and has an HPET to fall
-    // back on should TSC calibration fail (see guest/README.md).
     cmd.args(remio_frontend::qemu::launch::guest_args(
-        "q35",
-        256,
-        &dir.join(KERNEL),
-        &dir.join(INITRAMFS),
-        &append,
+        "q35", 256, kernel, initrd, append,
     ));
-    let Some(_) = exec else {
-        // Interactive: the console is ours.
-        let status = cmd.status().context("starting QEMU")?;
-        ensure!(status.success(), "QEMU exited with {status}");
-        return Ok(());
-    };
+    Ok(cmd)
+}
+
+/// Runs a test VM's QEMU (`cmd`, its arguments given) with its serial console on our stdout:
+/// echoes every line, and returns the last value `marker` found in a line once QEMU exits, with
+/// QEMU's exit status. Kills QEMU and fails if it runs longer than `timeout` seconds (`what`
+/// names the VM in that error). Used by `remio guest boot` and `remio guest boot --rust-kmod`.
+pub(super) fn run_to_marker<T>(
+    mut cmd: Command,
+    timeout: u64,
+    what: &str,
+    marker: impl Fn(&str) -> Option<T>,
+) -> anyhow::Result<(Option<T>, ExitStatus)> {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -93,26 +85,51 @@ pub(super) fn boot(dir: &Path, exec: Option<&str>, timeout: u64) -> anyhow::Resu
         }
     });
     let deadline = Instant::now() + Duration::from_secs(timeout);
-    let mut status = None;
+    let mut found = None;
     let mut out = std::io::stdout().lock();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(line) => {
                 let _ = writeln!(out, "{line}");
-                if let Some(s) = exit_marker(&line) {
-                    status = Some(s);
+                if let Some(v) = marker(&line) {
+                    found = Some(v);
                 }
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("the guest did not power off within {timeout} s");
+                bail!("{what} did not power off within {timeout} s");
             }
         }
     }
-    let qemu_status = child.wait()?;
+    Ok((found, child.wait()?))
+}
+
+pub(super) fn boot(dir: &Path, exec: Option<&str>, timeout: u64) -> anyhow::Result<()> {
+    let manifest = read_manifest(dir).ok_or_else(|| {
+        anyhow!(
+            "no guest build in {} (run `remio guest build`)",
+            dir.display()
+        )
+    })?;
+    ensure!(
+        outputs_intact(dir, &manifest),
+        "the guest in {} was modified: run `remio guest build`",
+        dir.display()
+    );
+    let append = exec.map_or_else(String::new, |cmd| {
+        format!("remio.exec={}", base64(cmd.as_bytes()))
+    });
+    let mut cmd = test_vm(&dir.join(KERNEL), &dir.join(INITRAMFS), &append)?;
+    let Some(_) = exec else {
+        // Interactive: the console is ours.
+        let status = cmd.status().context("starting QEMU")?;
+        ensure!(status.success(), "QEMU exited with {status}");
+        return Ok(());
+    };
+    let (status, qemu_status) = run_to_marker(cmd, timeout, "the guest", exit_marker)?;
     let status = status.ok_or_else(|| anyhow!("QEMU ({qemu_status}) ended without REMIO-EXIT"))?;
     ensure!(status == 0, "the guest command exited with status {status}");
     Ok(())

@@ -29,6 +29,7 @@ mod rust_kmod;
 pub use backend::{backend_overlay, backend_status, files_archive};
 pub use boot::base64;
 pub use host_tools::find_tool;
+pub use rust_kmod::default_backend_artifacts as rust_kmod_backend_artifacts;
 
 use compile::{build_glue, build_tool};
 use host_tools::{tool, TOOLS};

@@ -28,11 +28,9 @@
 //! The outputs and a manifest of every input (package versions, tool versions, source hashes)
 //! are written to `<dir>`; a build with equal inputs and intact outputs does nothing.
 
-use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Instant;
 
 use anyhow::{anyhow, bail, ensure, Context as _};
 use serde::{Deserialize, Serialize};
@@ -93,6 +91,17 @@ const KMOD_KBUILD: &str = include_str!("../../../../kmod/Kbuild");
 const KMOD_MAKEFILE: &str = include_str!("../../../../kmod/Makefile");
 const HELLO_C: &str = include_str!("../../../../kmod/tools/hello_ioctl.c");
 const INIT: &str = include_str!("../../../../kmod/tools/init");
+/// Stage 2: the dispatcher module (its backend VM: [`backend`]).
+const DISPATCHER_RS: &str = include_str!("../../../../kmod/remio_dispatcher.rs");
+
+mod backend;
+pub use backend::backend_artifacts;
+
+/// [`backend_artifacts`] of [`default_dir`]: the backend VM of `remio run --dispatcher
+/// rust-kmod`.
+pub fn default_backend_artifacts() -> Result<super::backend::BackendArtifacts, String> {
+    backend_artifacts(&default_dir())
+}
 
 /// Output file names in `<dir>`.
 const MANIFEST: &str = "manifest.json";
@@ -180,7 +189,18 @@ fn chroot_key() -> String {
 
 fn sources_hash() -> String {
     let mut h = Sha256::new();
-    for part in [KMOD_RS, KMOD_KBUILD, KMOD_MAKEFILE, HELLO_C, INIT] {
+    for part in [
+        KMOD_RS,
+        KMOD_KBUILD,
+        KMOD_MAKEFILE,
+        HELLO_C,
+        INIT,
+        DISPATCHER_RS,
+        backend::GLUE_C,
+        backend::GLUE_KBUILD,
+        backend::HC_H,
+        backend::BACKEND_INIT,
+    ] {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part.as_bytes());
     }
@@ -341,12 +361,20 @@ pub fn build(dir: &Path, force: bool) -> anyhow::Result<()> {
     write_atomic(&dir.join(INITRAMFS), &pack_initramfs(dir, &abi)?)?;
     timed("initramfs", t);
 
+    let t = Instant::now();
+    backend::pack_backend(dir, &root, &abi)?;
+    backend::check_outputs(dir)?;
+    timed("backend VM initramfs", t);
+
     let manifest = Manifest {
         outputs: vec![
             artifact("kernel", &dir.join(KERNEL))?,
             artifact("initramfs", &dir.join(INITRAMFS))?,
             artifact("module", &dir.join(MODULE_KO))?,
             artifact("hello_ioctl", &dir.join(HELLO_BIN))?,
+            artifact("dispatcher_module", &dir.join(backend::DISPATCHER_KO))?,
+            artifact("backend_glue_module", &dir.join(backend::GLUE_KO))?,
+            artifact("backend_initramfs", &dir.join(backend::BACKEND_INITRAMFS))?,
         ],
         inputs,
         rustc_version_text: texts.rustc,
@@ -724,8 +752,10 @@ fn build_module(dir: &Path, root: &Path, abi: &str) -> anyhow::Result<String> {
         std::fs::remove_dir_all(&kmod)?;
     }
     std::fs::create_dir_all(kmod.join("tools"))?;
+    backend::build_glue(root, abi)?;
     for (name, text) in [
         ("remio_kmod_hello.rs", KMOD_RS),
+        ("remio_dispatcher.rs", DISPATCHER_RS),
         ("Kbuild", KMOD_KBUILD),
         ("Makefile", KMOD_MAKEFILE),
         ("tools/hello_ioctl.c", HELLO_C),
@@ -738,8 +768,9 @@ fn build_module(dir: &Path, root: &Path, abi: &str) -> anyhow::Result<String> {
         "building kmod/ (make M=) and the static hello_ioctl",
         &format!(
             "cd {C_KMOD}
-             {make} -C {C_TREE} M={C_KMOD} modules
-             gcc -static -O2 -Wall -Werror -o hello_ioctl tools/hello_ioctl.c"
+             {make} -C {C_TREE} M={C_KMOD} KBUILD_EXTRA_SYMBOLS={}/Module.symvers modules
+             gcc -static -O2 -Wall -Werror -o hello_ioctl tools/hello_ioctl.c",
+            backend::C_GLUE
         ),
     )?;
     let vermagic = chroot_output(
@@ -767,6 +798,14 @@ fn build_module(dir: &Path, root: &Path, abi: &str) -> anyhow::Result<String> {
     write_atomic(
         &dir.join(HELLO_BIN),
         &std::fs::read(kmod.join("hello_ioctl"))?,
+    )?;
+    write_atomic(
+        &dir.join(backend::DISPATCHER_KO),
+        &std::fs::read(kmod.join(backend::DISPATCHER_KO))?,
+    )?;
+    write_atomic(
+        &dir.join(backend::GLUE_KO),
+        &std::fs::read(root.join(rel(backend::C_GLUE)).join(backend::GLUE_KO))?,
     )?;
     Ok(vermagic)
 }
@@ -816,54 +855,10 @@ pub fn boot(dir: &Path, timeout: u64) -> anyhow::Result<()> {
         "the rust-kmod build in {} was modified: run `remio guest build --rust-kmod`",
         dir.display()
     );
-    let qemu = find_tool("qemu-system-x86_64").ok_or_else(|| {
-        anyhow!("`qemu-system-x86_64` not found: install the Debian package `qemu-system-x86`")
+    let cmd = super::boot::test_vm(&dir.join(KERNEL), &dir.join(INITRAMFS), "")?;
+    let (verdict, status) = super::boot::run_to_marker(cmd, timeout, "the rust-kmod VM", |l| {
+        result_marker(l).map(str::to_owned)
     })?;
-    let mut child = Command::new(qemu)
-        .args(remio_frontend::qemu::launch::guest_args(
-            "q35",
-            256,
-            &dir.join(KERNEL),
-            &dir.join(INITRAMFS),
-            "",
-        ))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting QEMU")?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| anyhow!("no QEMU stdout"))?;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(timeout);
-    let mut verdict = None;
-    let mut out = std::io::stdout().lock();
-    loop {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(line) => {
-                let _ = writeln!(out, "{line}");
-                if let Some(v) = result_marker(&line) {
-                    verdict = Some(v.to_owned());
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("the rust-kmod VM did not power off within {timeout} s");
-            }
-        }
-    }
-    let status = child.wait()?;
     match verdict.as_deref() {
         Some("PASS") => Ok(()),
         Some(v) => bail!("the rust-kmod VM reported {v}"),
