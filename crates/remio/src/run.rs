@@ -134,10 +134,13 @@ pub struct Args {
     #[arg(long, default_value_t = 5000)]
     pub access_timeout_ms: u64,
     /// How many times a device model that dies is restarted (at once; with a growing pause,
-    /// 50 ms up to 1.6 s, only while they die within 0.5 s of starting); each new one resumes the devices where the dead one left them. 0: never;
-    /// the guest's devices then fail their requests. `--dispatcher remio` only.
-    #[arg(long, default_value_t = 5)]
-    pub dm_restarts: u32,
+    /// 50 ms up to 1.6 s, only while they die within 0.5 s of starting); each new one resumes
+    /// the devices where the dead one left them. 0: never; the guest's devices then fail their
+    /// requests. [default: 5] `--dispatcher remio` only: with `--dispatcher c-driver` a value
+    /// above 0 is refused (the posted driver destroys a DM when its device model exits, so
+    /// there is nothing to resume).
+    #[arg(long, value_name = "N")]
+    pub dm_restarts: Option<u32>,
     /// With `--dispatcher c-driver`: a shell script the backend VM's /init sources just before
     /// it starts the device model (as /etc/remio/backend.sh; for tests and diagnosis).
     #[arg(long, value_name = "FILE")]
@@ -174,16 +177,6 @@ pub enum Dispatcher {
     Remio,
     /// The posted C driver in a backend VM, with `remio dm --kernel-driver` inside it.
     CDriver,
-    /// kmod/remio_dispatcher.rs, the Rust kernel module, in a backend VM on Debian's 7.3
-    /// kernel (`remio guest build --rust-kmod`; docs/kmod.md); otherwise as `c-driver`.
-    RustKmod,
-}
-
-impl Dispatcher {
-    /// A backend VM's kernel driver dispatches (`c-driver`, `rust-kmod`).
-    fn in_backend_vm(self) -> bool {
-        matches!(self, Self::CDriver | Self::RustKmod)
-    }
 }
 
 /// One device of the generated configuration.
@@ -866,7 +859,7 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
         .checked_mul(1 << 20)
         .context("--memory too large")?;
     let ram = GuestRam::new(memory).context("--memory")?;
-    if args.dispatcher.in_backend_vm() {
+    if args.dispatcher == Dispatcher::CDriver {
         check_c_driver_args(args)?;
     }
 
@@ -897,19 +890,13 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
     let (n, dm_config, described) = match &args.config {
         Some(c) => {
             let n = devices_in_user_config(c)?;
-            if args.dispatcher.in_backend_vm() {
+            if args.dispatcher == Dispatcher::CDriver {
                 let config = remio_virtio::config::Config::from_file(c)
                     .with_context(|| format!("--config {}", c.display()))?;
                 let devices = plan_from_config(&config)
                     .with_context(|| format!("--config {}", c.display()))?;
                 let hook = args.backend_hook.as_deref();
-                c_driver = Some(CDriverPlan::new(
-                    &devices,
-                    &gdir,
-                    &tmp,
-                    hook,
-                    args.dispatcher,
-                )?);
+                c_driver = Some(CDriverPlan::new(&devices, &gdir, &tmp, hook)?);
             }
             (n, c.clone(), user_config_devices(c))
         }
@@ -921,15 +908,9 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
                 .map(|d| (d.kind.clone(), describe_device(d, !exec_mode)))
                 .collect();
             let n = u32::try_from(devices.len()).context("too many devices")?;
-            if args.dispatcher.in_backend_vm() {
+            if args.dispatcher == Dispatcher::CDriver {
                 let hook = args.backend_hook.as_deref();
-                c_driver = Some(CDriverPlan::new(
-                    &devices,
-                    &gdir,
-                    &tmp,
-                    hook,
-                    args.dispatcher,
-                )?);
+                c_driver = Some(CDriverPlan::new(&devices, &gdir, &tmp, hook)?);
             }
             let path = tmp.join("devices.toml");
             let text = toml::to_string(&DmConfig { device: devices })
@@ -984,7 +965,7 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
                 _platform: platform,
             }
         }
-        Dispatcher::CDriver | Dispatcher::RustKmod => {
+        Dispatcher::CDriver => {
             let backend = c_driver.as_mut().context("c-driver plan missing")?;
             backend.console_stdin = console_on_terminal;
             Serving::CDriver(start_backend_vm(
@@ -1101,7 +1082,7 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
         timeout,
         started,
         DmRestarts {
-            limit: args.dm_restarts,
+            limit: args.dm_restarts.unwrap_or(DEFAULT_DM_RESTARTS),
             count: &dm_restarts,
             sessions: &sessions,
         },
@@ -1272,7 +1253,7 @@ fn start_remio_dispatcher(
         socket: api_socket,
         stdio,
     };
-    let dm = launcher.spawn()?;
+    let dm = launcher.spawn(0)?;
     log::debug!("device model pid {}", dm.id());
     session.dm = Some(dm);
     session.dm_launcher = Some(launcher);
@@ -1299,7 +1280,10 @@ struct DmStdio {
 }
 
 impl DmLauncher {
-    fn spawn(&self) -> anyhow::Result<Child> {
+    /// Starts device model number `generation` of this run (0 the first, `k` the `k`-th
+    /// restart), which it is told in `REMIO_DM_GENERATION` (the crash-point test hook arms
+    /// one point per generation, `crates/virtio/src/crash_point.rs`).
+    fn spawn(&self, generation: u32) -> anyhow::Result<Child> {
         let mut cmd = Command::new(&self.exe);
         // SAFETY: prctl is async-signal-safe; the closure touches no memory of the parent.
         unsafe {
@@ -1321,7 +1305,8 @@ impl DmLauncher {
             } else {
                 Stdio::null()
             })
-            .stdout(Stdio::null());
+            .stdout(Stdio::null())
+            .env("REMIO_DM_GENERATION", generation.to_string());
         // Its start-up INFO lines would repeat the summary `remio run` prints.
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "warn");
@@ -1430,8 +1415,21 @@ const BACKEND_START_TIMEOUT: Duration = Duration::from_secs(100);
 /// How many lines of the backend's serial console an error of `remio run` quotes.
 const BACKEND_TAIL_LINES: usize = 30;
 
+/// `--dm-restarts` when not given (`--dispatcher remio`).
+const DEFAULT_DM_RESTARTS: u32 = 5;
+
 /// The options `--dispatcher c-driver` cannot honour, refused before anything starts.
 fn check_c_driver_args(args: &Args) -> anyhow::Result<()> {
+    if let Some(n) = args.dm_restarts.filter(|&n| n > 0) {
+        bail!(
+            "--dm-restarts {n}: with --dispatcher c-driver a device model cannot be restarted: \
+             the posted driver destroys a DM when the device model's fd is closed (its exit), \
+             so a new one would find no device to resume; the backend VM powers off when its \
+             device model exits and the guest's devices fail their requests. Leave \
+             --dm-restarts out (or 0) with the c-driver; restart works on remio's dispatcher \
+             (docs/architecture.md, \"Device-model restart\")"
+        );
+    }
     let ram = args.memory.checked_mul(1 << 20).unwrap_or(0);
     if !ram.is_power_of_two() {
         bail!(
@@ -1689,7 +1687,6 @@ impl CDriverPlan {
         gdir: &Path,
         tmp: &Path,
         hook: Option<&Path>,
-        dispatcher: Dispatcher,
     ) -> anyhow::Result<Self> {
         let backend = backend_device_plan(devices)?;
         let toml_text = backend.dm_config_toml()?;
@@ -1705,16 +1702,8 @@ impl CDriverPlan {
             )],
             None => Vec::new(),
         };
-        let artifacts = match dispatcher {
-            Dispatcher::RustKmod => crate::guest::rust_kmod_backend_artifacts(),
-            _ => crate::guest::backend_status(gdir),
-        };
-        let kernel = write_backend_initrd(artifacts, &exe, &toml_text, &extra, &initrd).context(
-            match dispatcher {
-                Dispatcher::RustKmod => "--dispatcher rust-kmod",
-                _ => "--dispatcher c-driver",
-            },
-        )?;
+        let kernel = write_backend_initrd(gdir, &exe, &toml_text, &extra, &initrd)
+            .context("--dispatcher c-driver")?;
         // The console's host end: the user's socket, or one in the run directory that we
         // connect to and copy to our stdio.
         let console_socket = match &backend.console {
@@ -1744,14 +1733,14 @@ impl CDriverPlan {
 /// /usr/bin/remio, `dm_toml` as /etc/remio/dm.toml). Returns the kernel to boot it with. Fails
 /// with the reason when the backend VM was not built (no patch, no build, modified files).
 fn write_backend_initrd(
-    artifacts: Result<crate::guest::backend::BackendArtifacts, String>,
+    gdir: &Path,
     exe: &Path,
     dm_toml: &str,
     extra: &[(String, Vec<u8>, u32)],
     out: &Path,
 ) -> anyhow::Result<PathBuf> {
-    let artifacts =
-        artifacts.map_err(|why| anyhow::anyhow!("the backend VM is unavailable: {why}"))?;
+    let artifacts = crate::guest::backend_status(gdir)
+        .map_err(|why| anyhow::anyhow!("the backend VM is unavailable: {why}"))?;
     let mut initrd = std::fs::read(&artifacts.initramfs)
         .with_context(|| format!("reading {}", artifacts.initramfs.display()))?;
     // newc archives are 4-byte aligned; the kernel skips zero padding between them.
@@ -2218,7 +2207,7 @@ fn supervise(
                      starting one ({restarts} of {})",
                     dm.limit
                 );
-                let child = launcher.spawn()?;
+                let child = launcher.spawn(restarts)?;
                 dm_exit = ExitWatch::new(child.id());
                 session.dm = Some(child);
                 dm_started = Instant::now();
@@ -2263,7 +2252,7 @@ fn supervise(
                         dm.limit
                     );
                     std::thread::sleep(pause);
-                    let child = launcher.spawn()?;
+                    let child = launcher.spawn(restarts)?;
                     log::info!("new device model pid {}", child.id());
                     dm_exit = ExitWatch::new(child.id());
                     session.dm = Some(child);
@@ -2753,6 +2742,36 @@ mod tests {
         assert!(check_c_driver_args(&parse(&["--config", "x.toml"])).is_ok());
         let default = Cli::try_parse_from(["remio"]).unwrap().run;
         assert_eq!(default.dispatcher, Dispatcher::Remio);
+    }
+
+    #[test]
+    fn c_driver_refuses_device_model_restarts_it_cannot_honour() {
+        use clap::Parser;
+        #[derive(Debug, clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: Args,
+        }
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["remio"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).unwrap().run
+        };
+
+        let refused =
+            check_c_driver_args(&parse(&["--dispatcher", "c-driver", "--dm-restarts", "3"]));
+        let zero = check_c_driver_args(&parse(&["--dispatcher", "c-driver", "--dm-restarts", "0"]));
+        let unset = parse(&["--dispatcher", "c-driver"]);
+
+        let e = refused.unwrap_err().to_string();
+        assert!(
+            e.contains("--dm-restarts 3") && e.contains("destroys a DM"),
+            "{e}"
+        );
+        assert!(zero.is_ok(), "0 is what the c-driver does anyway");
+        assert!(check_c_driver_args(&unset).is_ok());
+        assert_eq!(unset.dm_restarts, None, "no restart is implied");
+        assert_eq!(parse(&[]).dm_restarts, None);
     }
 
     /// Runs `script` as a stand-in for the backend VM's QEMU and waits for it as for the

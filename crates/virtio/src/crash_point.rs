@@ -8,6 +8,15 @@
 //! (1-based) it reaches point `<name>`; without the variable a point costs one load of an
 //! initialised `OnceLock`.
 //!
+//! A comma-separated list, `REMIO_CRASH_POINT=<name>:<n>,<name>:<n>,...`, arms one entry per
+//! device-model generation, so that one guest run goes through every point: `remio run` starts
+//! its `k`-th restart with `REMIO_DM_GENERATION=k` (0 for the first device model, also when the
+//! variable is absent), and that process is armed with the list's entry `k` (none beyond the
+//! list). A malformed spec or generation arms nothing, with one error line.
+//!
+//! The process says which point killed it, on its log (stderr) just before the SIGKILL:
+//! `crash point <name> reached (hit <n>, generation <k>): killing the device model`.
+//!
 //! The points, in the order a request meets them:
 //!
 //! | name | where |
@@ -32,37 +41,71 @@ mod armed {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::OnceLock;
 
-    /// The environment variable naming the point and the hit that kills.
+    /// The environment variable naming the point(s) and the hit that kills.
     const ENV: &str = "REMIO_CRASH_POINT";
+    /// Which device model of a run this is: 0 the first, `k` the `k`-th restart (`remio run`
+    /// sets it).
+    const GENERATION_ENV: &str = "REMIO_DM_GENERATION";
 
+    #[derive(Debug)]
     pub(super) struct Armed {
         name: String,
         nth: u64,
+        generation: usize,
         hits: AtomicU64,
     }
 
     static ARMED: OnceLock<Option<Armed>> = OnceLock::new();
 
     /// `<name>:<n>` with `n >= 1`.
-    pub(super) fn parse(spec: &str) -> Option<Armed> {
-        let (name, nth) = spec.rsplit_once(':')?;
+    fn parse_one(spec: &str) -> Option<(String, u64)> {
+        let (name, nth) = spec.trim().rsplit_once(':')?;
         let nth = nth.parse().ok().filter(|&n| n >= 1)?;
-        Some(Armed {
-            name: name.to_owned(),
-            nth,
-            hits: AtomicU64::new(0),
-        })
+        (!name.is_empty()).then(|| (name.to_owned(), nth))
+    }
+
+    /// What `spec` (one entry, or a comma-separated list of them) arms in the device model of
+    /// `generation`: `Ok(None)` past the list's end, `Err(())` if any entry is malformed.
+    pub(super) fn parse(spec: &str, generation: usize) -> Result<Option<Armed>, ()> {
+        let entries = spec
+            .split(',')
+            .map(parse_one)
+            .collect::<Option<Vec<_>>>()
+            .ok_or(())?;
+        Ok(entries
+            .into_iter()
+            .nth(generation)
+            .map(|(name, nth)| Armed {
+                name,
+                nth,
+                generation,
+                hits: AtomicU64::new(0),
+            }))
     }
 
     fn armed() -> Option<&'static Armed> {
         ARMED
             .get_or_init(|| {
                 let spec = std::env::var(ENV).ok()?;
-                let armed = parse(&spec);
-                if armed.is_none() {
-                    log::error!("{ENV}={spec}: not <point>:<n> with n >= 1; ignored");
+                let generation = match std::env::var(GENERATION_ENV) {
+                    Err(_) => 0,
+                    Ok(g) => {
+                        let Ok(g) = g.parse() else {
+                            log::error!("{GENERATION_ENV}={g}: not a number; no crash point armed");
+                            return None;
+                        };
+                        g
+                    }
+                };
+                match parse(&spec, generation) {
+                    Ok(armed) => armed,
+                    Err(()) => {
+                        log::error!(
+                            "{ENV}={spec}: not <point>:<n>[,<point>:<n>...] with n >= 1; ignored"
+                        );
+                        None
+                    }
                 }
-                armed
             })
             .as_ref()
     }
@@ -76,8 +119,12 @@ mod armed {
 
     /// Counts a hit of point `name` and kills the process on the armed one.
     pub(crate) fn reached(name: &str) {
-        if armed().is_some_and(|a| a.hit(name)) {
-            log::error!("crash point {name} reached: killing the device model");
+        if let Some(a) = armed().filter(|a| a.hit(name)) {
+            log::error!(
+                "crash point {name} reached (hit {}, generation {}): killing the device model",
+                a.nth,
+                a.generation
+            );
             // SAFETY: kill(2) on our own pid; no memory involved. SIGKILL: nothing of ours
             // runs after this point, as in a real crash.
             unsafe {
@@ -96,7 +143,7 @@ mod tests {
 
     #[test]
     fn only_the_nth_hit_of_the_named_point_fires() {
-        let a = parse("used:2").unwrap();
+        let a = parse("used:2", 0).unwrap().unwrap();
 
         let hits: Vec<bool> = ["popped", "used", "popped", "used", "used"]
             .iter()
@@ -108,8 +155,35 @@ mod tests {
 
     #[test]
     fn a_spec_without_a_positive_count_is_refused() {
-        for spec in ["used", "used:0", "used:x", ""] {
-            assert!(parse(spec).is_none(), "{spec}");
+        for spec in [
+            "used",
+            "used:0",
+            "used:x",
+            "",
+            ":3",
+            "used:1,",
+            "used:1,popped",
+        ] {
+            assert!(parse(spec, 0).is_err(), "{spec}");
         }
+    }
+
+    #[test]
+    fn each_generation_is_armed_with_its_own_entry_of_a_list() {
+        let spec = "popped:3, used:1,before-interrupt:2";
+
+        let g1 = parse(spec, 1).unwrap().unwrap();
+        let g2 = parse(spec, 2).unwrap().unwrap();
+
+        assert!(!g1.hit("popped"), "generation 1 is armed with used:1 only");
+        assert!(g1.hit("used"));
+        assert!(!g2.hit("before-interrupt"));
+        assert!(g2.hit("before-interrupt"));
+    }
+
+    #[test]
+    fn a_generation_past_the_list_is_not_armed() {
+        assert!(parse("popped:3,used:1", 2).unwrap().is_none());
+        assert!(parse("popped:3", 0).unwrap().is_some());
     }
 }
