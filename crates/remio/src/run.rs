@@ -177,6 +177,16 @@ pub enum Dispatcher {
     Remio,
     /// The posted C driver in a backend VM, with `remio dm --kernel-driver` inside it.
     CDriver,
+    /// kmod/remio_dispatcher.rs, the Rust kernel module, in a backend VM on Debian's 7.3
+    /// kernel (`remio guest build --rust-kmod`; docs/kmod.md); otherwise as `c-driver`.
+    RustKmod,
+}
+
+impl Dispatcher {
+    /// A backend VM's kernel driver dispatches (`c-driver`, `rust-kmod`).
+    fn in_backend_vm(self) -> bool {
+        matches!(self, Self::CDriver | Self::RustKmod)
+    }
 }
 
 /// One device of the generated configuration.
@@ -859,7 +869,7 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
         .checked_mul(1 << 20)
         .context("--memory too large")?;
     let ram = GuestRam::new(memory).context("--memory")?;
-    if args.dispatcher == Dispatcher::CDriver {
+    if args.dispatcher.in_backend_vm() {
         check_c_driver_args(args)?;
     }
 
@@ -890,13 +900,19 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
     let (n, dm_config, described) = match &args.config {
         Some(c) => {
             let n = devices_in_user_config(c)?;
-            if args.dispatcher == Dispatcher::CDriver {
+            if args.dispatcher.in_backend_vm() {
                 let config = remio_virtio::config::Config::from_file(c)
                     .with_context(|| format!("--config {}", c.display()))?;
                 let devices = plan_from_config(&config)
                     .with_context(|| format!("--config {}", c.display()))?;
                 let hook = args.backend_hook.as_deref();
-                c_driver = Some(CDriverPlan::new(&devices, &gdir, &tmp, hook)?);
+                c_driver = Some(CDriverPlan::new(
+                    &devices,
+                    &gdir,
+                    &tmp,
+                    hook,
+                    args.dispatcher,
+                )?);
             }
             (n, c.clone(), user_config_devices(c))
         }
@@ -908,9 +924,15 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
                 .map(|d| (d.kind.clone(), describe_device(d, !exec_mode)))
                 .collect();
             let n = u32::try_from(devices.len()).context("too many devices")?;
-            if args.dispatcher == Dispatcher::CDriver {
+            if args.dispatcher.in_backend_vm() {
                 let hook = args.backend_hook.as_deref();
-                c_driver = Some(CDriverPlan::new(&devices, &gdir, &tmp, hook)?);
+                c_driver = Some(CDriverPlan::new(
+                    &devices,
+                    &gdir,
+                    &tmp,
+                    hook,
+                    args.dispatcher,
+                )?);
             }
             let path = tmp.join("devices.toml");
             let text = toml::to_string(&DmConfig { device: devices })
@@ -965,7 +987,7 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
                 _platform: platform,
             }
         }
-        Dispatcher::CDriver => {
+        Dispatcher::CDriver | Dispatcher::RustKmod => {
             let backend = c_driver.as_mut().context("c-driver plan missing")?;
             backend.console_stdin = console_on_terminal;
             Serving::CDriver(start_backend_vm(
@@ -1687,6 +1709,7 @@ impl CDriverPlan {
         gdir: &Path,
         tmp: &Path,
         hook: Option<&Path>,
+        dispatcher: Dispatcher,
     ) -> anyhow::Result<Self> {
         let backend = backend_device_plan(devices)?;
         let toml_text = backend.dm_config_toml()?;
@@ -1702,8 +1725,16 @@ impl CDriverPlan {
             )],
             None => Vec::new(),
         };
-        let kernel = write_backend_initrd(gdir, &exe, &toml_text, &extra, &initrd)
-            .context("--dispatcher c-driver")?;
+        let artifacts = match dispatcher {
+            Dispatcher::RustKmod => crate::guest::rust_kmod_backend_artifacts(),
+            _ => crate::guest::backend_status(gdir),
+        };
+        let kernel = write_backend_initrd(artifacts, &exe, &toml_text, &extra, &initrd).context(
+            match dispatcher {
+                Dispatcher::RustKmod => "--dispatcher rust-kmod",
+                _ => "--dispatcher c-driver",
+            },
+        )?;
         // The console's host end: the user's socket, or one in the run directory that we
         // connect to and copy to our stdio.
         let console_socket = match &backend.console {
@@ -1733,14 +1764,14 @@ impl CDriverPlan {
 /// /usr/bin/remio, `dm_toml` as /etc/remio/dm.toml). Returns the kernel to boot it with. Fails
 /// with the reason when the backend VM was not built (no patch, no build, modified files).
 fn write_backend_initrd(
-    gdir: &Path,
+    artifacts: Result<crate::guest::backend::BackendArtifacts, String>,
     exe: &Path,
     dm_toml: &str,
     extra: &[(String, Vec<u8>, u32)],
     out: &Path,
 ) -> anyhow::Result<PathBuf> {
-    let artifacts = crate::guest::backend_status(gdir)
-        .map_err(|why| anyhow::anyhow!("the backend VM is unavailable: {why}"))?;
+    let artifacts =
+        artifacts.map_err(|why| anyhow::anyhow!("the backend VM is unavailable: {why}"))?;
     let mut initrd = std::fs::read(&artifacts.initramfs)
         .with_context(|| format!("reading {}", artifacts.initramfs.display()))?;
     // newc archives are 4-byte aligned; the kernel skips zero padding between them.
