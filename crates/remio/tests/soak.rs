@@ -83,6 +83,16 @@ fn soak_accounts_every_request_once_and_leaks_nothing_under_churn() {
     assert_eq!(u(&r, "reads.wrong"), 0);
     assert_eq!(u(&r, "access_errors"), 0);
     assert!(u(&r, "reads.right") > 0);
+    // A read goes unchecked only once its register was given up on, in this run or the warm-up.
+    let given_up = ["reads", "warmup"]
+        .iter()
+        .flat_map(|p| ["timeout", "overlap"].map(|w| u(&r, &format!("{p}.registers_given_up.{w}"))))
+        .sum::<u64>();
+    assert!(u(&r, "warmup.requests") > 0);
+    assert!(
+        u(&r, "reads.unverified") == 0 || given_up > 0,
+        "reads went unchecked with no register given up on"
+    );
 
     // Every route and every kind of churn was exercised.
     for route in ["device_model", "ioeventfd", "status_word"] {

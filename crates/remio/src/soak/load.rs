@@ -83,8 +83,12 @@ pub struct Counts {
     pub reads_right: u64,
     /// Reads that returned 0 because the session holding them ended (see [`Verdict`]).
     pub reads_abandoned: u64,
-    /// Reads not checked (after a timed-out write of that register).
+    /// Reads not checked (the register was given up on: see the next two).
     pub reads_unverified: u64,
+    /// Scratch registers no longer checked because a write of theirs timed out.
+    pub given_up_timeout: u64,
+    /// Scratch registers no longer checked because 8 writes in a row overlapped churn.
+    pub given_up_overlap: u64,
     /// Reads with a wrong value.
     pub wrong_values: u64,
     /// Accesses that timed out.
@@ -106,6 +110,8 @@ impl std::ops::AddAssign for Counts {
         self.reads_right += o.reads_right;
         self.reads_abandoned += o.reads_abandoned;
         self.reads_unverified += o.reads_unverified;
+        self.given_up_timeout += o.given_up_timeout;
+        self.given_up_overlap += o.given_up_overlap;
         self.wrong_values += o.wrong_values;
         self.timeouts += o.timeouts;
         self.access_errors += o.access_errors;
@@ -277,7 +283,11 @@ impl Vcpu<'_> {
                 let Some((c, churned)) = self.access(dm, RemioOp::Write, off, 8, value) else {
                     return;
                 };
-                self.scratch[dm as usize].write(value, churned, c.timed_out);
+                match self.scratch[dm as usize].write(value, churned, c.timed_out) {
+                    Some(regs::GaveUp::Timeout) => self.c.given_up_timeout += 1,
+                    Some(regs::GaveUp::Overlap) => self.c.given_up_overlap += 1,
+                    None => {}
+                }
             }
             37..50 => {
                 self.c.scratch_reads += 1;

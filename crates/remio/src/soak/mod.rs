@@ -577,7 +577,7 @@ fn soak(args: &Args, stop: Stop) -> anyhow::Result<Report> {
         }
     }
     let warm = Stop::After(Duration::from_secs(args.warmup_secs)).until();
-    phase_with_churn(&shared, &mut churner, interval, warm, 0, &mut scratch)?;
+    let warmup = phase_with_churn(&shared, &mut churner, interval, warm, 0, &mut scratch)?;
     active.store(false, Ordering::Relaxed);
     churner.counts = Churn::default();
     let before = settle_and_sample(&platform, &procs, &setup, None)?;
@@ -636,6 +636,7 @@ fn soak(args: &Args, stop: Stop) -> anyhow::Result<Report> {
         },
         elapsed,
         counts,
+        warmup,
         churn,
         before,
         after,
@@ -690,6 +691,9 @@ struct Report {
     args: Config,
     elapsed: Duration,
     counts: Counts,
+    /// The warm-up's counts (not checked: what it left behind, e.g. a register given up on
+    /// after a timed-out write, shows in the measured run's unchecked reads).
+    warmup: Counts,
     churn: Churn,
     before: Sample,
     after: Sample,
@@ -892,6 +896,18 @@ impl Report {
                 "abandoned": c.reads_abandoned,
                 "unverified": c.reads_unverified,
                 "wrong": c.wrong_values,
+                "registers_given_up": {
+                    "timeout": c.given_up_timeout,
+                    "overlap": c.given_up_overlap,
+                },
+            },
+            "warmup": {
+                "requests": self.warmup.accesses,
+                "timeouts": self.warmup.timeouts,
+                "registers_given_up": {
+                    "timeout": self.warmup.given_up_timeout,
+                    "overlap": self.warmup.given_up_overlap,
+                },
             },
             "access_errors": c.access_errors,
             "timeouts": c.timeouts,
@@ -999,6 +1015,18 @@ impl Report {
              churn), {} unchecked after a timeout",
             c.reads_right, c.wrong_values, c.reads_abandoned, c.reads_unverified
         );
+        let w = &self.warmup;
+        println!(
+            "  scratch registers given up on (their reads no longer checked): {} after a \
+             timed-out write, {} after 8 writes in a row overlapped churn; in the \
+             warm-up ({} requests, {} timeouts): {} and {}",
+            c.given_up_timeout,
+            c.given_up_overlap,
+            w.accesses,
+            w.timeouts,
+            w.given_up_timeout,
+            w.given_up_overlap
+        );
         println!(
             "  interrupts: {} irqfd NOTIFYs, {} frontend interrupts",
             r.irqfd_notifies, self.interrupts
@@ -1092,6 +1120,7 @@ mod tests {
             },
             elapsed: Duration::from_secs(1),
             counts: Counts::default(),
+            warmup: Counts::default(),
             churn: Churn::default(),
             before: sample(before),
             after: sample(after),

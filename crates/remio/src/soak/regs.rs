@@ -92,6 +92,16 @@ pub enum Expect {
     Unknown,
 }
 
+/// Why a register's reads stopped being checked ([`Expect::write`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GaveUp {
+    /// A write of it timed out.
+    Timeout,
+    /// [`MAX_CANDIDATES`] writes in a row overlapped churn before a read settled which one
+    /// landed.
+    Overlap,
+}
+
 /// How a read of a register ended, as the frontend judges it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -129,8 +139,9 @@ impl Expect {
     }
 
     /// Records a completed write of `value`; `churned` as for [`Expect::read`], `timed_out`
-    /// if the access timed out.
-    pub fn write(&mut self, value: u64, churned: bool, timed_out: bool) {
+    /// if the access timed out. Returns why, if this write ended the checking of the register.
+    pub fn write(&mut self, value: u64, churned: bool, timed_out: bool) -> Option<GaveUp> {
+        let was = *self;
         *self = match *self {
             _ if timed_out => Self::Unknown,
             Self::Unknown => Self::Unknown,
@@ -141,6 +152,11 @@ impl Expect {
                 Self::OneOf { vals, n: n + 1 }
             }
         };
+        match (was, *self) {
+            (Self::Unknown, _) | (_, Self::OneOf { .. }) => None,
+            (_, Self::Unknown) if timed_out => Some(GaveUp::Timeout),
+            (_, Self::Unknown) => Some(GaveUp::Overlap),
+        }
     }
 }
 
@@ -198,6 +214,28 @@ mod tests {
         assert_eq!(e.read(99, false), Verdict::Unverified);
         e.write(3, false, false);
         assert_eq!(e, Expect::Unknown, "a late write may still land");
+    }
+
+    #[test]
+    fn the_write_that_ends_checking_says_why_and_only_that_one() {
+        let mut timed_out = Expect::known(1);
+        let mut overlapped = Expect::known(1);
+
+        let by_timeout = [
+            timed_out.write(2, false, true),
+            timed_out.write(3, false, true),
+        ];
+        let by_overlap: Vec<_> = (2..=MAX_CANDIDATES as u64 + 2)
+            .map(|v| overlapped.write(v, true, false))
+            .collect();
+
+        assert_eq!(by_timeout, [Some(GaveUp::Timeout), None]);
+        let (last, first) = by_overlap.split_last().unwrap();
+        let (gave_up, before) = first.split_last().unwrap();
+        assert!(before.iter().all(Option::is_none), "{by_overlap:?}");
+        assert_eq!(*gave_up, Some(GaveUp::Overlap));
+        assert_eq!(*last, None, "already given up");
+        assert_eq!(overlapped, Expect::Unknown);
     }
 
     #[test]
