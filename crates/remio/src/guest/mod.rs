@@ -66,11 +66,13 @@ const INIT: &str = include_str!("../../../../guest/init");
 const IOBENCH_C: &str = include_str!("../../../../guest/tools/iobench.c");
 const VSOCK_C: &str = include_str!("../../../../guest/tools/vsock.c");
 const BLKVERIFY_C: &str = include_str!("../../../../guest/tools/blkverify.c");
+const IOPAUSE_C: &str = include_str!("../../../../guest/tools/iopause.c");
 /// The static tools of guest/tools, installed as /usr/bin/<name>.
 const GUEST_TOOLS: &[(&str, &str)] = &[
     ("iobench", IOBENCH_C),
     ("vsock", VSOCK_C),
     ("blkverify", BLKVERIFY_C),
+    ("iopause", IOPAUSE_C),
 ];
 
 /// File names inside the guest directory.
