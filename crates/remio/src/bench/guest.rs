@@ -59,6 +59,18 @@ impl GuestFigures {
     }
 }
 
+impl std::fmt::Display for GuestFigures {
+    /// One boot's figures, as the guest group prints each boot (so that the spread the
+    /// medians hide can be read from the log).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "seq {:.1} MiB/s, rand {:.0} IOPS",
+            self.seq_mib_per_s, self.rand_iops
+        )
+    }
+}
+
 /// The guest command: both measurements, each printing one `IOBENCH` line.
 fn guest_command() -> String {
     format!("iobench seq /dev/vda {SEQ_MIB} && iobench rand /dev/vda {RAND_SECS} {QUEUE_DEPTH}")
@@ -113,6 +125,7 @@ pub fn remio(disk: &Path) -> anyhow::Result<GuestFigures> {
         .map(Some)
         .context("`remio run` did not report its trapped accesses")?;
     figures.in_dispatcher = parse_dispatcher_answers(&stderr);
+    eprintln!("guest: remio boot: {figures}");
     Ok(figures)
 }
 
@@ -197,7 +210,9 @@ pub fn qemu(disk: &Path, guest_dir: &Path) -> anyhow::Result<GuestFigures> {
         out.status,
         tail(&stdout)
     );
-    parse_iobench(&stdout)
+    let figures = parse_iobench(&stdout)?;
+    eprintln!("guest: qemu boot: {figures}");
+    Ok(figures)
 }
 
 /// Reads the two `IOBENCH` lines of a guest's output.
@@ -291,6 +306,15 @@ mod tests {
         // Per I/O: 2, 4 and 3 -> median 3, times the median I/O count.
         assert_eq!(m.trapped, Some(300.0));
         assert_eq!(m.in_dispatcher, None);
+    }
+
+    #[test]
+    fn a_boot_is_printed_with_both_figures() {
+        let f = parse_iobench(
+            "IOBENCH seq mib_per_s=12.34 bytes=1 secs=1\nIOBENCH rand iops=567.8 ios=1\n",
+        )
+        .unwrap();
+        assert_eq!(f.to_string(), "seq 12.3 MiB/s, rand 568 IOPS");
     }
 
     #[test]
