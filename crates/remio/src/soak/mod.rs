@@ -1012,7 +1012,7 @@ impl Report {
         );
         println!(
             "  reads: {} right, {} wrong, {} abandoned by an ending session (0, overlapping \
-             churn), {} unchecked after a timeout",
+             churn), {} unchecked (their register given up on)",
             c.reads_right, c.wrong_values, c.reads_abandoned, c.reads_unverified
         );
         let w = &self.warmup;
