@@ -592,17 +592,9 @@ fn through_the_c_driver_a_config_files_socket_console_echoes_a_line() {
     if !c_driver_prerequisites("cdriver_e2e") {
         return;
     }
-    let (dir, img) = temp_image(16 << 20);
-    let sock = dir.as_path().join("console.sock");
-    let config = console_echo_config(dir.as_path(), &img, &sock);
-    let mut host_side = String::new();
-    let out = c_driver_exec_with(
-        CONSOLE_ECHO_SCRIPT,
-        &["--config", path_str(&config)],
-        |_| {
-            host_side = console_echo_host_side(&sock, Instant::now() + Duration::from_secs(240));
-        },
-    );
+    let (out, host_side) = console_echo_run(Duration::from_secs(240), |script, extra, during| {
+        c_driver_exec_with(script, extra, during)
+    });
     assert!(
         host_side.contains("READY"),
         "the guest never said READY: {host_side:?}"

@@ -3,8 +3,6 @@
 //! reads it from /dev/hvc0 and writes it back with a prefix, and the test reads that back.
 #![allow(clippy::unwrap_used)]
 
-use std::time::Instant;
-
 mod e2e_common;
 use e2e_common::*;
 
@@ -13,20 +11,12 @@ fn a_line_sent_to_the_console_socket_comes_back_from_the_guest() {
     if !prerequisites("e2e_console") {
         return;
     }
-    let (dir, img) = temp_image(16 << 20);
-    let sock = dir.as_path().join("console.sock");
-    let config = console_echo_config(dir.as_path(), &img, &sock);
-    let mut host_side = String::new();
-    let out = remio_exec_with(
-        CONSOLE_ECHO_SCRIPT,
-        &["--config", path_str(&config)],
-        |_| {
-            host_side = console_echo_host_side(&sock, Instant::now() + GUEST_TIMEOUT / 2);
-            assert!(
-                host_side.contains("READY"),
-                "the guest never said READY: {host_side:?}"
-            );
-        },
+    let (out, host_side) = console_echo_run(GUEST_TIMEOUT / 2, |script, extra, during| {
+        remio_exec_with(script, extra, during)
+    });
+    assert!(
+        host_side.contains("READY"),
+        "the guest never said READY: {host_side:?}"
     );
     assert_eq!(out.status, Some(0));
     assert!(

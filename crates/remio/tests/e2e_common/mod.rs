@@ -321,6 +321,26 @@ pub fn console_echo_host_side(sock: &Path, deadline: Instant) -> String {
     host_side
 }
 
+/// One run of [`CONSOLE_ECHO_SCRIPT`] on a fresh disk with [`console_echo_config`]: `run`
+/// starts `remio run` with the script, the `--config` arguments and the host's side
+/// ([`console_echo_host_side`], given `host_limit` from when `remio run` started) to run while
+/// the guest runs. Returns the run's output and what the host read.
+pub fn console_echo_run(
+    host_limit: Duration,
+    run: impl FnOnce(&str, &[&str], Box<dyn FnOnce(u32) + '_>) -> RunOutput,
+) -> (RunOutput, String) {
+    let (dir, img) = temp_image(16 << 20);
+    let sock = dir.as_path().join("console.sock");
+    let config = console_echo_config(dir.as_path(), &img, &sock);
+    let mut host_side = String::new();
+    let out = run(
+        CONSOLE_ECHO_SCRIPT,
+        &["--config", path_str(&config)],
+        Box::new(|_| host_side = console_echo_host_side(&sock, Instant::now() + host_limit)),
+    );
+    (out, host_side)
+}
+
 /// Connects to the UNIX socket at `path`, retrying until `deadline` (it may not exist yet).
 pub fn connect_until(path: &Path, deadline: Instant) -> std::os::unix::net::UnixStream {
     loop {
