@@ -1279,7 +1279,15 @@ impl<'a, E: BlockEngine> QueueRunner<'a, E> {
                 return fail_device(self.interrupt, "virtio-blk queue", &e);
             }
         }
-        log::info!("virtio-blk: stopped: {}", self.counters.summary());
+        // A guest can reset the device in a loop: rate limited (the counters are the device's
+        // totals, so a later line carries what a suppressed one had).
+        static STOP_LOG: remio_ratelimit::LogLimiter = remio_ratelimit::LogLimiter::new();
+        if STOP_LOG.allow().is_some() {
+            log::info!(
+                "virtio-blk: stopped; since the device was created: {}",
+                self.counters.summary()
+            );
+        }
     }
 
     /// Does everything that can be done now: collects completions, runs a FLUSH whose turn
