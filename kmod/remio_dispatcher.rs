@@ -277,6 +277,8 @@ struct HcOut {
     status: i64,
     /// The outputs (addr, op, value, access_width, request_id).
     req: VirtioRequest,
+    /// HAS_PENDING after an ASK's pop: more requests wait (a flag, not a count).
+    has_pending: bool,
 }
 
 /// Issues the Remote I/O hypercall with `input`'s dm_id, addr, op, value and request_id through
@@ -286,6 +288,7 @@ fn hypercall(input: &VirtioRequest) -> HcOut {
     let failed = HcOut {
         status: -1,
         req: *input,
+        has_pending: false,
     };
     let _irqs_off = local_interrupt_disable();
     // SAFETY: plain loads of two exported variables that the glue writes with WRITE_ONCE while
@@ -322,8 +325,12 @@ fn hypercall(input: &VirtioRequest) -> HcOut {
             access_width: ptr::read_volatile(reg(HC_B_ACCESS_WIDTH)),
             request_id: ptr::read_volatile(reg(HC_B_REQUEST_ID)),
         };
-        let _has_pending = ptr::read_volatile(reg(HC_B_HAS_PENDING));
-        HcOut { status, req }
+        let has_pending = ptr::read_volatile(reg(HC_B_HAS_PENDING)) != 0;
+        HcOut {
+            status,
+            req,
+            has_pending,
+        }
     }
 }
 
@@ -580,9 +587,12 @@ struct Dm {
 
 impl Dm {
     /// The ASK loop: fetches every pending request of this DM and routes it. Runs in the DM's
-    /// interrupt thread.
+    /// interrupt thread. It stops when an ASK says nothing more is pending (HAS_PENDING 0),
+    /// which saves the ASK that would find the FIFO empty: a request queued after that ASK
+    /// raises the DM's interrupt again, and the interrupt thread runs again.
     fn dispatch(&self) {
-        loop {
+        let mut more = true;
+        while more {
             let out = hypercall(&VirtioRequest {
                 dm_id: u64::from(self.id),
                 op: BAO_IO_ASK,
@@ -593,6 +603,7 @@ impl Dm {
                 return;
             }
             let req = out.req;
+            more = out.has_pending;
             let mut st = self.state.lock();
             if let Some(e) = st.ioeventfds.iter().find(|e| e.matches(&req)) {
                 e.ctx.signal();
