@@ -315,6 +315,14 @@ fn the_guest_visible_pause_of_each_restart_is_measured_with_direct_io() {
     if !prerequisites("e2e_dm_restart") {
         return;
     }
+    // Checked before the boot: without the tool the guest never writes, and the wait for its
+    // first write would fail first, saying less.
+    let initramfs = std::fs::read(guest_dir().join("initramfs.cpio")).unwrap();
+    assert!(
+        initramfs.windows(11).any(|w| w == b"bin/iopause"),
+        "the guest image in {} has no iopause: run `remio guest build`",
+        guest_dir().display()
+    );
     let (_dir, img) = temp_image(16 << 20);
     let script = "command -v iopause >/dev/null || \
                     { echo 'IOPAUSE-MISSING: rebuild the guest (remio guest build)'; exit 9; }; \
