@@ -51,9 +51,9 @@ use serde::{Deserialize, Serialize};
 /// Arguments of `remio stats`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The stats socket of the `remio run` or `remio platform` to read [default: the live
-    /// `stats-<pid>.sock` in $XDG_RUNTIME_DIR/remio, else /tmp/remio-<uid>; the newest when
-    /// several run, named on stderr].
+    /// The stats socket of the `remio run` or `remio platform` to read (default: the live
+    /// `stats-PID.sock` in `$XDG_RUNTIME_DIR/remio`, else `/tmp/remio-UID`; the newest when
+    /// several run, named on stderr).
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// List the running `remio run` and `remio platform` processes found in the run directory
