@@ -55,23 +55,6 @@ fn can_make_taps() -> bool {
     root && std::path::Path::new("/dev/net/tun").exists()
 }
 
-/// Connects to the UNIX socket at `path`, retrying until `deadline` (it may not exist yet).
-fn connect_until(path: &std::path::Path, deadline: Instant) -> std::os::unix::net::UnixStream {
-    loop {
-        match std::os::unix::net::UnixStream::connect(path) {
-            Ok(s) => return s,
-            Err(e) => {
-                assert!(
-                    Instant::now() < deadline,
-                    "{} never came up: {e}",
-                    path.display()
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
-}
-
 /// The device (of the `remio stats --json` document `v`) whose description contains `what`.
 fn device<'a>(v: &'a serde_json::Value, what: &str) -> &'a serde_json::Value {
     v["dms"]

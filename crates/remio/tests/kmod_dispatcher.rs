@@ -13,13 +13,12 @@
 //! REMIO_REQUIRE_GUEST=1.
 #![allow(clippy::unwrap_used)]
 
-use std::io::Read as _;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 mod e2e_common;
-use e2e_common::{boot_lock, guest_required, path_str, temp_image};
+use e2e_common::{guest_required, path_str, remio_exec_bounded, temp_image, RunOutput};
 
 /// `remio run --timeout` for the frontend: every control-path access crosses the backend VM
 /// (about 1.5 ms under TCG) and 1 MiB of virtio-rng is some 50000 of them.
@@ -75,67 +74,19 @@ fn prerequisites(test: &str) -> bool {
     }
 }
 
-/// What `remio run` printed.
-struct Run {
-    status: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
 /// `remio run --dispatcher rust-kmod -v --exec script` plus `extra`, bounded by [`RUN_LIMIT`],
 /// holding the boot lock.
-fn rust_kmod_exec(script: &str, extra: &[&str]) -> Run {
-    let _lock = boot_lock();
-    let start = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_remio"))
-        .args(["run", "--dispatcher", "rust-kmod", "-v", "--exec", script])
-        .arg("--guest-dir")
-        .arg(e2e_common::guest_dir())
-        .arg("--timeout")
-        .arg(FRONTEND_TIMEOUT.as_secs().to_string())
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st.code();
-        }
-        if start.elapsed() > RUN_LIMIT {
-            eprintln!("remio run did not stop within {RUN_LIMIT:?}: killing it");
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let run = Run {
-        status,
-        stdout: t_out.join().unwrap(),
-        stderr: t_err.join().unwrap(),
-    };
-    eprintln!(
-        "--- remio stdout ({:.1} s) ---\n{}\n--- remio stderr ---\n{}",
-        start.elapsed().as_secs_f64(),
-        run.stdout,
-        run.stderr
-    );
-    run
+fn rust_kmod_exec(script: &str, extra: &[&str]) -> RunOutput {
+    let guest = e2e_common::guest_dir();
+    let mut args = vec![
+        "--dispatcher",
+        "rust-kmod",
+        "-v",
+        "--guest-dir",
+        path_str(&guest),
+    ];
+    args.extend_from_slice(extra);
+    remio_exec_bounded(script, &args, FRONTEND_TIMEOUT, RUN_LIMIT, |_| {})
 }
 
 /// The backend VM's console lines (`remio run -v` prefixes them with `backend| `).
