@@ -864,6 +864,9 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
             gdir.display()
         );
     }
+    if let Some(why) = crate::guest::stale_reason(&gdir) {
+        log::warn!("{why}");
+    }
     let memory = args
         .memory
         .checked_mul(1 << 20)

@@ -196,6 +196,21 @@ pub fn default_dir() -> PathBuf {
         .join("target/guest")
 }
 
+/// Why the guest cached in `dir` does not match this binary's guest sources (/init, the guest
+/// tools, the glue, the module list), if it does not: a guest built by an older remio lacks
+/// what this one expects of it (a tool's new mode, an /init keyword) and fails in ways that do
+/// not name the cause. None when it matches, or when there is no manifest to compare.
+pub fn stale_reason(dir: &Path) -> Option<String> {
+    let manifest = read_manifest(dir)?;
+    (manifest.inputs.recipe_sha256 != recipe_hash()).then(|| {
+        format!(
+            "the guest in {} was built from other guest sources than this remio's \
+             (guest/init, guest/tools, guest/glue): rebuild it with `remio guest build`",
+            dir.display()
+        )
+    })
+}
+
 fn recipe_hash() -> String {
     let mut h = Sha256::new();
     for part in [
@@ -386,4 +401,39 @@ fn info(dir: &Path) -> anyhow::Result<()> {
     );
     println!("{}", backend::describe(dir));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest_json(recipe: &str) -> String {
+        serde_json::json!({
+            "inputs": {
+                "format": 1, "abi": "6.1.0-0-cloud-amd64", "packages": [], "host_packages": [],
+                "busybox_sha256": "", "recipe_sha256": recipe, "glue_source_sha256": ""
+            },
+            "debs": [], "outputs": [], "modules": [], "build_seconds": 0.0
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn a_guest_built_from_other_guest_sources_is_reported_stale_naming_the_fix() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/remio-stale").unwrap();
+        let dir_path = dir.as_path();
+        assert_eq!(
+            stale_reason(dir_path),
+            None,
+            "no manifest: nothing to compare"
+        );
+
+        std::fs::write(dir_path.join(MANIFEST), manifest_json(&recipe_hash())).unwrap();
+        assert_eq!(stale_reason(dir_path), None, "built from these sources");
+
+        std::fs::write(dir_path.join(MANIFEST), manifest_json("0000")).unwrap();
+        let why = stale_reason(dir_path).expect("another recipe is stale");
+        assert!(why.contains("remio guest build"), "{why}");
+        assert!(why.contains(&dir_path.display().to_string()), "{why}");
+    }
 }
