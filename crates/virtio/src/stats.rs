@@ -16,100 +16,78 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// What a request did, across the devices: the kinds `remio stats` shows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RequestKind {
-    /// Data from the device to the driver (block IN, rng entropy, console/net receive).
-    Read = 0,
-    /// Data from the driver to the device (block OUT, console/net transmit).
-    Write = 1,
-    /// Block FLUSH.
-    Flush = 2,
-    /// Block GET_ID.
-    GetId = 3,
-    /// Block DISCARD.
-    Discard = 4,
-    /// Block WRITE_ZEROES.
-    WriteZeroes = 5,
-    /// A request the device refused before executing it (malformed, unsupported, out of
-    /// range), whatever its type.
-    Other = 6,
+/// Defines a counter-index enum: its variants (with the names `remio stats` shows), `ALL` in
+/// index order, `name()`, and the count as a constant, so the three cannot drift apart.
+macro_rules! counter_index {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident, count $count:ident {
+            $( $(#[$vmeta:meta])* $variant:ident = $index:literal => $label:literal, )+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        $vis enum $name {
+            $( $(#[$vmeta])* $variant = $index, )+
+        }
+
+        #[doc = concat!("Number of [`", stringify!($name), "`]s.")]
+        pub const $count: usize = [$($index),+].len();
+
+        impl $name {
+            /// Every value, in index order.
+            pub const ALL: [$name; $count] = [$(Self::$variant),+];
+
+            /// The name `remio stats` uses.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $( Self::$variant => $label, )+
+                }
+            }
+        }
+    };
 }
 
-impl RequestKind {
-    /// Every kind, in index order.
-    pub const ALL: [RequestKind; KINDS] = [
-        Self::Read,
-        Self::Write,
-        Self::Flush,
-        Self::GetId,
-        Self::Discard,
-        Self::WriteZeroes,
-        Self::Other,
-    ];
-
-    /// The name `remio stats` uses.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Read => "read",
-            Self::Write => "write",
-            Self::Flush => "flush",
-            Self::GetId => "get_id",
-            Self::Discard => "discard",
-            Self::WriteZeroes => "write_zeroes",
-            Self::Other => "other",
-        }
+counter_index! {
+    /// What a request did, across the devices: the kinds `remio stats` shows.
+    pub enum RequestKind, count KINDS {
+        /// Data from the device to the driver (block IN, rng entropy, console/net receive).
+        Read = 0 => "read",
+        /// Data from the driver to the device (block OUT, console/net transmit).
+        Write = 1 => "write",
+        /// Block FLUSH.
+        Flush = 2 => "flush",
+        /// Block GET_ID.
+        GetId = 3 => "get_id",
+        /// Block DISCARD.
+        Discard = 4 => "discard",
+        /// Block WRITE_ZEROES.
+        WriteZeroes = 5 => "write_zeroes",
+        /// A request the device refused before executing it (malformed, unsupported, out of
+        /// range), whatever its type.
+        Other = 6 => "other",
     }
 }
 
-/// Number of [`RequestKind`]s.
-pub const KINDS: usize = 7;
-
-/// Why a device dropped data it took instead of delivering it: the kinds `remio stats` shows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DropCause {
-    /// net: a datagram over the frame maximum received from the backend (not delivered).
-    RxOversize = 0,
-    /// net: a datagram from another sender than the peer (not delivered).
-    RxForeign = 1,
-    /// net: a frame larger than the driver's receive buffer (the buffer is returned empty).
-    RxTruncated = 2,
-    /// net: a transmit chain over the header plus the frame maximum (not sent).
-    TxOversize = 3,
-    /// net: a transmit chain that is not a frame (a device-writable or unreadable descriptor,
-    /// or no more than the header).
-    TxMalformed = 4,
-    /// net: a frame the backend refused; console: output the port did not take (nobody
-    /// reading, or the reader gone).
-    TxBackend = 5,
-}
-
-impl DropCause {
-    /// Every cause, in index order.
-    pub const ALL: [DropCause; DROP_CAUSES] = [
-        Self::RxOversize,
-        Self::RxForeign,
-        Self::RxTruncated,
-        Self::TxOversize,
-        Self::TxMalformed,
-        Self::TxBackend,
-    ];
-
-    /// The name `remio stats` uses.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::RxOversize => "rx_oversize",
-            Self::RxForeign => "rx_foreign",
-            Self::RxTruncated => "rx_truncated",
-            Self::TxOversize => "tx_oversize",
-            Self::TxMalformed => "tx_malformed",
-            Self::TxBackend => "tx_backend",
-        }
+counter_index! {
+    /// Why a device dropped data it took instead of delivering it: the kinds `remio stats` shows.
+    pub enum DropCause, count DROP_CAUSES {
+        /// net: a datagram over the frame maximum received from the backend (not delivered).
+        RxOversize = 0 => "rx_oversize",
+        /// net: a datagram from another sender than the peer (not delivered).
+        RxForeign = 1 => "rx_foreign",
+        /// net: a frame larger than the driver's receive buffer (the buffer is returned empty).
+        RxTruncated = 2 => "rx_truncated",
+        /// net: a transmit chain over the header plus the frame maximum (not sent).
+        TxOversize = 3 => "tx_oversize",
+        /// net: a transmit chain that is not a frame (a device-writable or unreadable
+        /// descriptor, or no more than the header).
+        TxMalformed = 4 => "tx_malformed",
+        /// net: a frame the backend refused; console: output the port did not take (nobody
+        /// reading, or the reader gone).
+        TxBackend = 5 => "tx_backend",
     }
 }
-
-/// Number of [`DropCause`]s.
-pub const DROP_CAUSES: usize = 6;
 
 /// The counters of one device.
 #[derive(Debug, Default)]
