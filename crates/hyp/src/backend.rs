@@ -185,7 +185,8 @@ impl BackendVm {
         let mut fifo = lock(&pair.fifo);
         let Some(idx) = fifo.pop_front() else {
             drop(fifo);
-            return failed();
+            bump(&pair.shard.asks_failed);
+            return RemioRet::with_status(ASK_FAILED);
         };
         let has_pending = u64::from(!fifo.is_empty());
         let Some(slot) = self.hyp.slots.get(idx) else {
@@ -200,7 +201,7 @@ impl BackendVm {
         let req = *s;
         drop(s);
         drop(fifo);
-        bump(&self.hyp.stats.asks);
+        bump(&pair.shard.asks);
         RemioRet {
             status: 0,
             addr: req.addr,
@@ -264,7 +265,10 @@ impl BackendVm {
         if wake {
             slot.done.notify_one();
         }
-        bump(&self.hyp.stats.completions);
+        match self.hyp.pairs.get(pi) {
+            Some(pair) => bump(&pair.shard.completions),
+            None => bump(&self.hyp.stats.completions),
+        }
         RemioRet::with_status(0)
     }
 
@@ -272,7 +276,7 @@ impl BackendVm {
         let Some((_, pair)) = self.pair_raw(args.dm_id) else {
             return self.invalid(args, "dm_id out of range");
         };
-        bump(&self.hyp.stats.notifies);
+        bump(&pair.shard.notifies);
         bump(&pair.counters.notifies);
         pair.frontend_line.raise();
         RemioRet::with_status(0)
@@ -320,9 +324,9 @@ impl InterruptController for BackendVm {
 impl Hypervisor {
     /// Raises the backend interrupt of pair `pi` (after a request was queued).
     pub(crate) fn raise_backend(&self, pair: &Pair) {
-        bump(&self.stats.backend_irqs);
+        bump(&pair.shard.backend_irqs);
         if pair.backend_line.raise() == Raised::Latched {
-            bump(&self.stats.backend_irqs_latched);
+            bump(&pair.shard.backend_irqs_latched);
         }
     }
 }

@@ -281,19 +281,24 @@ impl Hypervisor {
             sleeping: false,
         };
         lock(&pair.fifo).push_back(idx);
-        bump(&self.stats.requests);
+        bump(&pair.shard.requests);
         bump(&pair.counters.requests);
         bump(if op == RemioOp::Read {
-            &self.stats.reads
+            &pair.shard.reads
         } else {
-            &self.stats.writes
+            &pair.shard.writes
         });
         self.raise_backend(pair);
 
+        // Completed inline by the backend interrupt's handler (an ioeventfd or status-word
+        // access): take the value at once, without looking up the wait helper.
+        let s = slot.lock();
+        if s.state == SlotState::Complete {
+            return self.take(s, idx, op, pair, trapped);
+        }
+        drop(s);
         if let Some(helper) = pair.wait_helper.get() {
-            if slot.lock().state != SlotState::Complete {
-                helper(&SlotWaiter { slot, deadline });
-            }
+            helper(&SlotWaiter { slot, deadline });
         }
 
         let mut s = slot.lock();

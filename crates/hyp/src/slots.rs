@@ -5,6 +5,7 @@
 //! is lock-free (a compare-and-swap per slot); only a frontend that finds the pool exhausted
 //! takes the pool's wait lock.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
@@ -65,8 +66,10 @@ impl Default for SlotInner {
 }
 
 /// One slot. Lock order: a device FIFO lock may be held while taking a slot lock, never the
-/// reverse.
+/// reverse. Aligned to its own cache lines: frontend threads on different cores use different
+/// slots, and a slot shared a line with its neighbours' locks before.
 #[derive(Debug, Default)]
+#[repr(align(128))]
 pub(crate) struct Slot {
     /// Owned by a request (from claim to release). Only the pool reads and writes it.
     claimed: AtomicBool,
@@ -82,11 +85,18 @@ impl Slot {
     }
 }
 
+thread_local! {
+    /// Where this thread's next claim starts scanning: the slot it claimed last (a frontend
+    /// thread has one access at a time, so it usually finds that slot free again without
+    /// writing a line other threads write); on its first claim, the pool's spreading hint.
+    static LAST_CLAIM: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
 /// The pool.
 #[derive(Debug)]
 pub(crate) struct SlotPool {
     slots: Box<[Slot]>,
-    /// Where the next claim starts scanning (spreads claimants over the slots).
+    /// Where a thread's first claim starts scanning (spreads claimants over the slots).
     hint: AtomicUsize,
     /// Frontends blocked in [`SlotPool::acquire`].
     waiters: AtomicUsize,
@@ -115,13 +125,20 @@ impl SlotPool {
 
     fn try_claim(&self) -> Option<usize> {
         let n = self.slots.len();
-        let start = self.hint.fetch_add(1, Ordering::Relaxed) % n;
-        (0..n).map(|k| (start + k) % n).find(|&i| {
+        let start = LAST_CLAIM
+            .with(Cell::get)
+            .unwrap_or_else(|| self.hint.fetch_add(1, Ordering::Relaxed))
+            % n;
+        let got = (0..n).map(|k| (start + k) % n).find(|&i| {
             self.slots[i]
                 .claimed
                 .compare_exchange(false, true, Ordering::SeqCst, Ordering::Relaxed)
                 .is_ok()
-        })
+        });
+        if got.is_some() {
+            LAST_CLAIM.with(|c| c.set(got));
+        }
+        got
     }
 
     /// Claims a free slot, waiting for one until `deadline` (forever if `None`); `on_wait` is
