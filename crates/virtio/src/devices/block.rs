@@ -30,7 +30,7 @@ pub use crate::devices::block_engine::{BlockEngine, FileEngine};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::crash_point::crash_point;
 use crate::device::{
@@ -843,6 +843,9 @@ pub struct BlockCounters {
     pub exec_ns: AtomicU64,
     /// Used-buffer interrupts raised.
     pub interrupts: AtomicU64,
+    /// Times a used-buffer interrupt was held because other requests of the queue were still
+    /// executing (they are announced together: see [`MAX_INTERRUPT_HOLD`]).
+    pub interrupts_held: AtomicU64,
 }
 
 impl BlockCounters {
@@ -863,7 +866,8 @@ impl BlockCounters {
         format!(
             "{requests} requests in {} batches; {} wake-ups ({:.2} per request, {} with a kick); \
              {} executed by I/O workers; up to {} in flight; {} flushes waited; {:.1} us \
-             executing per request; {} interrupts ({:.2} per request)",
+             executing per request; {} interrupts ({:.2} per request, {} held for requests \
+             still executing)",
             g(&self.batches),
             g(&self.wakeups),
             per(g(&self.wakeups)),
@@ -874,6 +878,7 @@ impl BlockCounters {
             per(g(&self.exec_ns)) / 1000.0,
             g(&self.interrupts),
             per(g(&self.interrupts)),
+            g(&self.interrupts_held),
         )
     }
 }
@@ -883,6 +888,13 @@ fn precise(n: u64) -> f64 {
     n as f64
 }
 
+/// Longest a used-buffer interrupt is held while other requests of the queue still execute on
+/// I/O workers. Every interrupt costs the driver two trapped accesses (InterruptStatus read,
+/// InterruptACK write), so completions that are ready are published at once but announced
+/// together with those still executing, up to this long (the queue thread's epoll wait has
+/// millisecond resolution).
+pub const MAX_INTERRUPT_HOLD: Duration = Duration::from_millis(1);
+
 /// The virtio-blk device.
 ///
 /// One queue thread takes the available requests, parses them and hands them to a small pool
@@ -891,6 +903,16 @@ fn precise(n: u64) -> f64 {
 /// taken (a reorder buffer), which device-model restart relies on (`crate::persist`). A FLUSH
 /// executes only once every request taken before it has completed. Reset waits for every
 /// request taken, publishes their entries, and joins the workers.
+///
+/// Fewer trapped accesses per request (each a round trip through the hypervisor):
+/// - the oldest request of a pass executes on the queue thread (its completion is the one the
+///   used ring waits for), the others on the workers;
+/// - while requests execute on workers, the driver's notifications stay suppressed (the queue
+///   thread comes back when they complete and takes what was added meanwhile), so a driver
+///   adding requests to a busy queue does not kick;
+/// - the used-buffer interrupt is raised once for everything published while no request is
+///   executing, or after [`MAX_INTERRUPT_HOLD`], not once per completion (EVENT_IDX's
+///   `used_event` decides, as before, whether the driver wants it at all).
 #[derive(Debug)]
 pub struct BlockDevice<E: BlockEngine = FileEngine> {
     backend: Option<BlockBackend<E>>,
@@ -898,6 +920,8 @@ pub struct BlockDevice<E: BlockEngine = FileEngine> {
     features: u64,
     /// I/O workers per activation.
     io_workers: usize,
+    /// See [`MAX_INTERRUPT_HOLD`].
+    interrupt_hold: Duration,
     counters: Arc<BlockCounters>,
     /// Active: the worker owns the backend and hands it back when stopped.
     worker: Option<Worker<BlockBackend<E>>>,
@@ -946,9 +970,18 @@ impl<E: BlockEngine> BlockDevice<E> {
             config,
             features,
             io_workers,
+            interrupt_hold: MAX_INTERRUPT_HOLD,
             counters: Arc::default(),
             worker: None,
         }
+    }
+
+    /// Holds a used-buffer interrupt for requests still executing at most `hold` instead of
+    /// [`MAX_INTERRUPT_HOLD`] (from the next activation on).
+    #[must_use]
+    pub fn with_interrupt_hold(mut self, hold: Duration) -> Self {
+        self.interrupt_hold = hold;
+        self
     }
 
     /// The device's counters (they outlive resets).
@@ -994,8 +1027,10 @@ impl<E: BlockEngine> VirtioDevice for BlockDevice<E> {
             }
         };
         let counters = self.counters.clone();
+        let hold = self.interrupt_hold;
         let worker = Worker::spawn("virtio-blk", move |stop| {
             let mut q = QueueRunner::new(&mut backend, pool, mem, queue, &interrupt, counters);
+            q.max_hold = hold;
             q.run(&evt, &stop);
             drop(q);
             backend
@@ -1210,6 +1245,10 @@ struct QueueRunner<'a, E: BlockEngine> {
     done: Vec<Done>,
     /// A used entry was published since the last interrupt check.
     used_any: bool,
+    /// Since when an interrupt for published entries is held for requests still executing.
+    held_irq_since: Option<Instant>,
+    /// The longest it is held.
+    max_hold: Duration,
 }
 
 impl<'a, E: BlockEngine> QueueRunner<'a, E> {
@@ -1238,6 +1277,8 @@ impl<'a, E: BlockEngine> QueueRunner<'a, E> {
             spare: Vec::with_capacity(size),
             done: Vec::with_capacity(size),
             used_any: false,
+            held_irq_since: None,
+            max_hold: MAX_INTERRUPT_HOLD,
         }
     }
 
@@ -1259,7 +1300,14 @@ impl<'a, E: BlockEngine> QueueRunner<'a, E> {
         let mut tokens = Vec::with_capacity(3);
         let mut stopping = false;
         while !stopping || self.len > 0 {
-            if let Err(e) = ev.wait(-1, &mut tokens) {
+            // A held interrupt is raised at the latest `max_hold` after it was held.
+            let timeout = self.held_irq_since.map_or(-1, |t| {
+                let left = self.max_hold.saturating_sub(t.elapsed());
+                i32::try_from(left.as_micros().div_ceil(1000))
+                    .unwrap_or(i32::MAX)
+                    .max(1)
+            });
+            if let Err(e) = ev.wait(timeout, &mut tokens) {
                 return fail_device(self.interrupt, "virtio-blk epoll", &e);
             }
             BlockCounters::add(&self.counters.wakeups, 1);
@@ -1312,12 +1360,30 @@ impl<'a, E: BlockEngine> QueueRunner<'a, E> {
                 break;
             }
         }
-        if self.used_any && self.queue.needs_notification(&self.mem)? {
+        if !self.used_any {
+            return Ok(());
+        }
+        // Requests still executing on workers: announce what was published together with
+        // them (they wake this thread when done), unless held long enough or stopping.
+        let due = !take
+            || self.executing == 0
+            || self
+                .held_irq_since
+                .is_some_and(|t| t.elapsed() >= self.max_hold);
+        if !due {
+            if self.held_irq_since.is_none() {
+                self.held_irq_since = Some(Instant::now());
+                BlockCounters::add(&self.counters.interrupts_held, 1);
+            }
+            return Ok(());
+        }
+        self.held_irq_since = None;
+        self.used_any = false;
+        if self.queue.needs_notification(&self.mem)? {
             crash_point!("before-interrupt");
             BlockCounters::add(&self.counters.interrupts, 1);
             self.interrupt.signal_used_queue();
         }
-        self.used_any = false;
         Ok(())
     }
 
@@ -1376,9 +1442,10 @@ impl<'a, E: BlockEngine> QueueRunner<'a, E> {
                 }
             }
             self.hand_out();
-            // Blocked: the queue thread comes back when a request completes, and takes on
-            // from there (notifications stay suppressed meanwhile).
-            if blocked || !self.queue.enable_notification(&self.mem)? {
+            // Blocked, or requests executing on workers: the queue thread comes back when a
+            // request completes, and takes on from there (notifications stay suppressed
+            // meanwhile, so a driver adding to the busy queue does not kick).
+            if blocked || self.executing > 0 || !self.queue.enable_notification(&self.mem)? {
                 break;
             }
         }
@@ -1388,25 +1455,26 @@ impl<'a, E: BlockEngine> QueueRunner<'a, E> {
         Ok(took)
     }
 
-    /// Hands this pass's requests out: all but the last to the workers, the last executed
-    /// here (the queue thread then helps with the others, see [`Self::steal`]).
+    /// Hands this pass's requests out: all but the oldest to the workers, the oldest executed
+    /// here (its used entry is the one every later one is published after, so it is not left
+    /// waiting for a worker to wake; the queue thread then helps with the others, see
+    /// [`Self::steal`]).
     fn hand_out(&mut self) {
-        let Some((slot, req)) = self.batch.pop() else {
-            return;
-        };
-        if !self.batch.is_empty() {
-            let n = self.batch.len();
+        if self.batch.len() > 1 {
+            let n = self.batch.len() - 1;
             let idle = {
                 let mut q = lock(&self.pool.shared.jobs);
                 q.jobs
-                    .extend(self.batch.drain(..).map(|(slot, req)| Job { slot, req }));
+                    .extend(self.batch.drain(1..).map(|(slot, req)| Job { slot, req }));
                 q.idle
             };
             for _ in 0..n.min(idle) {
                 self.pool.shared.job_ready.notify_one();
             }
         }
-        self.execute_here(slot, req);
+        if let Some((slot, req)) = self.batch.pop() {
+            self.execute_here(slot, req);
+        }
     }
 
     /// Executes queued jobs no worker has taken yet; whether there were any.
@@ -1483,6 +1551,7 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
     use std::sync::Arc;
+    use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
     use virtio_bindings::virtio_ring::{
         VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
     };
@@ -2075,6 +2144,65 @@ mod tests {
         irq.read().unwrap();
     }
 
+    /// A 16-entry queue at 0x8_0000 with `chains` laid out one after the other in the
+    /// descriptor table and made available in order.
+    fn queue_with<'m>(
+        mem: &'m GuestMemoryMmap,
+        chains: &[Vec<RawDescriptor>],
+    ) -> MockSplitQueue<'m, GuestMemoryMmap> {
+        let vq = MockSplitQueue::create(mem, GuestAddress(0x8_0000), 16);
+        let mut at = 0u16;
+        for chain in chains {
+            vq.add_desc_chains(chain, at).unwrap();
+            at += chain.len() as u16;
+        }
+        vq
+    }
+
+    /// The test's ends of a device activated on a test queue.
+    struct Ends {
+        /// The first queue's notifier (what the driver's QueueNotify signals).
+        evt: EventFd,
+        /// The device's irqfd (non-blocking).
+        irq: EventFd,
+        /// InterruptStatus and the device's counters.
+        shared: crate::device::SharedStatus,
+    }
+
+    /// The context that activates a device on `queues` (at least 1) copies of `vq`, with
+    /// EVENT_IDX if `event_idx`, and the test's ends of it.
+    fn rig(
+        mem: &GuestMemoryMmap,
+        vq: &MockSplitQueue<'_, GuestMemoryMmap>,
+        queues: usize,
+        event_idx: bool,
+    ) -> (ActivateContext, Ends) {
+        let evts: Vec<EventFd> = (0..queues)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let shared = crate::device::SharedStatus::default();
+        let ctx = ActivateContext {
+            mem: mem.clone(),
+            queues: (0..queues)
+                .map(|_| {
+                    let mut q: Queue = vq.create_queue().unwrap();
+                    q.set_event_idx(event_idx);
+                    q
+                })
+                .collect(),
+            queue_evts: evts.iter().map(|e| e.try_clone().unwrap()).collect(),
+            interrupt: Arc::new(Interrupt::new(shared.clone(), irq.try_clone().unwrap())),
+            acked_features: 0,
+        };
+        let ends = Ends {
+            evt: evts[0].try_clone().unwrap(),
+            irq,
+            shared,
+        };
+        (ctx, ends)
+    }
+
     /// A device over a recording engine, activated on a 16-entry queue at 0x8_0000 with
     /// `chains` (each a header address, its data descriptors and a status address) made
     /// available, with `io_workers` I/O workers; returns the device, the log, the mock queue's
@@ -2093,12 +2221,7 @@ mod tests {
         EventFd,
         EventFd,
     ) {
-        let vq = MockSplitQueue::create(mem, GuestAddress(0x8_0000), 16);
-        let mut at = 0u16;
-        for chain in chains {
-            vq.add_desc_chains(chain, at).unwrap();
-            at += chain.len() as u16;
-        }
+        let vq = queue_with(mem, chains);
         let used_idx = vq.used_addr().unchecked_add(2);
         let log = Arc::new(std::sync::Mutex::new(Vec::new()));
         let engine = RecordingEngine {
@@ -2116,17 +2239,9 @@ mod tests {
         };
         let mut dev =
             BlockDevice::with_io_workers(BlockBackend::with_engine(engine, disk, None), io_workers);
-        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        dev.activate(ActivateContext {
-            mem: mem.clone(),
-            queues: vec![vq.create_queue().unwrap()],
-            queue_evts: vec![evt.try_clone().unwrap()],
-            interrupt: Arc::new(Interrupt::new(Default::default(), irq.try_clone().unwrap())),
-            acked_features: 0,
-        })
-        .unwrap();
-        (dev, log, used_idx, evt, irq)
+        let (ctx, ends) = rig(mem, &vq, 1, false);
+        dev.activate(ctx).unwrap();
+        (dev, log, used_idx, ends.evt, ends.irq)
     }
 
     /// Descriptors of one request: header at `hdr`, `data`, status byte at `status`, chained.
@@ -2220,6 +2335,11 @@ mod tests {
         entered: usize,
         /// Set by the test: reads and writes may return (unless `reverse_of`).
         open: bool,
+        /// Offsets whose reads and writes may return while the gate is not open.
+        released: Vec<u64>,
+        /// The offset of each read or write that reached the engine, with the name of the
+        /// thread that executed it.
+        entered_on: Vec<(u64, String)>,
         /// When non-zero: reads wait until this many have entered, then return in descending
         /// order of offset (the engine completes them in reverse).
         reverse_of: usize,
@@ -2270,6 +2390,8 @@ mod tests {
         fn io(&self, op: Op, offset: u64) {
             let mut st = self.gate.state.lock().unwrap();
             st.entered += 1;
+            let thread = std::thread::current().name().unwrap_or("").to_owned();
+            st.entered_on.push((offset, thread));
             self.gate.cv.notify_all();
             let reverse = st.reverse_of;
             st = if reverse > 0 {
@@ -2278,7 +2400,7 @@ mod tests {
                 let above = reverse - 1 - (offset / 512) as usize;
                 self.wait_until(st, |s| s.finished.len() >= above)
             } else {
-                self.wait_until(st, |s| s.open)
+                self.wait_until(st, |s| s.open || s.released.contains(&offset))
             };
             let seen: u16 = self.mem.read_obj(self.used_idx).unwrap();
             st.finished.push((op, seen));
@@ -2374,12 +2496,21 @@ mod tests {
         EventFd,
         EventFd,
     ) {
-        let vq = MockSplitQueue::create(mem, GuestAddress(0x8_0000), 16);
-        let mut at = 0u16;
-        for chain in chains {
-            vq.add_desc_chains(chain, at).unwrap();
-            at += chain.len() as u16;
-        }
+        let vq = queue_with(mem, chains);
+        let (dev, gate, ends) = gated_device_on(mem, &vq, io_workers, reverse_of, None, false);
+        (dev, gate, vq.used_addr(), ends.evt, ends.irq)
+    }
+
+    /// [`gated_device`] on a given queue, holding interrupts at most `hold` (default
+    /// [`MAX_INTERRUPT_HOLD`]), with EVENT_IDX if `event_idx`.
+    fn gated_device_on(
+        mem: &GuestMemoryMmap,
+        vq: &MockSplitQueue<'_, GuestMemoryMmap>,
+        io_workers: usize,
+        reverse_of: usize,
+        hold: Option<std::time::Duration>,
+        event_idx: bool,
+    ) -> (BlockDevice<GateEngine>, Arc<Gate>, Ends) {
         let gate = Arc::new(Gate::default());
         gate.state.lock().unwrap().reverse_of = reverse_of;
         let engine = GateEngine::new(&gate, mem, vq.used_addr().unchecked_add(2));
@@ -2388,18 +2519,11 @@ mod tests {
             read_only: false,
         };
         let mut dev =
-            BlockDevice::with_io_workers(BlockBackend::with_engine(engine, disk, None), io_workers);
-        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        dev.activate(ActivateContext {
-            mem: mem.clone(),
-            queues: vec![vq.create_queue().unwrap()],
-            queue_evts: vec![evt.try_clone().unwrap()],
-            interrupt: Arc::new(Interrupt::new(Default::default(), irq.try_clone().unwrap())),
-            acked_features: 0,
-        })
-        .unwrap();
-        (dev, gate, vq.used_addr(), evt, irq)
+            BlockDevice::with_io_workers(BlockBackend::with_engine(engine, disk, None), io_workers)
+                .with_interrupt_hold(hold.unwrap_or(MAX_INTERRUPT_HOLD));
+        let (ctx, ends) = rig(mem, vq, 1, event_idx);
+        dev.activate(ctx).unwrap();
+        (dev, gate, ends)
     }
 
     /// The used ring's index and its first `n` elements' ids.
@@ -2539,6 +2663,187 @@ mod tests {
         assert_eq!(statuses, [S_OK; 3]);
         assert_eq!(gate.state.lock().unwrap().live, 1);
         assert!(dev.backend.is_some());
+    }
+
+    /// Waits (at most 10 s) until the used ring's index reaches `n`.
+    fn wait_used(mem: &GuestMemoryMmap, used: GuestAddress, n: u16) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while used_ids(mem, used, 0).0 < n {
+            assert!(
+                Instant::now() < deadline,
+                "the used index never reached {n}"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Waits (at most 10 s) until `counter` reaches `n`.
+    fn wait_count(counter: &AtomicU64, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while counter.load(Ordering::Relaxed) < n {
+            assert!(Instant::now() < deadline, "the counter never reached {n}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// The used ring's `avail_event` (EVENT_IDX): the driver notifies once it makes this
+    /// available-ring index available.
+    fn avail_event(mem: &GuestMemoryMmap, used: GuestAddress) -> u16 {
+        mem.read_obj(used.unchecked_add(4 + 8 * 16)).unwrap()
+    }
+
+    /// Releases the reads and writes at `offset` of a closed gate.
+    fn release(gate: &Gate, offset: u64) {
+        gate.state.lock().unwrap().released.push(offset);
+        gate.cv.notify_all();
+    }
+
+    fn open(gate: &Gate) {
+        gate.state.lock().unwrap().open = true;
+        gate.cv.notify_all();
+    }
+
+    #[test]
+    fn the_oldest_request_of_a_pass_executes_on_the_queue_thread_the_others_on_workers() {
+        let mem = mem();
+        let (chains, heads) = requests(&mem, &[(VIRTIO_BLK_T_IN, 0), (VIRTIO_BLK_T_IN, 1)]);
+        let (mut dev, gate, used, evt, _irq) = gated_device(&mem, 1, 0, &chains);
+
+        evt.write(1).unwrap();
+        // Both reads are in the engine at once (the gate is closed), one on each thread.
+        wait_gate(&gate, |s| s.entered == 2);
+        let mut on = gate.state.lock().unwrap().entered_on.clone();
+        open(&gate);
+        wait_used(&mem, used, 2);
+        dev.reset();
+
+        on.sort();
+        assert_eq!(
+            on,
+            vec![
+                (0, "virtio-blk".to_owned()),
+                (512, "virtio-blk-io0".to_owned())
+            ]
+        );
+        assert_eq!(used_ids(&mem, used, 2), (2, heads));
+    }
+
+    #[test]
+    fn completions_ready_while_others_execute_are_announced_with_one_interrupt() {
+        let mem = mem();
+        let reads: Vec<(u32, u64)> = (0..3).map(|s| (VIRTIO_BLK_T_IN, s)).collect();
+        let (chains, heads) = requests(&mem, &reads);
+        let vq = queue_with(&mem, &chains);
+        // A hold far longer than the test: only the last completion ends it.
+        let long = Some(Duration::from_secs(600));
+        let (mut dev, gate, ends) = gated_device_on(&mem, &vq, 2, 0, long, false);
+        let counters = dev.counters();
+
+        ends.evt.write(1).unwrap();
+        wait_gate(&gate, |s| s.entered == 3);
+        // The first read completes and is published while the other two still execute.
+        release(&gate, 0);
+        wait_used(&mem, vq.used_addr(), 1);
+        open(&gate);
+        wait_used(&mem, vq.used_addr(), 3);
+        wait_count(&counters.interrupts, 1);
+        dev.reset();
+
+        // One interrupt for the three (the irqfd's counter sums every signal).
+        assert_eq!(ends.irq.read().unwrap(), 1);
+        assert_eq!(counters.interrupts.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.interrupts_held.load(Ordering::Relaxed), 1);
+        assert_eq!(used_ids(&mem, vq.used_addr(), 3), (3, heads));
+        assert_eq!(
+            ends.shared.interrupt_status.load(Ordering::SeqCst),
+            VIRTIO_MMIO_INT_VRING
+        );
+    }
+
+    #[test]
+    fn a_held_interrupt_is_raised_after_the_hold_while_a_request_still_executes() {
+        let mem = mem();
+        let (chains, _) = requests(&mem, &[(VIRTIO_BLK_T_IN, 0), (VIRTIO_BLK_T_IN, 1)]);
+        let vq = queue_with(&mem, &chains);
+        let hold = Some(Duration::from_millis(20));
+        let (mut dev, gate, ends) = gated_device_on(&mem, &vq, 1, 0, hold, false);
+
+        ends.evt.write(1).unwrap();
+        wait_gate(&gate, |s| s.entered == 2);
+        release(&gate, 0);
+        // The second read never returns until the gate opens: the interrupt for the first
+        // comes from the hold running out.
+        wait_irq(&ends.irq);
+
+        let (idx, _) = used_ids(&mem, vq.used_addr(), 0);
+        let finished = gate.state.lock().unwrap().finished.len();
+        open(&gate);
+        wait_used(&mem, vq.used_addr(), 2);
+        dev.reset();
+        assert_eq!((idx, finished), (1, 1));
+    }
+
+    #[test]
+    fn a_driver_adding_requests_while_others_execute_is_not_asked_to_kick() {
+        let mem = mem();
+        let reads: Vec<(u32, u64)> = (0..3).map(|s| (VIRTIO_BLK_T_IN, s)).collect();
+        let (chains, heads) = requests(&mem, &reads);
+        // EVENT_IDX: the device asks for notifications by writing avail_event.
+        let vq = queue_with(&mem, &chains[..2]);
+        let (mut dev, gate, ends) = gated_device_on(&mem, &vq, 1, 0, None, true);
+        let used = vq.used_addr();
+
+        ends.evt.write(1).unwrap();
+        wait_gate(&gate, |s| s.entered == 2);
+        release(&gate, 0);
+        wait_used(&mem, used, 1);
+        // The second read still executes: the device has not asked for the next notification.
+        let asked_while_busy = avail_event(&mem, used);
+        // The driver adds a third request and, not asked to, does not kick.
+        vq.add_desc_chains(&chains[2], heads[2]).unwrap();
+        open(&gate);
+        wait_used(&mem, used, 3);
+        // Idle again: it asks to be notified of the next request.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while avail_event(&mem, used) != 3 {
+            assert!(Instant::now() < deadline, "notifications never re-enabled");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        dev.reset();
+
+        assert_eq!(asked_while_busy, 0);
+        assert_eq!(used_ids(&mem, used, 3), (3, heads));
+    }
+
+    #[test]
+    fn a_held_interrupt_is_not_raised_when_the_driver_s_used_event_is_not_reached() {
+        let mem = mem();
+        let reads: Vec<(u32, u64)> = (0..3).map(|s| (VIRTIO_BLK_T_IN, s)).collect();
+        let (chains, _) = requests(&mem, &reads);
+        let vq = queue_with(&mem, &chains);
+        // EVENT_IDX: the driver wants an interrupt only once used entry 5 is published.
+        let used_event = vq.avail_addr().unchecked_add(4 + 2 * 16);
+        mem.write_obj(5u16.to_le(), used_event).unwrap();
+        let long = Some(Duration::from_secs(600));
+        let (mut dev, gate, ends) = gated_device_on(&mem, &vq, 2, 0, long, true);
+        let counters = dev.counters();
+
+        ends.evt.write(1).unwrap();
+        wait_gate(&gate, |s| s.entered == 3);
+        release(&gate, 0);
+        wait_used(&mem, vq.used_addr(), 1);
+        open(&gate);
+        wait_used(&mem, vq.used_addr(), 3);
+        // The hold ended with the last completion (no request executes any more).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while gate.state.lock().unwrap().finished.len() < 3 {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        dev.reset();
+
+        assert_eq!(counters.interrupts.load(Ordering::Relaxed), 0);
+        assert!(ends.irq.read().is_err(), "no interrupt was signalled");
     }
 
     #[test]
@@ -2771,38 +3076,18 @@ mod tests {
         let mem = mem();
         let (_tmp, b) = image(false, None);
         let mut dev = BlockDevice::new(b);
-        let vq = MockSplitQueue::create(&mem, GuestAddress(0x8_0000), 16);
         header(&mem, VIRTIO_BLK_T_IN, 0);
-        vq.add_desc_chains(
-            &[
-                RawDescriptor::from(Descriptor::new(HDR, 16, VRING_DESC_F_NEXT as u16, 1)),
-                RawDescriptor::from(Descriptor::new(DATA, 512, W | VRING_DESC_F_NEXT as u16, 2)),
-                d(STATUS, 1, W),
-            ],
-            0,
-        )
-        .unwrap();
-        let queue: Queue = vq.create_queue().unwrap();
-        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let irq = EventFd::new(0).unwrap();
-        let shared = crate::device::SharedStatus::default();
-        let interrupt = Arc::new(Interrupt::new(shared.clone(), irq.try_clone().unwrap()));
-        dev.activate(ActivateContext {
-            mem: mem.clone(),
-            queues: vec![queue],
-            queue_evts: vec![evt.try_clone().unwrap()],
-            interrupt,
-            acked_features: 0,
-        })
-        .unwrap();
+        let vq = queue_with(&mem, &[chain(HDR, &[(DATA, 512, W)], STATUS, 0)]);
+        let (ctx, ends) = rig(&mem, &vq, 1, false);
+        dev.activate(ctx).unwrap();
 
-        evt.write(1).unwrap();
-        irq.read().unwrap(); // Blocks until the worker interrupts.
+        ends.evt.write(1).unwrap();
+        wait_irq(&ends.irq);
 
         assert_eq!(vq.used().idx().load(), 1);
         assert_eq!(status(&mem), S_OK);
         assert_eq!(
-            shared
+            ends.shared
                 .interrupt_status
                 .load(std::sync::atomic::Ordering::SeqCst),
             1
@@ -2816,19 +3101,8 @@ mod tests {
         let mem = mem();
         let (_tmp, b) = image(false, None);
         let mut dev = BlockDevice::new(b);
-        let ctx = |queues: usize| {
-            let vq = MockSplitQueue::create(&mem, GuestAddress(0x8_0000), 16);
-            let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-            ActivateContext {
-                mem: mem.clone(),
-                queues: (0..queues).map(|_| vq.create_queue().unwrap()).collect(),
-                queue_evts: (0..queues)
-                    .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
-                    .collect(),
-                interrupt: Arc::new(Interrupt::new(Default::default(), irq)),
-                acked_features: 0,
-            }
-        };
+        let vq = queue_with(&mem, &[]);
+        let ctx = |queues: usize| rig(&mem, &vq, queues, false).0;
 
         let two = dev.activate(ctx(2));
         assert!(matches!(
@@ -3069,19 +3343,8 @@ mod tests {
         let mem = mem();
         let (tmp, b) = image(false, None);
         let mut dev = BlockDevice::new(b);
-        let ctx = || {
-            let vq = MockSplitQueue::create(&mem, GuestAddress(0x8_0000), 16);
-            ActivateContext {
-                mem: mem.clone(),
-                queues: vec![vq.create_queue().unwrap()],
-                queue_evts: vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
-                interrupt: Arc::new(Interrupt::new(
-                    Default::default(),
-                    EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-                )),
-                acked_features: 0,
-            }
-        };
+        let vq = queue_with(&mem, &[]);
+        let ctx = || rig(&mem, &vq, 1, false).0;
         let locked = || {
             BlockBackend::open(tmp.as_path(), true, None)
                 .err()
