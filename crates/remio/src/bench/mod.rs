@@ -341,7 +341,7 @@ fn guest(report: &mut Report, dir: &std::path::Path, runs: usize) -> anyhow::Res
         remio.seq_mib_per_s,
         "MiB/s",
         ("guest.qemu_seq_read_mib_s", qemu.seq_mib_per_s),
-        ">= 0.9x",
+        ">= 1.0x",
     );
     report.add("guest.qemu_randread_iops", qemu.rand_iops, "IOPS");
     report.add_ratio(
@@ -349,7 +349,7 @@ fn guest(report: &mut Report, dir: &std::path::Path, runs: usize) -> anyhow::Res
         remio.rand_iops,
         "IOPS",
         ("guest.qemu_randread_iops", qemu.rand_iops),
-        ">= 0.6x",
+        ">= 1.0x",
     );
     report.add(
         "guest.seq_read_ratio",
