@@ -384,6 +384,15 @@ impl DmSession for InProcessSession {
         Ok(())
     }
 
+    fn assign_used_buffer_irqfd(&self, fd: &EventFd) -> Result<()> {
+        let fd = Arc::new(fd.try_clone()?);
+        self.dm
+            .irqfd_assign_status_bits(fd.clone(), crate::USED_BUFFER_BIT)
+            .map_err(|e| errno_error(e.errno(), &e))?;
+        self.state().irqfds.push(fd);
+        Ok(())
+    }
+
     fn deassign_irqfd(&self, fd: &EventFd) -> Result<()> {
         self.dm
             .irqfd_deassign(fd)

@@ -228,6 +228,10 @@ pub type WaitHelper = Arc<dyn Fn(&dyn AccessWait) + Send + Sync>;
 /// Largest state region a DM may have ([`DmSession::state_region`]).
 pub const STATE_REGION_MAX: u64 = 1 << 20;
 
+/// The InterruptStatus bit a used-buffer irqfd sets ([`DmSession::assign_used_buffer_irqfd`]):
+/// virtio-mmio's "used buffer notification" (virtio 1.2 §4.2.2, `VIRTIO_MMIO_INT_VRING`).
+pub const USED_BUFFER_BIT: u32 = 1;
+
 /// Result alias for the API.
 pub type Result<T> = std::result::Result<T, ApiError>;
 
@@ -319,6 +323,19 @@ pub trait DmSession: Send + Sync {
     fn register_status_word(&self, spec: StatusWordSpec) -> Result<StatusWord> {
         let _ = spec;
         Err(ApiError::NotSupported("register_status_word".into()))
+    }
+
+    /// remio's extension of `IRQFD`: assigns `fd` as an irqfd whose every signal first sets
+    /// InterruptStatus bit 0 (used buffer, virtio 1.2 §4.2.2) in the session's status word
+    /// ([`DmSession::register_status_word`], which must come first: `ENOENT` without it), then
+    /// injects the frontend interrupt. A vhost-user daemon given it as its call eventfd
+    /// interrupts the frontend with the bit set, with no device-model thread in between.
+    /// [`DmSession::deassign_irqfd`] removes it. The C driver has no such call (Bao keeps no
+    /// InterruptStatus; its irqfd only injects): [`ApiError::NotSupported`], and the device
+    /// model sets the bit itself before signalling a plain irqfd.
+    fn assign_used_buffer_irqfd(&self, fd: &EventFd) -> Result<()> {
+        let _ = fd;
+        Err(ApiError::NotSupported("assign_used_buffer_irqfd".into()))
     }
 
     /// The DM's state region: a file of at least `len` bytes that the platform keeps for the

@@ -30,7 +30,7 @@
 //! | 3 | COMPLETE | `bao_virtio_request` (48) | 0 | — | 0 |
 //! | 4 | COMPLETE_ATTACH | `bao_virtio_request` (48) | 0 | `bao_virtio_request` (48) | 0 |
 //! | 5 | IOEVENTFD | `bao_ioeventfd` (32; its `fd` field is ignored, send 0) | 1 eventfd | — | 0 |
-//! | 6 | IRQFD | `bao_irqfd` (8; its `fd` field is ignored, send 0) | 1 eventfd | — | 0 |
+//! | 6 | IRQFD | `bao_irqfd` (8; its `fd` field is ignored, send 0; `flags` may add [`IRQFD_FLAG_USED_BUFFER`]) | 1 eventfd | — | 0 |
 //! | 7 | MAP_SHMEM | `len: u64` | 0 | `offset: u64, len: u64` | 1 (the shmem file) |
 //! | 8 | STATUS_WORD | `status_addr: u64, ack_addr: u64` | 0 | — | 1 (the status-word file) |
 //! | 9 | STATE_REGION | `len: u64` | 0 | — | 1 (the DM's state-region file) |
@@ -105,6 +105,11 @@ pub mod op {
     /// Get the DM's state region.
     pub const STATE_REGION: u16 = 9;
 }
+
+/// remio's extension of the IRQFD flags (not the driver's; a bit Bao's UAPI leaves unused):
+/// the irqfd sets InterruptStatus bit 0 in the session's status word before each injection
+/// ([`crate::DmSession::assign_used_buffer_irqfd`]). Not with DEASSIGN.
+pub const IRQFD_FLAG_USED_BUFFER: u32 = 1 << 16;
 
 /// A message header.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

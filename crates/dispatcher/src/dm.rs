@@ -688,6 +688,36 @@ impl Dm {
     /// cannot be polled; [`IrqfdError::ShuttingDown`] once the DM is being destroyed;
     /// [`IrqfdError::Io`] if the server cannot start.
     pub fn irqfd_assign(&self, fd: Arc<EventFd>) -> Result<(), IrqfdError> {
+        self.irqfd_assign_with(fd, None)
+    }
+
+    /// remio's extension of IRQFD: like [`Dm::irqfd_assign`], and each signal of `fd` first
+    /// sets `bits` in the DM's status word ([`Dm::register_status_word`]), on the irqfd
+    /// thread, before the NOTIFY. A vhost-user daemon given such an irqfd as its call eventfd
+    /// (bits = virtio-mmio InterruptStatus bit 0, used buffer) then interrupts the frontend
+    /// with the bit the driver checks already set, without a device-model thread relaying the
+    /// call. The C driver has no such call: Bao keeps no InterruptStatus (the device model
+    /// does), so its irqfd only injects, and there the device model must set the bit itself.
+    ///
+    /// # Errors
+    /// [`IrqfdError::NoStatusWord`] if the DM has no status word; otherwise those of
+    /// [`Dm::irqfd_assign`].
+    pub fn irqfd_assign_status_bits(&self, fd: Arc<EventFd>, bits: u32) -> Result<(), IrqfdError> {
+        let page = self
+            .ioeventfds
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .status_word()
+            .map(|r| r.page.clone())
+            .ok_or(IrqfdError::NoStatusWord)?;
+        self.irqfd_assign_with(fd, Some((page, bits)))
+    }
+
+    fn irqfd_assign_with(
+        &self,
+        fd: Arc<EventFd>,
+        sets: Option<crate::irqfd::StatusBits>,
+    ) -> Result<(), IrqfdError> {
         let mut slot = lock(&self.irqfd);
         if slot.closed {
             return Err(IrqfdError::ShuttingDown);
@@ -696,7 +726,7 @@ impl Dm {
             slot.server = Some(IrqfdServer::start(self.hc.clone(), self.info.id)?);
         }
         match slot.server.as_mut() {
-            Some(s) => s.assign(fd),
+            Some(s) => s.assign(fd, sets),
             None => Err(IrqfdError::ShuttingDown),
         }
     }

@@ -7,6 +7,11 @@
 //! guarantees no NOTIFY for that DM id is issued after destroy returns (a new DM may reuse
 //! the id), and a DM's irqfds cannot delay another's; the cost is at most
 //! `BAO_IO_MAX_DMS` (16) mostly idle threads.
+//!
+//! remio's extension ([`crate::Dm::irqfd_assign_status_bits`]): an irqfd may also set bits of
+//! the DM's status word, on this thread, after reading the counter and before the NOTIFY, so
+//! that a vhost-user daemon given it as its call eventfd raises a virtio-mmio used-buffer
+//! interrupt with InterruptStatus bit 0 already set, with no device-model thread in between.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -21,6 +26,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::ioeventfd::same_file;
+use crate::statusword::StatusPage;
 
 /// Errors of [`crate::Dm::irqfd_assign`] and [`crate::Dm::irqfd_deassign`].
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +46,9 @@ pub enum IrqfdError {
     /// Creating the epoll instance or its thread failed. The OS errno (EIO if none).
     #[error("irqfd server: {0}")]
     Io(#[source] io::Error),
+    /// An irqfd that sets status-word bits on a DM without a status word. ENOENT.
+    #[error("the DM has no status word for the irqfd to set bits in")]
+    NoStatusWord,
 }
 
 impl IrqfdError {
@@ -47,7 +56,7 @@ impl IrqfdError {
     pub fn errno(&self) -> i32 {
         match self {
             Self::Busy => libc::EBUSY,
-            Self::NotFound => libc::ENOENT,
+            Self::NotFound | Self::NoStatusWord => libc::ENOENT,
             Self::BadFd(_) => libc::EBADF,
             Self::ShuttingDown => libc::ESHUTDOWN,
             Self::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
@@ -61,9 +70,19 @@ const STOP_TOKEN: u64 = 0;
 struct Shared {
     epoll: Epoll,
     stop: EventFd,
-    /// Leaf lock. Token → eventfd.
-    entries: Mutex<BTreeMap<u64, Arc<EventFd>>>,
+    /// Leaf lock. Token → irqfd.
+    entries: Mutex<BTreeMap<u64, Entry>>,
     notifies: AtomicU64,
+}
+
+/// Bits an irqfd sets in the DM's status word before its NOTIFY (remio's extension).
+pub(crate) type StatusBits = (Arc<StatusPage>, u32);
+
+/// One assigned irqfd.
+#[derive(Debug)]
+struct Entry {
+    fd: Arc<EventFd>,
+    sets: Option<StatusBits>,
 }
 
 /// See the module docs.
@@ -100,17 +119,22 @@ fn run(shared: &Shared, hc: &dyn Hypercall, dm_id: u32) {
             if ev.data() == STOP_TOKEN {
                 return;
             }
-            let fd = shared
+            let entry = shared
                 .entries
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .get(&ev.data())
-                .cloned();
-            let Some(fd) = fd else { continue };
+                .map(|e| (e.fd.clone(), e.sets.clone()));
+            let Some((fd, sets)) = entry else { continue };
             // Level-triggered: readable means the counter is non-zero. The check keeps a
             // blocking eventfd that someone else drained from blocking this thread.
             if !readable(&fd) || fd.read().is_err() {
                 continue;
+            }
+            if let Some((page, bits)) = &sets {
+                // Before the NOTIFY: the frontend's InterruptStatus read that the interrupt
+                // causes (answered from this word with Acquire) sees the bits.
+                page.word().fetch_or(*bits, Ordering::SeqCst);
             }
             shared.notifies.fetch_add(1, Ordering::Relaxed);
             let ret = hc.remote_io(&RemioArgs {
@@ -160,13 +184,18 @@ impl IrqfdServer {
 
     /// Watches `fd`. An eventfd already signalled is reported by the (level-triggered) epoll
     /// at once, so it injects once.
-    pub(crate) fn assign(&mut self, fd: Arc<EventFd>) -> Result<(), IrqfdError> {
+    /// With `sets`, each signal first sets those bits in that status word.
+    pub(crate) fn assign(
+        &mut self,
+        fd: Arc<EventFd>,
+        sets: Option<StatusBits>,
+    ) -> Result<(), IrqfdError> {
         let mut entries = self
             .shared
             .entries
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if entries.values().any(|e| same_file(e, &fd)) {
+        if entries.values().any(|e| same_file(&e.fd, &fd)) {
             return Err(IrqfdError::Busy);
         }
         let token = self.next_token;
@@ -182,7 +211,7 @@ impl IrqfdServer {
                 _ => IrqfdError::Io(e),
             })?;
         self.next_token += 1;
-        entries.insert(token, fd);
+        entries.insert(token, Entry { fd, sets });
         Ok(())
     }
 
@@ -195,13 +224,13 @@ impl IrqfdServer {
             .unwrap_or_else(PoisonError::into_inner);
         let token = entries
             .iter()
-            .find(|(_, e)| same_file(e, fd))
+            .find(|(_, e)| same_file(&e.fd, fd))
             .map(|(t, _)| *t)
             .ok_or(IrqfdError::NotFound)?;
         if let Some(e) = entries.remove(&token) {
             if let Err(err) = self.shared.epoll.ctl(
                 ControlOperation::Delete,
-                e.as_raw_fd(),
+                e.fd.as_raw_fd(),
                 EpollEvent::default(),
             ) {
                 log::warn!("irqfd deassign: epoll_ctl(DEL) failed: {err}");
@@ -248,6 +277,72 @@ mod tests {
         // SAFETY: F_GETFD reads the flags of an fd the caller keeps open.
         let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
         flags >= 0 && flags & libc::FD_CLOEXEC != 0
+    }
+
+    /// A hypercall that records, at each NOTIFY, what the status word held then.
+    struct WordAtNotify {
+        page: Arc<StatusPage>,
+        seen: Mutex<Vec<u32>>,
+        changed: std::sync::Condvar,
+    }
+
+    impl Hypercall for WordAtNotify {
+        fn remote_io(&self, args: &RemioArgs) -> remio_abi::hypercall::RemioRet {
+            if args.op == RemioOp::Notify as u64 {
+                self.seen.lock().unwrap().push(self.page.load());
+                self.changed.notify_all();
+            }
+            remio_abi::hypercall::RemioRet::with_status(0)
+        }
+    }
+
+    fn word_at_notify() -> Arc<WordAtNotify> {
+        Arc::new(WordAtNotify {
+            page: Arc::new(StatusPage::new().unwrap()),
+            seen: Mutex::default(),
+            changed: std::sync::Condvar::new(),
+        })
+    }
+
+    /// Waits (bounded) until `n` NOTIFYs were recorded; returns the words seen.
+    fn notified(hc: &WordAtNotify, n: usize) -> Vec<u32> {
+        let seen = hc.seen.lock().unwrap();
+        let (seen, _) = hc
+            .changed
+            .wait_timeout_while(seen, std::time::Duration::from_secs(10), |s| s.len() < n)
+            .unwrap();
+        seen.clone()
+    }
+
+    #[test]
+    fn an_irqfd_with_status_bits_sets_them_before_its_notify() {
+        let hc = word_at_notify();
+        let mut server = IrqfdServer::start(hc.clone(), 0).unwrap();
+        let fd = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        server
+            .assign(fd.clone(), Some((hc.page.clone(), 0b1)))
+            .unwrap();
+
+        fd.write(1).unwrap();
+
+        assert_eq!(notified(&hc, 1), vec![0b1]);
+        // Bits already set (a config change) stay; the driver's ACK clears, never the irqfd.
+        hc.page.word().store(0b10, Ordering::SeqCst);
+        fd.write(1).unwrap();
+        assert_eq!(notified(&hc, 2), vec![0b1, 0b11]);
+    }
+
+    #[test]
+    fn a_plain_irqfd_leaves_the_status_word_alone() {
+        let hc = word_at_notify();
+        let mut server = IrqfdServer::start(hc.clone(), 0).unwrap();
+        let plain = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        server.assign(plain.clone(), None).unwrap();
+
+        plain.write(1).unwrap();
+
+        assert_eq!(notified(&hc, 1), vec![0]);
+        assert_eq!(hc.page.load(), 0);
     }
 
     #[test]

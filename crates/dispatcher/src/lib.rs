@@ -50,7 +50,7 @@
 //! | | `ShuttingDown` | ESHUTDOWN |
 //! | | `Io(e)` | `e`'s OS errno, else EIO |
 //! | [`IrqfdError`] | `Busy` | EBUSY |
-//! | | `NotFound` | ENOENT |
+//! | | `NotFound`, `NoStatusWord` | ENOENT |
 //! | | `BadFd` | EBADF |
 //! | | `ShuttingDown` | ESHUTDOWN |
 //! | | `Io(e)` | `e`'s OS errno, else EIO |

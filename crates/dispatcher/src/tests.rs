@@ -919,3 +919,25 @@ fn dropping_the_dispatcher_destroys_every_dm() {
     assert!(!hyp.has_handler(0) && !hyp.has_handler(1));
     assert_eq!(hyp.completion(s), Some(0));
 }
+
+#[test]
+fn a_status_bit_irqfd_needs_the_status_word_and_sets_its_bits_with_the_notify() {
+    let (hyp, disp) = setup(1);
+    let dm = disp.create_dm(desc(&hyp, 0)).unwrap();
+    let fd = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+    let e = dm.irqfd_assign_status_bits(fd.clone(), 1).unwrap_err();
+    assert!(matches!(e, IrqfdError::NoStatusWord));
+    assert_eq!(e.errno(), libc::ENOENT);
+    let page = dm.register_status_word(STATUS).unwrap();
+
+    dm.irqfd_assign_status_bits(fd.clone(), 1).unwrap();
+    fd.write(1).unwrap();
+
+    assert_eq!(hyp.wait_notifies(0, 1, Duration::from_secs(10)), 1);
+    assert_eq!(page.load(), 1);
+    // The frontend's InterruptStatus read is answered from it, inline.
+    let s = hyp.trap(0, BAO_IO_READ, 0x60, 4, 0);
+    assert_eq!(hyp.completion(s), Some(1));
+    dm.irqfd_deassign(&fd).unwrap();
+    assert_eq!(dm.irqfd_count(), 0);
+}

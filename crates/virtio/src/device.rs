@@ -218,6 +218,12 @@ pub trait VirtioDevice: Send {
     /// Stops processing and drops the queues, eventfds and interrupt handed at activation;
     /// returns when the worker has stopped. The device can be activated again afterwards.
     fn reset(&mut self);
+    /// Hands the device the session of its DM, once, before the transport is built, for
+    /// devices that register something of their own with the dispatcher (the vhost-user
+    /// device's used-buffer irqfd). The default ignores it.
+    fn attach_session(&mut self, session: &std::sync::Arc<dyn remio_api::DmSession>) {
+        let _ = session;
+    }
 }
 
 /// Copies `config[offset..]` into `data`, zero-filling what lies past the end.

@@ -675,6 +675,8 @@ fn serve_one(
         .map_err(|source| fail(ServeError::Session { dm_id, source }))?;
     log::info!("virtio: DM {dm_id}: {description} at {:#x}", dev.mmio_base);
     let registrar = SessionRegistrar::new(session.clone(), dev.mmio_base);
+    let mut device = device;
+    device.attach_session(&session);
     let mut transport = MmioTransport::new(device, mem, Box::new(registrar));
     transport
         .register_notifiers()

@@ -272,11 +272,8 @@ impl SocketSession {
         self.expect_empty(&req, Some(b))
     }
 
-    fn irqfd(&self, fd: &EventFd, deassign: bool) -> Result<()> {
-        let req = Request::Irqfd(Irqfd {
-            fd: 0,
-            flags: if deassign { BAO_IRQFD_FLAG_DEASSIGN } else { 0 },
-        });
+    fn irqfd(&self, fd: &EventFd, flags: u32) -> Result<()> {
+        let req = Request::Irqfd(Irqfd { fd: 0, flags });
         // SAFETY: `fd` outlives the call that uses the borrow.
         let b = unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) };
         self.expect_empty(&req, Some(b))
@@ -324,11 +321,15 @@ impl DmSession for SocketSession {
     }
 
     fn assign_irqfd(&self, fd: &EventFd) -> Result<()> {
-        self.irqfd(fd, false)
+        self.irqfd(fd, 0)
+    }
+
+    fn assign_used_buffer_irqfd(&self, fd: &EventFd) -> Result<()> {
+        self.irqfd(fd, wire::IRQFD_FLAG_USED_BUFFER)
     }
 
     fn deassign_irqfd(&self, fd: &EventFd) -> Result<()> {
-        self.irqfd(fd, true)
+        self.irqfd(fd, BAO_IRQFD_FLAG_DEASSIGN)
     }
 
     fn map_shmem_at(&self, len: u64, guest_base: u64) -> Result<GuestMemoryMmap> {

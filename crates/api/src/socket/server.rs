@@ -1140,11 +1140,15 @@ fn handle(
             .map(|()| ReplyBody::Empty)
         }),
         Request::Irqfd(irq) => eventfd(fd).and_then(|efd| {
-            if irq.flags & !BAO_IRQFD_FLAG_DEASSIGN != 0 {
+            if irq.flags & !(BAO_IRQFD_FLAG_DEASSIGN | wire::IRQFD_FLAG_USED_BUFFER) != 0
+                || irq.flags == BAO_IRQFD_FLAG_DEASSIGN | wire::IRQFD_FLAG_USED_BUFFER
+            {
                 return Err(ApiError::InvalidArgument("irqfd flags".into()));
             }
             if irq.flags & BAO_IRQFD_FLAG_DEASSIGN != 0 {
                 session.deassign_irqfd(&efd)
+            } else if irq.flags & wire::IRQFD_FLAG_USED_BUFFER != 0 {
+                session.assign_used_buffer_irqfd(&efd)
             } else {
                 session.assign_irqfd(&efd)
             }

@@ -31,6 +31,8 @@ struct FakeDm {
     completed: Mutex<Vec<VirtioRequest>>,
     ioeventfds: Mutex<Vec<IoeventfdSpec>>,
     irqfds: AtomicUsize,
+    /// Used-buffer irqfds assigned (remio's IRQFD extension).
+    used_irqfds: AtomicUsize,
     sessions_dropped: AtomicUsize,
     shmem: std::fs::File,
     /// The wait helper the server installed, if any.
@@ -56,6 +58,7 @@ impl FakeDm {
             completed: Mutex::new(Vec::new()),
             ioeventfds: Mutex::new(Vec::new()),
             irqfds: AtomicUsize::new(0),
+            used_irqfds: AtomicUsize::new(0),
             sessions_dropped: AtomicUsize::new(0),
             shmem,
             helper: Mutex::new(None),
@@ -156,6 +159,10 @@ impl DmSession for FakeSession {
     }
     fn assign_irqfd(&self, _fd: &EventFd) -> crate::Result<()> {
         self.0.irqfds.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn assign_used_buffer_irqfd(&self, _fd: &EventFd) -> crate::Result<()> {
+        self.0.used_irqfds.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
     fn deassign_irqfd(&self, _fd: &EventFd) -> crate::Result<()> {
@@ -378,6 +385,35 @@ fn eventfds_and_shared_memory_cross_the_socket() {
     assert!(mem
         .read_obj::<u8>(GuestAddress(SHMEM_ADDR + 0x1000))
         .is_err());
+}
+
+#[test]
+fn a_used_buffer_irqfd_crosses_the_socket_as_irqfd_with_remios_flag() {
+    let (dm, srv) = server("usedirqfd.sock");
+    let s = SocketApi::connect(srv.path()).open(0).unwrap();
+    let e = EventFd::new(0).unwrap();
+
+    s.assign_used_buffer_irqfd(&e).unwrap();
+
+    assert_eq!(dm.used_irqfds.load(Ordering::SeqCst), 1);
+    assert_eq!(dm.irqfds.load(Ordering::SeqCst), 0, "not a plain irqfd");
+    // The flag with DEASSIGN, or an unknown flag, is refused.
+    let raw = Raw::opened(&srv);
+    // SAFETY: e outlives the borrow.
+    let efd = unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) };
+    for (tag, flags) in [
+        (
+            2,
+            wire::IRQFD_FLAG_USED_BUFFER | remio_abi::uapi::BAO_IRQFD_FLAG_DEASSIGN,
+        ),
+        (3, 1 << 17),
+    ] {
+        let mut b = Vec::new();
+        Request::Irqfd(remio_abi::Irqfd { fd: 0, flags }).encode(tag, &mut b);
+        raw.send(&b, &[efd]);
+        assert_eq!(raw.errno_of_next(), libc::EINVAL, "flags {flags:#x}");
+    }
+    assert_eq!(dm.used_irqfds.load(Ordering::SeqCst), 1);
 }
 
 #[test]

@@ -14,12 +14,23 @@
 //! - config-space reads and writes (GET_CONFIG / SET_CONFIG), or a config space kept here for
 //!   devices whose daemons do not serve one (virtio-fs: the tag is ours, as in QEMU).
 //!
-//! The data path never passes through this process, with one exception that virtio-mmio
-//! forces: a used-buffer interrupt must set InterruptStatus bit 0 *before* the frontend is
-//! interrupted (the driver reads InterruptStatus and ignores an interrupt without the bit), and
-//! the daemon only knows its call eventfd. So each queue's call eventfd is ours, and a relay
-//! thread turns a call into "set bit 0, signal the irqfd" ([`crate::device::Interrupt`]). The
-//! relay also watches the socket: a daemon that goes away makes the device report
+//! The data path never passes through this process. virtio-mmio asks one thing of the
+//! interrupt path that the daemon cannot do: a used-buffer interrupt must set InterruptStatus
+//! bit 0 *before* the frontend is interrupted (the driver reads InterruptStatus and ignores an
+//! interrupt without the bit), and the daemon only knows its call eventfd. Two ways, chosen
+//! at the first activation:
+//!
+//! - **On remio's dispatcher** (a session that takes a used-buffer irqfd,
+//!   [`remio_api::DmSession::assign_used_buffer_irqfd`], which needs the status word the
+//!   runner registers at setup): the daemon's call eventfd of every queue *is* an irqfd that
+//!   the dispatcher's irqfd thread turns into "set bit 0 in the status word, then NOTIFY". A
+//!   daemon's call reaches the frontend with no thread of this process in between (one thread
+//!   wake-up fewer per interrupt than the relay below; see docs/performance.md, virtio-fs).
+//! - **Elsewhere** (the C driver, whose irqfd only injects: Bao keeps no InterruptStatus, the
+//!   device model does): each queue's call eventfd is ours, and a relay thread turns a call
+//!   into "set bit 0, signal the irqfd" ([`crate::device::Interrupt`]).
+//!
+//! Either way a relay thread watches the socket: a daemon that goes away makes the device report
 //! DEVICE_NEEDS_RESET, and for virtio-fs every request the guest has queued (and every later
 //! one) is completed with `EIO`, so that nothing in the guest waits for a daemon that is gone.
 //!
@@ -351,13 +362,28 @@ struct Live {
     interrupt: Arc<Interrupt>,
 }
 
+/// How the daemon's calls reach the frontend (see the module docs).
+enum CallPath {
+    /// Not decided yet (no activation so far).
+    Undecided,
+    /// Through the relay thread and [`VhostUserDevice::calls`].
+    Relay,
+    /// Straight to this irqfd, which the dispatcher turns into InterruptStatus bit 0 and an
+    /// interrupt; assigned through the session, deassigned when the device is dropped.
+    Irqfd(EventFd),
+}
+
 /// A virtio device served by a vhost-user daemon (see the module docs).
 pub struct VhostUserDevice {
     spec: VhostUserSpec,
     conn: Connection,
     avail_features: u64,
-    /// One call eventfd per queue, ours for the device's lifetime (the relay reads them).
+    /// One call eventfd per queue, ours for the device's lifetime (the relay reads them),
+    /// unless the calls go to a used-buffer irqfd ([`CallPath::Irqfd`]).
     calls: Vec<EventFd>,
+    /// The DM's session, if the runner gave it ([`VirtioDevice::attach_session`]).
+    session: Option<Arc<dyn remio_api::DmSession>>,
+    call_path: CallPath,
     /// Set by the relay when the daemon hangs up.
     lost: Arc<AtomicBool>,
     relay: Option<Worker<()>>,
@@ -371,6 +397,10 @@ impl std::fmt::Debug for VhostUserDevice {
             .field("protocol", &self.conn.protocol)
             .field("lost", &self.lost.load(Ordering::SeqCst))
             .field("active", &self.relay.is_some())
+            .field(
+                "calls_to_irqfd",
+                &matches!(self.call_path, CallPath::Irqfd(_)),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -391,9 +421,50 @@ impl VhostUserDevice {
             conn,
             avail_features,
             calls,
+            session: None,
+            call_path: CallPath::Undecided,
             lost: Arc::default(),
             relay: None,
         })
+    }
+
+    /// Whether the daemon's calls go straight to a used-buffer irqfd (no relay).
+    pub fn calls_go_to_irqfd(&self) -> bool {
+        matches!(self.call_path, CallPath::Irqfd(_))
+    }
+
+    /// Decides, once, how calls reach the frontend: a used-buffer irqfd if the session takes
+    /// one, else the relay.
+    fn decide_call_path(&mut self) {
+        if !matches!(self.call_path, CallPath::Undecided) {
+            return;
+        }
+        self.call_path = CallPath::Relay;
+        let Some(session) = &self.session else {
+            return;
+        };
+        let fd = match EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) {
+            Ok(fd) => fd,
+            Err(e) => {
+                log::warn!("vhost-user: used-buffer irqfd: {e}; calls go through the relay");
+                return;
+            }
+        };
+        match session.assign_used_buffer_irqfd(&fd) {
+            Ok(()) => {
+                log::info!(
+                    "vhost-user daemon at {}: its calls go to a used-buffer irqfd (no relay)",
+                    self.spec.socket.display()
+                );
+                self.call_path = CallPath::Irqfd(fd);
+            }
+            Err(remio_api::ApiError::NotSupported(_)) => {
+                log::info!("vhost-user: no used-buffer irqfd on this dispatcher; calls relayed");
+            }
+            Err(e) => {
+                log::warn!("vhost-user: used-buffer irqfd refused ({e}); calls relayed");
+            }
+        }
     }
 
     /// The protocol features in use.
@@ -473,7 +544,11 @@ impl VhostUserDevice {
                 .map_err(proto("SET_VRING_BASE"))?;
             fe.set_vring_addr(i, &ring)
                 .map_err(proto("SET_VRING_ADDR"))?;
-            fe.set_vring_call(i, &self.calls[i])
+            let call = match &self.call_path {
+                CallPath::Irqfd(fd) => fd,
+                CallPath::Undecided | CallPath::Relay => &self.calls[i],
+            };
+            fe.set_vring_call(i, call)
                 .map_err(proto("SET_VRING_CALL"))?;
             fe.set_vring_kick(i, &ctx.queue_evts[i])
                 .map_err(proto("SET_VRING_KICK"))?;
@@ -581,17 +656,22 @@ impl VirtioDevice for VhostUserDevice {
         if self.is_lost() {
             self.reconnect().map_err(backend)?;
         }
+        self.decide_call_path();
         // Drop calls that came before this activation: they belong to the last one.
         for c in &self.calls {
             let _ = c.read();
         }
         self.start(&ctx).map_err(backend)?;
-        let calls = self
-            .calls
-            .iter()
-            .map(EventFd::try_clone)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(ActivateError::Backend)?;
+        // The relay reads the calls only when they are ours.
+        let calls = match self.call_path {
+            CallPath::Irqfd(_) => Vec::new(),
+            CallPath::Undecided | CallPath::Relay => self
+                .calls
+                .iter()
+                .map(EventFd::try_clone)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(ActivateError::Backend)?,
+        };
         let socket = self.conn.frontend.as_raw_fd();
         // SAFETY: `socket` is the frontend's open socket; dup returns a new descriptor we own
         // (or -1, checked below), so the relay's watch does not depend on the frontend's fd.
@@ -629,19 +709,29 @@ impl VirtioDevice for VhostUserDevice {
             self.stop_rings();
         }
     }
+
+    fn attach_session(&mut self, session: &Arc<dyn remio_api::DmSession>) {
+        self.session = Some(session.clone());
+    }
 }
 
 impl Drop for VhostUserDevice {
     fn drop(&mut self) {
         self.reset();
+        if let (CallPath::Irqfd(fd), Some(session)) = (&self.call_path, &self.session) {
+            // The session may be ending already (then the DM drops its irqfds itself).
+            if let Err(e) = session.deassign_irqfd(fd) {
+                log::debug!("vhost-user: deassigning the used-buffer irqfd: {e}");
+            }
+        }
     }
 }
 
 const SOCKET_TOKEN: u64 = u64::MAX - 1;
 const KICK_BASE: u64 = 1 << 32;
 
-/// The relay thread of one activation: call eventfds to InterruptStatus + irqfd, and the
-/// socket watched for the daemon hanging up.
+/// The relay thread of one activation: call eventfds to InterruptStatus + irqfd (none when
+/// the calls go to a used-buffer irqfd), and the socket watched for the daemon hanging up.
 struct Relay {
     calls: Vec<EventFd>,
     socket: std::os::fd::OwnedFd,

@@ -821,3 +821,142 @@ fn a_daemon_that_comes_back_with_fewer_features_fails_activation_naming_the_sock
         "still waiting for a daemon that can serve the device"
     );
 }
+
+/// A session that records the used-buffer irqfds it is given (`accept`), or has none
+/// (the C driver's: `NotSupported`), and the irqfds deassigned.
+struct IrqfdSession {
+    accept: bool,
+    used: Mutex<Vec<EventFd>>,
+    deassigned: Mutex<Vec<EventFd>>,
+}
+
+impl IrqfdSession {
+    fn new(accept: bool) -> Arc<Self> {
+        Arc::new(Self {
+            accept,
+            used: Mutex::default(),
+            deassigned: Mutex::default(),
+        })
+    }
+}
+
+impl remio_api::DmSession for IrqfdSession {
+    fn info(&self) -> remio_api::DmInfo {
+        remio_api::DmInfo {
+            id: 0,
+            shmem_addr: BASE,
+            shmem_size: MEM_LEN,
+            irq: 0,
+        }
+    }
+    fn attach(&self) -> remio_api::Result<remio_api::VirtioRequest> {
+        Err(remio_api::ApiError::ShuttingDown)
+    }
+    fn complete(&self, _: &remio_api::VirtioRequest) -> remio_api::Result<()> {
+        Ok(())
+    }
+    fn assign_ioeventfd(&self, _: &EventFd, _: remio_api::IoeventfdSpec) -> remio_api::Result<()> {
+        Ok(())
+    }
+    fn deassign_ioeventfd(
+        &self,
+        _: &EventFd,
+        _: remio_api::IoeventfdSpec,
+    ) -> remio_api::Result<()> {
+        Ok(())
+    }
+    fn assign_irqfd(&self, _: &EventFd) -> remio_api::Result<()> {
+        Ok(())
+    }
+    fn assign_used_buffer_irqfd(&self, fd: &EventFd) -> remio_api::Result<()> {
+        if !self.accept {
+            return Err(remio_api::ApiError::NotSupported(
+                "used-buffer irqfd".into(),
+            ));
+        }
+        self.used.lock().unwrap().push(fd.try_clone().unwrap());
+        Ok(())
+    }
+    fn deassign_irqfd(&self, fd: &EventFd) -> remio_api::Result<()> {
+        self.deassigned
+            .lock()
+            .unwrap()
+            .push(fd.try_clone().unwrap());
+        Ok(())
+    }
+    fn map_shmem_at(&self, _: u64, _: u64) -> remio_api::Result<GuestMemoryMmap> {
+        Err(remio_api::ApiError::ShuttingDown)
+    }
+}
+
+#[test]
+fn with_a_used_buffer_irqfd_every_queue_s_call_is_that_irqfd_and_nothing_relays_it() {
+    let daemon = Daemon::start("usedirqfd", fs_features(), all_protocol(), 2);
+    let spec = VhostUserSpec::fs(daemon.socket.clone(), "share", 1, 16).unwrap();
+    let mut dev = VhostUserDevice::connect(spec).unwrap();
+    let session = IrqfdSession::new(true);
+    let dyn_session: Arc<dyn remio_api::DmSession> = session.clone();
+    dev.attach_session(&dyn_session);
+    let mem = file_mem();
+    let vqs = [
+        MockSplitQueue::create(&mem, GuestAddress(BASE), 16),
+        MockSplitQueue::create(&mem, GuestAddress(BASE + 0x1_0000), 16),
+    ];
+    let (ctx, probe) = context(&mem, &vqs, 1 << VIRTIO_F_VERSION_1);
+
+    dev.activate(ctx).unwrap();
+
+    assert!(dev.calls_go_to_irqfd());
+    let used = session
+        .used
+        .lock()
+        .unwrap()
+        .pop()
+        .expect("one used-buffer irqfd");
+    assert!(session.used.lock().unwrap().is_empty());
+    for q in [0, 1] {
+        let mut call = daemon.seen.lock().unwrap().calls[q].take().unwrap();
+        call.write_all(&(q as u64 + 1).to_ne_bytes()).unwrap();
+        // The daemon's call is the irqfd itself: the dispatcher reads it, not a relay here.
+        assert_eq!(used.read().unwrap(), q as u64 + 1);
+    }
+    assert!(
+        probe.irqfd.read().is_err(),
+        "nothing signalled the device's own irqfd"
+    );
+    assert_eq!(probe.shared.interrupt_status.load(Ordering::SeqCst), 0);
+
+    dev.reset();
+    drop(dev);
+    let deassigned = session.deassigned.lock().unwrap();
+    assert_eq!(deassigned.len(), 1);
+    // The one deassigned is the used-buffer irqfd: one counter.
+    used.write(5).unwrap();
+    assert_eq!(deassigned[0].read().unwrap(), 5);
+}
+
+#[test]
+fn a_session_without_used_buffer_irqfds_keeps_the_relay() {
+    let daemon = Daemon::start("norelayirqfd", fs_features(), all_protocol(), 2);
+    let spec = VhostUserSpec::fs(daemon.socket.clone(), "share", 1, 16).unwrap();
+    let mut dev = VhostUserDevice::connect(spec).unwrap();
+    let session: Arc<dyn remio_api::DmSession> = IrqfdSession::new(false);
+    dev.attach_session(&session);
+    let mem = file_mem();
+    let vqs = [
+        MockSplitQueue::create(&mem, GuestAddress(BASE), 16),
+        MockSplitQueue::create(&mem, GuestAddress(BASE + 0x1_0000), 16),
+    ];
+    let (ctx, probe) = context(&mem, &vqs, 1 << VIRTIO_F_VERSION_1);
+
+    dev.activate(ctx).unwrap();
+    let mut call = daemon.seen.lock().unwrap().calls[0].take().unwrap();
+    call.write_all(&1u64.to_ne_bytes()).unwrap();
+
+    assert!(!dev.calls_go_to_irqfd());
+    wait_for("the irqfd", || probe.irqfd.read().is_ok());
+    assert_eq!(
+        probe.shared.interrupt_status.load(Ordering::SeqCst),
+        VIRTIO_MMIO_INT_VRING
+    );
+}
