@@ -23,8 +23,10 @@
 //! guest/backend/remio-hc.h), one register bank per CPU with local interrupts disabled.
 //!
 //! Unlike the posted driver (spec/remote-io.md, "Defects"): closing a DM fd never destroys the
-//! DM (DMs live as long as the platform device) and requests the closed session had taken go
-//! back to the DM's queue for the next session; one interrupt handler per DM; IOEVENTFD with
+//! DM (DMs live as long as the platform device); what a session (DM fd) owns goes with it when
+//! it is closed or its process dies, while the DM's other sessions keep theirs: the requests it
+//! had taken go back to the head of the DM's queue, its ioeventfds and its irqfd are dropped;
+//! one interrupt handler per DM; IOEVENTFD with
 //! DEASSIGN only deassigns; a signal during ATTACH restarts the call (never EFAULT); the DM fd is
 //! installed only after DM_GET_INFO's answer was copied out; no allocation on the request path
 //! (the queues are reserved at probe time).
@@ -390,6 +392,19 @@ struct Ioeventfd {
     len: u32,
     datamatch: Option<u64>,
     ctx: EventFdCtx,
+    /// The session (DM fd) that assigned it: its [`Session`].
+    owner: Session,
+}
+
+/// A session: the address of the DM fd's `struct file`, unique while the file is open (and
+/// everything a session owns is released in its `release`, before the address can be reused).
+/// 0 owns nothing.
+type Session = usize;
+
+/// A request ATTACH handed out, and the session it went to.
+struct Taken {
+    req: VirtioRequest,
+    owner: Session,
 }
 
 impl Ioeventfd {
@@ -563,10 +578,12 @@ struct DmState {
     alive: bool,
     /// Requests for the control client, oldest first (capacity reserved at probe).
     pending: KVec<VirtioRequest>,
-    /// Requests ATTACH handed out and COMPLETE has not seen yet (capacity reserved at probe).
-    taken: KVec<VirtioRequest>,
+    /// Requests ATTACH handed out and COMPLETE has not seen yet, with the session each went to
+    /// (capacity reserved at probe).
+    taken: KVec<Taken>,
     ioeventfds: KVec<Ioeventfd>,
-    irqfd: Option<Pin<KBox<IrqFd>>>,
+    /// The irqfd and the session that assigned it.
+    irqfd: Option<(Pin<KBox<IrqFd>>, Session)>,
     /// Open DM fds.
     sessions: u32,
 }
@@ -638,7 +655,7 @@ impl Dm {
     }
 
     /// IO_CLIENT_ATTACH: the oldest pending request, waiting for one.
-    fn attach(&self) -> Result<VirtioRequest> {
+    fn attach(&self, owner: Session) -> Result<VirtioRequest> {
         let mut st = self.state.lock();
         loop {
             if !st.alive {
@@ -647,7 +664,7 @@ impl Dm {
             if !st.pending.is_empty() {
                 let req = st.pending.remove(0)?;
                 // Cannot fail: pending + taken <= BAO_IO_REQUEST_MAX = taken's capacity.
-                if st.taken.push_within_capacity(req).is_err() {
+                if st.taken.push_within_capacity(Taken { req, owner }).is_err() {
                     return Err(ENOSPC);
                 }
                 return Ok(req);
@@ -662,8 +679,12 @@ impl Dm {
     /// ATTACH's copy-out failed: the request goes back to the head of the queue.
     fn untake(&self, req: &VirtioRequest) {
         let mut st = self.state.lock();
-        if let Some(i) = st.taken.iter().position(|t| t.request_id == req.request_id) {
-            let r = st.taken.remove(i).unwrap_or(*req);
+        if let Some(i) = st
+            .taken
+            .iter()
+            .position(|t| t.req.request_id == req.request_id)
+        {
+            let r = st.taken.remove(i).map_or(*req, |t| t.req);
             if st.pending.insert_within_capacity(0, r).is_err() {
                 warn_rl!("DM {}: cannot requeue request {}\n", self.id, r.request_id);
             }
@@ -682,7 +703,7 @@ impl Dm {
             let i = st
                 .taken
                 .iter()
-                .position(|t| t.request_id == req.request_id && t.op == req.op)
+                .position(|t| t.req.request_id == req.request_id && t.req.op == req.op)
                 .ok_or(EINVAL)?;
             st.taken.remove(i)?;
         }
@@ -694,7 +715,7 @@ impl Dm {
         Ok(())
     }
 
-    fn ioeventfd(&self, arg: &IoeventfdArg) -> Result {
+    fn ioeventfd(&self, arg: &IoeventfdArg, owner: Session) -> Result {
         let known = BAO_IOEVENTFD_FLAG_DATAMATCH | BAO_IOEVENTFD_FLAG_DEASSIGN;
         if arg.flags & !known != 0 || arg.reserved != 0 || ![0, 1, 2, 4, 8].contains(&arg.len) {
             return Err(EINVAL);
@@ -731,13 +752,14 @@ impl Dm {
                 len: arg.len,
                 datamatch,
                 ctx,
+                owner,
             },
             GFP_KERNEL,
         )?;
         Ok(())
     }
 
-    fn irqfd(&self, arg: &IrqfdArg) -> Result {
+    fn irqfd(&self, arg: &IrqfdArg, owner: Session) -> Result {
         if arg.flags & !BAO_IRQFD_FLAG_DEASSIGN != 0 {
             return Err(EINVAL);
         }
@@ -745,7 +767,7 @@ impl Dm {
             let ctx = EventFdCtx::from_fd(u32::try_from(arg.fd).map_err(|_| EBADF)?)?;
             let mut st = self.state.lock();
             match &st.irqfd {
-                Some(i) if i.ctx == ctx.0.as_ptr() => {
+                Some((i, _)) if i.ctx == ctx.0.as_ptr() => {
                     let old = st.irqfd.take();
                     drop(st);
                     drop(old);
@@ -764,30 +786,56 @@ impl Dm {
                 drop(irqfd);
                 return Err(EBUSY);
             }
-            st.irqfd = Some(irqfd);
+            st.irqfd = Some((irqfd, owner));
             Ok(())
         }
     }
 
-    /// A DM fd was closed. The last one: the requests its device model had taken go back to the
-    /// head of the queue (the next session gets them), and its eventfds are dropped (their
-    /// owner is gone). The DM itself stays.
-    fn session_closed(&self) {
-        let (ioeventfds, irqfd);
+    /// DM fd `owner` was closed (0: a session that never got a file). What it owned goes with
+    /// it: the requests it had taken go back to the head of the queue, in their order (another
+    /// session, or the next, gets them), and the ioeventfds and the irqfd it assigned are
+    /// dropped, while other sessions of the DM keep theirs. The DM itself stays.
+    fn session_closed(&self, owner: Session) {
+        let mut ioeventfds = KVec::new();
+        let irqfd;
         {
             let mut st = self.state.lock();
             st.sessions = st.sessions.saturating_sub(1);
-            if st.sessions > 0 {
-                return;
-            }
-            while let Some(r) = st.taken.pop() {
-                if st.pending.insert_within_capacity(0, r).is_err() {
-                    warn_rl!("DM {}: cannot requeue request {}\n", self.id, r.request_id);
+            let last = st.sessions == 0;
+            let mut i = st.taken.len();
+            while i > 0 {
+                i -= 1;
+                if !last && st.taken[i].owner != owner {
+                    continue;
+                }
+                if let Ok(t) = st.taken.remove(i) {
+                    if st.pending.insert_within_capacity(0, t.req).is_err() {
+                        warn_rl!("DM {}: cannot requeue request {}\n", self.id, t.req.request_id);
+                    }
                 }
             }
-            ioeventfds = core::mem::replace(&mut st.ioeventfds, KVec::new());
-            irqfd = st.irqfd.take();
+            if last {
+                ioeventfds = core::mem::replace(&mut st.ioeventfds, KVec::new());
+            } else {
+                let mut i = st.ioeventfds.len();
+                while i > 0 {
+                    i -= 1;
+                    if st.ioeventfds[i].owner == owner {
+                        if let Ok(e) = st.ioeventfds.remove(i) {
+                            // Dropped below, outside the lock; should the list get no memory,
+                            // push drops it here (eventfd_ctx_put does not sleep).
+                            let _ = ioeventfds.push(e, GFP_KERNEL);
+                        }
+                    }
+                }
+            }
+            irqfd = if last || st.irqfd.as_ref().is_some_and(|(_, o)| *o == owner) {
+                st.irqfd.take()
+            } else {
+                None
+            };
         }
+        self.wait.notify_all();
         drop(ioeventfds);
         drop(irqfd);
     }
@@ -832,18 +880,18 @@ unsafe fn dm_of<'a>(file: *mut bindings::file) -> kernel::sync::ArcBorrow<'a, Dm
 unsafe extern "C" fn dm_ioctl(file: *mut bindings::file, cmd: c_uint, arg: c_ulong) -> c_long {
     // SAFETY: the VFS calls ioctl only on an open file of ours.
     let dm = unsafe { dm_of(file) };
-    match dm_ioctl_inner(&dm, cmd, arg as usize) {
+    match dm_ioctl_inner(&dm, file as Session, cmd, arg as usize) {
         Ok(()) => 0,
         Err(e) => e.to_errno() as c_long,
     }
 }
 
-fn dm_ioctl_inner(dm: &Dm, cmd: u32, arg: usize) -> Result {
+fn dm_ioctl_inner(dm: &Dm, owner: Session, cmd: u32, arg: usize) -> Result {
     let user = UserSlice::new(UserPtr::from_addr(arg), _IOC_SIZE(cmd));
     match cmd {
         BAO_IOCTL_IO_CLIENT_ATTACH => {
             let (_reader, mut writer) = user.reader_writer();
-            let req = dm.attach()?;
+            let req = dm.attach(owner)?;
             if let Err(e) = writer.write(&req) {
                 dm.untake(&req);
                 return Err(e);
@@ -851,8 +899,8 @@ fn dm_ioctl_inner(dm: &Dm, cmd: u32, arg: usize) -> Result {
             Ok(())
         }
         BAO_IOCTL_IO_REQUEST_COMPLETE => dm.complete(&user.reader().read::<VirtioRequest>()?),
-        BAO_IOCTL_IOEVENTFD => dm.ioeventfd(&user.reader().read::<IoeventfdArg>()?),
-        BAO_IOCTL_IRQFD => dm.irqfd(&user.reader().read::<IrqfdArg>()?),
+        BAO_IOCTL_IOEVENTFD => dm.ioeventfd(&user.reader().read::<IoeventfdArg>()?, owner),
+        BAO_IOCTL_IRQFD => dm.irqfd(&user.reader().read::<IrqfdArg>()?, owner),
         _ => Err(ENOTTY),
     }
 }
@@ -885,7 +933,7 @@ unsafe extern "C" fn dm_mmap(file: *mut bindings::file, vma: *mut bindings::vm_a
 unsafe extern "C" fn dm_release(_inode: *mut bindings::inode, file: *mut bindings::file) -> c_int {
     // SAFETY: release runs once per file, after every other call: the reference is ours.
     let dm = unsafe { <Arc<Dm> as ForeignOwnable>::from_foreign((*file).private_data) };
-    dm.session_closed();
+    dm.session_closed(file as Session);
     0
 }
 
@@ -935,7 +983,7 @@ impl MiscDevice for Control {
         if let Some(e) = err_ptr(filp) {
             // SAFETY: no file took `private`: it is still ours.
             let dm2 = unsafe { <Arc<Dm> as ForeignOwnable>::from_foreign(private) };
-            dm2.session_closed();
+            dm2.session_closed(0);
             return Err(e);
         }
         // SAFETY: anon_inode_getfile returned one reference to a valid file, which ARef now

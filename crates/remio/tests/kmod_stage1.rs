@@ -11,55 +11,13 @@
 //! under REMIO_REQUIRE_GUEST=1. A failing build or boot always fails.
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
 use std::process::{Command, Output};
 
 mod e2e_common;
-use e2e_common::{boot_lock, guest_required};
+use e2e_common::{boot_lock, rust_kmod_prerequisites};
 
 /// Cold builds are long: the build is bounded by the CLI's own steps, the boot by this.
 const BOOT_TIMEOUT_SECS: &str = "300";
-
-fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
-        .any(|d| d.join(tool).is_file())
-}
-
-/// `true` when the test should run; a loud SKIPPED line otherwise, or a panic under
-/// REMIO_REQUIRE_GUEST=1 when a prerequisite is missing.
-fn prerequisites(test: &str) -> bool {
-    let asked = std::env::var_os("REMIO_RUST_KMOD").is_some_and(|v| v == "1");
-    if !asked {
-        eprintln!(
-            "\n*** SKIPPED {test}: the cold rust-kmod build takes about 45 minutes; set \
-             REMIO_RUST_KMOD=1 to run it (docs/kmod.md) ***\n"
-        );
-        return false;
-    }
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
-    let missing = if !root {
-        Some("not root (debootstrap and chroot need root)")
-    } else if !on_path("debootstrap") {
-        Some("debootstrap not installed (scripts/setup installs it)")
-    } else if !on_path("qemu-system-x86_64") {
-        Some("qemu-system-x86_64 not installed (scripts/setup installs it)")
-    } else {
-        None
-    };
-    match missing {
-        None => true,
-        Some(why) if guest_required() => panic!("{test}: REMIO_REQUIRE_GUEST=1 but {why}"),
-        Some(why) => {
-            eprintln!("\n*** SKIPPED {test}: {why} ***\n");
-            false
-        }
-    }
-}
 
 fn remio(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_remio"))
@@ -85,7 +43,7 @@ fn field(line: &str, key: &str) -> Option<u64> {
 #[test]
 fn rust_module_loads_on_the_packaged_kernel_and_answers_its_ioctl() {
     let test = "rust_module_loads_on_the_packaged_kernel_and_answers_its_ioctl";
-    if !prerequisites(test) {
+    if !rust_kmod_prerequisites(test, false) {
         return;
     }
     let build = remio(&["guest", "build", "--rust-kmod"]);

@@ -44,7 +44,7 @@ const ASM_BAO_H: &str = include_str!("../../../../guest/backend/include/asm/bao.
 const COMPAT_H: &str = include_str!("../../../../guest/backend/compat.h");
 const DRIVER_KBUILD: &str = include_str!("../../../../guest/backend/driver.Kbuild");
 const INIT: &str = include_str!("../../../../guest/backend/init");
-const BAODEFECT_C: &str = include_str!("../../../../guest/backend/tools/baodefect.c");
+pub(super) const BAODEFECT_C: &str = include_str!("../../../../guest/backend/tools/baodefect.c");
 
 /// Bumped whenever the backend recipe changes in a way the hashed sources do not show.
 const FORMAT: u32 = 2;
@@ -158,7 +158,7 @@ fn recipe_hash() -> String {
 
 /// The shared libraries (and the dynamic loader) `exe` needs, as absolute host paths, from
 /// `ldd` (glibc's, in libc-bin).
-fn shared_libraries(exe: &Path) -> anyhow::Result<Vec<PathBuf>> {
+pub(super) fn shared_libraries(exe: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let text = output(Command::new("ldd").arg(exe))
         .with_context(|| format!("listing the shared libraries of {}", exe.display()))?;
     Ok(parse_ldd(&text))
@@ -182,7 +182,7 @@ fn parse_ldd(text: &str) -> Vec<PathBuf> {
 
 /// Reads each library (following symlinks) with its guest path (the host path without the
 /// leading '/').
-fn read_libraries(libs: &[PathBuf]) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+pub(super) fn read_libraries(libs: &[PathBuf]) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     libs.iter()
         .map(|p| {
             let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
@@ -290,7 +290,7 @@ pub(super) fn build(
         libraries.len()
     ));
     let baodefect = build_baodefect(dir)?;
-    let cpio = pack(abi, &modules, &net_modules, &libraries, &baodefect)?;
+    let cpio = pack(INIT, abi, &modules, &net_modules, &libraries, &baodefect)?;
     write_atomic(&dir.join(BACKEND_INITRAMFS), &cpio)?;
     let record = BackendRecord {
         inputs,
@@ -404,7 +404,7 @@ fn build_driver(
 
 /// Builds guest/backend/tools/baodefect.c statically (the driver's defects shown from the
 /// backend VM; docs/c-driver.md).
-fn build_baodefect(dir: &Path) -> anyhow::Result<Vec<u8>> {
+pub(super) fn build_baodefect(dir: &Path) -> anyhow::Result<Vec<u8>> {
     step("building baodefect (static)");
     let d = fresh_dir(dir, "tools")?;
     let src = d.join("baodefect.c");
@@ -420,7 +420,12 @@ fn build_baodefect(dir: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(&bin).with_context(|| format!("reading {}", bin.display()))
 }
 
-fn pack(
+/// The backend initramfs: `init` as `/init`, busybox, `/usr/bin/baodefect`, `modules` (loaded
+/// by `/init` in this order, listed in `/etc/remio/modules`) and `net_modules`
+/// (`/etc/remio/modules-net`) under `/lib/modules/<abi>`, and the shared libraries of `remio`.
+/// The c-driver backend and the rust-kmod one (`rust_kmod::backend`) both pack with it.
+pub(super) fn pack(
+    init: &str,
     abi: &str,
     modules: &[(String, Vec<u8>)],
     net_modules: &[(String, Vec<u8>)],
@@ -441,7 +446,7 @@ fn pack(
     }
     c.chardev("dev/console", 0o600, 5, 1)?;
     c.chardev("dev/null", 0o666, 1, 3)?;
-    c.file("init", 0o755, INIT.as_bytes())?;
+    c.file("init", 0o755, init.as_bytes())?;
     c.file("bin/busybox", 0o755, &std::fs::read("/bin/busybox")?)?;
     c.file("usr/bin/baodefect", 0o755, baodefect)?;
     let mut list = String::new();

@@ -200,6 +200,7 @@ fn sources_hash() -> String {
         backend::GLUE_KBUILD,
         backend::HC_H,
         backend::BACKEND_INIT,
+        super::backend::BAODEFECT_C,
     ] {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part.as_bytes());

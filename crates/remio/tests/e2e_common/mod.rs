@@ -378,3 +378,111 @@ pub fn read_until(
     }
     String::from_utf8_lossy(&seen).into_owned()
 }
+
+/// Whether `tool` is on PATH or in /usr/sbin or /sbin (debootstrap lives there).
+pub fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .any(|d| d.join(tool).is_file())
+}
+
+/// Whether REMIO_RUST_KMOD=1 asks for the rust-kmod tests (docs/kmod.md: its cold build takes
+/// about 45 minutes, so CI does not set it).
+pub fn rust_kmod_asked() -> bool {
+    std::env::var_os("REMIO_RUST_KMOD").is_some_and(|v| v == "1")
+}
+
+/// `true` when a rust-kmod test (kmod_stage1, kmod_dispatcher, cdriver_e2e's rust-kmod runs)
+/// should run: REMIO_RUST_KMOD=1, root, debootstrap, QEMU, and with `frontend` the frontend
+/// guest. A loud SKIPPED line otherwise, or a panic under REMIO_REQUIRE_GUEST=1 when asked but
+/// a prerequisite is missing.
+pub fn rust_kmod_prerequisites(test: &str, frontend: bool) -> bool {
+    if !rust_kmod_asked() {
+        eprintln!(
+            "\n*** SKIPPED {test}: the cold rust-kmod build takes about 45 minutes; set \
+             REMIO_RUST_KMOD=1 to run it (docs/kmod.md) ***\n"
+        );
+        return false;
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let guest = guest_dir();
+    let missing = if !root {
+        Some("not root (debootstrap and chroot need root)".to_owned())
+    } else if !on_path("debootstrap") {
+        Some("debootstrap not installed (scripts/setup installs it)".to_owned())
+    } else if !on_path("qemu-system-x86_64") {
+        Some("qemu-system-x86_64 not installed (scripts/setup installs it)".to_owned())
+    } else if frontend
+        && (!guest.join("vmlinuz").is_file() || !guest.join("initramfs.cpio").is_file())
+    {
+        Some(format!(
+            "no frontend guest in {} (run `remio guest build`)",
+            guest.display()
+        ))
+    } else {
+        None
+    };
+    match missing {
+        None => true,
+        Some(why) if guest_required() => panic!("{test}: REMIO_REQUIRE_GUEST=1 but {why}"),
+        Some(why) => {
+            eprintln!("\n*** SKIPPED {test}: {why} ***\n");
+            false
+        }
+    }
+}
+
+/// `remio guest build --rust-kmod` (a no-op when current, about 70 s after a kmod/ change),
+/// run at most once per test binary; its output when it failed.
+pub fn build_rust_kmod() -> Result<(), String> {
+    static BUILT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let out = Command::new(env!("CARGO_BIN_EXE_remio"))
+                .args(["guest", "build", "--rust-kmod"])
+                .output()
+                .map_err(|e| format!("spawning remio guest build --rust-kmod: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "remio guest build --rust-kmod failed:\n{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ))
+            }
+        })
+        .clone()
+}
+
+/// The backend VM's console lines (`remio run -v` prefixes them with `backend| `).
+pub fn backend_lines(stderr: &str) -> Vec<&str> {
+    stderr
+        .lines()
+        .filter_map(|l| l.split_once("backend| ").map(|(_, rest)| rest))
+        .collect()
+}
+
+/// Kernel reports that mean a module (or anything) misbehaved in the backend VM.
+pub const KERNEL_TROUBLE: &[&str] = &[
+    "WARNING:",
+    "BUG:",
+    "refcount_t",
+    "use-after-free",
+    "Oops",
+    "Call Trace",
+    "general protection",
+    "kernel panic",
+];
+
+/// The backend console lines (of a `remio run -v`) that hold a [`KERNEL_TROUBLE`] report.
+pub fn kernel_trouble(stderr: &str) -> Vec<&str> {
+    backend_lines(stderr)
+        .into_iter()
+        .filter(|l| KERNEL_TROUBLE.iter().any(|t| l.contains(t)))
+        .collect()
+}

@@ -9,22 +9,22 @@
 //! - `remio_dispatcher.ko`: kmod/remio_dispatcher.rs (built with kmod/, see `build_module`);
 //! - `backend-initramfs.cpio`: busybox, virtio_blk and the net modules of the packaged 7.3
 //!   kernel (virtio_pci is built in; `depmod` gives the order), the two modules above,
-//!   guest/backend/init, and the shared libraries of the `remio` binary that ran the build.
+//!   guest/backend/init, `/usr/bin/baodefect` (guest/backend/tools, static, built with the
+//!   host's gcc as for the c-driver) and the shared libraries of the `remio` binary that ran
+//!   the build, packed by the c-driver backend's own `pack`.
 //!   `remio run` appends the same overlay as for the c-driver (`/usr/bin/remio`, the device
 //!   model's config).
 //!
 //! The c-driver's backend (`crate::guest::backend`) is untouched: its 6.1 kernel, its modules
 //! and the posted driver stay as they are.
 
-use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use anyhow::{ensure, Context as _};
 
-use super::super::backend::BackendArtifacts;
-use super::super::host_tools::output;
-use super::super::initramfs::{Cpio, SKELETON_DIRS};
+use super::super::backend::{
+    build_baodefect, pack, read_libraries, shared_libraries, BackendArtifacts,
+};
 use super::super::manifest::artifacts_intact;
 use super::super::modules::{module_order, read_module};
 use super::{chroot_run, kmake, read_manifest, rel, C_KERNEL, C_TREE, KERNEL};
@@ -83,39 +83,6 @@ fn depmod(root: &Path, abi: &str) -> anyhow::Result<()> {
     )
 }
 
-/// The shared libraries (and loader) of `exe`, from `ldd`, as (guest path, bytes).
-fn libraries(exe: &Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
-    let text = output(Command::new("ldd").arg(exe))
-        .with_context(|| format!("listing the shared libraries of {}", exe.display()))?;
-    let mut paths = BTreeSet::new();
-    for line in text.lines() {
-        let line = line.trim();
-        let path = match line.split_once("=>") {
-            Some((_, rest)) => rest.split_whitespace().next(),
-            None => line.split_whitespace().next(),
-        };
-        if let Some(p) = path.filter(|p| p.starts_with('/')) {
-            paths.insert(PathBuf::from(p));
-        }
-    }
-    paths
-        .iter()
-        .map(|p| {
-            let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
-            Ok((
-                p.to_string_lossy().trim_start_matches('/').to_owned(),
-                bytes,
-            ))
-        })
-        .collect()
-}
-
-/// Every ancestor directory of a relative guest path, outermost first.
-fn parents(guest: &str) -> Vec<String> {
-    let parts: Vec<&str> = guest.split('/').collect();
-    (1..parts.len()).map(|n| parts[..n].join("/")).collect()
-}
-
 /// Writes `<dir>/backend-initramfs.cpio` (the glue and dispatcher modules must be in `dir`).
 pub(super) fn pack_backend(dir: &Path, root: &Path, abi: &str) -> anyhow::Result<()> {
     depmod(root, abi)?;
@@ -136,37 +103,10 @@ pub(super) fn pack_backend(dir: &Path, root: &Path, abi: &str) -> anyhow::Result
         .map(|(stem, path)| Ok((stem.clone(), read_module(&modules_dir.join(path))?)))
         .collect::<anyhow::Result<_>>()?;
     let exe = std::env::current_exe().context("locating the remio binary")?;
-    let libs = libraries(&exe)?;
-
-    let mut c = Cpio::default();
-    let mut dirs: BTreeSet<String> = SKELETON_DIRS.iter().map(|d| (*d).to_owned()).collect();
-    dirs.insert(format!("lib/modules/{abi}"));
-    for (guest, _) in &libs {
-        dirs.extend(parents(guest));
-    }
-    for d in &dirs {
-        c.dir(d)?;
-    }
-    c.chardev("dev/console", 0o600, 5, 1)?;
-    c.chardev("dev/null", 0o666, 1, 3)?;
-    c.file("init", 0o755, BACKEND_INIT.as_bytes())?;
-    c.file("bin/busybox", 0o755, &std::fs::read("/bin/busybox")?)?;
-    for (list, mods) in [("modules", &modules), ("modules-net", &net)] {
-        let mut names = String::new();
-        for (stem, bytes) in mods.iter() {
-            c.file(&format!("lib/modules/{abi}/{stem}.ko"), 0o644, bytes)?;
-            names.push_str(stem);
-            names.push('\n');
-        }
-        c.file(&format!("etc/remio/{list}"), 0o644, names.as_bytes())?;
-    }
-    c.file("etc/remio/abi", 0o644, format!("{abi}\n").as_bytes())?;
-    for (guest, bytes) in &libs {
-        c.file(guest, 0o755, bytes)?;
-    }
-    c.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n")?;
-    c.file("etc/group", 0o644, b"root:x:0:\n")?;
-    super::super::manifest::write_atomic(&dir.join(BACKEND_INITRAMFS), &c.finish()?)?;
+    let libs = read_libraries(&shared_libraries(&exe)?)?;
+    let baodefect = build_baodefect(dir)?;
+    let cpio = pack(BACKEND_INIT, abi, &modules, &net, &libs, &baodefect)?;
+    super::super::manifest::write_atomic(&dir.join(BACKEND_INITRAMFS), &cpio)?;
     Ok(())
 }
 
@@ -212,14 +152,6 @@ pub(super) fn check_outputs(dir: &Path) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    #[test]
-    fn parents_lists_each_ancestor_outermost_first() {
-        assert_eq!(parents("lib/x/libc.so.6"), ["lib", "lib/x"]);
-        assert!(parents("init").is_empty());
-    }
-
     /// The `assert!(NAME == value)` of kmod/remio_dispatcher.rs as a number.
     fn module_ioctl(name: &str) -> u32 {
         let src = super::super::DISPATCHER_RS;
