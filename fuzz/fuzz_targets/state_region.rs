@@ -1,12 +1,14 @@
 //! A device model's state region after a crash: whatever bytes the region holds (a torn write,
-//! a region of another version, garbage), opening it returns a record or none, never panics;
-//! and a record that is returned is written back and read again unchanged.
+//! a region of another version or configuration, garbage), opening it tells blank, a record or
+//! an unusable one, never panics; a record found (usable, or whole but of another
+//! configuration) is written back as this device's and read again unchanged; and only a region
+//! of zeros is blank.
 #![no_main]
 
 use std::io::Write as _;
 
 use libfuzzer_sys::fuzz_target;
-use remio_virtio::persist::{StateRegion, REGION_LEN};
+use remio_virtio::persist::{Found, StateRegion, REGION_LEN};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(mut file) = tempfile() else {
@@ -19,15 +21,33 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let fingerprint = 7;
-    let Ok((mut region, record)) = StateRegion::open(file.try_clone().unwrap(), fingerprint)
+    // The queue count is taken from the input, so that records of another count are reached.
+    let queues = usize::from(data.first().copied().unwrap_or(1) % 4);
+    let Ok((mut region, found)) =
+        StateRegion::open(file.try_clone().unwrap(), fingerprint, queues)
     else {
         return;
     };
-    if let Some(state) = record {
-        region.write(&state).unwrap();
-        let (_, again) = StateRegion::open(file, fingerprint).unwrap();
-        assert_eq!(again, Some(state));
-    }
+    assert_eq!(
+        found == Found::Blank,
+        bytes.iter().all(|&b| b == 0),
+        "blank exactly when nothing was ever written"
+    );
+    let state = match found {
+        Found::Blank => return,
+        Found::Record(state) => state,
+        Found::Unusable { state: None, .. } => return,
+        Found::Unusable {
+            state: Some(mut state),
+            ..
+        } => {
+            state.queues.resize(queues, Default::default());
+            state
+        }
+    };
+    region.write(&state).unwrap();
+    let (_, again) = StateRegion::open(file, fingerprint, queues).unwrap();
+    assert_eq!(again, Found::Record(state));
 });
 
 fn tempfile() -> std::io::Result<std::fs::File> {

@@ -17,6 +17,12 @@
 //! The process says which point killed it, on its log (stderr) just before the SIGKILL:
 //! `crash point <name> reached (hit <n>, generation <k>): killing the device model`.
 //!
+//! An entry `<name>:<n>:foreign=<id>` first rewrites the state records (each device's state
+//! region, [`crate::persist`]) of the process's devices of virtio device ID `<id>` as records of
+//! another configuration, as an upgrade to another config leaves them: the next device model
+//! finds records it cannot resume and must fail those devices, not hang their drivers
+//! ([`crate::transport::Resumed::Failed`]), and serve the others as before.
+//!
 //! The points, in the order a request meets them:
 //!
 //! | name | where |
@@ -38,8 +44,9 @@ pub(crate) use crash_point;
 
 #[cfg(feature = "crash-points")]
 mod armed {
+    use std::fs::File;
     use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::OnceLock;
+    use std::sync::{Mutex, OnceLock};
 
     /// The environment variable naming the point(s) and the hit that kills.
     const ENV: &str = "REMIO_CRASH_POINT";
@@ -53,15 +60,39 @@ mod armed {
         nth: u64,
         generation: usize,
         hits: AtomicU64,
+        /// Rewrite the state records of the devices of this device ID as another
+        /// configuration's before the kill.
+        pub(super) foreign: Option<u32>,
     }
 
     static ARMED: OnceLock<Option<Armed>> = OnceLock::new();
 
-    /// `<name>:<n>` with `n >= 1`.
-    fn parse_one(spec: &str) -> Option<(String, u64)> {
-        let (name, nth) = spec.trim().rsplit_once(':')?;
+    /// The state regions of this process's devices, with their device IDs (for `:foreign=`).
+    static REGIONS: Mutex<Vec<(u32, File)>> = Mutex::new(Vec::new());
+
+    /// `<name>:<n>` with `n >= 1`, optionally followed by `:foreign=<device id>`.
+    fn parse_one(spec: &str) -> Option<(String, u64, Option<u32>)> {
+        let spec = spec.trim();
+        let (spec, foreign) = match spec.rsplit_once(":foreign=") {
+            Some((rest, id)) => (rest, Some(id.parse().ok()?)),
+            None => (spec, None),
+        };
+        let (name, nth) = spec.rsplit_once(':')?;
         let nth = nth.parse().ok().filter(|&n| n >= 1)?;
-        (!name.is_empty()).then(|| (name.to_owned(), nth))
+        (!name.is_empty()).then(|| (name.to_owned(), nth, foreign))
+    }
+
+    /// Keeps a handle on `region`'s file, the region of a device of `device_id`, for an entry
+    /// with `:foreign=`.
+    pub(crate) fn watch_state_region(region: &crate::persist::StateRegion, device_id: u32) {
+        match region.file().try_clone() {
+            Ok(f) => {
+                if let Ok(mut regions) = REGIONS.lock() {
+                    regions.push((device_id, f));
+                }
+            }
+            Err(e) => log::error!("crash points: cannot keep the state region: {e}"),
+        }
     }
 
     /// What `spec` (one entry, or a comma-separated list of them) arms in the device model of
@@ -75,11 +106,12 @@ mod armed {
         Ok(entries
             .into_iter()
             .nth(generation)
-            .map(|(name, nth)| Armed {
+            .map(|(name, nth, foreign)| Armed {
                 name,
                 nth,
                 generation,
                 hits: AtomicU64::new(0),
+                foreign,
             }))
     }
 
@@ -120,6 +152,21 @@ mod armed {
     /// Counts a hit of point `name` and kills the process on the armed one.
     pub(crate) fn reached(name: &str) {
         if let Some(a) = armed().filter(|a| a.hit(name)) {
+            if let Some(id) = a.foreign {
+                if let Ok(regions) = REGIONS.lock() {
+                    let mine = regions.iter().filter(|(d, _)| *d == id);
+                    log::error!(
+                        "crash point {name}: rewriting the state records of {} device(s) of \
+                         type {id} as another configuration's",
+                        mine.clone().count()
+                    );
+                    for (_, f) in mine {
+                        if let Err(e) = crate::persist::make_foreign(f) {
+                            log::error!("crash point {name}: state region: {e}");
+                        }
+                    }
+                }
+            }
             log::error!(
                 "crash point {name} reached (hit {}, generation {}): killing the device model",
                 a.nth,
@@ -135,7 +182,7 @@ mod armed {
 }
 
 #[cfg(feature = "crash-points")]
-pub(crate) use armed::reached;
+pub(crate) use armed::{reached, watch_state_region};
 
 #[cfg(all(test, feature = "crash-points"))]
 mod tests {
@@ -185,5 +232,23 @@ mod tests {
     fn a_generation_past_the_list_is_not_armed() {
         assert!(parse("popped:3,used:1", 2).unwrap().is_none());
         assert!(parse("popped:3", 0).unwrap().is_some());
+    }
+
+    #[test]
+    fn an_entry_may_ask_for_foreign_state_records() {
+        let spec = "popped:3:foreign=2,used:1";
+
+        let g0 = parse(spec, 0).unwrap().unwrap();
+        let g1 = parse(spec, 1).unwrap().unwrap();
+
+        assert_eq!((g0.foreign, g1.foreign), (Some(2), None));
+        for bad in [
+            "popped:foreign=2",
+            "popped:3:foreign=",
+            "popped:3:foreign=x",
+            "popped:3:x",
+        ] {
+            assert!(parse(bad, 0).is_err(), "{bad}");
+        }
     }
 }

@@ -139,18 +139,46 @@ impl MmioFailover {
         self.record_write(offset, width, value);
     }
 
+    /// A window known from a state record rather than observed (a restarted device model that
+    /// cannot resume it, [`crate::transport::Resumed::Failed`]): the driver set `status` and
+    /// `queues` on a device of `device_id` (0: unknown, its requests are returned with nothing
+    /// written). Not failed yet: [`MmioFailover::fail_quietly`] does it, the caller having said
+    /// why in its own terms.
+    pub fn from_record(device_id: u32, status: u32, queues: &[QueueState]) -> Self {
+        Self {
+            device_id,
+            status: status & 0xff,
+            queues: queues
+                .iter()
+                .take(MAX_QUEUES)
+                .map(|&regs| ShadowQueue {
+                    regs,
+                    refused: false,
+                })
+                .collect(),
+            ..Self::default()
+        }
+    }
+
     /// The device model is dead: from now on this window is a failed device, and every request
     /// queued in `mem` (guest memory; without it requests stay where they are) is returned.
     /// Returns whether the window's interrupt must be raised. Calling it again only sweeps.
     pub fn fail(&mut self, mem: Option<&GuestMemoryMmap>) -> bool {
-        let mut raise = false;
         if !self.failed {
-            self.failed = true;
             log::warn!(
                 "virtio-mmio failover: device id {} has lost its device model: failing its \
                  requests (DEVICE_NEEDS_RESET)",
                 self.device_id
             );
+        }
+        self.fail_quietly(mem)
+    }
+
+    /// [`MmioFailover::fail`] without its log line.
+    pub fn fail_quietly(&mut self, mem: Option<&GuestMemoryMmap>) -> bool {
+        let mut raise = false;
+        if !self.failed {
+            self.failed = true;
             if self.status != 0 {
                 // VRING too: the dead device model may have completed requests whose interrupt
                 // the driver never saw (its InterruptStatus read was in flight and completed

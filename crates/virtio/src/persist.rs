@@ -19,9 +19,23 @@
 //! | 8 | `u32` format version ([`VERSION`]) |
 //! | 12 | `u32` payload length `n` |
 //! | 16 | `u64` sequence: the valid slot with the highest wins |
-//! | 24 | `u64` config fingerprint ([`fingerprint`]): a record of another device is ignored |
+//! | 24 | `u64` config fingerprint ([`fingerprint`]): a record of another device is not resumed |
 //! | 32 | `u64` FNV-1a 64 checksum of bytes 0..32 and of the payload |
 //! | 40 | the payload, `n` bytes: a [`TransportState`] |
+//!
+//! Version 2 appends the `u32` device type (the virtio device ID of the device that wrote the
+//! record) to the payload, so that a device model finding a record of another configuration
+//! can still fail the guest's requests in that device's terms; a version-1 record is read as
+//! before, its device type unknown (0).
+//!
+//! # What [`StateRegion::open`] finds
+//!
+//! Only the newest whole record counts (a torn newer slot is ignored, as a kill in the middle
+//! of a write leaves it; an older record is never resumed over a newer one of another
+//! device). It is [`Found::Blank`] when no record was ever written (both slots all zero), a
+//! [`Found::Record`] to resume when it is this device's, and [`Found::Unusable`] otherwise: a
+//! record of another fingerprint or queue count (its state kept, for a failover), or no whole
+//! record though a slot holds something (corrupt).
 //!
 //! Queue progress is not recorded: every device of this crate completes the buffers of a queue
 //! in the order it took them (one worker per queue, no reordering), so the requests in flight
@@ -38,8 +52,10 @@ use std::os::unix::fs::FileExt;
 
 /// `RMIOST01` as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"RMIOST01");
-/// The format version this code writes and reads.
-pub const VERSION: u32 = 1;
+/// The format version this code writes (it reads this one and [`VERSION_1`]).
+pub const VERSION: u32 = 2;
+/// The first format: no device type in the payload.
+pub const VERSION_1: u32 = 1;
 /// Bytes per slot.
 pub const SLOT_LEN: u64 = 4096;
 /// Bytes of a state region: two slots.
@@ -99,9 +115,49 @@ pub struct TransportState {
     pub interrupt_status: u32,
     /// Each queue's registers.
     pub queues: Vec<QueueState>,
+    /// The virtio device ID of the device that wrote the record (0: unknown, a version-1
+    /// record).
+    pub device_type: u32,
+}
+
+/// Why a record in the region cannot be resumed by this device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Unusable {
+    /// A whole record of another fingerprint: another device, features, queue sizes or window.
+    #[error("state record of another configuration")]
+    OtherConfig,
+    /// A whole record of this fingerprint but another number of queues.
+    #[error("state record of {recorded} queues, this device has {expected}")]
+    OtherQueueCount {
+        /// Queues in the record.
+        recorded: usize,
+        /// Queues of this device.
+        expected: usize,
+    },
+    /// No whole record, though the region is not blank: both slots fail their checks.
+    #[error("corrupt state record")]
+    Corrupt,
+}
+
+/// What [`StateRegion::open`] found (see the module docs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Found {
+    /// Nothing was ever written: a first start.
+    Blank,
+    /// The newest whole record, of this device: resume from it.
+    Record(TransportState),
+    /// Something this device cannot resume from, with the record when there is a whole one
+    /// (what a failover needs: status, queues, the old device type).
+    Unusable {
+        /// Why.
+        reason: Unusable,
+        /// The record, if whole.
+        state: Option<TransportState>,
+    },
 }
 
 impl TransportState {
+    /// Version 2's payload (version 1's followed by the device type).
     fn encode(&self, out: &mut Vec<u8>) {
         for v in [
             self.status,
@@ -128,9 +184,10 @@ impl TransportState {
                 out.extend_from_slice(&a.to_le_bytes());
             }
         }
+        out.extend_from_slice(&self.device_type.to_le_bytes());
     }
 
-    fn decode(b: &[u8]) -> Option<Self> {
+    fn decode(b: &[u8], version: u32) -> Option<Self> {
         let mut r = Reader(b);
         let status = r.u32()?;
         let device_features_sel = r.u32()?;
@@ -158,6 +215,7 @@ impl TransportState {
                 device: r.u64()?,
             });
         }
+        let device_type = if version == VERSION_1 { 0 } else { r.u32()? };
         r.0.is_empty().then_some(Self {
             status,
             device_features_sel,
@@ -168,6 +226,7 @@ impl TransportState {
             config_generation,
             interrupt_status,
             queues,
+            device_type,
         })
     }
 }
@@ -232,35 +291,63 @@ pub struct StateRegion {
 }
 
 impl StateRegion {
-    /// A region over `file` (at least [`REGION_LEN`] bytes) for the device of `fingerprint`.
-    /// Returns it with the newest whole record of that device, if any.
+    /// A region over `file` (at least [`REGION_LEN`] bytes) for the device of `fingerprint`
+    /// with `queues` queues, and what the region holds (see the module docs): the newest whole
+    /// record decides; a torn slot beside it is ignored.
     pub fn open(
         file: File,
         fingerprint: u64,
-    ) -> Result<(Self, Option<TransportState>), PersistError> {
+        queues: usize,
+    ) -> Result<(Self, Found), PersistError> {
         let len = file.metadata()?.len();
         if len < REGION_LEN {
             return Err(PersistError::TooSmall(len));
         }
-        let mut best: Option<(u64, TransportState)> = None;
-        let mut newest_seq = 0;
+        let mut newest: Option<(u64, u64, TransportState)> = None;
+        let mut blank = true;
         for slot in 0..2 {
             let mut raw = vec![0u8; usize::try_from(SLOT_LEN).unwrap_or(4096)];
             file.read_exact_at(&mut raw, slot * SLOT_LEN)?;
+            blank &= raw.iter().all(|&b| b == 0);
             if let Some((seq, fp, state)) = parse_slot(&raw) {
-                newest_seq = newest_seq.max(seq);
-                if fp == fingerprint && best.as_ref().is_none_or(|(s, _)| seq > *s) {
-                    best = Some((seq, state));
+                if newest.as_ref().is_none_or(|(s, _, _)| seq > *s) {
+                    newest = Some((seq, fp, state));
                 }
             }
         }
+        let seq = newest.as_ref().map_or(0, |(s, _, _)| *s);
+        let found = match newest {
+            None if blank => Found::Blank,
+            None => Found::Unusable {
+                reason: Unusable::Corrupt,
+                state: None,
+            },
+            Some((_, fp, state)) if fp != fingerprint => Found::Unusable {
+                reason: Unusable::OtherConfig,
+                state: Some(state),
+            },
+            Some((_, _, state)) if state.queues.len() != queues => Found::Unusable {
+                reason: Unusable::OtherQueueCount {
+                    recorded: state.queues.len(),
+                    expected: queues,
+                },
+                state: Some(state),
+            },
+            Some((_, _, state)) => Found::Record(state),
+        };
         let region = Self {
             file,
             fingerprint,
-            seq: newest_seq,
+            seq,
             buf: Vec::with_capacity(usize::try_from(SLOT_LEN).unwrap_or(4096)),
         };
-        Ok((region, best.map(|(_, s)| s)))
+        Ok((region, found))
+    }
+
+    /// The region's file, for the `crash-points` test hook ([`make_foreign`]).
+    #[cfg(feature = "crash-points")]
+    pub(crate) fn file(&self) -> &File {
+        &self.file
     }
 
     /// Writes `state` as the newest record, into the slot the previous record is not in.
@@ -294,14 +381,40 @@ fn parse_slot(raw: &[u8]) -> Option<(u64, u64, TransportState)> {
     let mut r = Reader(header);
     let (magic, version, len) = (r.u64()?, r.u32()?, r.u32()?);
     let (seq, fp, sum) = (r.u64()?, r.u64()?, r.u64()?);
-    if magic != MAGIC || version != VERSION {
+    if magic != MAGIC || !(version == VERSION || version == VERSION_1) {
         return None;
     }
     let payload = rest.get(..usize::try_from(len).ok()?)?;
     if fnv1a(&[&header[0..32], payload]) != sum {
         return None;
     }
-    Some((seq, fp, TransportState::decode(payload)?))
+    Some((seq, fp, TransportState::decode(payload, version)?))
+}
+
+/// Test hook (the `crash-points` feature): rewrites every whole record in `file` as one of
+/// another configuration (its fingerprint changed, its checksum recomputed), as an upgrade to
+/// another config would leave the region for the next device model.
+#[cfg(feature = "crash-points")]
+pub(crate) fn make_foreign(file: &File) -> io::Result<()> {
+    for slot in 0..2 {
+        let mut raw = vec![0u8; usize::try_from(SLOT_LEN).unwrap_or(4096)];
+        file.read_exact_at(&mut raw, slot * SLOT_LEN)?;
+        let Some((_, fp, _)) = parse_slot(&raw) else {
+            continue;
+        };
+        let len = raw
+            .get(12..16)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map_or(0, u32::from_le_bytes);
+        let end = HEADER_LEN + usize::try_from(len).unwrap_or(0);
+        raw[24..32].copy_from_slice(&(!fp).to_le_bytes());
+        let (header, rest) = raw.split_at_mut(HEADER_LEN);
+        let payload = rest.get(..end - HEADER_LEN).unwrap_or(&[]);
+        let sum = fnv1a(&[&header[0..32], payload]);
+        header[32..40].copy_from_slice(&sum.to_le_bytes());
+        file.write_all_at(&raw[..end], slot * SLOT_LEN)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -347,66 +460,154 @@ mod tests {
                 },
                 QueueState::default(),
             ],
+            device_type: 2,
             ..TransportState::default()
         }
+    }
+
+    fn open(file: &File, fp: u64) -> (StateRegion, Found) {
+        StateRegion::open(file.try_clone().unwrap(), fp, 2).unwrap()
     }
 
     #[test]
     fn a_record_written_is_read_back_by_the_next_process() {
         let file = region_file();
-        let (mut r, none) = StateRegion::open(file.try_clone().unwrap(), 7).unwrap();
-        assert_eq!(none, None);
+        let (mut r, blank) = open(&file, 7);
+        assert_eq!(blank, Found::Blank);
 
         r.write(&state(0xf)).unwrap();
         drop(r);
 
-        let (_, got) = StateRegion::open(file, 7).unwrap();
-        assert_eq!(got, Some(state(0xf)));
+        assert_eq!(open(&file, 7).1, Found::Record(state(0xf)));
     }
 
     #[test]
     fn the_newest_whole_record_wins_and_a_torn_one_is_ignored() {
         let file = region_file();
-        let (mut r, _) = StateRegion::open(file.try_clone().unwrap(), 7).unwrap();
+        let (mut r, _) = open(&file, 7);
         r.write(&state(1)).unwrap(); // seq 1, slot 1
         r.write(&state(3)).unwrap(); // seq 2, slot 0
-        assert_eq!(
-            StateRegion::open(file.try_clone().unwrap(), 7).unwrap().1,
-            Some(state(3))
-        );
+        assert_eq!(open(&file, 7).1, Found::Record(state(3)));
 
         // A kill in the middle of writing seq 3 (slot 1): half of it is new.
         r.write(&state(7)).unwrap();
         file.write_all_at(&[0xff; 8], SLOT_LEN + 48).unwrap();
 
-        assert_eq!(StateRegion::open(file, 7).unwrap().1, Some(state(3)));
+        assert_eq!(open(&file, 7).1, Found::Record(state(3)));
     }
 
     #[test]
-    fn a_record_of_another_device_is_not_restored() {
+    fn a_record_of_another_device_is_unusable_and_kept_for_a_failover() {
         let file = region_file();
-        let (mut r, _) = StateRegion::open(file.try_clone().unwrap(), 7).unwrap();
+        let (mut r, _) = open(&file, 7);
         r.write(&state(0xf)).unwrap();
 
-        let (mut other, got) = StateRegion::open(file.try_clone().unwrap(), 8).unwrap();
-        assert_eq!(got, None);
+        let (mut other, got) = open(&file, 8);
+
+        assert_eq!(
+            got,
+            Found::Unusable {
+                reason: Unusable::OtherConfig,
+                state: Some(state(0xf)),
+            }
+        );
         // Its records go after the other device's, never over the newest whole one first.
         other.write(&state(1)).unwrap();
-        assert_eq!(StateRegion::open(file, 8).unwrap().1, Some(state(1)));
+        assert_eq!(open(&file, 8).1, Found::Record(state(1)));
     }
 
     #[test]
-    fn garbage_is_no_record_and_a_small_region_is_refused() {
+    fn an_older_record_of_this_device_is_not_resumed_over_a_newer_one_of_another() {
+        let file = region_file();
+        let (mut mine, _) = open(&file, 7);
+        mine.write(&state(0xf)).unwrap(); // seq 1, slot 1
+        let (mut theirs, _) = open(&file, 8);
+        theirs.write(&state(0xf)).unwrap(); // seq 2, slot 0
+
+        let (_, got) = open(&file, 7);
+
+        assert!(
+            matches!(
+                got,
+                Found::Unusable {
+                    reason: Unusable::OtherConfig,
+                    ..
+                }
+            ),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn a_record_of_another_queue_count_is_unusable() {
+        let file = region_file();
+        let (mut r, _) = open(&file, 7);
+        r.write(&state(0xf)).unwrap();
+
+        let (_, got) = StateRegion::open(file, 7, 3).unwrap();
+
+        assert_eq!(
+            got,
+            Found::Unusable {
+                reason: Unusable::OtherQueueCount {
+                    recorded: 2,
+                    expected: 3
+                },
+                state: Some(state(0xf)),
+            }
+        );
+    }
+
+    #[test]
+    fn garbage_is_a_corrupt_record_not_a_blank_region_and_a_small_region_is_refused() {
         let file = region_file();
         file.write_all_at(&[0x5a; 8192], 0).unwrap();
-        assert_eq!(StateRegion::open(file, 7).unwrap().1, None);
+        assert_eq!(
+            open(&file, 7).1,
+            Found::Unusable {
+                reason: Unusable::Corrupt,
+                state: None
+            }
+        );
+        // One byte anywhere is enough to be no longer blank.
+        let one = region_file();
+        one.write_all_at(&[1], SLOT_LEN + 100).unwrap();
+        assert_eq!(
+            open(&one, 7).1,
+            Found::Unusable {
+                reason: Unusable::Corrupt,
+                state: None
+            }
+        );
 
         let small = tempfile();
         small.set_len(4096).unwrap();
         assert!(matches!(
-            StateRegion::open(small, 7),
+            StateRegion::open(small, 7, 2),
             Err(PersistError::TooSmall(4096))
         ));
+    }
+
+    #[test]
+    fn a_version_1_record_is_read_with_its_device_type_unknown() {
+        let file = region_file();
+        let mut v1 = state(0xf);
+        v1.device_type = 0;
+        let mut payload = Vec::new();
+        v1.encode(&mut payload);
+        payload.truncate(payload.len() - 4); // version 1 had no device type
+        let mut header = Vec::new();
+        header.extend_from_slice(&MAGIC.to_le_bytes());
+        header.extend_from_slice(&VERSION_1.to_le_bytes());
+        header.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_le_bytes());
+        header.extend_from_slice(&1u64.to_le_bytes());
+        header.extend_from_slice(&7u64.to_le_bytes());
+        let sum = fnv1a(&[&header, &payload]);
+        header.extend_from_slice(&sum.to_le_bytes());
+        header.extend_from_slice(&payload);
+        file.write_all_at(&header, SLOT_LEN).unwrap();
+
+        assert_eq!(open(&file, 7).1, Found::Record(v1));
     }
 
     #[test]

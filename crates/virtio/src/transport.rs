@@ -30,8 +30,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::device::{ActivateContext, Interrupt, SharedStatus, VirtioDevice};
-use crate::persist::{PersistError, QueueState, StateRegion, TransportState};
+use crate::device::{ActivateContext, EventLoop, Interrupt, SharedStatus, VirtioDevice, Worker};
+use crate::failover::MmioFailover;
+use crate::persist::{Found, PersistError, QueueState, StateRegion, TransportState, Unusable};
 use remio_ratelimit::warn_rl;
 
 /// MagicValue: "virt" in little endian (virtio 1.2 §4.2.2).
@@ -164,6 +165,44 @@ enum ActivationFailure {
     Device(#[from] crate::device::ActivateError),
 }
 
+/// A window served failed: the state record this device model found was not one it can resume
+/// (another configuration, another queue count, corrupt) while the guest's driver may have had
+/// the device live. Until the driver resets it, Status reads DEVICE_NEEDS_RESET on what the
+/// driver set, and every request in the rings the record (or the driver since) named is
+/// returned with an error in the old device's terms ([`MmioFailover`]).
+struct FailedWindow {
+    /// The virtio device ID the driver bound to (the record's; this device's when unknown).
+    device_type: u32,
+    /// What the driver set (0 when the record did not say).
+    status: u32,
+    failover: Arc<std::sync::Mutex<MmioFailover>>,
+    interrupt: Option<Arc<Interrupt>>,
+    /// Returns the requests queued on each QueueNotify that reaches an eventfd.
+    sweeper: Option<Worker>,
+}
+
+impl FailedWindow {
+    /// Returns what the driver queued since the last pass; raises the used-buffer interrupt
+    /// if anything was.
+    fn sweep(&self, mem: &GuestMemoryMmap) {
+        sweep(&self.failover, self.interrupt.as_deref(), mem);
+    }
+}
+
+fn sweep(
+    failover: &std::sync::Mutex<MmioFailover>,
+    interrupt: Option<&Interrupt>,
+    mem: &GuestMemoryMmap,
+) {
+    let raise = match failover.lock() {
+        Ok(mut f) => f.sweep(Some(mem)),
+        Err(_) => false,
+    };
+    if let (true, Some(irq)) = (raise, interrupt) {
+        irq.signal_used_queue();
+    }
+}
+
 /// The virtio-mmio register file of one device.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
@@ -183,6 +222,8 @@ pub struct MmioTransport {
     /// Where the state is recorded for a restarted device model, if anywhere, with the record
     /// reused for every write (no allocation per register write).
     state: Option<(StateRegion, TransportState)>,
+    /// Set while the window is served failed ([`Resumed::Failed`]).
+    failed: Option<FailedWindow>,
 }
 
 /// What [`MmioTransport::attach_state`] found.
@@ -198,6 +239,12 @@ pub enum Resumed {
     /// The device was live but could not be resumed (its rings are not valid any more): it
     /// reports DEVICE_NEEDS_RESET, as after any failed activation.
     NeedsReset,
+    /// The record is not one this device can resume (another configuration, another queue
+    /// count, corrupt) and the driver may have the device live: the window is served failed
+    /// until the driver resets it (DEVICE_NEEDS_RESET, a configuration-change interrupt, every
+    /// request queued and every later one returned with an error in the old device's terms),
+    /// then it is this device, fresh.
+    Failed,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -241,6 +288,7 @@ impl MmioTransport {
             notifiers: None,
             active: None,
             state: None,
+            failed: None,
         }
     }
 
@@ -259,21 +307,161 @@ impl MmioTransport {
     /// Records the transport's state in `file` from now on (before each register write
     /// completes), and first resumes from the record there, if one of this device exists: a
     /// device model restarted after a crash or an upgrade continues where the previous one
-    /// stopped. Call it at setup, before the first request, after
+    /// stopped. A blank region (a first start) starts fresh; a record this device cannot use
+    /// serves the window failed until the driver resets it ([`Resumed::Failed`], one warning
+    /// naming the window and why). Call it at setup, before the first request, after
     /// [`MmioTransport::register_notifiers`].
     pub fn attach_state(
         &mut self,
         file: std::fs::File,
         mmio_base: u64,
     ) -> Result<Resumed, PersistError> {
-        let (region, record) = StateRegion::open(file, self.fingerprint(mmio_base))?;
+        let (region, found) =
+            StateRegion::open(file, self.fingerprint(mmio_base), self.queues.len())?;
+        #[cfg(feature = "crash-points")]
+        crate::crash_point::watch_state_region(&region, self.device.device_type());
         self.state = Some((region, TransportState::default()));
-        let resumed = match record {
-            None => Resumed::Fresh,
-            Some(rec) => self.restore(&rec),
+        let resumed = match found {
+            Found::Blank => Resumed::Fresh,
+            Found::Record(rec) => self.restore(&rec),
+            Found::Unusable { reason, state } => self.fail_window(mmio_base, reason, state),
         };
+        // A failed window keeps the record it found until the driver resets it: a device model
+        // restarted meanwhile must fail the window too, not start it fresh under a live driver.
         self.persist();
         Ok(resumed)
+    }
+
+    /// Serves the window failed after finding `reason` (see [`Resumed::Failed`]), or starts
+    /// fresh where the record says the driver had reset the device (Status 0: nothing of the
+    /// driver's is in the rings, and its next probe starts with a reset anyway).
+    ///
+    /// Any other status is failed, not only a live one: a driver between FEATURES_OK and
+    /// DRIVER_OK would go on setting up a device reset under it, its writes refused without it
+    /// noticing (Linux does not read Status back after DRIVER_OK), and wait forever on its
+    /// first request. Failed, its setup is followed ([`MmioFailover`] keeps the queues it
+    /// programs) and its requests fail.
+    fn fail_window(
+        &mut self,
+        mmio_base: u64,
+        reason: Unusable,
+        record: Option<TransportState>,
+    ) -> Resumed {
+        let own_type = self.device.device_type();
+        let (device_type, status, queues) = match &record {
+            Some(r) if r.status & !VIRTIO_CONFIG_S_NEEDS_RESET == 0 => {
+                log::info!(
+                    "virtio-mmio: device at {mmio_base:#x} (type {own_type}): {reason}, of a \
+                     device its driver had reset: starting fresh"
+                );
+                return Resumed::Fresh;
+            }
+            Some(r) => (
+                if r.device_type == 0 {
+                    own_type
+                } else {
+                    r.device_type
+                },
+                r.status & !VIRTIO_CONFIG_S_NEEDS_RESET,
+                r.queues.as_slice(),
+            ),
+            None => (own_type, 0, &[][..]),
+        };
+        log::warn!(
+            "virtio-mmio: device at {mmio_base:#x} (type {own_type}): {reason}; the guest's \
+             device (type {device_type}, status {status:#x}) cannot be resumed: it is failed \
+             (DEVICE_NEEDS_RESET, its requests answered with errors) until its driver resets it"
+        );
+        let mut failover = MmioFailover::from_record(device_type, status, queues);
+        if let Err(e) = self.register_notifiers() {
+            warn_rl!("virtio-mmio: failed window: eventfds: {e}");
+        }
+        let interrupt = self.notifiers.as_ref().and_then(|n| {
+            n.irqfd
+                .try_clone()
+                .map(|irqfd| Arc::new(Interrupt::new(self.shared.clone(), irqfd)))
+                .ok()
+        });
+        failover.fail_quietly(Some(&self.mem));
+        self.shared.set_needs_reset();
+        if let Some(irq) = &interrupt {
+            irq.signal_config_change();
+            // VRING too: requests returned now, or completed by the dead device model with an
+            // interrupt the driver never saw.
+            irq.signal_used_queue();
+        }
+        let failover = Arc::new(std::sync::Mutex::new(failover));
+        let sweeper = self.spawn_sweeper(&failover, interrupt.clone());
+        self.failed = Some(FailedWindow {
+            device_type,
+            status,
+            failover,
+            interrupt,
+            sweeper,
+        });
+        Resumed::Failed
+    }
+
+    /// A thread that returns the requests queued on each QueueNotify reaching the queues'
+    /// eventfds (the dispatcher's ioeventfds); `None` (logged) if it cannot be started, and then
+    /// only notifies reaching the transport are served.
+    fn spawn_sweeper(
+        &self,
+        failover: &Arc<std::sync::Mutex<MmioFailover>>,
+        interrupt: Option<Arc<Interrupt>>,
+    ) -> Option<Worker> {
+        let evts = self
+            .notifiers
+            .as_ref()?
+            .queue_evts
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| warn_rl!("virtio-mmio: failed window: eventfds: {e}"))
+            .ok()?;
+        let (failover, mem) = (failover.clone(), self.mem.clone());
+        let spawned = Worker::spawn("virtio-failed", move |stop| {
+            let setup = || -> std::io::Result<EventLoop> {
+                let ev = EventLoop::new()?;
+                ev.add(&stop, crate::device::STOP_TOKEN)?;
+                for (i, evt) in evts.iter().enumerate() {
+                    ev.add(evt, u64::try_from(i).unwrap_or(0))?;
+                }
+                Ok(ev)
+            };
+            let mut ev = match setup() {
+                Ok(ev) => ev,
+                Err(e) => {
+                    log::warn!("virtio-mmio: failed window: epoll: {e}");
+                    return;
+                }
+            };
+            let mut tokens = Vec::with_capacity(evts.len() + 1);
+            loop {
+                if let Err(e) = ev.wait(-1, &mut tokens) {
+                    log::warn!("virtio-mmio: failed window: epoll: {e}");
+                    return;
+                }
+                for &t in &tokens {
+                    if t == crate::device::STOP_TOKEN {
+                        return;
+                    }
+                    if let Some(evt) = usize::try_from(t).ok().and_then(|i| evts.get(i)) {
+                        let _ = evt.read();
+                    }
+                }
+                sweep(&failover, interrupt.as_deref(), &mem);
+            }
+        });
+        spawned
+            .map_err(|e| log::warn!("virtio-mmio: failed window: cannot start its thread: {e}"))
+            .ok()
+    }
+
+    /// Whether the window is served failed ([`Resumed::Failed`]) and the driver has not reset
+    /// it yet.
+    pub fn is_failed(&self) -> bool {
+        self.failed.is_some()
     }
 
     fn restore(&mut self, rec: &TransportState) -> Resumed {
@@ -323,9 +511,14 @@ impl MmioTransport {
     /// Writes the state record, if a region is attached. A failure is logged and the device
     /// goes on (it only costs the ability to resume).
     fn persist(&mut self) {
+        if self.failed.is_some() {
+            // The record found stays: see attach_state.
+            return;
+        }
         let Some((region, record)) = &mut self.state else {
             return;
         };
+        record.device_type = self.device.device_type();
         record.status = self.status;
         record.device_features_sel = self.device_features_sel;
         record.driver_features_sel = self.driver_features_sel;
@@ -397,6 +590,9 @@ impl MmioTransport {
 
     /// The Status register as the driver reads it.
     pub fn status(&self) -> u32 {
+        if let Some(f) = &self.failed {
+            return f.status | VIRTIO_CONFIG_S_NEEDS_RESET;
+        }
         if self.shared.needs_reset.load(Ordering::SeqCst) {
             self.status | VIRTIO_CONFIG_S_NEEDS_RESET
         } else {
@@ -437,6 +633,14 @@ impl MmioTransport {
             warn_rl!("virtio-mmio: bad config read width {width}");
             return 0;
         };
+        if self
+            .failed
+            .as_ref()
+            .is_some_and(|f| f.device_type != self.device.device_type())
+        {
+            // Another device's config space means nothing to the driver of a failed one.
+            return 0;
+        }
         let mut buf = [0u8; 8];
         self.device.read_config(offset, &mut buf[..len]);
         u64::from_le_bytes(buf)
@@ -447,6 +651,10 @@ impl MmioTransport {
             warn_rl!("virtio-mmio: bad config write width {width}");
             return;
         };
+        if self.failed.is_some() {
+            warn_rl!("virtio-mmio: config write to a failed device ignored");
+            return;
+        }
         if self.status & DRIVER == 0 || self.status & FAILED != 0 {
             warn_rl!(
                 "virtio-mmio: config write in status {:#x} ignored",
@@ -468,7 +676,10 @@ impl MmioTransport {
         match reg {
             VIRTIO_MMIO_MAGIC_VALUE => MMIO_MAGIC_VALUE,
             VIRTIO_MMIO_VERSION => MMIO_VERSION,
-            VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
+            VIRTIO_MMIO_DEVICE_ID => self
+                .failed
+                .as_ref()
+                .map_or_else(|| self.device.device_type(), |f| f.device_type),
             VIRTIO_MMIO_VENDOR_ID => MMIO_VENDOR_ID,
             VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
                 0 => (self.device_features & 0xffff_ffff) as u32,
@@ -493,6 +704,10 @@ impl MmioTransport {
     }
 
     fn write_register(&mut self, reg: u32, value: u32) {
+        if self.failed.is_some() {
+            self.write_failed(reg, value);
+            return;
+        }
         match reg {
             VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = value,
             VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
@@ -515,6 +730,38 @@ impl MmioTransport {
             VIRTIO_MMIO_STATUS => self.set_status(value),
             VIRTIO_MMIO_SHM_SEL => self.shm_sel = value,
             _ => warn_rl!("virtio-mmio: write of read-only or unknown register {reg:#x}"),
+        }
+    }
+
+    /// A register write to a failed window: Status 0 makes it this device, fresh; InterruptACK
+    /// works; QueueNotify returns what is queued; the rest is only followed by the failover
+    /// (a driver still setting up programs queues whose requests must fail too).
+    fn write_failed(&mut self, reg: u32, value: u32) {
+        match reg {
+            VIRTIO_MMIO_STATUS if value & !VIRTIO_CONFIG_S_NEEDS_RESET == 0 => {
+                log::info!("virtio-mmio: the driver reset the failed device: it starts fresh");
+                self.reset();
+            }
+            VIRTIO_MMIO_INTERRUPT_ACK => {
+                self.shared
+                    .interrupt_status
+                    .fetch_and(!value, Ordering::SeqCst);
+            }
+            VIRTIO_MMIO_QUEUE_NOTIFY => {
+                if let Some(f) = &self.failed {
+                    f.sweep(&self.mem);
+                }
+            }
+            _ => {
+                if let Some(f) = &mut self.failed {
+                    if reg == VIRTIO_MMIO_STATUS {
+                        f.status = value & 0xff & !VIRTIO_CONFIG_S_NEEDS_RESET;
+                    }
+                    if let Ok(mut shadow) = f.failover.lock() {
+                        shadow.observe_write(u64::from(reg), 4, u64::from(value));
+                    }
+                }
+            }
         }
     }
 
@@ -706,6 +953,11 @@ impl MmioTransport {
     /// Full device reset (Status written 0): stops the device's workers, forgets features and
     /// queue setup. The eventfds stay registered for the next activation (module docs).
     pub fn reset(&mut self) {
+        if let Some(mut f) = self.failed.take() {
+            if let Some(mut w) = f.sweeper.take() {
+                w.stop();
+            }
+        }
         if self.active.take().is_some() {
             self.device.reset();
         }
@@ -1308,31 +1560,261 @@ pub(crate) mod tests {
             assert_eq!(second.queues[0].size, 8);
         }
 
+        use crate::persist::StateRegion;
+        use virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR;
+        use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
+
+        const BLOCK: u32 = 2;
+        const STATUS_BYTE: u64 = BASE + 0xa000;
+
+        /// What a device model of another configuration left in `file`: a block device, its
+        /// driver at `status`, queue 0 at `vq`'s rings.
+        fn foreign_block_record(
+            file: &std::fs::File,
+            vq: &MockSplitQueue<'_, GuestMemoryMmap>,
+            status: u32,
+        ) {
+            let (mut region, _) = StateRegion::open(file.try_clone().unwrap(), 0xb10c, 1).unwrap();
+            region
+                .write(&TransportState {
+                    status,
+                    driver_features: 1 << 32,
+                    device_type: BLOCK,
+                    queues: vec![QueueState {
+                        size: 16,
+                        ready: true,
+                        desc: vq.desc_table_addr().0,
+                        driver: vq.avail_addr().0,
+                        device: vq.used_addr().0,
+                    }],
+                    ..TransportState::default()
+                })
+                .unwrap();
+        }
+
+        /// A virtio-blk request (header, then a 1-byte status the device writes) on descriptors
+        /// `head` and `head + 1`, made available; its status byte at `STATUS_BYTE + head` reads
+        /// 0xff until the device writes it.
+        fn block_request(
+            mem: &GuestMemoryMmap,
+            vq: &MockSplitQueue<'_, GuestMemoryMmap>,
+            head: u16,
+        ) {
+            let (next, w) = (
+                u16::try_from(VRING_DESC_F_NEXT).unwrap(),
+                u16::try_from(VRING_DESC_F_WRITE).unwrap(),
+            );
+            let status = STATUS_BYTE + u64::from(head);
+            vm_memory::Bytes::write_obj(mem, 0xffu8, GuestAddress(status)).unwrap();
+            let chain = [
+                RawDescriptor::from(Descriptor::new(BASE + 0x8000, 16, next, head + 1)),
+                RawDescriptor::from(Descriptor::new(status, 1, w, 0)),
+            ];
+            vq.add_desc_chains(&chain, head).unwrap();
+        }
+
+        fn status_byte(mem: &GuestMemoryMmap, head: u16) -> u32 {
+            let b: u8 =
+                vm_memory::Bytes::read_obj(mem, GuestAddress(STATUS_BYTE + u64::from(head)))
+                    .unwrap();
+            u32::from(b)
+        }
+
+        fn isr(t: &MmioTransport) -> u32 {
+            t.shared_status().interrupt_status.load(Ordering::SeqCst)
+        }
+
         #[test]
-        fn a_record_of_another_device_or_a_torn_region_starts_fresh() {
+        fn a_blank_region_starts_fresh() {
+            let mem = mem();
+            let file = region();
+
+            let (t, resumed) = rng(&mem, &file);
+
+            assert_eq!(resumed, Resumed::Fresh);
+            assert_eq!(t.status(), 0);
+            assert_eq!(isr(&t), 0);
+        }
+
+        #[test]
+        fn a_live_device_of_another_configuration_is_failed_not_left_hanging() {
+            let mem = mem();
+            let file = region();
+            let vq = MockSplitQueue::create(&mem, GuestAddress(BASE), 16);
+            foreign_block_record(&file, &vq, ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+            // The guest's request, in flight when the old device model went away.
+            block_request(&mem, &vq, 0);
+
+            let (mut t, resumed) = rng(&mem, &file);
+
+            assert_eq!(resumed, Resumed::Failed);
+            assert_eq!(
+                vq.used().idx().load(),
+                1,
+                "the request in flight is returned"
+            );
+            assert_eq!(status_byte(&mem, 0), VIRTIO_BLK_S_IOERR);
+            let status = t.read(reg(VIRTIO_MMIO_STATUS), 4);
+            assert_eq!(
+                status,
+                u64::from(ACK | DRIVER | FEATURES_OK | DRIVER_OK | VIRTIO_CONFIG_S_NEEDS_RESET)
+            );
+            assert_eq!(
+                isr(&t),
+                VIRTIO_MMIO_INT_CONFIG | VIRTIO_MMIO_INT_VRING,
+                "a configuration-change interrupt says so"
+            );
+            assert_eq!(t.read(reg(VIRTIO_MMIO_DEVICE_ID), 4), u64::from(BLOCK));
+
+            // A request the driver queues afterwards fails on its notify, through the
+            // transport and through the queue's eventfd (the dispatcher's ioeventfd).
+            block_request(&mem, &vq, 2);
+            t.write(reg(VIRTIO_MMIO_QUEUE_NOTIFY), 4, 0);
+            assert_eq!(vq.used().idx().load(), 2);
+            assert_eq!(status_byte(&mem, 2), VIRTIO_BLK_S_IOERR);
+            block_request(&mem, &vq, 4);
+            t.notifiers.as_ref().unwrap().queue_evts[0]
+                .write(1)
+                .unwrap();
+            assert_eq!(wait_used(&vq, 3), 3);
+            assert_eq!(status_byte(&mem, 4), VIRTIO_BLK_S_IOERR);
+        }
+
+        #[test]
+        fn after_the_driver_resets_a_failed_device_it_is_this_device_and_works() {
+            let mem = mem();
+            let file = region();
+            let old = MockSplitQueue::create(&mem, GuestAddress(BASE), 16);
+            foreign_block_record(&file, &old, ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+            let (mut t, resumed) = rng(&mem, &file);
+            assert_eq!(resumed, Resumed::Failed);
+            assert!(t.is_failed());
+
+            // The guest unbinds and binds the driver again: a reset, then a probe.
+            let vq = MockSplitQueue::create(&mem, GuestAddress(BASE + 0x4_0000), 16);
+            probe(&mut t, &vq);
+            offer(&vq, BASE + 0x9000, 0);
+            t.write(reg(VIRTIO_MMIO_QUEUE_NOTIFY), 4, 0);
+
+            assert!(!t.is_failed());
+            assert_eq!(t.status(), ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+            assert_eq!(t.read(reg(VIRTIO_MMIO_DEVICE_ID), 4), 4, "this device: rng");
+            assert_eq!(wait_used(&vq, 1), 1, "served by the rng device");
+            // And its own record replaced the foreign one: a restart resumes it.
+            drop(t);
+            let (_again, resumed) = rng(&mem, &file);
+            assert_eq!(resumed, Resumed::Live);
+        }
+
+        #[test]
+        fn a_device_model_restarted_while_the_window_is_failed_fails_it_again() {
+            let mem = mem();
+            let file = region();
+            let vq = MockSplitQueue::create(&mem, GuestAddress(BASE), 16);
+            foreign_block_record(&file, &vq, ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+            let (first, resumed) = rng(&mem, &file);
+            assert_eq!(resumed, Resumed::Failed);
+            drop(first);
+            block_request(&mem, &vq, 0);
+
+            let (_second, resumed) = rng(&mem, &file);
+
+            assert_eq!(resumed, Resumed::Failed);
+            assert_eq!(status_byte(&mem, 0), VIRTIO_BLK_S_IOERR);
+        }
+
+        #[test]
+        fn corrupt_slots_fail_the_window_with_needs_reset_and_a_reset_makes_it_fresh() {
+            let mem = mem();
+            let file = region();
+            let junk = vec![0xa5u8; usize::try_from(crate::persist::REGION_LEN).unwrap()];
+            file.write_all_at(&junk, 0).unwrap();
+
+            let (mut t, resumed) = rng(&mem, &file);
+
+            assert_eq!(resumed, Resumed::Failed);
+            assert_eq!(t.status(), VIRTIO_CONFIG_S_NEEDS_RESET);
+            assert_ne!(isr(&t) & VIRTIO_MMIO_INT_CONFIG, 0);
+            // A driver that had not started resets the device first: a probe works.
+            let vq = MockSplitQueue::create(&mem, GuestAddress(BASE), 16);
+            probe(&mut t, &vq);
+            offer(&vq, BASE + 0x9000, 0);
+            t.write(reg(VIRTIO_MMIO_QUEUE_NOTIFY), 4, 0);
+            assert_eq!(t.status(), ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+            assert_eq!(wait_used(&vq, 1), 1);
+        }
+
+        #[test]
+        fn a_record_of_another_queue_count_fails_the_window() {
             let mem = mem();
             let file = region();
             let vq = MockSplitQueue::create(&mem, GuestAddress(BASE), 16);
             let (mut first, _) = rng(&mem, &file);
             probe(&mut first, &vq);
             drop(first);
-
-            // Another window: another device's record.
-            let mut other = MmioTransport::new(
+            // The same fingerprint, a record of two queues (rng has one).
+            let fp = MmioTransport::new(
                 Box::new(RngDevice::new(None)),
                 mem.clone(),
                 Box::new(NoopRegistrar),
-            );
-            let r = other.attach_state(file.try_clone().unwrap(), MMIO + 0x200);
-            assert_eq!(r.unwrap(), Resumed::Fresh);
-            assert_eq!(other.status(), 0);
+            )
+            .fingerprint(MMIO);
+            let (mut region, _) = StateRegion::open(file.try_clone().unwrap(), fp, 2).unwrap();
+            let mut two = TransportState {
+                status: ACK | DRIVER | FEATURES_OK | DRIVER_OK,
+                device_type: 4,
+                ..TransportState::default()
+            };
+            two.queues = vec![QueueState::default(); 2];
+            region.write(&two).unwrap();
 
-            // Both slots torn: nothing to resume from.
-            let junk = vec![0xa5u8; usize::try_from(crate::persist::REGION_LEN).unwrap()];
-            file.write_all_at(&junk, 0).unwrap();
-            let (fresh, resumed) = rng(&mem, &file);
+            let (t, resumed) = rng(&mem, &file);
+
+            assert_eq!(resumed, Resumed::Failed);
+            assert_ne!(t.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        }
+
+        /// A record of another configuration whose driver had reset the device (Status 0):
+        /// nothing of the driver's is in the rings and its next probe begins with a reset, so
+        /// the device starts fresh. A driver still setting up is failed instead (see
+        /// `fail_window`): its queue setup is followed and its requests fail.
+        #[test]
+        fn another_configuration_starts_fresh_only_where_its_driver_had_reset_it() {
+            let mem = mem();
+            let vq = MockSplitQueue::create(&mem, GuestAddress(BASE), 16);
+            let reset = region();
+            foreign_block_record(&reset, &vq, 0);
+            let (fresh, resumed) = rng(&mem, &reset);
             assert_eq!(resumed, Resumed::Fresh);
             assert_eq!(fresh.status(), 0);
+
+            let setting_up = region();
+            foreign_block_record(&setting_up, &vq, ACK | DRIVER | FEATURES_OK);
+            let (mut t, resumed) = rng(&mem, &setting_up);
+            assert_eq!(resumed, Resumed::Failed);
+            // The driver goes on: DRIVER_OK, then a request on the queue it programmed.
+            let new_vq = MockSplitQueue::create(&mem, GuestAddress(BASE + 0x4_0000), 16);
+            t.write(reg(VIRTIO_MMIO_QUEUE_SEL), 4, 0);
+            t.write(reg(VIRTIO_MMIO_QUEUE_NUM), 4, 16);
+            t.write(
+                reg(VIRTIO_MMIO_QUEUE_DESC_LOW),
+                4,
+                new_vq.desc_table_addr().0,
+            );
+            t.write(reg(VIRTIO_MMIO_QUEUE_AVAIL_LOW), 4, new_vq.avail_addr().0);
+            t.write(reg(VIRTIO_MMIO_QUEUE_USED_LOW), 4, new_vq.used_addr().0);
+            t.write(reg(VIRTIO_MMIO_QUEUE_READY), 4, 1);
+            t.write(
+                reg(VIRTIO_MMIO_STATUS),
+                4,
+                u64::from(ACK | DRIVER | FEATURES_OK | DRIVER_OK),
+            );
+            block_request(&mem, &new_vq, 0);
+            t.write(reg(VIRTIO_MMIO_QUEUE_NOTIFY), 4, 0);
+
+            assert_eq!(new_vq.used().idx().load(), 1);
+            assert_eq!(status_byte(&mem, 0), VIRTIO_BLK_S_IOERR);
+            assert_ne!(t.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
         }
     }
 }
