@@ -81,13 +81,53 @@ fn c_driver_exec(script: &str, extra: &[&str]) -> RunOutput {
     )
 }
 
-/// [`c_driver_exec`] with `during` run once with the remio process id while it runs.
-fn c_driver_exec_with(script: &str, extra: &[&str], during: impl FnOnce(u32)) -> RunOutput {
+/// The kernel dispatchers the backend-VM tests run their workload on: the posted C driver, and
+/// the Rust module (kmod/, docs/kmod.md) when REMIO_RUST_KMOD=1 asks for it (its cold build
+/// takes about 45 minutes, so CI does not): `remio guest build --rust-kmod` runs first, once per
+/// test binary. Without it, a loud SKIPPED line names the rust-kmod half.
+fn kernel_dispatchers(test: &str) -> Vec<&'static str> {
+    let mut dispatchers = vec!["c-driver"];
+    if rust_kmod_prerequisites(&format!("{test} on rust-kmod"), true) {
+        build_rust_kmod().unwrap();
+        dispatchers.push("rust-kmod");
+    }
+    dispatchers
+}
+
+/// `remio run --dispatcher <dispatcher>` (plus `extra`), bounded by [`RUN_LIMIT`], holding the
+/// boot lock; on rust-kmod also `-v`, so that the backend's kernel log is in stderr for
+/// [`kernel_reports`].
+fn kernel_exec_with(
+    dispatcher: &str,
+    script: &str,
+    extra: &[&str],
+    during: impl FnOnce(u32),
+) -> RunOutput {
+    let verbose: &[&str] = if dispatcher == "rust-kmod" && !extra.contains(&"-v") {
+        &["-v"]
+    } else {
+        &[]
+    };
     run_exec_with(
         script,
-        &[&["--dispatcher", "c-driver"], extra].concat(),
+        &[&["--dispatcher", dispatcher], verbose, extra].concat(),
         during,
     )
+}
+
+fn kernel_exec(dispatcher: &str, script: &str, extra: &[&str]) -> RunOutput {
+    kernel_exec_with(dispatcher, script, extra, |_| {})
+}
+
+/// On rust-kmod, the backend's kernel log lines that report trouble (WARNING, BUG, refcount,
+/// use-after-free, Oops, Call Trace, general protection, panic); none are looked for on the
+/// posted C driver (its known defects are shown by their own tests).
+fn kernel_reports<'a>(dispatcher: &str, out: &'a RunOutput) -> Vec<&'a str> {
+    if dispatcher == "rust-kmod" {
+        kernel_trouble(&out.stderr)
+    } else {
+        Vec::new()
+    }
 }
 
 fn run_exec(script: &str, extra: &[&str]) -> RunOutput {
@@ -188,14 +228,20 @@ fn assert_reset_output(out: &RunOutput) {
     assert!(out.stdout.contains("HWRNG 16384"));
 }
 
+/// On the posted C driver and, with REMIO_RUST_KMOD=1, on the Rust module.
 #[test]
 fn through_the_c_driver_three_unbind_bind_rounds_leave_disk_and_rng_working() {
     if !c_driver_prerequisites("cdriver_e2e") {
         return;
     }
-    let (_dir, img) = temp_image(16 << 20);
-    let out = c_driver_exec(RESET_SCRIPT, &["--disk", path_str(&img), "--no-console"]);
-    assert_reset_output(&out);
+    for d in kernel_dispatchers("unbind/bind rounds") {
+        let (_dir, img) = temp_image(16 << 20);
+        let out = kernel_exec(d, RESET_SCRIPT, &["--disk", path_str(&img), "--no-console"]);
+        eprintln!("{d}: {} s", out.elapsed.as_secs());
+        assert_reset_output(&out);
+        let reports = kernel_reports(d, &out);
+        assert!(reports.is_empty(), "{d}: kernel reports: {reports:#?}");
+    }
 }
 
 #[test]
@@ -351,7 +397,8 @@ fn killing_the_backend_vm_mid_dd_gives_the_frontend_io_errors_not_a_hang() {
 }
 
 /// An ext4 file system made on the host, written in the frontend through the C driver (the
-/// backend VM's /dev/vda), is clean on the host and holds the guest's file.
+/// backend VM's /dev/vda), is clean on the host and holds the guest's file. On the Rust module
+/// too with REMIO_RUST_KMOD=1.
 #[test]
 fn through_the_c_driver_an_ext4_round_trip_is_clean_on_the_host() {
     if !c_driver_prerequisites("cdriver_e2e") {
@@ -364,51 +411,56 @@ fn through_the_c_driver_an_ext4_round_trip_is_clean_on_the_host() {
     ) else {
         return;
     };
-    let (dir, img) = temp_image(64 << 20);
-    let made = Command::new(mkfs).args(["-q", "-F"]).arg(&img).status();
-    assert!(made.unwrap().success(), "mkfs.ext4 on the host failed");
-    let script = "set -e; mount -t ext4 /dev/vda /mnt; head -c 3000000 /dev/urandom > /mnt/f; \
-                  echo SUM $(md5sum < /mnt/f); umount /mnt; sync";
-    let out = c_driver_exec(script, &["--disk", path_str(&img), "--no-console"]);
-    assert_eq!(out.status, Some(0));
-    let sum = out
-        .stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("SUM "))
-        .unwrap()
-        .trim_end_matches(['-', ' '])
-        .to_owned();
-    let check = Command::new(fsck).arg("-fn").arg(&img).output().unwrap();
-    assert!(
-        check.status.success(),
-        "e2fsck finds the guest's file system damaged:\n{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
-    let dumped = dir.as_path().join("f");
-    let dump = Command::new(debugfs)
-        .arg("-R")
-        .arg(format!("dump /f {}", dumped.display()))
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(dump.status.success());
-    let md5 = Command::new("md5sum").arg(&dumped).output().unwrap();
-    let host_sum = String::from_utf8(md5.stdout).unwrap();
-    assert_eq!(std::fs::metadata(&dumped).unwrap().len(), 3_000_000);
-    assert_eq!(host_sum.split_whitespace().next(), Some(sum.as_str()));
+    for d in kernel_dispatchers("ext4 round trip") {
+        let (dir, img) = temp_image(64 << 20);
+        let made = Command::new(&mkfs).args(["-q", "-F"]).arg(&img).status();
+        assert!(made.unwrap().success(), "mkfs.ext4 on the host failed");
+        let script = "set -e; mount -t ext4 /dev/vda /mnt; head -c 3000000 /dev/urandom > /mnt/f; \
+                      echo SUM $(md5sum < /mnt/f); umount /mnt; sync";
+        let out = kernel_exec(d, script, &["--disk", path_str(&img), "--no-console"]);
+        assert_eq!(out.status, Some(0), "{d}");
+        let sum = out
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("SUM "))
+            .unwrap()
+            .trim_end_matches(['-', ' '])
+            .to_owned();
+        let check = Command::new(&fsck).arg("-fn").arg(&img).output().unwrap();
+        assert!(
+            check.status.success(),
+            "{d}: e2fsck finds the guest's file system damaged:\n{}",
+            String::from_utf8_lossy(&check.stdout)
+        );
+        let dumped = dir.as_path().join("f");
+        let dump = Command::new(&debugfs)
+            .arg("-R")
+            .arg(format!("dump /f {}", dumped.display()))
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(dump.status.success());
+        let md5 = Command::new("md5sum").arg(&dumped).output().unwrap();
+        let host_sum = String::from_utf8(md5.stdout).unwrap();
+        assert_eq!(std::fs::metadata(&dumped).unwrap().len(), 3_000_000);
+        assert_eq!(host_sum.split_whitespace().next(), Some(sum.as_str()));
+        let reports = kernel_reports(d, &out);
+        assert!(reports.is_empty(), "{d}: kernel reports: {reports:#?}");
+    }
 }
 
 /// SIGSTOP/SIGCONT of the device model inside the backend VM in the middle of I/O (what a
 /// debugger or a job-control stop does): the posted driver's ATTACH then fails with EFAULT (it
 /// ignores its interrupted wait), and the device model must retry rather than give the device
-/// up. The frontend's I/O resumes after each stop and nothing is lost.
+/// up. The frontend's I/O resumes after each stop and nothing is lost. With REMIO_RUST_KMOD=1 the
+/// same on the Rust module, whose ATTACH restarts instead: the device model sees no error.
 #[test]
 fn through_the_c_driver_sigstop_and_sigcont_of_the_device_model_lose_nothing() {
     if !c_driver_prerequisites("cdriver_e2e") {
         return;
     }
-    let (dir, img) = temp_image(16 << 20);
-    let hook = dir.as_path().join("backend.sh");
+    let hook_dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/remio-sigstop").unwrap();
+    let hook = hook_dir.as_path().join("backend.sh");
     std::fs::write(
         &hook,
         "( while ! pidof remio >/dev/null; do usleep 100000; done; sleep 4; \
@@ -424,34 +476,50 @@ fn through_the_c_driver_sigstop_and_sigcont_of_the_device_model_lose_nothing() {
                     dd if=/dev/vda of=/tmp/q bs=16384 skip=$((i*4)) count=4 iflag=direct \
                       2>/dev/null; cmp -s /tmp/p /tmp/q || echo MISMATCH $i; i=$((i+1)); \
                   done; echo DONE";
-    let out = c_driver_exec(
-        script,
-        &[
-            "--disk",
-            path_str(&img),
-            "--no-console",
-            "--no-rng",
-            "-v",
-            "--backend-hook",
-            path_str(&hook),
-        ],
-    );
-    assert_eq!(out.status, Some(0));
-    assert!(out.stdout.contains("DONE"));
-    assert!(!out.stdout.contains("IOERR"), "a write failed");
-    assert!(!out.stdout.contains("MISMATCH"), "data was lost");
-    assert!(
-        out.stderr.contains("REMIO-TEST-SIGNALS-DONE"),
-        "the stops happened while the guest ran"
-    );
-    assert!(
-        out.stderr.contains("attach interrupted"),
-        "ATTACH failed after a stop and was retried"
-    );
+    for d in kernel_dispatchers("SIGSTOP/SIGCONT") {
+        let (_dir, img) = temp_image(16 << 20);
+        let out = kernel_exec(
+            d,
+            script,
+            &[
+                "--disk",
+                path_str(&img),
+                "--no-console",
+                "--no-rng",
+                "-v",
+                "--backend-hook",
+                path_str(&hook),
+            ],
+        );
+        assert_eq!(out.status, Some(0), "{d}");
+        assert!(out.stdout.contains("DONE"), "{d}");
+        assert!(!out.stdout.contains("IOERR"), "{d}: a write failed");
+        assert!(!out.stdout.contains("MISMATCH"), "{d}: data was lost");
+        assert!(
+            out.stderr.contains("REMIO-TEST-SIGNALS-DONE"),
+            "{d}: the stops happened while the guest ran"
+        );
+        if d == "c-driver" {
+            assert!(
+                out.stderr.contains("attach interrupted"),
+                "ATTACH failed after a stop and was retried"
+            );
+        } else {
+            // The module's interrupted ATTACH restarts (ERESTARTSYS): the device model never
+            // sees the stop.
+            assert!(
+                !out.stderr.contains("attach interrupted"),
+                "{d}: ATTACH failed after a stop"
+            );
+        }
+        let reports = kernel_reports(d, &out);
+        assert!(reports.is_empty(), "{d}: kernel reports: {reports:#?}");
+    }
 }
 
-/// One scripted workload with fixed data through both dispatchers: everything the guest can
-/// see (virtio features, device ids, capacity, bytes read back, checksums) must be identical;
+/// One scripted workload with fixed data through remio's dispatcher, the posted C driver and,
+/// with REMIO_RUST_KMOD=1, the Rust module: everything the guest can see (virtio features,
+/// device ids, capacity, bytes read back, checksums) must be identical, and so must the disks;
 /// the request counts of each are printed side by side.
 #[test]
 fn the_same_workload_through_both_dispatchers_looks_the_same_to_the_guest() {
@@ -493,27 +561,32 @@ echo "WHOLE $(dd if=/dev/vda bs=65536 count=16 iflag=direct 2>/dev/null | md5sum
         script,
         &["--disk", path_str(&img1), "--no-console", "--no-rng"],
     );
-    let (_d2, img2) = temp_image(16 << 20);
-    let cdrv = c_driver_exec(
-        script,
-        &["--disk", path_str(&img2), "--no-console", "--no-rng"],
-    );
-
     assert_eq!(remio.status, Some(0));
-    assert_eq!(cdrv.status, Some(0));
-    let (a, b) = (visible(&remio), visible(&cdrv));
+    let a = visible(&remio);
     assert!(a.len() >= 7, "the workload ran: {a:?}");
-    assert_eq!(a, b, "the guest saw a difference between the dispatchers");
-    assert_eq!(
-        std::fs::read(&img1).unwrap(),
-        std::fs::read(&img2).unwrap(),
-        "the disks differ"
-    );
-    eprintln!(
-        "differential: remio's dispatcher: {}\ndifferential: the posted C driver: {}",
-        counts(&remio),
-        counts(&cdrv)
-    );
+    eprintln!("differential: remio's dispatcher: {}", counts(&remio));
+    for d in kernel_dispatchers("differential") {
+        let (_d2, img2) = temp_image(16 << 20);
+        let kernel = kernel_exec(
+            d,
+            script,
+            &["--disk", path_str(&img2), "--no-console", "--no-rng"],
+        );
+        assert_eq!(kernel.status, Some(0), "{d}");
+        let b = visible(&kernel);
+        assert_eq!(
+            a, b,
+            "the guest saw a difference between remio's dispatcher and {d}"
+        );
+        assert_eq!(
+            std::fs::read(&img1).unwrap(),
+            std::fs::read(&img2).unwrap(),
+            "the disks differ between remio's dispatcher and {d}"
+        );
+        eprintln!("differential: {d}: {}", counts(&kernel));
+        let reports = kernel_reports(d, &kernel);
+        assert!(reports.is_empty(), "{d}: kernel reports: {reports:#?}");
+    }
 }
 
 /// Whether this process may make TAP interfaces (what `--net auto` needs); else a loud skip,
@@ -540,48 +613,52 @@ fn through_the_c_driver_the_console_echoes_a_line_and_the_guest_pings_the_host()
     if !c_driver_prerequisites("cdriver_e2e") || !taps_or_skip("cdriver_e2e") {
         return;
     }
-    let (dir, img) = temp_image(16 << 20);
-    let sock = dir.as_path().join("console.sock");
-    let script =
-        format!("{CONSOLE_ECHO_SCRIPT}; ip -o addr show dev eth0; ping -c 3 -W 5 10.77.0.1");
-    let mut host_side = String::new();
-    let mut remio_pid = 0;
-    let out = run_exec_with(
-        &script,
-        &[
-            "--dispatcher",
-            "c-driver",
-            "--disk",
-            path_str(&img),
-            "--no-rng",
-            "--net",
-            "auto",
-            "--console-socket",
-            path_str(&sock),
-        ],
-        |pid| {
-            remio_pid = pid;
-            // The backend may take 100 s to be ready, the frontend as long again to boot.
-            host_side = console_echo_host_side(&sock, Instant::now() + Duration::from_secs(240));
-        },
-    );
-    assert!(
-        host_side.contains("READY"),
-        "the guest never said READY: {host_side:?}"
-    );
-    assert_eq!(out.status, Some(0), "ping failed");
-    assert!(
-        out.stdout.contains("GOT hello-remio-4711"),
-        "the guest read the host's line"
-    );
-    assert!(
-        host_side.contains("echo:hello-remio-4711"),
-        "the host read the guest's answer: {host_side:?}"
-    );
-    assert!(out.stdout.contains("10.77.0.2/24"), "eth0 got its address");
-    assert!(out.stdout.contains("3 packets received") || out.stdout.contains("3 received"));
-    let tap = format!("/sys/class/net/remio-{}", remio_pid % 10_000_000);
-    assert!(!Path::new(&tap).exists(), "{tap} left behind");
+    for d in kernel_dispatchers("console echo and ping") {
+        let (dir, img) = temp_image(16 << 20);
+        let sock = dir.as_path().join("console.sock");
+        let script =
+            format!("{CONSOLE_ECHO_SCRIPT}; ip -o addr show dev eth0; ping -c 3 -W 5 10.77.0.1");
+        let mut host_side = String::new();
+        let mut remio_pid = 0;
+        let out = kernel_exec_with(
+            d,
+            &script,
+            &[
+                "--disk",
+                path_str(&img),
+                "--no-rng",
+                "--net",
+                "auto",
+                "--console-socket",
+                path_str(&sock),
+            ],
+            |pid| {
+                remio_pid = pid;
+                // The backend may take 100 s to be ready, the frontend as long again to boot.
+                host_side =
+                    console_echo_host_side(&sock, Instant::now() + Duration::from_secs(240));
+            },
+        );
+        assert!(
+            host_side.contains("READY"),
+            "the guest never said READY: {host_side:?}"
+        );
+        assert_eq!(out.status, Some(0), "{d}: ping failed");
+        assert!(
+            out.stdout.contains("GOT hello-remio-4711"),
+            "the guest read the host's line"
+        );
+        assert!(
+            host_side.contains("echo:hello-remio-4711"),
+            "the host read the guest's answer: {host_side:?}"
+        );
+        assert!(out.stdout.contains("10.77.0.2/24"), "eth0 got its address");
+        assert!(out.stdout.contains("3 packets received") || out.stdout.contains("3 received"));
+        let tap = format!("/sys/class/net/remio-{}", remio_pid % 10_000_000);
+        assert!(!Path::new(&tap).exists(), "{tap} left behind");
+        let reports = kernel_reports(d, &out);
+        assert!(reports.is_empty(), "{d}: kernel reports: {reports:#?}");
+    }
 }
 
 /// `e2e_console` as it is, through the C driver: `remio run --config` (block, and a console on
@@ -592,22 +669,27 @@ fn through_the_c_driver_a_config_files_socket_console_echoes_a_line() {
     if !c_driver_prerequisites("cdriver_e2e") {
         return;
     }
-    let (out, host_side) = console_echo_run(Duration::from_secs(240), |script, extra, during| {
-        c_driver_exec_with(script, extra, during)
-    });
-    assert!(
-        host_side.contains("READY"),
-        "the guest never said READY: {host_side:?}"
-    );
-    assert_eq!(out.status, Some(0));
-    assert!(
-        out.stdout.contains("GOT hello-remio-4711"),
-        "the guest read the host's line"
-    );
-    assert!(
-        host_side.contains("echo:hello-remio-4711"),
-        "the host read the guest's answer: {host_side:?}"
-    );
+    for d in kernel_dispatchers("socket console") {
+        let (out, host_side) =
+            console_echo_run(Duration::from_secs(240), |script, extra, during| {
+                kernel_exec_with(d, script, extra, during)
+            });
+        assert!(
+            host_side.contains("READY"),
+            "{d}: the guest never said READY: {host_side:?}"
+        );
+        assert_eq!(out.status, Some(0), "{d}");
+        assert!(
+            out.stdout.contains("GOT hello-remio-4711"),
+            "{d}: the guest read the host's line"
+        );
+        assert!(
+            host_side.contains("echo:hello-remio-4711"),
+            "{d}: the host read the guest's answer: {host_side:?}"
+        );
+        let reports = kernel_reports(d, &out);
+        assert!(reports.is_empty(), "{d}: kernel reports: {reports:#?}");
+    }
 }
 
 /// The frontend's half of the "destroy another DM" demonstrations: disk I/O works, then it
@@ -833,6 +915,11 @@ fn second_client_on_dm_1(pid: u32, img: &Path, rng_only: &Path) -> SecondClient 
 /// session and DM 0 still dispatching; and the frontend, told only after that exit, reads its
 /// data back. remio's DEASSIGN is `deassign_does_not_reassign` in crates/dispatcher, the
 /// destruction of one of its DMs `destroying_one_dm_leaves_another_dispatching`.
+///
+/// With REMIO_RUST_KMOD=1, the C driver's backend hook, unchanged, on the Rust module
+/// (kmod/remio_dispatcher.rs): the second assign succeeds (DEASSIGN only deassigns), the
+/// second process's close returns, and DM 0 keeps dispatching: the frontend reads its data
+/// back. The backend's kernel log holds no WARNING, BUG, Oops or Call Trace.
 #[test]
 fn one_process_closing_a_dm_silences_every_dm_on_the_c_driver_but_not_on_remios() {
     if !c_driver_prerequisites("cdriver_e2e") {
@@ -940,4 +1027,50 @@ fn one_process_closing_a_dm_silences_every_dm_on_the_c_driver_but_not_on_remios(
         remio.stdout.contains("READ-BACK-OK") && !remio.stdout.contains("DISK-STALLED"),
         "remio's dispatcher kept serving DM 0"
     );
+
+    // (c) The Rust module (REMIO_RUST_KMOD=1), with the C driver's backend hook as it is.
+    for d in kernel_dispatchers("destroy DM 1")
+        .into_iter()
+        .filter(|d| *d == "rust-kmod")
+    {
+        let (dir3, img3) = temp_image(16 << 20);
+        let hook3 = dir3.as_path().join("backend.sh");
+        std::fs::write(&hook3, DESTROY_HOOK).unwrap();
+        let kmod = kernel_exec(
+            d,
+            DESTROY_SCRIPT,
+            &[
+                "--disk",
+                path_str(&img3),
+                "--no-console",
+                "-v",
+                "--backend-hook",
+                path_str(&hook3),
+            ],
+        );
+        assert_eq!(kmod.status, Some(0), "{d}");
+        assert!(
+            kmod.stdout.contains("WRITE-OK"),
+            "{d}: the disk worked first"
+        );
+        assert!(
+            kmod.stderr
+                .contains("REMIO-DEFECT deassign assign=0 deassign=0 assign-again=0"),
+            "{d}: DEASSIGN only deassigns, so the second assign succeeds"
+        );
+        assert!(
+            kmod.stderr.contains("REMIO-TEST-CLOSE-RETURNED"),
+            "{d}: the second process's close returned"
+        );
+        assert!(
+            kmod.stdout.contains("CLOSE-SEEN"),
+            "{d}: the frontend read the marker"
+        );
+        assert!(
+            kmod.stdout.contains("READ-BACK-OK") && !kmod.stdout.contains("DISK-STALLED"),
+            "{d}: DM 0 kept dispatching after a second process closed its DM 1 fd"
+        );
+        let reports = kernel_reports(d, &kmod);
+        assert!(reports.is_empty(), "{d}: kernel reports: {reports:#?}");
+    }
 }
