@@ -924,7 +924,8 @@ devices:
             })
             .collect();
         assert_eq!(specs[0].device_type, 26);
-        assert_eq!(specs[0].queue_sizes, vec![256, 256]);
+        let default = crate::devices::vhost_user::DEFAULT_QUEUE_SIZE;
+        assert_eq!(specs[0].queue_sizes, vec![default, default]);
         assert_eq!(specs[1].queue_sizes, vec![128, 128, 128]);
         assert_eq!(specs[2].device_type, 4);
         assert_eq!(specs[2].socket, Path::new("/tmp/rng.sock"));

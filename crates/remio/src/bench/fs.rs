@@ -7,7 +7,7 @@
 //! - QEMU: QEMU's own `vhost-user-fs-device` on `microvm`, i.e. virtio-mmio as well (the PCI
 //!   variant would change the transport: MSI-X vectors instead of the InterruptStatus read and
 //!   ACK write per interrupt, a PCI notify instead of QueueNotify), with the guest memory in a
-//!   shared memfd as vhost-user needs, and the same queue size as remio's device (256).
+//!   shared memfd as vhost-user needs, and the same queue size as remio's device (1024).
 //!
 //! The guest runs `iobench file` (guest/tools/iobench.c): the whole file once in 1 MiB
 //! `read()`s, `O_DIRECT` (virtiofsd's `--cache=never` also makes every open direct), so the
@@ -441,7 +441,7 @@ mod tests {
             "{args}"
         );
         assert!(
-            args.contains("vhost-user-fs-device,chardev=fs,tag=remio,queue-size=256"),
+            args.contains("vhost-user-fs-device,chardev=fs,tag=remio,queue-size=1024"),
             "{args}"
         );
     }

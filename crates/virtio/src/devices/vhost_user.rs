@@ -89,8 +89,11 @@ use remio_ratelimit::warn_rl;
 pub const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Default queue size of virtio-fs and vsock devices (virtiofsd accepts up to 32768,
-/// vhost-device-vsock up to 1024).
-pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+/// vhost-device-vsock up to 1024). 1024 because Linux's virtio-fs driver caps a FUSE request
+/// at the queue size less 4 pages (`max_pages_limit`): at 256 a 1 MiB read is two requests
+/// (252 + 4 pages), each with its kick, interrupt, InterruptStatus read and ACK, every one a
+/// trapped access here; at 1024 it is one (docs/performance.md, virtio-fs).
+pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
 
 /// virtio-fs config space (virtio 1.2 §5.11.4): `tag[36]`, `le32 num_request_queues`.
 pub const FS_TAG_LEN: usize = 36;
