@@ -268,7 +268,7 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
 
 /// A fingerprint of what a record must match to be restored: the device type, the features
 /// it offers, its queues' maximum sizes and its MMIO window. A record made for another device
-/// (a changed config) is ignored.
+/// (a changed config) is not resumed ([`Unusable::OtherConfig`]).
 pub fn fingerprint(device_type: u32, device_features: u64, queue_max: &[u16], mmio: u64) -> u64 {
     let mut bytes = Vec::with_capacity(20 + 2 * queue_max.len());
     bytes.extend_from_slice(&device_type.to_le_bytes());
