@@ -213,7 +213,8 @@ pub fn resume_from_state_region(
         }
     };
     match transport.attach_state(file, mmio_base) {
-        Ok(crate::transport::Resumed::Fresh) => {}
+        // A failed window was already reported by the transport, in one line that says why.
+        Ok(crate::transport::Resumed::Fresh | crate::transport::Resumed::Failed) => {}
         Ok(r) => log::info!("virtio: DM {dm_id}: resumed from the previous device model: {r:?}"),
         Err(e) => log::warn!(
             "virtio: DM {dm_id}: state region unusable ({e}); a restart will reset the device"
