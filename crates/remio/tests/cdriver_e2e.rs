@@ -324,23 +324,28 @@ fn backend_qemu(parent: u32) -> Option<i32> {
 
 /// The backend VM's QEMU killed while the frontend writes its disk: the frontend's I/O fails
 /// with EIO in bounded time (its devices are failed as after a device model's death), its
-/// script finishes and `remio run` exits normally.
+/// script finishes and `remio run` exits normally. On the Rust module too with REMIO_RUST_KMOD=1.
 #[test]
 fn killing_the_backend_vm_mid_dd_gives_the_frontend_io_errors_not_a_hang() {
     if !c_driver_prerequisites("cdriver_e2e") {
         return;
     }
+    for dispatcher in kernel_dispatchers("killing_the_backend_vm_mid_dd") {
+        killing_the_backend_vm_mid_dd_on(dispatcher);
+    }
+}
+
+fn killing_the_backend_vm_mid_dd_on(dispatcher: &str) {
     let (_dir, img) = temp_image(64 << 20);
     let script = "n=0; while dd if=/dev/zero of=/dev/vda bs=65536 count=16 oflag=direct \
                   2>/dev/null; do n=$((n+1)); done; echo DD-FAILED-AFTER $n; \
                   dd if=/dev/vda of=/dev/null bs=4096 count=1 iflag=direct 2>/dev/null; \
                   echo READ-AFTER $?; echo ALIVE";
     let mut killed_at = None;
-    let out = run_exec_with(
+    let out = kernel_exec_with(
+        dispatcher,
         script,
         &[
-            "--dispatcher",
-            "c-driver",
             "--disk",
             path_str(&img),
             "--no-console",
@@ -381,19 +386,19 @@ fn killing_the_backend_vm_mid_dd_gives_the_frontend_io_errors_not_a_hang() {
     assert_eq!(
         out.status,
         Some(0),
-        "the frontend did not finish its script"
+        "{dispatcher}: the frontend did not finish its script"
     );
     let after_kill = killed_at.unwrap().elapsed();
     assert!(
         after_kill < Duration::from_secs(60),
-        "the frontend needed {after_kill:?} after the kill to finish"
+        "{dispatcher}: the frontend needed {after_kill:?} after the kill to finish"
     );
-    assert!(out.stdout.contains("ALIVE"));
+    assert!(out.stdout.contains("ALIVE"), "{dispatcher}");
     assert!(
         out.stdout.contains("READ-AFTER 1"),
-        "I/O after the kill fails"
+        "{dispatcher}: I/O after the kill fails"
     );
-    assert!(out.stderr.contains("the backend VM exited"));
+    assert!(out.stderr.contains("the backend VM exited"), "{dispatcher}");
 }
 
 /// An ext4 file system made on the host, written in the frontend through the C driver (the
