@@ -20,13 +20,6 @@
 mod e2e_common;
 use e2e_common::*;
 
-use std::io::Read as _;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-/// How long after its own timeout `remio run` is killed.
-const GRACE: Duration = Duration::from_secs(30);
-
 /// The steps of a request's life, in order, each with the hit of it that kills its device
 /// model: far enough into blkverify's run to be past the guest's boot-time probe of the disk
 /// (a few reads), early enough to leave most of the run to the next device models.
@@ -43,64 +36,6 @@ const POINTS: [(&str, u32); 5] = [
 /// machine (the test fails, saying so, if a point did not fire before the guest finished).
 const BLOCKS: u64 = 2048;
 const SECS: u32 = 30;
-
-/// `remio run --exec script extra...` with `REMIO_CRASH_POINT=spec` in its environment (which
-/// its device models inherit). Like `e2e_common::remio_exec`, which sets no environment.
-fn remio_exec_armed(script: &str, extra: &[&str], spec: &str) -> RunOutput {
-    let _lock = boot_lock();
-    let start = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_remio"))
-        .arg("run")
-        .arg("--exec")
-        .arg(script)
-        .arg("--timeout")
-        .arg(GUEST_TIMEOUT.as_secs().to_string())
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .env("REMIO_CRASH_POINT", spec)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning remio");
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    // `remio run --timeout` bounds the run; should it not stop, it is killed (its children
-    // die with it), which closes the pipes.
-    let pid = libc::pid_t::try_from(child.id()).unwrap();
-    let (done, stopped) = std::sync::mpsc::channel::<()>();
-    let watchdog = std::thread::spawn(move || {
-        let waited = stopped.recv_timeout(GUEST_TIMEOUT + GRACE);
-        if waited == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
-            eprintln!("remio run did not stop after its own timeout: killing it");
-            // SAFETY: kill(2) on our child, not yet reaped (we wait for it after this).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    });
-    let mut stderr = String::new();
-    let _ = err.read_to_string(&mut stderr);
-    let status = child.wait().unwrap().code();
-    drop(done);
-    watchdog.join().unwrap();
-    let out = RunOutput {
-        status,
-        stdout: t_out.join().unwrap(),
-        stderr,
-        elapsed: start.elapsed(),
-    };
-    eprintln!(
-        "--- remio stdout ({:.1} s) ---\n{}\n--- remio stderr ---\n{}",
-        out.elapsed.as_secs_f64(),
-        out.stdout,
-        out.stderr
-    );
-    out
-}
 
 /// The value of `key=` in the first line starting with `prefix`.
 fn field<'a>(out: &'a str, prefix: &str, key: &str) -> Option<&'a str> {
@@ -209,7 +144,7 @@ echo IOERRORS $(dmesg | grep -ci 'i/o error')"
     );
     let restarts = (POINTS.len() + 2).to_string();
 
-    let out = remio_exec_armed(
+    let out = remio_exec_env(
         &script,
         &[
             "--disk",
@@ -221,7 +156,7 @@ echo IOERRORS $(dmesg | grep -ci 'i/o error')"
             "--access-timeout-ms",
             "30000",
         ],
-        &spec,
+        &[("REMIO_CRASH_POINT", &spec)],
     );
 
     assert!(

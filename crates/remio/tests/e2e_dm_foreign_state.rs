@@ -21,10 +21,6 @@
 mod e2e_common;
 use e2e_common::*;
 
-use std::io::Read as _;
-use std::process::{Command, Stdio};
-use std::time::Instant;
-
 /// The block write (hit of `blk-written`) at which the first device model dies: past the
 /// guest's first few writes, so the disk is live and in use.
 const NTH_WRITE: u32 = 20;
@@ -78,57 +74,6 @@ dd if=/tmp/p of=/dev/vda bs=65536 seek=100 count=1 oflag=direct 2>/dev/null &&
     cmp -s /tmp/p /tmp/r && echo AFTER-REBIND-OK
 "#;
 
-/// `remio run --exec SCRIPT extra...` with `REMIO_CRASH_POINT=spec`, bounded by
-/// [`GUEST_TIMEOUT`] (`--timeout`) and killed by the test 30 s after that.
-fn remio_exec_armed(extra: &[&str], spec: &str) -> RunOutput {
-    let _lock = boot_lock();
-    let start = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_remio"))
-        .arg("run")
-        .arg("--exec")
-        .arg(SCRIPT)
-        .arg("--timeout")
-        .arg(GUEST_TIMEOUT.as_secs().to_string())
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .env("REMIO_CRASH_POINT", spec)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning remio");
-    let t_out = read_in_background(child.stdout.take().unwrap());
-    let mut err = child.stderr.take().unwrap();
-    let pid = libc::pid_t::try_from(child.id()).unwrap();
-    let (done, stopped) = std::sync::mpsc::channel::<()>();
-    let watchdog = std::thread::spawn(move || {
-        let limit = GUEST_TIMEOUT + std::time::Duration::from_secs(30);
-        if stopped.recv_timeout(limit) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
-            eprintln!("remio run did not stop after its own timeout: killing it");
-            // SAFETY: kill(2) on our child, not yet reaped (we wait for it after this).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    });
-    let mut stderr = String::new();
-    let _ = err.read_to_string(&mut stderr);
-    let status = child.wait().unwrap().code();
-    drop(done);
-    watchdog.join().unwrap();
-    let out = RunOutput {
-        status,
-        stdout: t_out.join().unwrap(),
-        stderr,
-        elapsed: start.elapsed(),
-    };
-    eprintln!(
-        "--- remio stdout ({:.1} s) ---\n{}\n--- remio stderr ---\n{}",
-        out.elapsed.as_secs_f64(),
-        out.stdout,
-        out.stderr
-    );
-    out
-}
-
 fn line_value<'a>(out: &'a str, prefix: &str) -> Option<&'a str> {
     out.lines()
         .find_map(|l| l.strip_prefix(prefix))
@@ -143,7 +88,8 @@ fn a_record_of_another_configuration_fails_the_guests_disk_instead_of_hanging_it
     let (_dir, img) = temp_image(16 << 20);
     let spec = format!("blk-written:{NTH_WRITE}:foreign=2");
 
-    let out = remio_exec_armed(
+    let out = remio_exec_env(
+        SCRIPT,
         &[
             "--disk",
             path_str(&img),
@@ -153,7 +99,7 @@ fn a_record_of_another_configuration_fails_the_guests_disk_instead_of_hanging_it
             "--access-timeout-ms",
             "30000",
         ],
-        &spec,
+        &[("REMIO_CRASH_POINT", &spec)],
     );
 
     // The first device model died at the armed write, its disk record rewritten.
@@ -183,9 +129,16 @@ fn a_record_of_another_configuration_fails_the_guests_disk_instead_of_hanging_it
         1,
         "one warning for the disk"
     );
-    assert!(out
-        .stderr
-        .contains("resumed from the previous device model: Failed"));
+    assert!(
+        out.stderr
+            .contains("it is failed (DEVICE_NEEDS_RESET, its requests answered with errors)"),
+        "the warning says what the guest sees"
+    );
+    assert!(
+        !out.stderr
+            .contains("resumed from the previous device model: Failed"),
+        "a failed window is not reported as resumed"
+    );
     assert!(
         out.stderr
             .contains("resumed from the previous device model: Live"),

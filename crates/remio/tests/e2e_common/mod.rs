@@ -28,19 +28,28 @@ pub fn guest_required() -> bool {
 /// `true` when the test can run; prints a loud SKIPPED line otherwise, or fails when
 /// REMIO_REQUIRE_GUEST=1 (scripts/test sets it: there a skip would hide a broken setup).
 pub fn prerequisites(test: &str) -> bool {
-    let qemu = std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").is_file()));
-    let dir = guest_dir();
-    let missing = if !qemu {
+    let missing = if !on_path("qemu-system-x86_64") {
         Some("qemu-system-x86_64 not found (run scripts/setup)".to_owned())
-    } else if !dir.join("vmlinuz").is_file() || !dir.join("initramfs.cpio").is_file() {
-        Some(format!(
+    } else {
+        guest_missing()
+    };
+    runnable(test, missing)
+}
+
+/// Why the frontend guest's artifacts cannot be used, if they cannot.
+fn guest_missing() -> Option<String> {
+    let dir = guest_dir();
+    (!dir.join("vmlinuz").is_file() || !dir.join("initramfs.cpio").is_file()).then(|| {
+        format!(
             "guest artifacts missing in {} (run `remio guest build`)",
             dir.display()
-        ))
-    } else {
-        None
-    };
+        )
+    })
+}
+
+/// `true` when nothing is `missing`; otherwise a loud SKIPPED line naming it, or a panic under
+/// REMIO_REQUIRE_GUEST=1.
+pub fn runnable(test: &str, missing: Option<String>) -> bool {
     match missing {
         None => true,
         Some(why) if guest_required() => panic!("{test}: REMIO_REQUIRE_GUEST=1 but {why}"),
@@ -126,6 +135,31 @@ pub fn remio_exec_bounded(
     limit: Duration,
     during: impl FnOnce(u32),
 ) -> RunOutput {
+    remio_exec_bounded_env(script, extra, &[], timeout, limit, during)
+}
+
+/// Like [`remio_exec`], with `envs` added to `remio run`'s environment (its device models
+/// inherit it: e.g. `REMIO_CRASH_POINT`).
+pub fn remio_exec_env(script: &str, extra: &[&str], envs: &[(&str, &str)]) -> RunOutput {
+    remio_exec_bounded_env(
+        script,
+        extra,
+        envs,
+        GUEST_TIMEOUT,
+        GUEST_TIMEOUT + GRACE,
+        |_| {},
+    )
+}
+
+/// [`remio_exec_bounded`] with `envs` added to `remio run`'s environment.
+pub fn remio_exec_bounded_env(
+    script: &str,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+    timeout: Duration,
+    limit: Duration,
+    during: impl FnOnce(u32),
+) -> RunOutput {
     let _lock = boot_lock();
     let start = Instant::now();
     let child = Command::new(env!("CARGO_BIN_EXE_remio"))
@@ -136,6 +170,7 @@ pub fn remio_exec_bounded(
         .arg(timeout.as_secs().to_string())
         .args(extra)
         .env("RUST_LOG", "info")
+        .envs(envs.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -216,8 +251,7 @@ pub fn host_tool(test: &str, name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file());
     if found.is_none() {
         let why = format!("{name} not found (Debian package e2fsprogs; scripts/setup installs it)");
-        assert!(!guest_required(), "{test}: REMIO_REQUIRE_GUEST=1 but {why}");
-        eprintln!("\n*** SKIPPED {test}: {why} ***\n");
+        runnable(test, Some(why));
     }
     found
 }
@@ -236,8 +270,7 @@ pub fn daemon_or_skip(test: &str, env: &str, name: &str) -> Option<PathBuf> {
         return Some(path);
     }
     let why = format!("{name} not in target/tools/bin (run scripts/setup) nor {env}");
-    assert!(!guest_required(), "{test}: REMIO_REQUIRE_GUEST=1 but {why}");
-    eprintln!("\n*** SKIPPED {test}: {why} ***\n");
+    runnable(test, Some(why));
     None
 }
 
@@ -409,31 +442,18 @@ pub fn rust_kmod_prerequisites(test: &str, frontend: bool) -> bool {
     }
     // SAFETY: geteuid has no preconditions and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
-    let guest = guest_dir();
     let missing = if !root {
         Some("not root (debootstrap and chroot need root)".to_owned())
     } else if !on_path("debootstrap") {
         Some("debootstrap not installed (scripts/setup installs it)".to_owned())
     } else if !on_path("qemu-system-x86_64") {
         Some("qemu-system-x86_64 not installed (scripts/setup installs it)".to_owned())
-    } else if frontend
-        && (!guest.join("vmlinuz").is_file() || !guest.join("initramfs.cpio").is_file())
-    {
-        Some(format!(
-            "no frontend guest in {} (run `remio guest build`)",
-            guest.display()
-        ))
+    } else if frontend {
+        guest_missing()
     } else {
         None
     };
-    match missing {
-        None => true,
-        Some(why) if guest_required() => panic!("{test}: REMIO_REQUIRE_GUEST=1 but {why}"),
-        Some(why) => {
-            eprintln!("\n*** SKIPPED {test}: {why} ***\n");
-            false
-        }
-    }
+    runnable(test, missing)
 }
 
 /// `remio guest build --rust-kmod` (a no-op when current, about 70 s after a kmod/ change),
