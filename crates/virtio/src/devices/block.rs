@@ -2665,25 +2665,28 @@ mod tests {
         assert!(dev.backend.is_some());
     }
 
-    /// Waits (at most 10 s) until the used ring's index reaches `n`.
-    fn wait_used(mem: &GuestMemoryMmap, used: GuestAddress, n: u16) {
+    /// Polls (every millisecond, at most 10 s, then fails saying `never`) until `done` holds:
+    /// for what the device publishes in guest memory or atomics, which nothing signals.
+    fn poll_until(never: &str, mut done: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while used_ids(mem, used, 0).0 < n {
-            assert!(
-                Instant::now() < deadline,
-                "the used index never reached {n}"
-            );
+        while !done() {
+            assert!(Instant::now() < deadline, "{never}");
             std::thread::sleep(Duration::from_millis(1));
         }
     }
 
+    /// Waits (at most 10 s) until the used ring's index reaches `n`.
+    fn wait_used(mem: &GuestMemoryMmap, used: GuestAddress, n: u16) {
+        poll_until(&format!("the used index never reached {n}"), || {
+            used_ids(mem, used, 0).0 >= n
+        });
+    }
+
     /// Waits (at most 10 s) until `counter` reaches `n`.
     fn wait_count(counter: &AtomicU64, n: u64) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while counter.load(Ordering::Relaxed) < n {
-            assert!(Instant::now() < deadline, "the counter never reached {n}");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        poll_until(&format!("the counter never reached {n}"), || {
+            counter.load(Ordering::Relaxed) >= n
+        });
     }
 
     /// The used ring's `avail_event` (EVENT_IDX): the driver notifies once it makes this
@@ -2804,11 +2807,9 @@ mod tests {
         open(&gate);
         wait_used(&mem, used, 3);
         // Idle again: it asks to be notified of the next request.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while avail_event(&mem, used) != 3 {
-            assert!(Instant::now() < deadline, "notifications never re-enabled");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        poll_until("notifications never re-enabled", || {
+            avail_event(&mem, used) == 3
+        });
         dev.reset();
 
         assert_eq!(asked_while_busy, 0);
@@ -2835,11 +2836,7 @@ mod tests {
         open(&gate);
         wait_used(&mem, vq.used_addr(), 3);
         // The hold ended with the last completion (no request executes any more).
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while gate.state.lock().unwrap().finished.len() < 3 {
-            assert!(Instant::now() < deadline);
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_gate(&gate, |s| s.finished.len() >= 3);
         dev.reset();
 
         assert_eq!(counters.interrupts.load(Ordering::Relaxed), 0);
