@@ -369,6 +369,15 @@ fn file_mem() -> GuestMemoryMmap {
     remio_api::map_file(f, 0, MEM_LEN, BASE).unwrap()
 }
 
+/// Two 16-entry queues, 64 KiB apart at the start of `mem`: the queues of the two-queue
+/// devices these tests activate.
+fn two_queues(mem: &GuestMemoryMmap) -> [MockSplitQueue<'_, GuestMemoryMmap>; 2] {
+    [
+        MockSplitQueue::create(mem, GuestAddress(BASE), 16),
+        MockSplitQueue::create(mem, GuestAddress(BASE + 0x1_0000), 16),
+    ]
+}
+
 /// An activation context over `vqs` (one per queue), with the features the driver acked.
 struct Ctx {
     shared: SharedStatus,
@@ -458,10 +467,7 @@ fn activation_sends_mem_table_and_rings_in_order_with_the_transport_kick_eventfd
     let mut dev = VhostUserDevice::connect(spec).unwrap();
     daemon.clear();
     let mem = file_mem();
-    let vqs = [
-        MockSplitQueue::create(&mem, GuestAddress(BASE), 16),
-        MockSplitQueue::create(&mem, GuestAddress(BASE + 0x1_0000), 16),
-    ];
+    let vqs = two_queues(&mem);
     let acked = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX);
     let (ctx, probe) = context(&mem, &vqs, acked);
 
@@ -511,10 +517,7 @@ fn a_daemon_call_sets_interrupt_status_bit_0_before_signalling_the_irqfd() {
     let spec = VhostUserSpec::fs(daemon.socket.clone(), "share", 1, 16).unwrap();
     let mut dev = VhostUserDevice::connect(spec).unwrap();
     let mem = file_mem();
-    let vqs = [
-        MockSplitQueue::create(&mem, GuestAddress(BASE), 16),
-        MockSplitQueue::create(&mem, GuestAddress(BASE + 0x1_0000), 16),
-    ];
+    let vqs = two_queues(&mem);
     let (ctx, probe) = context(&mem, &vqs, 1 << VIRTIO_F_VERSION_1);
     dev.activate(ctx).unwrap();
     assert_eq!(probe.shared.interrupt_status.load(Ordering::SeqCst), 0);
@@ -536,10 +539,7 @@ fn reset_stops_every_ring_and_a_new_activation_sets_them_up_again() {
     let spec = VhostUserSpec::fs(daemon.socket.clone(), "share", 1, 16).unwrap();
     let mut dev = VhostUserDevice::connect(spec).unwrap();
     let mem = file_mem();
-    let vqs = [
-        MockSplitQueue::create(&mem, GuestAddress(BASE), 16),
-        MockSplitQueue::create(&mem, GuestAddress(BASE + 0x1_0000), 16),
-    ];
+    let vqs = two_queues(&mem);
     let (ctx, _probe) = context(&mem, &vqs, 1 << VIRTIO_F_VERSION_1);
     dev.activate(ctx).unwrap();
     daemon.clear();
@@ -712,10 +712,7 @@ fn a_daemon_that_dies_sets_needs_reset_and_fs_requests_fail_with_eio() {
     let spec = VhostUserSpec::fs(daemon.socket.clone(), "share", 1, 16).unwrap();
     let mut dev = VhostUserDevice::connect(spec).unwrap();
     let mem = file_mem();
-    let vqs = [
-        MockSplitQueue::create(&mem, GuestAddress(BASE), 16),
-        MockSplitQueue::create(&mem, GuestAddress(BASE + 0x1_0000), 16),
-    ];
+    let vqs = two_queues(&mem);
     let (ctx, probe) = context(&mem, &vqs, 1 << VIRTIO_F_VERSION_1);
     dev.activate(ctx).unwrap();
     // A request the daemon never answers.
@@ -759,10 +756,7 @@ fn after_the_daemon_comes_back_a_reset_device_reconnects_at_activation() {
     let spec = VhostUserSpec::fs(daemon.socket.clone(), "share", 1, 16).unwrap();
     let mut dev = VhostUserDevice::connect(spec).unwrap();
     let mem = file_mem();
-    let vqs = [
-        MockSplitQueue::create(&mem, GuestAddress(BASE), 16),
-        MockSplitQueue::create(&mem, GuestAddress(BASE + 0x1_0000), 16),
-    ];
+    let vqs = two_queues(&mem);
     let (ctx, probe) = context(&mem, &vqs, 1 << VIRTIO_F_VERSION_1);
     dev.activate(ctx).unwrap();
     daemon.die();
@@ -792,10 +786,7 @@ fn a_daemon_that_comes_back_with_fewer_features_fails_activation_naming_the_sock
     let spec = VhostUserSpec::fs(daemon.socket.clone(), "share", 1, 16).unwrap();
     let mut dev = VhostUserDevice::connect(spec).unwrap();
     let mem = file_mem();
-    let vqs = [
-        MockSplitQueue::create(&mem, GuestAddress(BASE), 16),
-        MockSplitQueue::create(&mem, GuestAddress(BASE + 0x1_0000), 16),
-    ];
+    let vqs = two_queues(&mem);
     let (ctx, probe) = context(&mem, &vqs, 1 << VIRTIO_F_VERSION_1);
     dev.activate(ctx).unwrap();
     daemon.die();
@@ -898,10 +889,7 @@ fn with_a_used_buffer_irqfd_every_queue_s_call_is_that_irqfd_and_nothing_relays_
     let dyn_session: Arc<dyn remio_api::DmSession> = session.clone();
     dev.attach_session(&dyn_session);
     let mem = file_mem();
-    let vqs = [
-        MockSplitQueue::create(&mem, GuestAddress(BASE), 16),
-        MockSplitQueue::create(&mem, GuestAddress(BASE + 0x1_0000), 16),
-    ];
+    let vqs = two_queues(&mem);
     let (ctx, probe) = context(&mem, &vqs, 1 << VIRTIO_F_VERSION_1);
 
     dev.activate(ctx).unwrap();
@@ -943,10 +931,7 @@ fn a_session_without_used_buffer_irqfds_keeps_the_relay() {
     let session: Arc<dyn remio_api::DmSession> = IrqfdSession::new(false);
     dev.attach_session(&session);
     let mem = file_mem();
-    let vqs = [
-        MockSplitQueue::create(&mem, GuestAddress(BASE), 16),
-        MockSplitQueue::create(&mem, GuestAddress(BASE + 0x1_0000), 16),
-    ];
+    let vqs = two_queues(&mem);
     let (ctx, probe) = context(&mem, &vqs, 1 << VIRTIO_F_VERSION_1);
 
     dev.activate(ctx).unwrap();
