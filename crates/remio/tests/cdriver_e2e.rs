@@ -409,47 +409,13 @@ fn through_the_c_driver_an_ext4_round_trip_is_clean_on_the_host() {
     if !c_driver_prerequisites("cdriver_e2e") {
         return;
     }
-    let (Some(mkfs), Some(fsck), Some(debugfs)) = (
-        host_tool("cdriver_e2e ext4", "mkfs.ext4"),
-        host_tool("cdriver_e2e ext4", "e2fsck"),
-        host_tool("cdriver_e2e ext4", "debugfs"),
-    ) else {
-        return;
-    };
     for d in kernel_dispatchers("ext4 round trip") {
-        let (dir, img) = temp_image(64 << 20);
-        let made = Command::new(&mkfs).args(["-q", "-F"]).arg(&img).status();
-        assert!(made.unwrap().success(), "mkfs.ext4 on the host failed");
-        let script = "set -e; mount -t ext4 /dev/vda /mnt; head -c 3000000 /dev/urandom > /mnt/f; \
-                      echo SUM $(md5sum < /mnt/f); umount /mnt; sync";
-        let out = kernel_exec(d, script, &["--disk", path_str(&img), "--no-console"]);
-        assert_eq!(out.status, Some(0), "{d}");
-        let sum = out
-            .stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("SUM "))
-            .unwrap()
-            .trim_end_matches(['-', ' '])
-            .to_owned();
-        let check = Command::new(&fsck).arg("-fn").arg(&img).output().unwrap();
-        assert!(
-            check.status.success(),
-            "{d}: e2fsck finds the guest's file system damaged:\n{}",
-            String::from_utf8_lossy(&check.stdout)
-        );
-        let dumped = dir.as_path().join("f");
-        let dump = Command::new(&debugfs)
-            .arg("-R")
-            .arg(format!("dump /f {}", dumped.display()))
-            .arg(&img)
-            .output()
-            .unwrap();
-        assert!(dump.status.success());
-        let md5 = Command::new("md5sum").arg(&dumped).output().unwrap();
-        let host_sum = String::from_utf8(md5.stdout).unwrap();
-        assert_eq!(std::fs::metadata(&dumped).unwrap().len(), 3_000_000);
-        assert_eq!(host_sum.split_whitespace().next(), Some(sum.as_str()));
-        let reports = kernel_reports(d, &out);
+        let Some(trip) = ext4_round_trip("cdriver_e2e ext4", d, |script, img| {
+            kernel_exec(d, script, &["--disk", path_str(img), "--no-console"])
+        }) else {
+            return;
+        };
+        let reports = kernel_reports(d, &trip.out);
         assert!(reports.is_empty(), "{d}: kernel reports: {reports:#?}");
     }
 }

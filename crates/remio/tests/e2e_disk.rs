@@ -5,9 +5,6 @@
 //! reads but cannot change.
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
-use std::process::Command;
-
 mod e2e_common;
 use e2e_common::*;
 
@@ -57,13 +54,6 @@ fn pattern_written_by_the_guest_is_on_the_host_image_and_reads_back_after_reboot
     );
 }
 
-fn md5_of(path: &Path) -> String {
-    let out = Command::new("md5sum").arg(path).output().unwrap();
-    assert!(out.status.success());
-    let text = String::from_utf8(out.stdout).unwrap();
-    text.split_whitespace().next().unwrap().to_owned()
-}
-
 /// The guest's busybox has no mkfs.ext4, so the host makes the file system; the guest mounts
 /// it as ext4, writes a file and unmounts; the host checks the file system is clean and holds
 /// the same file; a second boot reads the same checksum back.
@@ -72,54 +62,16 @@ fn ext4_written_in_the_guest_is_clean_on_the_host_and_keeps_a_checksum_across_bo
     if !prerequisites("e2e_disk") {
         return;
     }
-    let (Some(mkfs), Some(fsck), Some(debugfs)) = (
-        host_tool("e2e_disk ext4", "mkfs.ext4"),
-        host_tool("e2e_disk ext4", "e2fsck"),
-        host_tool("e2e_disk ext4", "debugfs"),
-    ) else {
+    let Some(trip) = ext4_round_trip("e2e_disk ext4", "remio", |script, img| {
+        remio_exec(script, &["--disk", path_str(img)])
+    }) else {
         return;
     };
-    let (dir, img) = temp_image(64 << 20);
-    let made = Command::new(mkfs).args(["-q", "-F"]).arg(&img).status();
-    assert!(made.unwrap().success(), "mkfs.ext4 on the host failed");
-
-    let write = "set -e; mount -t ext4 /dev/vda /mnt; head -c 3000000 /dev/urandom > /mnt/f; \
-                 echo SUM $(md5sum < /mnt/f); umount /mnt; sync";
-    let out = remio_exec(write, &["--disk", path_str(&img)]);
-    assert_eq!(out.status, Some(0));
-    let sum = out
-        .stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("SUM "))
-        .unwrap()
-        .trim_end_matches(['-', ' '])
-        .to_owned();
-
-    let check = Command::new(fsck).arg("-fn").arg(&img).output().unwrap();
-    assert!(
-        check.status.success(),
-        "e2fsck finds the guest's file system damaged:\n{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
-    let dumped = dir.as_path().join("f");
-    let dump = Command::new(debugfs)
-        .arg("-R")
-        .arg(format!("dump /f {}", dumped.display()))
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(dump.status.success());
-    assert_eq!(std::fs::metadata(&dumped).unwrap().len(), 3_000_000);
-    assert_eq!(md5_of(&dumped), sum, "the host reads another file");
 
     let read = "set -e; mount -t ext4 -o ro /dev/vda /mnt; echo SUM $(md5sum < /mnt/f)";
-    let out = remio_exec(read, &["--disk", path_str(&img)]);
+    let out = remio_exec(read, &["--disk", path_str(&trip.img)]);
     assert_eq!(out.status, Some(0));
-    let again = out.stdout.lines().find_map(|l| l.strip_prefix("SUM "));
-    assert_eq!(
-        again.map(|s| s.trim_end_matches(['-', ' '])),
-        Some(sum.as_str())
-    );
+    assert_eq!(guest_sum(&out.stdout), Some(trip.sum.as_str()));
 }
 
 #[test]

@@ -506,3 +506,79 @@ pub fn kernel_trouble(stderr: &str) -> Vec<&str> {
         .filter(|l| KERNEL_TROUBLE.iter().any(|t| l.contains(t)))
         .collect()
 }
+
+/// The md5 of a host file, as md5sum prints it.
+pub fn md5_of(path: &Path) -> String {
+    let out = Command::new("md5sum").arg(path).output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.split_whitespace().next().unwrap().to_owned()
+}
+
+/// The guest's side of [`ext4_round_trip`]: writes a 3,000,000-byte random /f on the ext4 at
+/// /dev/vda and prints `SUM <md5>` of it.
+pub const EXT4_WRITE: &str = "set -e; mount -t ext4 /dev/vda /mnt; \
+                              head -c 3000000 /dev/urandom > /mnt/f; \
+                              echo SUM $(md5sum < /mnt/f); umount /mnt; sync";
+
+/// The md5 a guest printed as `SUM <md5>` (md5sum of stdin: a trailing ` -`), if it did.
+pub fn guest_sum(stdout: &str) -> Option<&str> {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("SUM "))
+        .map(|s| s.trim_end_matches(['-', ' ']))
+}
+
+/// What [`ext4_round_trip`] leaves: the image (in `dir`), the guest's run and the file's md5.
+pub struct Ext4RoundTrip {
+    pub dir: vmm_sys_util::tempdir::TempDir,
+    pub img: PathBuf,
+    pub out: RunOutput,
+    pub sum: String,
+}
+
+/// The host makes a 64 MiB ext4 image (the guest's busybox has no mkfs), `run` boots a guest
+/// on it that runs [`EXT4_WRITE`] (its arguments: the script and the image), and the host
+/// checks that e2fsck finds the file system clean and that debugfs reads back /f, 3,000,000
+/// bytes with the guest's md5. `what` names the run in failure messages. `None` after a loud
+/// skip when e2fsprogs is missing.
+pub fn ext4_round_trip(
+    test: &str,
+    what: &str,
+    run: impl FnOnce(&str, &Path) -> RunOutput,
+) -> Option<Ext4RoundTrip> {
+    let (Some(mkfs), Some(fsck), Some(debugfs)) = (
+        host_tool(test, "mkfs.ext4"),
+        host_tool(test, "e2fsck"),
+        host_tool(test, "debugfs"),
+    ) else {
+        return None;
+    };
+    let (dir, img) = temp_image(64 << 20);
+    let made = Command::new(mkfs).args(["-q", "-F"]).arg(&img).status();
+    assert!(made.unwrap().success(), "mkfs.ext4 on the host failed");
+
+    let out = run(EXT4_WRITE, &img);
+    assert_eq!(out.status, Some(0), "{what}");
+    let sum = guest_sum(&out.stdout)
+        .expect("the guest printed no SUM line")
+        .to_owned();
+
+    let check = Command::new(fsck).arg("-fn").arg(&img).output().unwrap();
+    assert!(
+        check.status.success(),
+        "{what}: e2fsck finds the guest's file system damaged:\n{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    let dumped = dir.as_path().join("f");
+    let dump = Command::new(debugfs)
+        .arg("-R")
+        .arg(format!("dump /f {}", dumped.display()))
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(dump.status.success());
+    assert_eq!(std::fs::metadata(&dumped).unwrap().len(), 3_000_000);
+    assert_eq!(md5_of(&dumped), sum, "{what}: the host reads another file");
+    Some(Ext4RoundTrip { dir, img, out, sum })
+}
