@@ -12,7 +12,7 @@
 //! acknowledged (its used-ring entry published) only after the engine returned.
 
 use std::fs::OpenOptions;
-use std::io::{Seek, SeekFrom};
+use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
@@ -819,6 +819,89 @@ pub fn io_workers_from_env() -> usize {
     }
 }
 
+/// The environment variable that sets the longest the queue thread polls the available ring
+/// for the driver's next request, in microseconds, before it sleeps and waits for a kick
+/// ([`DEFAULT_POLL_MAX_US`] without it; 0 never polls).
+pub const POLL_MAX_ENV: &str = "REMIO_BLK_POLL_US";
+/// Most microseconds [`POLL_MAX_ENV`] may ask for.
+pub const MAX_POLL_MAX_US: u64 = 10_000;
+/// The default longest poll, microseconds. A TCG guest issuing 4 KiB reads one after the
+/// other adds its next request 200-700 us after the last completed: a shorter bound found
+/// few of them (docs/performance.md, "Polling the available ring").
+pub const DEFAULT_POLL_MAX_US: u64 = 1000;
+
+/// The longest poll [`POLL_MAX_ENV`] asks for; [`DEFAULT_POLL_MAX_US`] without it, and with a
+/// warning when it is not a number of microseconds up to [`MAX_POLL_MAX_US`].
+pub fn poll_max_from_env() -> Duration {
+    let us = match std::env::var(POLL_MAX_ENV) {
+        Err(std::env::VarError::NotPresent) => DEFAULT_POLL_MAX_US,
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(n) if n <= MAX_POLL_MAX_US => n,
+            _ => {
+                log::warn!(
+                    "virtio-blk: {POLL_MAX_ENV}={v:?} is not a number of microseconds from 0 \
+                     to {MAX_POLL_MAX_US}: using {DEFAULT_POLL_MAX_US}"
+                );
+                DEFAULT_POLL_MAX_US
+            }
+        },
+        Err(e) => {
+            log::warn!("virtio-blk: {POLL_MAX_ENV}: {e}: using {DEFAULT_POLL_MAX_US}");
+            DEFAULT_POLL_MAX_US
+        }
+    };
+    Duration::from_micros(us)
+}
+
+/// Adaptive polling of the available ring (as QEMU's AioContext polls a virtqueue): a driver
+/// that adds its next request soon after the last completed does not have to kick, which
+/// costs it a trapped access. The window starts at `max`, doubles (from [`Poller::FIRST`]) each
+/// time a kick came within `max` of the queue going idle, and halves (down to zero) each time
+/// the queue stayed idle longer than `max`: an idle guest soon costs no polling.
+#[derive(Debug, Clone, Copy)]
+struct Poller {
+    max: Duration,
+    window: Duration,
+}
+
+impl Poller {
+    /// The first non-zero window.
+    const FIRST: Duration = Duration::from_micros(8);
+    /// How often a poll looks at the event loop (a stop, or a kick sent before notifications
+    /// went off).
+    const EVENT_CHECK: Duration = Duration::from_micros(50);
+    /// How often a poll yields the core to other runnable threads.
+    const YIELD_EVERY: Duration = Duration::from_micros(10);
+
+    /// A poller whose window starts at `max`.
+    fn new(max: Duration) -> Self {
+        Self { max, window: max }
+    }
+
+    /// The queue stayed idle for `idle` in all (the window polled, then the sleep) before a
+    /// kick: widen the window if a longer one would have found the request.
+    fn kicked_after(&mut self, idle: Duration) {
+        if idle < self.max {
+            self.window = (self.window * 2).clamp(Self::FIRST, self.max);
+        } else if self.window > Self::FIRST {
+            self.window /= 2;
+        } else {
+            self.window = Duration::ZERO;
+        }
+    }
+}
+
+/// How a poll of the available ring ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Polled {
+    /// The driver added a request (or the ring cannot be read, which taking reports).
+    Found,
+    /// Events are ready in the event loop (their tokens are in the caller's list).
+    Events,
+    /// Nothing came within the window: notifications are on again; idle since then.
+    Idle(Instant),
+}
+
 /// What a block device's queue thread and I/O workers count (relaxed atomics; they outlive
 /// resets). The queue thread logs them when it stops; docs/performance.md uses them to say
 /// where a request's time goes.
@@ -846,6 +929,14 @@ pub struct BlockCounters {
     /// Times a used-buffer interrupt was held because other requests of the queue were still
     /// executing (they are announced together: see [`MAX_INTERRUPT_HOLD`]).
     pub interrupts_held: AtomicU64,
+    /// Times polling the available ring found the driver's next request (no kick needed).
+    pub polled: AtomicU64,
+    /// Large reads executed in two halves (see [`SPLIT_READ_MIN`]).
+    pub split_reads: AtomicU64,
+    /// Of those, halves an I/O worker read.
+    pub halves_by_workers: AtomicU64,
+    /// Nanoseconds spent polling the available ring.
+    pub poll_ns: AtomicU64,
 }
 
 impl BlockCounters {
@@ -867,7 +958,8 @@ impl BlockCounters {
             "{requests} requests in {} batches; {} wake-ups ({:.2} per request, {} with a kick); \
              {} executed by I/O workers; up to {} in flight; {} flushes waited; {:.1} us \
              executing per request; {} interrupts ({:.2} per request, {} held for requests \
-             still executing)",
+             still executing); {} requests found by polling ({:.1} ms polling); {} reads split \
+             ({} halves by I/O workers)",
             g(&self.batches),
             g(&self.wakeups),
             per(g(&self.wakeups)),
@@ -879,6 +971,10 @@ impl BlockCounters {
             g(&self.interrupts),
             per(g(&self.interrupts)),
             g(&self.interrupts_held),
+            g(&self.polled),
+            precise(g(&self.poll_ns)) / 1e6,
+            g(&self.split_reads),
+            g(&self.halves_by_workers),
         )
     }
 }
@@ -922,6 +1018,8 @@ pub struct BlockDevice<E: BlockEngine = FileEngine> {
     io_workers: usize,
     /// See [`MAX_INTERRUPT_HOLD`].
     interrupt_hold: Duration,
+    /// The longest poll of the available ring (see [`POLL_MAX_ENV`]).
+    poll_max: Duration,
     counters: Arc<BlockCounters>,
     /// Active: the worker owns the backend and hands it back when stopped.
     worker: Option<Worker<BlockBackend<E>>>,
@@ -971,6 +1069,7 @@ impl<E: BlockEngine> BlockDevice<E> {
             features,
             io_workers,
             interrupt_hold: MAX_INTERRUPT_HOLD,
+            poll_max: poll_max_from_env(),
             counters: Arc::default(),
             worker: None,
         }
@@ -981,6 +1080,14 @@ impl<E: BlockEngine> BlockDevice<E> {
     #[must_use]
     pub fn with_interrupt_hold(mut self, hold: Duration) -> Self {
         self.interrupt_hold = hold;
+        self
+    }
+
+    /// Polls the available ring for at most `max` while the queue is idle instead of what
+    /// [`POLL_MAX_ENV`] says (from the next activation on; zero never polls).
+    #[must_use]
+    pub fn with_poll_max(mut self, max: Duration) -> Self {
+        self.poll_max = max;
         self
     }
 
@@ -1028,9 +1135,11 @@ impl<E: BlockEngine> VirtioDevice for BlockDevice<E> {
         };
         let counters = self.counters.clone();
         let hold = self.interrupt_hold;
+        let poll_max = self.poll_max;
         let worker = Worker::spawn("virtio-blk", move |stop| {
             let mut q = QueueRunner::new(&mut backend, pool, mem, queue, &interrupt, counters);
             q.max_hold = hold;
+            q.poller = Poller::new(poll_max);
             q.run(&evt, &stop);
             drop(q);
             backend
@@ -1053,6 +1162,72 @@ struct Job {
     req: BlockRequest,
 }
 
+/// What an I/O worker is handed: a whole request, or the second half of a large read the queue
+/// thread is executing (see [`SPLIT_READ_MIN`]).
+#[derive(Debug)]
+enum Work {
+    Request(Job),
+    Half(Arc<ReadHalf>),
+}
+
+/// The second half of a large read: its guest buffers and image offset, and how far it got.
+#[derive(Debug)]
+struct ReadHalf {
+    data: Buffers,
+    offset: u64,
+    state: Mutex<HalfState>,
+    done: Condvar,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HalfState {
+    /// Waiting for a worker.
+    Queued,
+    /// A worker is reading it.
+    Running,
+    /// The queue thread took it back and read it itself (a worker that finds it skips it).
+    TakenBack,
+    /// A worker read it: whether it succeeded.
+    Done(bool),
+}
+
+/// Reads at least this long that the queue thread executes are read in two halves, the second
+/// by an idle I/O worker at the same time: the copy from the image into guest memory is what a
+/// large read's latency is made of (~290 us per MiB here), and the guest waits for it.
+pub const SPLIT_READ_MIN: u64 = 256 << 10;
+
+/// A request's guest buffers: (address, length) in order.
+type Buffers = Vec<(GuestAddress, u32)>;
+
+/// Splits `data` into two runs of (nearly) equal byte length, cutting a buffer in two if need
+/// be: the first run, the second, and the byte offset where the second starts. `None` when
+/// there is nothing to split.
+fn halves(data: &[(GuestAddress, u32)]) -> Option<(Buffers, Buffers, u64)> {
+    let total: u64 = data.iter().map(|&(_, len)| u64::from(len)).sum();
+    // Cut on a sector boundary, as the image offset of the second half must be.
+    let half = (total / 2) & !(SECTOR_SIZE - 1);
+    if half == 0 {
+        return None;
+    }
+    let (mut first, mut second) = (Vec::new(), Vec::new());
+    let mut at = 0u64;
+    for &(addr, len) in data {
+        let end = at + u64::from(len);
+        if end <= half {
+            first.push((addr, len));
+        } else if at >= half {
+            second.push((addr, len));
+        } else {
+            // Bounded by `len`, a u32.
+            let head = u32::try_from(half - at).ok()?;
+            first.push((addr, head));
+            second.push((addr.checked_add(u64::from(head))?, len - head));
+        }
+        at = end;
+    }
+    Some((first, second, half))
+}
+
 /// A request an I/O worker completed: its place, the request (for reuse), the used length.
 #[derive(Debug)]
 struct Done {
@@ -1064,7 +1239,7 @@ struct Done {
 /// The jobs waiting for an I/O worker.
 #[derive(Debug, Default)]
 struct JobQueue {
-    jobs: std::collections::VecDeque<Job>,
+    jobs: std::collections::VecDeque<Work>,
     /// Workers waiting for a job.
     idle: usize,
     /// Set when the pool goes down: workers exit, leaving the jobs.
@@ -1170,6 +1345,50 @@ fn execute_counted<E: BlockEngine>(
     used
 }
 
+/// A worker reads the second half of a large read, unless the queue thread took it back.
+fn read_half<E: BlockEngine>(
+    backend: &mut BlockBackend<E>,
+    mem: &GuestMemoryMmap,
+    half: &ReadHalf,
+    counters: &BlockCounters,
+) {
+    {
+        let mut st = lock(&half.state);
+        if *st != HalfState::Queued {
+            return;
+        }
+        *st = HalfState::Running;
+    }
+    let ok = read_engine(backend, mem, &half.data, half.offset);
+    BlockCounters::add(&counters.halves_by_workers, 1);
+    *lock(&half.state) = HalfState::Done(ok);
+    half.done.notify_all();
+}
+
+/// Reads `data` from the image at `offset`; whether it worked (an error or a panic of the
+/// engine is logged).
+fn read_engine<E: BlockEngine>(
+    backend: &mut BlockBackend<E>,
+    mem: &GuestMemoryMmap,
+    data: &[(GuestAddress, u32)],
+    offset: u64,
+) -> bool {
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        backend.engine.read(mem, data, offset)
+    }));
+    match read {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            warn_rl!("virtio-blk: I/O error: {e}");
+            false
+        }
+        Err(_) => {
+            log::error!("virtio-blk: the engine panicked reading half a request");
+            false
+        }
+    }
+}
+
 /// An I/O worker: takes jobs until the pool stops, pushing each result to `done`.
 fn io_worker<E: BlockEngine>(
     backend: &mut BlockBackend<E>,
@@ -1185,8 +1404,15 @@ fn io_worker<E: BlockEngine>(
                 if q.stop {
                     return;
                 }
-                if let Some(job) = q.jobs.pop_front() {
-                    break job;
+                match q.jobs.pop_front() {
+                    Some(Work::Request(job)) => break job,
+                    Some(Work::Half(half)) => {
+                        drop(q);
+                        read_half(backend, mem, &half, counters);
+                        q = lock(&shared.jobs);
+                        continue;
+                    }
+                    None => {}
                 }
                 q.idle += 1;
                 q = shared
@@ -1249,6 +1475,8 @@ struct QueueRunner<'a, E: BlockEngine> {
     held_irq_since: Option<Instant>,
     /// The longest it is held.
     max_hold: Duration,
+    /// Polling of the available ring while the queue is idle.
+    poller: Poller,
 }
 
 impl<'a, E: BlockEngine> QueueRunner<'a, E> {
@@ -1279,6 +1507,7 @@ impl<'a, E: BlockEngine> QueueRunner<'a, E> {
             used_any: false,
             held_irq_since: None,
             max_hold: MAX_INTERRUPT_HOLD,
+            poller: Poller::new(Duration::ZERO),
         }
     }
 
@@ -1299,18 +1528,38 @@ impl<'a, E: BlockEngine> QueueRunner<'a, E> {
         }
         let mut tokens = Vec::with_capacity(3);
         let mut stopping = false;
+        // Since when the queue has been idle with notifications on (after a poll), if it is.
+        let mut idle_since: Option<Instant> = None;
         while !stopping || self.len > 0 {
-            // A held interrupt is raised at the latest `max_hold` after it was held.
-            let timeout = self.held_irq_since.map_or(-1, |t| {
-                let left = self.max_hold.saturating_sub(t.elapsed());
-                i32::try_from(left.as_micros().div_ceil(1000))
-                    .unwrap_or(i32::MAX)
-                    .max(1)
-            });
-            if let Err(e) = ev.wait(timeout, &mut tokens) {
-                return fail_device(self.interrupt, "virtio-blk epoll", &e);
+            let mut events_ready = false;
+            if !stopping && self.poller.max > Duration::ZERO && self.idle() {
+                match self.poll_avail(&mut ev, &mut tokens) {
+                    Ok(Polled::Found) => {
+                        // Take it without a kick.
+                        if let Err(e) = self.service(true) {
+                            return fail_device(self.interrupt, "virtio-blk queue", &e);
+                        }
+                        continue;
+                    }
+                    Ok(Polled::Events) => events_ready = true,
+                    Ok(Polled::Idle(since)) => idle_since = Some(since),
+                    Err(e) => return fail_device(self.interrupt, "virtio-blk epoll", &e),
+                }
+            }
+            if !events_ready {
+                // A held interrupt is raised at the latest `max_hold` after it was held.
+                let timeout = self.held_irq_since.map_or(-1, |t| {
+                    let left = self.max_hold.saturating_sub(t.elapsed());
+                    i32::try_from(left.as_micros().div_ceil(1000))
+                        .unwrap_or(i32::MAX)
+                        .max(1)
+                });
+                if let Err(e) = ev.wait(timeout, &mut tokens) {
+                    return fail_device(self.interrupt, "virtio-blk epoll", &e);
+                }
             }
             BlockCounters::add(&self.counters.wakeups, 1);
+            let idle_for = idle_since.take().map(|t| t.elapsed());
             for &token in &tokens {
                 match token {
                     STOP_TOKEN => stopping = true,
@@ -1320,6 +1569,9 @@ impl<'a, E: BlockEngine> QueueRunner<'a, E> {
                     _ => {
                         BlockCounters::add(&self.counters.kicks, 1);
                         let _ = evt.read();
+                        if let Some(idle) = idle_for {
+                            self.poller.kicked_after(idle);
+                        }
                     }
                 }
             }
@@ -1387,6 +1639,72 @@ impl<'a, E: BlockEngine> QueueRunner<'a, E> {
         Ok(())
     }
 
+    /// Nothing taken is in flight and requests may be taken: the queue is waiting for the
+    /// driver.
+    fn idle(&self) -> bool {
+        self.len == 0 && self.held.is_none()
+    }
+
+    /// Polls the available ring for up to the poller's window with the driver's notifications
+    /// off, looking at the event loop every [`Poller::EVENT_CHECK`] (a stop must not wait for
+    /// the window).
+    fn poll_avail(&mut self, ev: &mut EventLoop, tokens: &mut Vec<u64>) -> io::Result<Polled> {
+        let start = Instant::now();
+        let window = self.poller.window;
+        let mut outcome = None;
+        if window > Duration::ZERO {
+            let mut next_check = Poller::EVENT_CHECK;
+            let mut next_yield = Poller::YIELD_EVERY;
+            loop {
+                let avail = self.queue.avail_idx(&self.mem, Ordering::Acquire);
+                match avail {
+                    Ok(idx) if idx.0 != self.queue.next_avail() => {
+                        outcome = Some(Polled::Found);
+                        break;
+                    }
+                    Ok(_) => {}
+                    // The ring is not in guest memory: `take` reports it.
+                    Err(_) => {
+                        outcome = Some(Polled::Found);
+                        break;
+                    }
+                }
+                let elapsed = start.elapsed();
+                if elapsed >= window {
+                    break;
+                }
+                if elapsed >= next_check {
+                    next_check += Poller::EVENT_CHECK;
+                    ev.wait(0, tokens)?;
+                    if !tokens.is_empty() {
+                        outcome = Some(Polled::Events);
+                        break;
+                    }
+                }
+                if elapsed >= next_yield {
+                    // Threads woken on this core (the dispatcher's, QEMU's, the guest's vCPU)
+                    // wait at most this long for it.
+                    next_yield = elapsed + Poller::YIELD_EVERY;
+                    std::thread::yield_now();
+                }
+                std::hint::spin_loop();
+            }
+            let spent = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            BlockCounters::add(&self.counters.poll_ns, spent);
+        }
+        if let Some(o) = outcome {
+            if o == Polled::Found {
+                BlockCounters::add(&self.counters.polled, 1);
+            }
+            return Ok(o);
+        }
+        // Notifications on; a request added meanwhile is taken at once.
+        match self.queue.enable_notification(&self.mem) {
+            Ok(false) => Ok(Polled::Idle(start)),
+            Ok(true) | Err(_) => Ok(Polled::Found),
+        }
+    }
+
     /// Takes the available requests (as `drain_queue` does, with the driver's notifications
     /// suppressed meanwhile), stopping at a FLUSH that must wait or when the reorder buffer is
     /// full, and hands them out. Whether it took any.
@@ -1445,7 +1763,13 @@ impl<'a, E: BlockEngine> QueueRunner<'a, E> {
             // Blocked, or requests executing on workers: the queue thread comes back when a
             // request completes, and takes on from there (notifications stay suppressed
             // meanwhile, so a driver adding to the busy queue does not kick).
-            if blocked || self.executing > 0 || !self.queue.enable_notification(&self.mem)? {
+            // With polling, notifications stay off too: the run loop polls, and turns them on
+            // before it sleeps.
+            if blocked
+                || self.executing > 0
+                || self.poller.max > Duration::ZERO
+                || !self.queue.enable_notification(&self.mem)?
+            {
                 break;
             }
         }
@@ -1464,8 +1788,11 @@ impl<'a, E: BlockEngine> QueueRunner<'a, E> {
             let n = self.batch.len() - 1;
             let idle = {
                 let mut q = lock(&self.pool.shared.jobs);
-                q.jobs
-                    .extend(self.batch.drain(1..).map(|(slot, req)| Job { slot, req }));
+                q.jobs.extend(
+                    self.batch
+                        .drain(1..)
+                        .map(|(slot, req)| Work::Request(Job { slot, req })),
+                );
                 q.idle
             };
             for _ in 0..n.min(idle) {
@@ -1482,23 +1809,91 @@ impl<'a, E: BlockEngine> QueueRunner<'a, E> {
         let mut stole = false;
         loop {
             let job = lock(&self.pool.shared.jobs).jobs.pop_front();
-            let Some(Job { slot, req }) = job else {
-                return stole;
-            };
-            stole = true;
-            self.execute_here(slot, req);
+            match job {
+                None => return stole,
+                // A half the queue thread took back (it waits for the others itself).
+                Some(Work::Half(_)) => {}
+                Some(Work::Request(Job { slot, req })) => {
+                    stole = true;
+                    self.execute_here(slot, req);
+                }
+            }
         }
     }
 
     fn execute_here(&mut self, slot: u16, req: BlockRequest) {
-        let used = execute_counted(
-            self.backend,
-            &self.mem,
-            &req,
-            self.interrupt,
-            &self.counters,
-        );
+        let used = match self.split_read(&req) {
+            Some(used) => used,
+            None => execute_counted(
+                self.backend,
+                &self.mem,
+                &req,
+                self.interrupt,
+                &self.counters,
+            ),
+        };
         self.complete(slot, req, used);
+    }
+
+    /// Executes a read of at least [`SPLIT_READ_MIN`] bytes in two halves, the second handed
+    /// to the I/O workers (taken back if none has started it once the first is read); its used
+    /// length. `None` if it is not such a read or there are no workers.
+    fn split_read(&mut self, req: &BlockRequest) -> Option<u32> {
+        if req.kind != Some(RequestType::In)
+            || req.data_len < SPLIT_READ_MIN
+            || self.pool.is_empty()
+        {
+            return None;
+        }
+        let offset = req.sector.checked_mul(SECTOR_SIZE)?;
+        let (first, second, second_at) = halves(&req.data)?;
+        let half = Arc::new(ReadHalf {
+            data: second,
+            offset: offset.checked_add(second_at)?,
+            state: Mutex::new(HalfState::Queued),
+            done: Condvar::new(),
+        });
+        // Ahead of the queued requests: a worker that is free takes it next; if none has by
+        // the time the first half is read, the queue thread reads it too.
+        lock(&self.pool.shared.jobs)
+            .jobs
+            .push_front(Work::Half(half.clone()));
+        self.pool.shared.job_ready.notify_one();
+        let start = Instant::now();
+        let mut ok = read_engine(self.backend, &self.mem, &first, offset);
+        let taken_back = {
+            let mut st = lock(&half.state);
+            if *st == HalfState::Queued {
+                *st = HalfState::TakenBack;
+                true
+            } else {
+                false
+            }
+        };
+        ok &= if taken_back {
+            read_engine(self.backend, &self.mem, &half.data, half.offset)
+        } else {
+            let mut st = lock(&half.state);
+            loop {
+                if let HalfState::Done(half_ok) = *st {
+                    break half_ok;
+                }
+                st = half.done.wait(st).unwrap_or_else(PoisonError::into_inner);
+            }
+        };
+        BlockCounters::add(&self.counters.split_reads, 1);
+        BlockCounters::add(
+            &self.counters.exec_ns,
+            u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX),
+        );
+        let (status, written) = if ok {
+            (S_OK, u32::try_from(req.data_len).unwrap_or(u32::MAX))
+        } else {
+            (S_IOERR, 0)
+        };
+        let used = write_status(&self.mem, req, status, written);
+        count_request(self.interrupt.stats(), req, status);
+        Some(used)
     }
 
     fn complete(&mut self, slot: u16, req: BlockRequest, used: u32) {
@@ -2814,6 +3209,240 @@ mod tests {
 
         assert_eq!(asked_while_busy, 0);
         assert_eq!(used_ids(&mem, used, 3), (3, heads));
+    }
+
+    /// A device over an open gate (every I/O returns at once), one queue with EVENT_IDX,
+    /// no I/O workers, polling the available ring for at most `poll`.
+    fn polling_device_on(
+        mem: &GuestMemoryMmap,
+        vq: &MockSplitQueue<'_, GuestMemoryMmap>,
+        poll: Duration,
+    ) -> (BlockDevice<GateEngine>, Ends) {
+        let gate = Arc::new(Gate::default());
+        open(&gate);
+        let engine = GateEngine::new(&gate, mem, vq.used_addr().unchecked_add(2));
+        let disk = DiskGeometry {
+            capacity: 16,
+            read_only: false,
+        };
+        let mut dev =
+            BlockDevice::with_io_workers(BlockBackend::with_engine(engine, disk, None), 0)
+                .with_poll_max(poll);
+        let (ctx, ends) = rig(mem, vq, 1, true);
+        dev.activate(ctx).unwrap();
+        (dev, ends)
+    }
+
+    #[test]
+    fn a_request_added_while_the_queue_polls_is_taken_without_a_kick() {
+        let mem = mem();
+        let reads: Vec<(u32, u64)> = (0..2).map(|s| (VIRTIO_BLK_T_IN, s)).collect();
+        let (chains, heads) = requests(&mem, &reads);
+        let vq = queue_with(&mem, &chains[..1]);
+        let used = vq.used_addr();
+        // A window far longer than the test: the poll cannot end before the second request.
+        let (mut dev, ends) = polling_device_on(&mem, &vq, Duration::from_secs(600));
+        let counters = dev.counters();
+
+        ends.evt.write(1).unwrap();
+        wait_used(&mem, used, 1);
+        // The device polls: it has not asked to be notified of the next request.
+        let asked = avail_event(&mem, used);
+        // The driver adds a second request and, not asked to, does not kick.
+        vq.add_desc_chains(&chains[1], heads[1]).unwrap();
+        wait_used(&mem, used, 2);
+        // A reset ends the poll (it looks at its events while it polls).
+        let reset_at = Instant::now();
+        dev.reset();
+        let reset_took = reset_at.elapsed();
+
+        assert_eq!(asked, 0);
+        assert_eq!(used_ids(&mem, used, 2), (2, heads));
+        assert_eq!(counters.kicks.load(Ordering::Relaxed), 1);
+        assert!(counters.polled.load(Ordering::Relaxed) >= 1);
+        assert!(
+            reset_took < Duration::from_secs(60),
+            "the reset waited for the poll window ({reset_took:?})"
+        );
+    }
+
+    #[test]
+    fn an_idle_queue_stops_polling_and_asks_for_notifications_again() {
+        let mem = mem();
+        let (chains, heads) = requests(&mem, &[(VIRTIO_BLK_T_IN, 0)]);
+        let vq = queue_with(&mem, &chains);
+        let used = vq.used_addr();
+        let (mut dev, ends) = polling_device_on(&mem, &vq, Duration::from_millis(1));
+        let counters = dev.counters();
+
+        ends.evt.write(1).unwrap();
+        wait_used(&mem, used, 1);
+        // The window ends with nothing added: the device asks to be notified of request 1.
+        poll_until("notifications never re-enabled after the poll", || {
+            avail_event(&mem, used) == 1
+        });
+        dev.reset();
+
+        assert_eq!(used_ids(&mem, used, 1), (1, heads));
+        // At least one whole window was spent polling before notifications came back on.
+        assert!(counters.poll_ns.load(Ordering::Relaxed) >= 1_000_000);
+    }
+
+    #[test]
+    fn the_poll_window_doubles_when_a_kick_comes_within_the_longest_and_halves_when_not() {
+        let max = Duration::from_micros(100);
+        let mut p = Poller::new(max);
+        assert_eq!(p.window, max, "it starts at the longest");
+        // Idle longer than the longest: halved, then down to zero below the first window.
+        p.kicked_after(Duration::from_millis(5));
+        assert_eq!(p.window, Duration::from_micros(50));
+        for _ in 0..3 {
+            p.kicked_after(Duration::from_millis(5));
+        }
+        assert_eq!(p.window, Duration::from_nanos(6250));
+        p.kicked_after(Duration::from_millis(5));
+        assert_eq!(p.window, Duration::ZERO);
+        // A kick soon after the queue went idle: a longer window would have found it.
+        p.kicked_after(Duration::from_micros(40));
+        assert_eq!(p.window, Poller::FIRST);
+        for _ in 0..10 {
+            p.kicked_after(Duration::from_micros(40));
+        }
+        assert_eq!(p.window, max, "never beyond the longest");
+    }
+
+    #[test]
+    fn halves_cut_the_buffers_on_a_sector_boundary_near_the_middle() {
+        let a = |x: u64| GuestAddress(x);
+        // One buffer: cut inside it.
+        assert_eq!(
+            halves(&[(a(0x1000), 0x10_0000)]),
+            Some((
+                vec![(a(0x1000), 0x8_0000)],
+                vec![(a(0x8_1000), 0x8_0000)],
+                0x8_0000
+            ))
+        );
+        // Several: the one across the middle is cut, the others stay whole.
+        assert_eq!(
+            halves(&[(a(0), 1024), (a(0x1000), 2048), (a(0x2000), 1024)]),
+            Some((
+                vec![(a(0), 1024), (a(0x1000), 1024)],
+                vec![(a(0x1400), 1024), (a(0x2000), 1024)],
+                2048
+            ))
+        );
+        // A cut on a buffer's end leaves no empty piece; an odd sector count rounds down.
+        assert_eq!(
+            halves(&[(a(0), 512), (a(0x1000), 512)]),
+            Some((vec![(a(0), 512)], vec![(a(0x1000), 512)], 512))
+        );
+        assert_eq!(
+            halves(&[(a(0), 1536)]),
+            Some((vec![(a(0), 512)], vec![(a(0x200), 1024)], 512))
+        );
+        assert_eq!(halves(&[(a(0), 512)]), None);
+        assert_eq!(halves(&[]), None);
+    }
+
+    /// A device of `sectors` sectors over `engine`, activated on `vq` without EVENT_IDX.
+    fn device_over<E: BlockEngine>(
+        mem: &GuestMemoryMmap,
+        vq: &MockSplitQueue<'_, GuestMemoryMmap>,
+        engine: BlockBackend<E>,
+        io_workers: usize,
+    ) -> (BlockDevice<E>, Ends) {
+        let mut dev =
+            BlockDevice::with_io_workers(engine, io_workers).with_poll_max(Duration::ZERO);
+        let (ctx, ends) = rig(mem, vq, 1, false);
+        dev.activate(ctx).unwrap();
+        (dev, ends)
+    }
+
+    /// One read of `segments` (address, length) from `sector`.
+    fn large_read(
+        mem: &GuestMemoryMmap,
+        sector: u64,
+        segments: &[(u64, u32)],
+    ) -> Vec<RawDescriptor> {
+        put_header(mem, HDR, VIRTIO_BLK_T_IN, sector);
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let data: Vec<(u64, u32, u16)> = segments.iter().map(|&(a, l)| (a, l, W)).collect();
+        chain(HDR, &data, STATUS, 0)
+    }
+
+    #[test]
+    fn a_large_read_is_read_in_two_halves_at_once_by_the_queue_thread_and_a_worker() {
+        let mem = mem();
+        let len = SPLIT_READ_MIN as u32;
+        let vq = queue_with(&mem, &[large_read(&mem, 8, &[(0x4_0000, len)])]);
+        let gate = Arc::new(Gate::default());
+        let engine = GateEngine::new(&gate, &mem, vq.used_addr().unchecked_add(2));
+        let disk = DiskGeometry {
+            capacity: 4096,
+            read_only: false,
+        };
+        let backend = BlockBackend::with_engine(engine, disk, None);
+        let (mut dev, ends) = device_over(&mem, &vq, backend, 1);
+        let counters = dev.counters();
+
+        ends.evt.write(1).unwrap();
+        // Both halves are in the engine at once (the gate is closed), one on each thread.
+        wait_gate(&gate, |s| s.entered == 2);
+        let mut on = gate.state.lock().unwrap().entered_on.clone();
+        open(&gate);
+        wait_used(&mem, vq.used_addr(), 1);
+        dev.reset();
+
+        on.sort();
+        let half = u64::from(len / 2);
+        assert_eq!(
+            on,
+            vec![
+                (8 * 512, "virtio-blk".to_owned()),
+                (8 * 512 + half, "virtio-blk-io0".to_owned())
+            ]
+        );
+        let used_len: u32 = mem.read_obj(vq.used_addr().unchecked_add(8)).unwrap();
+        assert_eq!(used_len, len + 1);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_OK);
+        assert_eq!(counters.split_reads.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.halves_by_workers.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_split_read_puts_the_image_bytes_in_every_buffer() {
+        let mem = mem();
+        let tmp = TempFile::new().unwrap();
+        let image: Vec<u8> = (0..1024 * 512).map(|i| (i % 253) as u8).collect();
+        tmp.as_file().write_all(&image).unwrap();
+        let backend = BlockBackend::open(tmp.as_path(), true, None).unwrap();
+        // 384 KiB in three buffers; the middle one is cut.
+        let segments = [
+            (0x2_0000, 0x1_0000),
+            (0x4_0000, 0x4_0000),
+            (0xa_0000, 0x1_0000),
+        ];
+        let vq = queue_with(&mem, &[large_read(&mem, 16, &segments)]);
+        let (mut dev, ends) = device_over(&mem, &vq, backend, 2);
+        let counters = dev.counters();
+
+        ends.evt.write(1).unwrap();
+        wait_used(&mem, vq.used_addr(), 1);
+        dev.reset();
+
+        let mut got = Vec::new();
+        for &(addr, len) in &segments {
+            let mut buf = vec![0u8; len as usize];
+            mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+            got.extend_from_slice(&buf);
+        }
+        assert!(
+            got == image[16 * 512..16 * 512 + got.len()],
+            "the buffers differ from the image"
+        );
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_OK);
+        assert_eq!(counters.split_reads.load(Ordering::Relaxed), 1);
     }
 
     #[test]
