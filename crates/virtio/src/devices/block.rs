@@ -800,23 +800,14 @@ pub const MAX_IO_WORKERS: usize = 64;
 /// The I/O workers [`IO_WORKERS_ENV`] asks for; [`DEFAULT_IO_WORKERS`] without it, and with a
 /// warning when it is not a number up to [`MAX_IO_WORKERS`].
 pub fn io_workers_from_env() -> usize {
-    match std::env::var(IO_WORKERS_ENV) {
-        Err(std::env::VarError::NotPresent) => DEFAULT_IO_WORKERS,
-        Ok(v) => match v.trim().parse::<usize>() {
-            Ok(n) if n <= MAX_IO_WORKERS => n,
-            _ => {
-                log::warn!(
-                    "virtio-blk: {IO_WORKERS_ENV}={v:?} is not a number of I/O workers from 0 \
-                     to {MAX_IO_WORKERS}: using {DEFAULT_IO_WORKERS}"
-                );
-                DEFAULT_IO_WORKERS
-            }
-        },
-        Err(e) => {
-            log::warn!("virtio-blk: {IO_WORKERS_ENV}: {e}: using {DEFAULT_IO_WORKERS}");
-            DEFAULT_IO_WORKERS
-        }
-    }
+    let n = number_from_env(
+        IO_WORKERS_ENV,
+        DEFAULT_IO_WORKERS as u64,
+        MAX_IO_WORKERS as u64,
+        "I/O workers",
+    );
+    // At most MAX_IO_WORKERS.
+    usize::try_from(n).unwrap_or(DEFAULT_IO_WORKERS)
 }
 
 /// The environment variable that sets the longest the queue thread polls the available ring
@@ -833,10 +824,11 @@ pub const DEFAULT_POLL_MAX_US: u64 = 1000;
 /// The longest poll [`POLL_MAX_ENV`] asks for; [`DEFAULT_POLL_MAX_US`] without it, and with a
 /// warning when it is not a number of microseconds up to [`MAX_POLL_MAX_US`].
 pub fn poll_max_from_env() -> Duration {
-    Duration::from_micros(micros_from_env(
+    Duration::from_micros(number_from_env(
         POLL_MAX_ENV,
         DEFAULT_POLL_MAX_US,
         MAX_POLL_MAX_US,
+        "microseconds",
     ))
 }
 
@@ -851,23 +843,24 @@ pub const DEFAULT_IRQ_HOLD_US: u64 = 150;
 /// The hold [`IRQ_HOLD_ENV`] asks for; [`DEFAULT_IRQ_HOLD_US`] without it, and with a warning
 /// when it is not a number of microseconds up to [`MAX_IRQ_HOLD_US`].
 pub fn irq_hold_from_env() -> Duration {
-    Duration::from_micros(micros_from_env(
+    Duration::from_micros(number_from_env(
         IRQ_HOLD_ENV,
         DEFAULT_IRQ_HOLD_US,
         MAX_IRQ_HOLD_US,
+        "microseconds",
     ))
 }
 
-/// A number of microseconds from the environment variable `name`, up to `max`; `default`
-/// without it, and with a warning when it is not such a number.
-fn micros_from_env(name: &str, default: u64, max: u64) -> u64 {
+/// A number (of `what`) from the environment variable `name`, up to `max`; `default` without
+/// it, and with a warning when it is not such a number.
+fn number_from_env(name: &str, default: u64, max: u64, what: &str) -> u64 {
     match std::env::var(name) {
         Err(std::env::VarError::NotPresent) => default,
         Ok(v) => match v.trim().parse::<u64>() {
             Ok(n) if n <= max => n,
             _ => {
                 log::warn!(
-                    "virtio-blk: {name}={v:?} is not a number of microseconds from 0 to {max}: \
+                    "virtio-blk: {name}={v:?} is not a number of {what} from 0 to {max}: \
                      using {default}"
                 );
                 default
