@@ -821,12 +821,16 @@ pub const MAX_POLL_MAX_US: u64 = 10_000;
 /// few of them (docs/performance.md, "Polling the available ring").
 pub const DEFAULT_POLL_MAX_US: u64 = 1000;
 
-/// The longest poll [`POLL_MAX_ENV`] asks for; [`DEFAULT_POLL_MAX_US`] without it, and with a
-/// warning when it is not a number of microseconds up to [`MAX_POLL_MAX_US`].
+/// The longest poll [`POLL_MAX_ENV`] asks for; without it [`DEFAULT_POLL_MAX_US`], or 0 when
+/// this process can run on one CPU only (the poll would spin on the CPU the guest's requests
+/// and their completions need); with a warning when it is not a number of microseconds up to
+/// [`MAX_POLL_MAX_US`].
 pub fn poll_max_from_env() -> Duration {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let default = if cpus > 1 { DEFAULT_POLL_MAX_US } else { 0 };
     Duration::from_micros(number_from_env(
         POLL_MAX_ENV,
-        DEFAULT_POLL_MAX_US,
+        default,
         MAX_POLL_MAX_US,
         "microseconds",
     ))
