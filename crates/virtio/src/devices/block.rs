@@ -1305,9 +1305,10 @@ enum HalfState {
     Done(bool),
 }
 
-/// Reads at least this long that the queue thread executes are read in two halves, the second
-/// by an idle I/O worker at the same time: the copy from the image into guest memory is what a
-/// large read's latency is made of (~290 us per MiB here), and the guest waits for it.
+/// Reads at least this long that the queue thread executes are read in two halves at once,
+/// the second by an I/O worker (or by the queue thread too, if no worker has started it by the
+/// time the first is read): the copy from the image into guest memory is what a large read's
+/// latency is made of (~290 us per MiB here), and the guest waits for it.
 pub const SPLIT_READ_MIN: u64 = 256 << 10;
 
 /// A request's guest buffers: (address, length) in order.
