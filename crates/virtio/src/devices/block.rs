@@ -1669,9 +1669,14 @@ impl<'a, E: BlockEngine> QueueRunner<'a, E> {
                 }
             }
             if !events_ready {
-                // A held interrupt is raised at the latest `max_hold` after it was held.
+                // A held interrupt is raised at the latest when its hold ends.
+                let hold = if self.coalescing_hold {
+                    self.coalescer.max
+                } else {
+                    self.max_hold
+                };
                 let timeout = self.held_irq_since.map_or(-1, |t| {
-                    let left = self.max_hold.saturating_sub(t.elapsed());
+                    let left = hold.saturating_sub(t.elapsed());
                     i32::try_from(left.as_micros().div_ceil(1000))
                         .unwrap_or(i32::MAX)
                         .max(1)
@@ -1805,10 +1810,8 @@ impl<'a, E: BlockEngine> QueueRunner<'a, E> {
                         break;
                     }
                 }
-                let elapsed = start.elapsed();
-                if elapsed >= window {
-                    break;
-                }
+                // Before the window's end: a poll preempted past both must not leave the
+                // interrupt held while the thread sleeps.
                 if self
                     .held_irq_since
                     .is_some_and(|t| t.elapsed() >= self.coalescer.max)
@@ -1816,6 +1819,10 @@ impl<'a, E: BlockEngine> QueueRunner<'a, E> {
                     // The held interrupt is due: `service` raises it.
                     outcome = Some(Polled::Events);
                     tokens.clear();
+                    break;
+                }
+                let elapsed = start.elapsed();
+                if elapsed >= window {
                     break;
                 }
                 if elapsed >= next_check {
