@@ -33,6 +33,9 @@ pub struct GuestFigures {
     /// Of those, answered inline in the dispatcher: (by the status word, by ioeventfds), from
     /// the DMs' destruction log lines (remio only; `None` if the run did not log them).
     pub in_dispatcher: Option<(f64, f64)>,
+    /// Milliseconds the disk's queue thread spent polling its available ring (host CPU the
+    /// polling cost), from its `virtio-blk: stopped` line (remio only).
+    pub poll_ms: Option<f64>,
 }
 
 impl GuestFigures {
@@ -55,6 +58,7 @@ impl GuestFigures {
             trapped: per_io(&|r| r.trapped),
             in_dispatcher: per_io(&|r| r.in_dispatcher.map(|d| d.0))
                 .zip(per_io(&|r| r.in_dispatcher.map(|d| d.1))),
+            poll_ms: per_io(&|r| r.poll_ms),
         }
     }
 }
@@ -125,6 +129,7 @@ pub fn remio(disk: &Path) -> anyhow::Result<GuestFigures> {
         .map(Some)
         .context("`remio run` did not report its trapped accesses")?;
     figures.in_dispatcher = parse_dispatcher_answers(&stderr);
+    figures.poll_ms = parse_poll_ms(&stderr);
     eprintln!("guest: remio boot: {figures}");
     Ok(figures)
 }
@@ -235,6 +240,7 @@ pub fn parse_iobench(out: &str) -> anyhow::Result<GuestFigures> {
         ios: seq_ios + rand_ios,
         trapped: None,
         in_dispatcher: None,
+        poll_ms: None,
     })
 }
 
@@ -253,6 +259,18 @@ pub fn parse_dispatcher_answers(log: &str) -> Option<(f64, f64)> {
         found = Some((a + sw, b + io));
     }
     found
+}
+
+/// The polling time of the last `virtio-blk: stopped; … (X ms polling)` line (its counters
+/// are the device's totals since it was created), or `None` without such a line.
+pub fn parse_poll_ms(log: &str) -> Option<f64> {
+    log.lines()
+        .filter(|l| l.contains("virtio-blk: stopped"))
+        .filter_map(|l| {
+            let i = l.find(" ms polling)")?;
+            l[..i].rsplit('(').next()?.parse::<f64>().ok()
+        })
+        .next_back()
 }
 
 fn tail(s: &str) -> String {
@@ -287,6 +305,20 @@ mod tests {
     }
 
     #[test]
+    fn the_last_stop_line_gives_the_polling_time() {
+        let log = "[INFO remio_virtio::devices::block] virtio-blk: stopped; since the device was \
+                   created: 9 requests in 9 batches; 0 interrupts (0.00 per request, 0 held for \
+                   requests still executing or while polling); 3 requests found by polling \
+                   (1.5 ms polling); 0 reads split (0 halves by I/O workers)\n\
+                   noise (2.0 ms polling)\n\
+                   [INFO remio_virtio::devices::block] virtio-blk: stopped; since the device was \
+                   created: 90 requests; 30 requests found by polling (12.25 ms polling); 0 reads \
+                   split (0 halves by I/O workers)\n";
+        assert_eq!(parse_poll_ms(log), Some(12.25));
+        assert_eq!(parse_poll_ms("virtio-blk: stopped; nothing"), None);
+    }
+
+    #[test]
     fn median_takes_each_figure_on_its_own_and_traps_per_io() {
         let run = |seq, iops, ios, trapped| GuestFigures {
             seq_mib_per_s: seq,
@@ -294,6 +326,7 @@ mod tests {
             ios,
             trapped: Some(trapped),
             in_dispatcher: None,
+            poll_ms: None,
         };
         let m = GuestFigures::median(&[
             run(1.0, 300.0, 100.0, 200.0),

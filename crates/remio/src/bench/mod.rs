@@ -370,6 +370,15 @@ fn guest(report: &mut Report, dir: &std::path::Path, runs: usize) -> anyhow::Res
         report.add("guest.status_word_per_io", status_word / remio.ios, "");
         report.add("guest.ioeventfd_per_io", ioeventfd / remio.ios, "");
     }
+    if let Some(poll_ms) = remio.poll_ms {
+        // What polling the disk's available ring cost the host, per I/O of the benchmark
+        // (CPU time of the device model's queue thread spent spinning; boot included).
+        report.add(
+            "guest.blk_poll_us_per_io",
+            poll_ms * 1000.0 / remio.ios,
+            "us",
+        );
+    }
     Ok(())
 }
 
