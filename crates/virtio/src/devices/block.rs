@@ -1780,10 +1780,10 @@ impl<'a, E: BlockEngine> QueueRunner<'a, E> {
         self.coalescer.holding() && self.poller.window >= self.coalescer.max
     }
 
-    /// Nothing taken is in flight and requests may be taken: the queue is waiting for the
-    /// driver.
+    /// Nothing taken is in flight (a held FLUSH is in the reorder buffer too): the queue is
+    /// waiting for the driver.
     fn idle(&self) -> bool {
-        self.len == 0 && self.held.is_none()
+        self.len == 0
     }
 
     /// Polls the available ring for up to the poller's window with the driver's notifications
@@ -1797,18 +1797,11 @@ impl<'a, E: BlockEngine> QueueRunner<'a, E> {
             let mut next_check = Poller::EVENT_CHECK;
             let mut next_yield = Poller::YIELD_EVERY;
             loop {
+                // A new entry, or a ring not in guest memory (which `take` reports).
                 let avail = self.queue.avail_idx(&self.mem, Ordering::Acquire);
-                match avail {
-                    Ok(idx) if idx.0 != self.queue.next_avail() => {
-                        outcome = Some(Polled::Found);
-                        break;
-                    }
-                    Ok(_) => {}
-                    // The ring is not in guest memory: `take` reports it.
-                    Err(_) => {
-                        outcome = Some(Polled::Found);
-                        break;
-                    }
+                if avail.map_or(true, |idx| idx.0 != self.queue.next_avail()) {
+                    outcome = Some(Polled::Found);
+                    break;
                 }
                 // Before the window's end: a poll preempted past both must not leave the
                 // interrupt held while the thread sleeps.
