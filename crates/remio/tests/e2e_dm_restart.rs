@@ -114,22 +114,11 @@ fn fsync_workload(test: &str, during: impl FnOnce(u32, &Path)) -> Option<(RunOut
         "e2fsck: {}",
         String::from_utf8_lossy(&fsck.stdout)
     );
+    let debugfs = host_tool(test, "debugfs").expect("e2fsprogs");
     for (n, sum, _, _) in &written {
         let dumped = dir.as_path().join(format!("f{n}"));
-        let dump = Command::new(host_tool(test, "debugfs").expect("e2fsprogs"))
-            .arg("-R")
-            .arg(format!("dump /f{n} {}", dumped.display()))
-            .arg(&img)
-            .output()
-            .unwrap();
-        assert!(dump.status.success());
-        let md5 = Command::new("md5sum").arg(&dumped).output().unwrap();
-        let host = String::from_utf8(md5.stdout).unwrap();
-        assert_eq!(
-            host.split_whitespace().next(),
-            Some(sum.as_str()),
-            "file f{n} differs on the host"
-        );
+        debugfs_dump(&debugfs, &img, &format!("/f{n}"), &dumped);
+        assert_eq!(&md5_of(&dumped), sum, "file f{n} differs on the host");
     }
     let mut ms: Vec<u64> = written.iter().map(|f| (f.3 - f.2) * 10).collect();
     ms.sort_unstable();

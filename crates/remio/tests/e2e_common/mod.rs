@@ -515,6 +515,17 @@ pub fn md5_of(path: &Path) -> String {
     text.split_whitespace().next().unwrap().to_owned()
 }
 
+/// Copies `file` out of the ext4 image `img` to the host file `to` with `debugfs`.
+pub fn debugfs_dump(debugfs: &Path, img: &Path, file: &str, to: &Path) {
+    let dump = Command::new(debugfs)
+        .arg("-R")
+        .arg(format!("dump {file} {}", to.display()))
+        .arg(img)
+        .output()
+        .unwrap();
+    assert!(dump.status.success(), "debugfs could not dump {file}");
+}
+
 /// The guest's side of [`ext4_round_trip`]: writes a 3,000,000-byte random /f on the ext4 at
 /// /dev/vda and prints `SUM <md5>` of it.
 pub const EXT4_WRITE: &str = "set -e; mount -t ext4 /dev/vda /mnt; \
@@ -571,13 +582,7 @@ pub fn ext4_round_trip(
         String::from_utf8_lossy(&check.stdout)
     );
     let dumped = dir.as_path().join("f");
-    let dump = Command::new(debugfs)
-        .arg("-R")
-        .arg(format!("dump /f {}", dumped.display()))
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(dump.status.success());
+    debugfs_dump(&debugfs, &img, "/f", &dumped);
     assert_eq!(std::fs::metadata(&dumped).unwrap().len(), 3_000_000);
     assert_eq!(md5_of(&dumped), sum, "{what}: the host reads another file");
     Some(Ext4RoundTrip { dir, img, out, sum })
