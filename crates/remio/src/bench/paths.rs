@@ -166,6 +166,49 @@ pub struct NotifyFigures {
     pub per_s: f64,
     /// CPU ns per write in the back-to-back run (the writer and the draining worker).
     pub cpu_ns_per_write: f64,
+    /// The same rate with bare eventfd writes (the floor of `per_s`).
+    pub floor_per_s: f64,
+    /// Wall ns per QueueNotify write with no thread waiting on the eventfd: what the path
+    /// costs its writer, without the wake-ups that dominate `per_s`.
+    pub path_ns: f64,
+    /// Wall ns per bare eventfd write with no thread waiting (the floor of `path_ns`).
+    pub write_floor_ns: f64,
+}
+
+/// Wall ns per write of `write_one` and of a bare eventfd write, with nobody reading either
+/// eventfd: nothing to wake, so only what each write costs its writer. Interleaved blocks, the
+/// median block of each, so that a slow stretch of the machine hits both alike.
+fn writer_cost(
+    writes: usize,
+    drain: &EventFd,
+    mut write_one: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<(f64, f64)> {
+    const BLOCKS: usize = 5;
+    let per_block = (writes / BLOCKS).max(1);
+    let bare = EventFd::new(0)?;
+    let (mut path, mut floor) = (Vec::with_capacity(BLOCKS), Vec::with_capacity(BLOCKS));
+    #[expect(clippy::cast_precision_loss, reason = "a mean")]
+    let mean = |t: Instant| t.elapsed().as_nanos() as f64 / per_block as f64;
+    for _ in 0..BLOCKS {
+        let t = Instant::now();
+        for _ in 0..per_block {
+            bare.write(1)?;
+        }
+        floor.push(mean(t));
+        let t = Instant::now();
+        for _ in 0..per_block {
+            write_one()?;
+        }
+        path.push(mean(t));
+        // Empty both counters (an eventfd counter saturates at u64::MAX - 1).
+        bare.read()?;
+        drain.read()?;
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok((median(&mut path), median(&mut floor)))
 }
 
 /// Writes `writes` times with `write_one` while a worker drains `fd` (as a queue worker would);
@@ -248,6 +291,9 @@ pub fn notify(iterations: usize) -> anyhow::Result<NotifyFigures> {
     // floor first, printed on stderr: the same loop with bare eventfd writes, what one system
     // call per write and the worker's wake-ups allow.
     let writes = (iterations * 10).max(100_000);
+    let (path_ns, write_floor_ns) = writer_cost(writes, &fd, || {
+        Ok(fe.write(base_of(0) + QUEUE_NOTIFY, 4, 0)?)
+    })?;
     let bare = Arc::new(EventFd::new(0)?);
     let (floor_per_s, floor_cpu) = back_to_back(&bare, writes, || Ok(bare.write(1)?))?;
     let (per_s, cpu) = back_to_back(&fd, writes, || {
@@ -255,12 +301,16 @@ pub fn notify(iterations: usize) -> anyhow::Result<NotifyFigures> {
     })?;
     eprintln!(
         "notify: back to back {per_s:.0}/s, {cpu:.0} ns CPU per write; bare eventfd writes \
-         (floor) {floor_per_s:.0}/s, {floor_cpu:.0} ns CPU per write"
+         (floor) {floor_per_s:.0}/s, {floor_cpu:.0} ns CPU per write; with no reader to \
+         wake, {path_ns:.0} ns per write through remio, {write_floor_ns:.0} ns bare"
     );
     Ok(NotifyFigures {
         latency: samples,
         per_s,
         cpu_ns_per_write: cpu,
+        floor_per_s,
+        path_ns,
+        write_floor_ns,
     })
 }
 
