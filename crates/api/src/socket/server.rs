@@ -395,8 +395,35 @@ struct Reader {
     timed: bool,
     /// Frontend turns taken (activity, for the connection thread to choose `timed`).
     takes: u64,
-    /// `kick` was written and the connection thread has not taken the role since.
+    /// `kick` was written and the connection thread has not woken since.
     kicked: bool,
+}
+
+impl Reader {
+    /// The connection thread woke (`fired`: its socket event fired; `takes_seen`: the
+    /// frontend turns counted at its previous wake). Returns `None` when a frontend reads (the
+    /// thread waits again; that frontend re-arms the interest when it leaves, or leaves it to
+    /// the next timed wake), else takes the role and returns the stashed packet, if any.
+    ///
+    /// On every wake the thread chooses how it sleeps next: timed if frontends took turns
+    /// since the previous wake, untimed if a whole period passed without one. Also on a wake
+    /// that finds a frontend reading: the kick that asks for timed sleeps usually lands while
+    /// the next frontend reads, and were that wake not counted the thread would sleep untimed
+    /// for good, and every frontend would re-arm the interest and the next disarm it (two
+    /// `epoll_ctl` per access).
+    fn woke(&mut self, fired: bool, takes_seen: &mut u64) -> Option<Option<Stashed>> {
+        if fired {
+            self.armed = false;
+        }
+        self.timed = self.takes != *takes_seen;
+        *takes_seen = self.takes;
+        self.kicked = false;
+        if self.frontend {
+            return None;
+        }
+        self.server = true;
+        Some(self.stashed.take())
+    }
 }
 
 /// Replies waiting for a client whose socket was full, in order; see [`Conn::reply`].
@@ -931,19 +958,8 @@ fn serve(conn: &Arc<Conn>, api: &dyn DmApi) {
             }
         };
         conn.flush();
-        let stashed = {
-            let mut rd = lock(&conn.reader);
-            if fired {
-                rd.armed = false;
-            }
-            if rd.frontend {
-                // A frontend reads; it re-arms the interest when it leaves (or leaves it to
-                // this thread's timed wake).
-                continue;
-            }
-            rd.server = true;
-            rd.kicked = false;
-            rd.stashed.take()
+        let Some(stashed) = lock(&conn.reader).woke(fired, &mut takes_seen) else {
+            continue;
         };
         if let Some(st) = stashed {
             if !process(conn, api, &st.bytes, st.recv, &mut pump) {
@@ -968,10 +984,6 @@ fn serve(conn: &Arc<Conn>, api: &dyn DmApi) {
         }
         let mut rd = lock(&conn.reader);
         rd.server = false;
-        // Timed sleeps while frontends take turns (so that they may leave the interest
-        // disarmed), untimed once a whole period passed without one.
-        rd.timed = rd.takes != takes_seen;
-        takes_seen = rd.takes;
         if !rd.armed {
             if let Err(e) = conn.interest(EPOLL_ARMED) {
                 log::error!("api socket: epoll_ctl: {e}; closing the connection");
@@ -1332,4 +1344,41 @@ fn shmem_file(session: &dyn DmSession, len: u64) -> crate::Result<(OwnedFd, u64)
         .ok_or_else(|| ApiError::NotSupported("shared memory is not backed by a file".into()))?;
     let file = fo.file().try_clone()?;
     Ok((OwnedFd::from(file), fo.start()))
+}
+
+#[cfg(test)]
+mod reader_tests {
+    use super::Reader;
+
+    #[test]
+    fn a_wake_while_a_frontend_reads_switches_to_timed_sleeps() {
+        // The kick a leaving frontend sent (frontends take turns, the thread sleeps untimed)
+        // lands while the next frontend reads: the thread waits again, timed from now on.
+        let mut rd = Reader {
+            frontend: true,
+            kicked: true,
+            takes: 2,
+            ..Reader::default()
+        };
+        let mut takes_seen = 0;
+        assert!(rd.woke(false, &mut takes_seen).is_none());
+        assert!(rd.timed && !rd.kicked && !rd.server);
+        assert_eq!(takes_seen, 2);
+        // A whole period without a turn: untimed again, and the role is free, so taken.
+        rd.frontend = false;
+        assert!(rd.woke(false, &mut takes_seen).is_some_and(|s| s.is_none()));
+        assert!(!rd.timed && rd.server);
+    }
+
+    #[test]
+    fn a_fired_wake_clears_armed_whoever_reads() {
+        let mut rd = Reader {
+            frontend: true,
+            armed: true,
+            ..Reader::default()
+        };
+        let mut takes_seen = 0;
+        assert!(rd.woke(true, &mut takes_seen).is_none());
+        assert!(!rd.armed);
+    }
 }
