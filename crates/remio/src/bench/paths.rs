@@ -175,6 +175,24 @@ pub struct NotifyFigures {
     pub write_floor_ns: f64,
 }
 
+/// Reads and resets `fd`'s count, 0 when nothing was written: without blocking, so that a
+/// path that lost its writes is an error, not a read that never returns.
+fn count_now(fd: &EventFd) -> anyhow::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    let mut poll = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid `pollfd` that lives across the call, a zero timeout.
+    let ready = unsafe { libc::poll(&raw mut poll, 1, 0) };
+    match ready {
+        0 => Ok(0),
+        n if n > 0 => Ok(fd.read()?),
+        _ => Err(std::io::Error::last_os_error().into()),
+    }
+}
+
 /// Wall ns per write of `write_one` and of a bare eventfd write, with nobody reading either
 /// eventfd: nothing to wake, so only what each write costs its writer. Interleaved blocks, the
 /// median block of each, so that a slow stretch of the machine hits both alike.
@@ -200,9 +218,14 @@ fn writer_cost(
             write_one()?;
         }
         path.push(mean(t));
-        // Empty both counters (an eventfd counter saturates at u64::MAX - 1).
+        // Empty both counters (an eventfd counter saturates at u64::MAX - 1), checking that
+        // every write through the path reached the ioeventfd.
         bare.read()?;
-        drain.read()?;
+        let seen = count_now(drain)?;
+        anyhow::ensure!(
+            seen == per_block as u64,
+            "the ioeventfd saw {seen} of {per_block} notifies"
+        );
     }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -446,4 +469,24 @@ fn rss_bytes() -> anyhow::Result<u64> {
     // SAFETY: sysconf has no memory-safety preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     Ok(pages * u64::try_from(page).unwrap_or(4096))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_writer_cost_of_a_path_that_signals_is_measured() {
+        let fd = EventFd::new(0).unwrap();
+        let (path, floor) = writer_cost(1000, &fd, || Ok(fd.write(1)?)).unwrap();
+        assert!(path > 0.0 && floor > 0.0, "{path} {floor}");
+        assert_eq!(count_now(&fd).unwrap(), 0, "every block was drained");
+    }
+
+    #[test]
+    fn a_path_that_loses_its_writes_is_an_error_not_a_hang() {
+        let fd = EventFd::new(0).unwrap();
+        let err = writer_cost(1000, &fd, || Ok(())).unwrap_err();
+        assert_eq!(err.to_string(), "the ioeventfd saw 0 of 200 notifies");
+    }
 }
