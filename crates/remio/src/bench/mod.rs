@@ -271,7 +271,7 @@ fn notify(report: &mut Report, iterations: usize) -> anyhow::Result<()> {
     report.add("notify_cpu_ns", fig.cpu_ns_per_write, "ns");
     // What the path costs its writer when there is nobody to wake: `notify_per_s` depends on
     // how often the draining worker sleeps, which a few hundred ns per write change a lot
-    // (docs/performance.md, "What the notify rate depends on").
+    // (docs/performance.md, "Notify: what the rate depends on, and a figure that does not").
     report.add("eventfd_write_ns", fig.write_floor_ns, "ns");
     report.add_ratio(
         "notify_path_ns",
