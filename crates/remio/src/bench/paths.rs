@@ -227,11 +227,7 @@ fn writer_cost(
             "the ioeventfd saw {seen} of {per_block} notifies"
         );
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    Ok((median(&mut path), median(&mut floor)))
+    Ok((super::spread(&path).0, super::spread(&floor).0))
 }
 
 /// Writes `writes` times with `write_one` while a worker drains `fd` (as a queue worker would);
