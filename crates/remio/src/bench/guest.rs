@@ -309,11 +309,11 @@ mod tests {
         let log = "[INFO remio_virtio::devices::block] virtio-blk: stopped; since the device was \
                    created: 9 requests in 9 batches; 0 interrupts (0.00 per request, 0 held for \
                    requests still executing or while polling); 3 requests found by polling \
-                   (1.5 ms polling); 0 reads split (0 halves by I/O workers)\n\
+                   (1.5 ms polling); 0 reads shared (0 pieces by I/O workers)\n\
                    noise (2.0 ms polling)\n\
                    [INFO remio_virtio::devices::block] virtio-blk: stopped; since the device was \
                    created: 90 requests; 30 requests found by polling (12.25 ms polling); 0 reads \
-                   split (0 halves by I/O workers)\n";
+                   shared (0 pieces by I/O workers)\n";
         assert_eq!(parse_poll_ms(log), Some(12.25));
         assert_eq!(parse_poll_ms("virtio-blk: stopped; nothing"), None);
     }

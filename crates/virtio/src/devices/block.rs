@@ -1026,10 +1026,10 @@ pub struct BlockCounters {
     pub interrupts_held: AtomicU64,
     /// Times polling the available ring found the driver's next request (no kick needed).
     pub polled: AtomicU64,
-    /// Large reads executed in two halves (see [`SPLIT_READ_MIN`]).
+    /// Large reads shared with an I/O worker (see [`SPLIT_READ_MIN`]).
     pub split_reads: AtomicU64,
-    /// Of those, halves an I/O worker read.
-    pub halves_by_workers: AtomicU64,
+    /// Pieces of those an I/O worker read (see [`SPLIT_PIECE`]).
+    pub pieces_by_workers: AtomicU64,
     /// Nanoseconds spent polling the available ring.
     pub poll_ns: AtomicU64,
 }
@@ -1053,8 +1053,8 @@ impl BlockCounters {
             "{requests} requests in {} batches; {} wake-ups ({:.2} per request, {} with a kick); \
              {} executed by I/O workers; up to {} in flight; {} flushes waited; {:.1} us \
              executing per request; {} interrupts ({:.2} per request, {} held for requests \
-             still executing or while polling); {} requests found by polling ({:.1} ms polling); {} reads split \
-             ({} halves by I/O workers)",
+             still executing or while polling); {} requests found by polling ({:.1} ms polling); {} reads shared \
+             ({} pieces by I/O workers)",
             g(&self.batches),
             g(&self.wakeups),
             per(g(&self.wakeups)),
@@ -1069,7 +1069,7 @@ impl BlockCounters {
             g(&self.polled),
             precise(g(&self.poll_ns)) / 1e6,
             g(&self.split_reads),
-            g(&self.halves_by_workers),
+            g(&self.pieces_by_workers),
         )
     }
 }
@@ -1109,8 +1109,9 @@ pub const MAX_INTERRUPT_HOLD: Duration = Duration::from_millis(1);
 ///   it published meanwhile ([`IRQ_HOLD_ENV`]), so that requests added during the hold are
 ///   announced with it.
 ///
-/// Reads of [`SPLIT_READ_MIN`] or more that the queue thread executes are read in two halves
-/// at once, the second by a worker.
+/// Reads of [`SPLIT_READ_MIN`] or more that the queue thread executes are shared with a worker:
+/// cut into pieces of [`SPLIT_PIECE`], the queue thread reads from the front and the worker from
+/// the back until they meet.
 #[derive(Debug)]
 pub struct BlockDevice<E: BlockEngine = FileEngine> {
     backend: Option<BlockBackend<E>>,
@@ -1276,71 +1277,145 @@ struct Job {
     req: BlockRequest,
 }
 
-/// What an I/O worker is handed: a whole request, or the second half of a large read the queue
-/// thread is executing (see [`SPLIT_READ_MIN`]).
+/// What an I/O worker is handed: a whole request, or a share of a large read the queue thread
+/// is executing (see [`SPLIT_READ_MIN`]).
 #[derive(Debug)]
 enum Work {
     Request(Job),
-    Half(Arc<ReadHalf>),
+    Share(Arc<SharedRead>),
 }
 
-/// The second half of a large read: its guest buffers and image offset, and how far it got.
+/// A large read cut into pieces that the queue thread reads from the front and one I/O worker
+/// from the back, each taking the next piece only when it has read its last, until they meet.
+/// Where they meet follows how late the worker started and how fast each thread copies, so
+/// the two finish within about one piece of each other; a worker that never comes leaves the
+/// queue thread reading every piece.
 #[derive(Debug)]
-struct ReadHalf {
-    data: Buffers,
-    offset: u64,
-    state: Mutex<HalfState>,
-    done: Condvar,
+struct SharedRead {
+    /// Each piece's guest buffers and image offset, in the read's order.
+    pieces: Vec<(Buffers, u64)>,
+    state: Mutex<ShareState>,
+    /// Signalled when the worker has read its last piece.
+    worker_done: Condvar,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum HalfState {
-    /// Waiting for a worker.
-    Queued,
-    /// A worker is reading it.
-    Running,
-    /// The queue thread took it back and read it itself (a worker that finds it skips it).
-    TakenBack,
-    /// A worker read it: whether it succeeded.
-    Done(bool),
+#[derive(Debug)]
+struct ShareState {
+    /// Pieces `front..back` are not taken yet.
+    front: usize,
+    back: usize,
+    /// The worker is reading a piece.
+    worker_reading: bool,
+    /// Pieces the worker has read.
+    by_worker: usize,
+    /// Every piece read so far was read without error.
+    ok: bool,
 }
 
-/// Reads at least this long that the queue thread executes are read in two halves at once,
-/// the second by an I/O worker (or by the queue thread too, if no worker has started it by the
-/// time the first is read): the copy from the image into guest memory is what a large read's
+impl SharedRead {
+    fn new(pieces: Vec<(Buffers, u64)>) -> Self {
+        let back = pieces.len();
+        Self {
+            pieces,
+            state: Mutex::new(ShareState {
+                front: 0,
+                back,
+                worker_reading: false,
+                by_worker: 0,
+                ok: true,
+            }),
+            worker_done: Condvar::new(),
+        }
+    }
+
+    /// The queue thread's next piece, from the front; `None` once none is left.
+    fn take_front(&self) -> Option<&(Buffers, u64)> {
+        let mut st = lock(&self.state);
+        if st.front == st.back {
+            return None;
+        }
+        st.front += 1;
+        self.pieces.get(st.front - 1)
+    }
+
+    /// The worker's next piece, from the back, after recording how its previous one went
+    /// (`read`: `Some(ok)` when it read one); `None` once none is left.
+    fn take_back(&self, read: Option<bool>) -> Option<&(Buffers, u64)> {
+        let mut st = lock(&self.state);
+        if let Some(ok) = read {
+            st.ok &= ok;
+            st.by_worker += 1;
+            st.worker_reading = false;
+        }
+        if st.front == st.back {
+            // The queue thread may be waiting for this piece.
+            if read.is_some() {
+                self.worker_done.notify_all();
+            }
+            return None;
+        }
+        st.back -= 1;
+        st.worker_reading = true;
+        self.pieces.get(st.back)
+    }
+
+    /// Records a piece the queue thread read.
+    fn front_read(&self, ok: bool) {
+        lock(&self.state).ok &= ok;
+    }
+
+    /// Once no piece is left: waits for the worker's piece in flight, if any; whether every
+    /// piece was read without error, and how many the worker read.
+    fn wait_worker(&self) -> (bool, usize) {
+        let mut st = lock(&self.state);
+        while st.worker_reading {
+            st = self
+                .worker_done
+                .wait(st)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        (st.ok, st.by_worker)
+    }
+}
+
+/// Reads at least this long that the queue thread executes are shared with an I/O worker
+/// (see [`BlockDevice`]): the copy from the image into guest memory is what a large read's
 /// latency is made of (~290 us per MiB here), and the guest waits for it.
 pub const SPLIT_READ_MIN: u64 = 256 << 10;
+
+/// The size of the pieces a shared read is cut into: small enough that the two threads finish
+/// close together, large enough that a piece's system call is a small part of its copy.
+pub const SPLIT_PIECE: u64 = 64 << 10;
 
 /// A request's guest buffers: (address, length) in order.
 type Buffers = Vec<(GuestAddress, u32)>;
 
-/// Splits `data` into two runs of (nearly) equal byte length, cutting a buffer in two if need
-/// be: the first run, the second, and the byte offset where the second starts. `None` when
-/// there is nothing to split.
-fn halves(data: &[(GuestAddress, u32)]) -> Option<(Buffers, Buffers, u64)> {
+/// Cuts `data` into runs of `piece` bytes (the last may be shorter), cutting buffers where
+/// need be: each run with its byte offset in `data`. `None` when that makes fewer than two
+/// runs or `piece` is not a whole number of sectors.
+fn pieces(data: &[(GuestAddress, u32)], piece: u64) -> Option<Vec<(Buffers, u64)>> {
     let total: u64 = data.iter().map(|&(_, len)| u64::from(len)).sum();
-    // Cut on a sector boundary, as the image offset of the second half must be.
-    let half = (total / 2) & !(SECTOR_SIZE - 1);
-    if half == 0 {
+    // Cut on sector boundaries, as the image offset of each run must be.
+    if piece == 0 || !piece.is_multiple_of(SECTOR_SIZE) || total <= piece {
         return None;
     }
-    let (mut first, mut second) = (Vec::new(), Vec::new());
+    let mut runs: Vec<(Buffers, u64)> = vec![(Vec::new(), 0)];
     let mut at = 0u64;
-    for &(addr, len) in data {
-        let end = at + u64::from(len);
-        if end <= half {
-            first.push((addr, len));
-        } else if at >= half {
-            second.push((addr, len));
-        } else {
+    for &(mut addr, mut len) in data {
+        while len > 0 {
+            let run_end = (at / piece + 1) * piece;
             // Bounded by `len`, a u32.
-            let head = u32::try_from(half - at).ok()?;
-            first.push((addr, head));
-            second.push((addr.checked_add(u64::from(head))?, len - head));
+            let take = u32::try_from((run_end - at).min(u64::from(len))).ok()?;
+            runs.last_mut()?.0.push((addr, take));
+            at += u64::from(take);
+            len -= take;
+            addr = addr.checked_add(u64::from(take))?;
+            if at == run_end && at < total {
+                runs.push((Vec::new(), at));
+            }
         }
-        at = end;
     }
-    Some((first, second, half))
+    Some(runs)
 }
 
 /// A request an I/O worker completed: its place, the request (for reuse), the used length.
@@ -1460,24 +1535,16 @@ fn execute_counted<E: BlockEngine>(
     used
 }
 
-/// A worker reads the second half of a large read, unless the queue thread took it back.
-fn read_half<E: BlockEngine>(
+/// A worker reads pieces of a shared read from the back until none is left.
+fn read_share<E: BlockEngine>(
     backend: &mut BlockBackend<E>,
     mem: &GuestMemoryMmap,
-    half: &ReadHalf,
-    counters: &BlockCounters,
+    share: &SharedRead,
 ) {
-    {
-        let mut st = lock(&half.state);
-        if *st != HalfState::Queued {
-            return;
-        }
-        *st = HalfState::Running;
+    let mut read = None;
+    while let Some((data, offset)) = share.take_back(read) {
+        read = Some(read_engine(backend, mem, data, *offset));
     }
-    let ok = read_engine(backend, mem, &half.data, half.offset);
-    BlockCounters::add(&counters.halves_by_workers, 1);
-    *lock(&half.state) = HalfState::Done(ok);
-    half.done.notify_all();
 }
 
 /// Reads `data` from the image at `offset`; whether it worked (an error or a panic of the
@@ -1498,7 +1565,7 @@ fn read_engine<E: BlockEngine>(
             false
         }
         Err(_) => {
-            log::error!("virtio-blk: the engine panicked reading half a request");
+            log::error!("virtio-blk: the engine panicked reading part of a request");
             false
         }
     }
@@ -1521,9 +1588,9 @@ fn io_worker<E: BlockEngine>(
                 }
                 match q.jobs.pop_front() {
                     Some(Work::Request(job)) => break job,
-                    Some(Work::Half(half)) => {
+                    Some(Work::Share(share)) => {
                         drop(q);
-                        read_half(backend, mem, &half, counters);
+                        read_share(backend, mem, &share);
                         q = lock(&shared.jobs);
                         continue;
                     }
@@ -1959,8 +2026,9 @@ impl<'a, E: BlockEngine> QueueRunner<'a, E> {
             let job = lock(&self.pool.shared.jobs).jobs.pop_front();
             match job {
                 None => return stole,
-                // A half the queue thread took back (it waits for the others itself).
-                Some(Work::Half(_)) => {}
+                // A shared read the queue thread finished alone (it waits for the worker's
+                // pieces itself).
+                Some(Work::Share(_)) => {}
                 Some(Work::Request(Job { slot, req })) => {
                     stole = true;
                     self.execute_here(slot, req);
@@ -1983,9 +2051,9 @@ impl<'a, E: BlockEngine> QueueRunner<'a, E> {
         self.complete(slot, req, used);
     }
 
-    /// Executes a read of at least [`SPLIT_READ_MIN`] bytes in two halves, the second handed
-    /// to the I/O workers (taken back if none has started it once the first is read); its used
-    /// length. `None` if it is not such a read or there are no workers.
+    /// Executes a read of at least [`SPLIT_READ_MIN`] bytes shared with an I/O worker (see
+    /// [`SharedRead`]); its used length. `None` if it is not such a read or there are no
+    /// workers.
     fn split_read(&mut self, req: &BlockRequest) -> Option<u32> {
         if req.kind != Some(RequestType::In)
             || req.data_len < SPLIT_READ_MIN
@@ -1994,41 +2062,25 @@ impl<'a, E: BlockEngine> QueueRunner<'a, E> {
             return None;
         }
         let offset = req.sector.checked_mul(SECTOR_SIZE)?;
-        let (first, second, second_at) = halves(&req.data)?;
-        let half = Arc::new(ReadHalf {
-            data: second,
-            offset: offset.checked_add(second_at)?,
-            state: Mutex::new(HalfState::Queued),
-            done: Condvar::new(),
-        });
-        // Ahead of the queued requests: a worker that is free takes it next; if none has by
-        // the time the first half is read, the queue thread reads it too.
+        let runs = pieces(&req.data, SPLIT_PIECE)?
+            .into_iter()
+            .map(|(data, at)| Some((data, offset.checked_add(at)?)))
+            .collect::<Option<Vec<_>>>()?;
+        let share = Arc::new(SharedRead::new(runs));
+        // Ahead of the queued requests: a worker that is free takes it next.
         lock(&self.pool.shared.jobs)
             .jobs
-            .push_front(Work::Half(half.clone()));
+            .push_front(Work::Share(share.clone()));
         self.pool.shared.job_ready.notify_one();
         let start = Instant::now();
-        let mut ok = read_engine(self.backend, &self.mem, &first, offset);
-        let taken_back = {
-            let mut st = lock(&half.state);
-            if *st == HalfState::Queued {
-                *st = HalfState::TakenBack;
-                true
-            } else {
-                false
-            }
-        };
-        ok &= if taken_back {
-            read_engine(self.backend, &self.mem, &half.data, half.offset)
-        } else {
-            let mut st = lock(&half.state);
-            loop {
-                if let HalfState::Done(half_ok) = *st {
-                    break half_ok;
-                }
-                st = half.done.wait(st).unwrap_or_else(PoisonError::into_inner);
-            }
-        };
+        while let Some((data, at)) = share.take_front() {
+            share.front_read(read_engine(self.backend, &self.mem, data, *at));
+        }
+        let (ok, by_worker) = share.wait_worker();
+        BlockCounters::add(
+            &self.counters.pieces_by_workers,
+            u64::try_from(by_worker).unwrap_or(u64::MAX),
+        );
         BlockCounters::add(&self.counters.split_reads, 1);
         BlockCounters::add(
             &self.counters.exec_ns,
@@ -3531,37 +3583,71 @@ mod tests {
     }
 
     #[test]
-    fn halves_cut_the_buffers_on_a_sector_boundary_near_the_middle() {
+    fn pieces_cut_the_buffers_on_piece_boundaries_and_the_last_may_be_short() {
         let a = |x: u64| GuestAddress(x);
-        // One buffer: cut inside it.
+        // One buffer: cut inside it; the last piece is what is left.
         assert_eq!(
-            halves(&[(a(0x1000), 0x10_0000)]),
-            Some((
-                vec![(a(0x1000), 0x8_0000)],
-                vec![(a(0x8_1000), 0x8_0000)],
-                0x8_0000
-            ))
+            pieces(&[(a(0x1000), 2560)], 1024),
+            Some(vec![
+                (vec![(a(0x1000), 1024)], 0),
+                (vec![(a(0x1400), 1024)], 1024),
+                (vec![(a(0x1800), 512)], 2048),
+            ])
         );
-        // Several: the one across the middle is cut, the others stay whole.
+        // Several: a buffer across a boundary is cut, the others stay whole; a cut on a
+        // buffer's end leaves no empty piece.
         assert_eq!(
-            halves(&[(a(0), 1024), (a(0x1000), 2048), (a(0x2000), 1024)]),
-            Some((
-                vec![(a(0), 1024), (a(0x1000), 1024)],
-                vec![(a(0x1400), 1024), (a(0x2000), 1024)],
-                2048
-            ))
-        );
-        // A cut on a buffer's end leaves no empty piece; an odd sector count rounds down.
-        assert_eq!(
-            halves(&[(a(0), 512), (a(0x1000), 512)]),
-            Some((vec![(a(0), 512)], vec![(a(0x1000), 512)], 512))
+            pieces(&[(a(0), 512), (a(0x1000), 1024), (a(0x2000), 512)], 1024),
+            Some(vec![
+                (vec![(a(0), 512), (a(0x1000), 512)], 0),
+                (vec![(a(0x1200), 512), (a(0x2000), 512)], 1024),
+            ])
         );
         assert_eq!(
-            halves(&[(a(0), 1536)]),
-            Some((vec![(a(0), 512)], vec![(a(0x200), 1024)], 512))
+            pieces(&[(a(0), 1024), (a(0x1000), 1024)], 1024),
+            Some(vec![
+                (vec![(a(0), 1024)], 0),
+                (vec![(a(0x1000), 1024)], 1024)
+            ])
         );
-        assert_eq!(halves(&[(a(0), 512)]), None);
-        assert_eq!(halves(&[]), None);
+        // Nothing to share: one piece or none, or a piece that is not whole sectors.
+        assert_eq!(pieces(&[(a(0), 1024)], 1024), None);
+        assert_eq!(pieces(&[], 1024), None);
+        assert_eq!(pieces(&[(a(0), 4096)], 1000), None);
+        assert_eq!(pieces(&[(a(0), 4096)], 0), None);
+    }
+
+    #[test]
+    fn a_shared_read_gives_the_front_and_the_back_each_piece_once_until_they_meet() {
+        let runs = |n: u64| (0..n).map(|i| (Vec::new(), i * 512)).collect::<Vec<_>>();
+        // No worker: the queue thread takes every piece, in order.
+        let alone = SharedRead::new(runs(3));
+        let taken: Vec<u64> = std::iter::from_fn(|| alone.take_front().map(|p| p.1)).collect();
+        assert_eq!(taken, vec![0, 512, 1024]);
+        assert_eq!(alone.wait_worker(), (true, 0));
+        // A late worker takes from the back until they meet; its failure fails the read.
+        let share = SharedRead::new(runs(4));
+        assert_eq!(share.take_front().map(|p| p.1), Some(0));
+        assert_eq!(share.take_back(None).map(|p| p.1), Some(1536));
+        assert_eq!(share.take_front().map(|p| p.1), Some(512));
+        assert_eq!(share.take_back(Some(false)).map(|p| p.1), Some(1024));
+        assert!(share.take_front().is_none());
+        assert!(share.take_back(Some(true)).is_none());
+        assert_eq!(share.wait_worker(), (false, 2));
+        // The queue thread waits for the worker's piece in flight.
+        let share = Arc::new(SharedRead::new(runs(2)));
+        assert!(share.take_back(None).is_some());
+        assert!(share.take_front().is_some());
+        assert!(share.take_front().is_none());
+        let worker = {
+            let share = share.clone();
+            std::thread::spawn(move || {
+                // Blocks the queue thread's wait until the worker reports its piece.
+                let _ = share.take_back(Some(true));
+            })
+        };
+        assert_eq!(share.wait_worker(), (true, 1));
+        worker.join().unwrap();
     }
 
     /// A device of `sectors` sectors over `engine`, activated on `vq` without EVENT_IDX.
@@ -3591,9 +3677,10 @@ mod tests {
     }
 
     #[test]
-    fn a_large_read_is_read_in_two_halves_at_once_by_the_queue_thread_and_a_worker() {
+    fn a_large_read_is_shared_the_queue_thread_from_the_front_a_worker_from_the_back() {
         let mem = mem();
-        let len = SPLIT_READ_MIN as u32;
+        let pieces_in_read = 4;
+        let len = u32::try_from(SPLIT_PIECE).unwrap() * pieces_in_read;
         let vq = queue_with(&mem, &[large_read(&mem, 8, &[(0x4_0000, len)])]);
         let gate = Arc::new(Gate::default());
         let engine = GateEngine::new(&gate, &mem, vq.used_addr().unchecked_add(2));
@@ -3604,29 +3691,34 @@ mod tests {
         let backend = BlockBackend::with_engine(engine, disk, None);
         let (mut dev, ends) = device_over(&mem, &vq, backend, 1);
         let counters = dev.counters();
+        let piece = |i: u32| 8 * 512 + u64::from(i) * SPLIT_PIECE;
 
         ends.evt.write(1).unwrap();
-        // Both halves are in the engine at once (the gate is closed), one on each thread.
+        // The first piece and the last are in the engine at once (the gate is closed), one on
+        // each thread.
         wait_gate(&gate, |s| s.entered == 2);
-        let mut on = gate.state.lock().unwrap().entered_on.clone();
+        // The queue thread goes on from the front while the worker is still in its piece.
+        release(&gate, piece(0));
+        wait_gate(&gate, |s| s.entered == 3);
         open(&gate);
         wait_used(&mem, vq.used_addr(), 1);
         dev.reset();
 
+        let mut on = gate.state.lock().unwrap().entered_on.clone();
         on.sort();
-        let half = u64::from(len / 2);
-        assert_eq!(
-            on,
-            vec![
-                (8 * 512, "virtio-blk".to_owned()),
-                (8 * 512 + half, "virtio-blk-io0".to_owned())
-            ]
-        );
+        let queue = "virtio-blk".to_owned();
+        let worker = "virtio-blk-io0".to_owned();
+        assert_eq!(on[..2], [(piece(0), queue.clone()), (piece(1), queue)]);
+        assert_eq!(on[3], (piece(3), worker));
+        // Where they met (the third piece) is whoever came first; each piece once.
+        assert_eq!(on.len(), 4);
+        assert_eq!(on[2].0, piece(2));
         let used_len: u32 = mem.read_obj(vq.used_addr().unchecked_add(8)).unwrap();
         assert_eq!(used_len, len + 1);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_OK);
         assert_eq!(counters.split_reads.load(Ordering::Relaxed), 1);
-        assert_eq!(counters.halves_by_workers.load(Ordering::Relaxed), 1);
+        let by_worker = counters.pieces_by_workers.load(Ordering::Relaxed);
+        assert!((1..=2).contains(&by_worker), "{by_worker}");
     }
 
     #[test]
@@ -3636,11 +3728,11 @@ mod tests {
         let image: Vec<u8> = (0..1024 * 512).map(|i| (i % 253) as u8).collect();
         tmp.as_file().write_all(&image).unwrap();
         let backend = BlockBackend::open(tmp.as_path(), true, None).unwrap();
-        // 384 KiB in three buffers; the middle one is cut.
+        // 384 KiB in three buffers, each cut somewhere by the pieces.
         let segments = [
-            (0x2_0000, 0x1_0000),
-            (0x4_0000, 0x4_0000),
-            (0xa_0000, 0x1_0000),
+            (0x3_1000, 0x1_8000),
+            (0x9_0000, 0x4_0000),
+            (0xd_8000, 0x8000),
         ];
         let vq = queue_with(&mem, &[large_read(&mem, 16, &segments)]);
         let (mut dev, ends) = device_over(&mem, &vq, backend, 2);
