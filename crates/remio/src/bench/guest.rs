@@ -88,7 +88,13 @@ pub fn make_disk(dir: &Path) -> anyhow::Result<PathBuf> {
     for _ in 0..DISK_MIB {
         data.extend_from_slice(&chunk);
     }
-    std::fs::write(&path, data).with_context(|| format!("writing {}", path.display()))?;
+    // Written back before the first boot: the kernel would otherwise write the 256 MiB back
+    // some 30 s later, during whichever boot is running then.
+    let mut file =
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    std::io::Write::write_all(&mut file, &data)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
 
@@ -205,7 +211,14 @@ pub fn qemu(disk: &Path, guest_dir: &Path) -> anyhow::Result<GuestFigures> {
         "file={},format=raw,if=none,id=d0",
         disk.display()
     ))
-    .args(["-device", "virtio-blk-device,drive=d0"]);
+    // The queue size remio's device offers, so that both cut a request alike.
+    .args([
+        "-device",
+        &format!(
+            "virtio-blk-device,drive=d0,queue-size={}",
+            remio_virtio::devices::block::QUEUE_SIZE
+        ),
+    ]);
     let out = output_within(cmd, RUN_TIMEOUT)
         .context("running qemu-system-x86_64 (install the Debian package qemu-system-x86)")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
