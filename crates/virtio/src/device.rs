@@ -209,6 +209,14 @@ pub trait VirtioDevice: Send {
     fn avail_features(&self) -> u64;
     /// Maximum size of each queue; the number of entries is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
+    /// The queue maxima earlier versions of this device offered, whose state records a device
+    /// model of this version resumes under a running driver (see [`crate::persist`]): one
+    /// entry per earlier version, one size per queue. An entry is used only if it has as many
+    /// sizes as [`VirtioDevice::queue_max_sizes`] and none is larger, so that every queue a
+    /// driver set up under it is still valid here. Nothing by default.
+    fn earlier_queue_max_sizes(&self) -> &[&[u16]] {
+        &[]
+    }
     /// Reads device configuration space at `offset`; bytes past its end read as 0.
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes device configuration space; bytes past its end or read-only fields are ignored.

@@ -33,7 +33,8 @@
 //! Only the newest whole record counts (a torn newer slot is ignored, as a kill in the middle
 //! of a write leaves it; an older record is never resumed over a newer one of another
 //! device). It is [`Found::Blank`] when no record was ever written (both slots all zero), a
-//! [`Found::Record`] to resume when it is this device's, and [`Found::Unusable`] otherwise: a
+//! [`Found::Record`] to resume when it is this device's (its fingerprint, or one of an earlier
+//! version the device declares it resumes), and [`Found::Unusable`] otherwise: a
 //! record of another fingerprint or queue count (its state kept, for a failover), or no whole
 //! record though a slot holds something (corrupt).
 //!
@@ -293,10 +294,13 @@ pub struct StateRegion {
 impl StateRegion {
     /// A region over `file` (at least [`REGION_LEN`] bytes) for the device of `fingerprint`
     /// with `queues` queues, and what the region holds (see the module docs): the newest whole
-    /// record decides; a torn slot beside it is ignored.
+    /// record decides; a torn slot beside it is ignored. A record of one of the `earlier`
+    /// fingerprints (an earlier version of the device this one can resume) is this device's
+    /// too; records written from now on carry `fingerprint`.
     pub fn open(
         file: File,
         fingerprint: u64,
+        earlier: &[u64],
         queues: usize,
     ) -> Result<(Self, Found), PersistError> {
         let len = file.metadata()?.len();
@@ -322,10 +326,12 @@ impl StateRegion {
                 reason: Unusable::Corrupt,
                 state: None,
             },
-            Some((_, fp, state)) if fp != fingerprint => Found::Unusable {
-                reason: Unusable::OtherConfig,
-                state: Some(state),
-            },
+            Some((_, fp, state)) if fp != fingerprint && !earlier.contains(&fp) => {
+                Found::Unusable {
+                    reason: Unusable::OtherConfig,
+                    state: Some(state),
+                }
+            }
             Some((_, _, state)) if state.queues.len() != queues => Found::Unusable {
                 reason: Unusable::OtherQueueCount {
                     recorded: state.queues.len(),
@@ -466,7 +472,7 @@ mod tests {
     }
 
     fn open(file: &File, fp: u64) -> (StateRegion, Found) {
-        StateRegion::open(file.try_clone().unwrap(), fp, 2).unwrap()
+        StateRegion::open(file.try_clone().unwrap(), fp, &[], 2).unwrap()
     }
 
     #[test]
@@ -494,6 +500,24 @@ mod tests {
         file.write_all_at(&[0xff; 8], SLOT_LEN + 48).unwrap();
 
         assert_eq!(open(&file, 7).1, Found::Record(state(3)));
+    }
+
+    #[test]
+    fn a_record_of_an_earlier_version_is_resumed_and_rewritten_as_this_ones() {
+        let file = region_file();
+        let (mut r, _) = open(&file, 7);
+        r.write(&state(0xf)).unwrap();
+
+        let (mut upgraded, got) =
+            StateRegion::open(file.try_clone().unwrap(), 8, &[6, 7], 2).unwrap();
+
+        assert_eq!(got, Found::Record(state(0xf)));
+        upgraded.write(&state(1)).unwrap();
+        assert_eq!(
+            open(&file, 8).1,
+            Found::Record(state(1)),
+            "now a record of 8"
+        );
     }
 
     #[test]
@@ -544,7 +568,7 @@ mod tests {
         let (mut r, _) = open(&file, 7);
         r.write(&state(0xf)).unwrap();
 
-        let (_, got) = StateRegion::open(file, 7, 3).unwrap();
+        let (_, got) = StateRegion::open(file, 7, &[], 3).unwrap();
 
         assert_eq!(
             got,
@@ -583,7 +607,7 @@ mod tests {
         let small = tempfile();
         small.set_len(4096).unwrap();
         assert!(matches!(
-            StateRegion::open(small, 7, 2),
+            StateRegion::open(small, 7, &[], 2),
             Err(PersistError::TooSmall(4096))
         ));
     }

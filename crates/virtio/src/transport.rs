@@ -304,6 +304,31 @@ impl MmioTransport {
         )
     }
 
+    /// The fingerprints of the earlier versions of this device it also resumes
+    /// ([`VirtioDevice::earlier_queue_max_sizes`]): the same device, features and window, with
+    /// queues no larger than this one's.
+    fn earlier_fingerprints(&self, mmio_base: u64) -> Vec<u64> {
+        self.device
+            .earlier_queue_max_sizes()
+            .iter()
+            .filter(|sizes| {
+                sizes.len() == self.queues.len()
+                    && sizes
+                        .iter()
+                        .zip(&self.queues)
+                        .all(|(&s, q)| s <= q.max_size)
+            })
+            .map(|sizes| {
+                crate::persist::fingerprint(
+                    self.device.device_type(),
+                    self.device_features,
+                    sizes,
+                    mmio_base,
+                )
+            })
+            .collect()
+    }
+
     /// Records the transport's state in `file` from now on (before each register write
     /// completes), and first resumes from the record there, if one of this device exists: a
     /// device model restarted after a crash or an upgrade continues where the previous one
@@ -316,8 +341,12 @@ impl MmioTransport {
         file: std::fs::File,
         mmio_base: u64,
     ) -> Result<Resumed, PersistError> {
-        let (region, found) =
-            StateRegion::open(file, self.fingerprint(mmio_base), self.queues.len())?;
+        let (region, found) = StateRegion::open(
+            file,
+            self.fingerprint(mmio_base),
+            &self.earlier_fingerprints(mmio_base),
+            self.queues.len(),
+        )?;
         #[cfg(feature = "crash-points")]
         crate::crash_point::watch_state_region(&region, self.device.device_type());
         self.state = Some((region, TransportState::default()));
@@ -1031,6 +1060,8 @@ pub(crate) mod tests {
         pub acked: Arc<AtomicUsize>,
         /// The interrupt of the last activation.
         pub interrupt: Arc<Mutex<Option<Arc<Interrupt>>>>,
+        /// What `earlier_queue_max_sizes` returns.
+        pub earlier: &'static [&'static [u16]],
     }
 
     impl VirtioDevice for ProbeDevice {
@@ -1042,6 +1073,9 @@ pub(crate) mod tests {
         }
         fn queue_max_sizes(&self) -> &[u16] {
             &[16, 8]
+        }
+        fn earlier_queue_max_sizes(&self) -> &[&[u16]] {
+            self.earlier
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             crate::device::read_config_bytes(&self.config, offset, data);
@@ -1574,7 +1608,8 @@ pub(crate) mod tests {
             vq: &MockSplitQueue<'_, GuestMemoryMmap>,
             status: u32,
         ) {
-            let (mut region, _) = StateRegion::open(file.try_clone().unwrap(), 0xb10c, 1).unwrap();
+            let (mut region, _) =
+                StateRegion::open(file.try_clone().unwrap(), 0xb10c, &[], 1).unwrap();
             region
                 .write(&TransportState {
                     status,
@@ -1634,6 +1669,72 @@ pub(crate) mod tests {
             assert_eq!(resumed, Resumed::Fresh);
             assert_eq!(t.status(), 0);
             assert_eq!(isr(&t), 0);
+        }
+
+        /// A transport over a `ProbeDevice` that resumes records of `earlier` queue maxima,
+        /// on a region holding a record of a device being set up whose queues were at most
+        /// `recorded` (the fingerprint its version wrote).
+        fn upgraded_probe(recorded: &[u16], earlier: &'static [&'static [u16]]) -> Resumed {
+            let mem = mem();
+            let file = region();
+            let mut t = MmioTransport::new(
+                Box::new(ProbeDevice {
+                    earlier,
+                    ..ProbeDevice::default()
+                }),
+                mem,
+                Box::new(NoopRegistrar),
+            );
+            let fp = crate::persist::fingerprint(4, t.device_features, recorded, MMIO);
+            let (mut region, _) = StateRegion::open(file.try_clone().unwrap(), fp, &[], 2).unwrap();
+            region
+                .write(&TransportState {
+                    status: ACK | DRIVER,
+                    device_type: 4,
+                    queues: vec![QueueState::default(), QueueState::default()],
+                    ..TransportState::default()
+                })
+                .unwrap();
+            t.attach_state(file, MMIO).unwrap()
+        }
+
+        #[test]
+        fn a_record_of_an_earlier_version_with_smaller_queues_is_resumed() {
+            // ProbeDevice offers queues of 16 and 8.
+            assert_eq!(upgraded_probe(&[8, 8], &[&[8, 8]]), Resumed::Configuring);
+            // Not declared: another configuration.
+            assert_eq!(upgraded_probe(&[8, 8], &[]), Resumed::Failed);
+            // A driver may have set up 32 entries there: not this device's to resume.
+            assert_eq!(upgraded_probe(&[32, 8], &[&[32, 8]]), Resumed::Failed);
+            // Another queue count is never an earlier version of this device.
+            assert_eq!(upgraded_probe(&[8], &[&[8]]), Resumed::Failed);
+        }
+
+        #[test]
+        fn a_block_device_resumes_the_record_of_the_version_with_a_queue_of_256() {
+            use crate::devices::block::{BlockBackend, BlockDevice};
+            let image = vmm_sys_util::tempfile::TempFile::new().unwrap();
+            image.as_file().set_len(16 * 512).unwrap();
+            let file = region();
+            let mut t = MmioTransport::new(
+                Box::new(BlockDevice::new(
+                    BlockBackend::open(image.as_path(), false, None).unwrap(),
+                )),
+                mem(),
+                Box::new(NoopRegistrar),
+            );
+            let fp = crate::persist::fingerprint(BLOCK, t.device_features, &[256], MMIO);
+            let (mut region, _) = StateRegion::open(file.try_clone().unwrap(), fp, &[], 1).unwrap();
+            region
+                .write(&TransportState {
+                    status: ACK | DRIVER,
+                    device_type: BLOCK,
+                    queues: vec![QueueState::default()],
+                    ..TransportState::default()
+                })
+                .unwrap();
+
+            assert_eq!(t.attach_state(file, MMIO).unwrap(), Resumed::Configuring);
         }
 
         #[test]
@@ -1759,7 +1860,7 @@ pub(crate) mod tests {
                 Box::new(NoopRegistrar),
             )
             .fingerprint(MMIO);
-            let (mut region, _) = StateRegion::open(file.try_clone().unwrap(), fp, 2).unwrap();
+            let (mut region, _) = StateRegion::open(file.try_clone().unwrap(), fp, &[], 2).unwrap();
             let mut two = TransportState {
                 status: ACK | DRIVER | FEATURES_OK | DRIVER_OK,
                 device_type: 4,

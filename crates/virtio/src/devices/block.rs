@@ -1227,6 +1227,13 @@ impl<E: BlockEngine> VirtioDevice for BlockDevice<E> {
         &[QUEUE_SIZE]
     }
 
+    /// Before 2b09361 the queue was 256: a device model of this version resumes a block
+    /// device an earlier one served (an upgrade under a running guest); the driver keeps the
+    /// queue and the 254 segments it was told, both still within what this version accepts.
+    fn earlier_queue_max_sizes(&self) -> &[&[u16]] {
+        &[&[256]]
+    }
+
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config, offset, data);
     }
