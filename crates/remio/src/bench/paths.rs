@@ -230,6 +230,18 @@ fn writer_cost(
     Ok((super::spread(&path).0, super::spread(&floor).0))
 }
 
+/// Reads `fd` until `stop` is set, then what is left: the count of every write made before
+/// `stop` was set (and of any made since).
+fn drain_until(fd: &EventFd, stop: &AtomicBool) -> u64 {
+    let mut n = 0u64;
+    while !stop.load(Ordering::Acquire) {
+        n += fd.read().unwrap_or(0);
+    }
+    // The writes between the last read and `stop`: the writer sets `stop` after its last
+    // write, and a drainer that sees it between two reads would otherwise miss them.
+    n + count_now(fd).unwrap_or(0)
+}
+
 /// Writes `writes` times with `write_one` while a worker drains `fd` (as a queue worker would);
 /// the writes per second and the CPU ns per write (the whole process: writer and worker).
 fn back_to_back(
@@ -240,13 +252,7 @@ fn back_to_back(
     let stop = Arc::new(AtomicBool::new(false));
     let drained = {
         let (fd, stop) = (fd.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut n = 0u64;
-            while !stop.load(Ordering::Acquire) {
-                n += fd.read().unwrap_or(0);
-            }
-            n
-        })
+        std::thread::spawn(move || drain_until(&fd, &stop))
     };
     let meter = CpuMeter::start(&[])?;
     let t0 = Instant::now();
@@ -477,6 +483,16 @@ mod tests {
         let (path, floor) = writer_cost(1000, &fd, || Ok(fd.write(1)?)).unwrap();
         assert!(path > 0.0 && floor > 0.0, "{path} {floor}");
         assert_eq!(count_now(&fd).unwrap(), 0, "every block was drained");
+    }
+
+    #[test]
+    fn the_drainer_counts_the_writes_made_after_its_last_read() {
+        let fd = EventFd::new(0).unwrap();
+        // The writer's last writes, then `stop`, all before the drainer looks again.
+        fd.write(5).unwrap();
+        let stop = AtomicBool::new(true);
+
+        assert_eq!(drain_until(&fd, &stop), 5);
     }
 
     #[test]
