@@ -47,7 +47,7 @@ pub const QUEUE_SIZE: u16 = 512;
 /// status descriptors (a chain may not be longer than the queue). Linux cuts a request at
 /// `seg_max` segments, and the 256 pages of a 1 MiB `O_DIRECT` buffer are often not physically
 /// contiguous: with a queue of 256 (254 segments) such a read became two requests, 254 + 2
-/// pages, each with its own completion (and the boots where that happened read 30% slower).
+/// pages, each with its own completion (and the boots where that happened were the slow ones).
 pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// Largest data segment (config `size_max`).
 pub const SIZE_MAX: u32 = 1 << 20;
