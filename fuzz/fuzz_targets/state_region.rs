@@ -1,8 +1,8 @@
 //! A device model's state region after a crash: whatever bytes the region holds (a torn write,
 //! a region of another version or configuration, garbage), opening it tells blank, a record or
-//! an unusable one, never panics; a record found (usable, or whole but of another
-//! configuration) is written back as this device's and read again unchanged; and only a region
-//! of zeros is blank.
+//! an unusable one, never panics; a record found (usable, of an earlier version, or whole but
+//! of another configuration) is written back as this device's and read again unchanged, as
+//! this device's own; and only a region of zeros is blank.
 #![no_main]
 
 use std::io::Write as _;
@@ -21,10 +21,12 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let fingerprint = 7;
+    // Records of an earlier version of the device, which it resumes.
+    let earlier = [6];
     // The queue count is taken from the input, so that records of another count are reached.
     let queues = usize::from(data.first().copied().unwrap_or(1) % 4);
     let Ok((mut region, found)) =
-        StateRegion::open(file.try_clone().unwrap(), fingerprint, queues)
+        StateRegion::open(file.try_clone().unwrap(), fingerprint, &earlier, queues)
     else {
         return;
     };
@@ -46,7 +48,7 @@ fuzz_target!(|data: &[u8]| {
         }
     };
     region.write(&state).unwrap();
-    let (_, again) = StateRegion::open(file, fingerprint, queues).unwrap();
+    let (_, again) = StateRegion::open(file, fingerprint, &[], queues).unwrap();
     assert_eq!(again, Found::Record(state));
 });
 
