@@ -296,10 +296,15 @@ impl MmioTransport {
     /// [`crate::persist::fingerprint`]); `mmio_base` is the device's window.
     pub fn fingerprint(&self, mmio_base: u64) -> u64 {
         let max: Vec<u16> = self.queues.iter().map(|q| q.max_size).collect();
+        self.fingerprint_with(&max, mmio_base)
+    }
+
+    /// The fingerprint of this device with queues of at most `queue_max`.
+    fn fingerprint_with(&self, queue_max: &[u16], mmio_base: u64) -> u64 {
         crate::persist::fingerprint(
             self.device.device_type(),
             self.device_features,
-            &max,
+            queue_max,
             mmio_base,
         )
     }
@@ -318,14 +323,7 @@ impl MmioTransport {
                         .zip(&self.queues)
                         .all(|(&s, q)| s <= q.max_size)
             })
-            .map(|sizes| {
-                crate::persist::fingerprint(
-                    self.device.device_type(),
-                    self.device_features,
-                    sizes,
-                    mmio_base,
-                )
-            })
+            .map(|sizes| self.fingerprint_with(sizes, mmio_base))
             .collect()
     }
 
@@ -1671,6 +1669,23 @@ pub(crate) mod tests {
             assert_eq!(isr(&t), 0);
         }
 
+        /// Writes in `file` the record an earlier version of `t`'s device with queues of at
+        /// most `recorded` left: its driver setting it up (ACKNOWLEDGE | DRIVER).
+        fn earlier_setup_record(t: &MmioTransport, file: &std::fs::File, recorded: &[u16]) {
+            let fp = t.fingerprint_with(recorded, MMIO);
+            let queues = t.queues.len();
+            let (mut region, _) =
+                StateRegion::open(file.try_clone().unwrap(), fp, &[], queues).unwrap();
+            region
+                .write(&TransportState {
+                    status: ACK | DRIVER,
+                    device_type: t.device.device_type(),
+                    queues: vec![QueueState::default(); queues],
+                    ..TransportState::default()
+                })
+                .unwrap();
+        }
+
         /// A transport over a `ProbeDevice` that resumes records of `earlier` queue maxima,
         /// on a region holding a record of a device being set up whose queues were at most
         /// `recorded` (the fingerprint its version wrote).
@@ -1685,16 +1700,7 @@ pub(crate) mod tests {
                 mem,
                 Box::new(NoopRegistrar),
             );
-            let fp = crate::persist::fingerprint(4, t.device_features, recorded, MMIO);
-            let (mut region, _) = StateRegion::open(file.try_clone().unwrap(), fp, &[], 2).unwrap();
-            region
-                .write(&TransportState {
-                    status: ACK | DRIVER,
-                    device_type: 4,
-                    queues: vec![QueueState::default(), QueueState::default()],
-                    ..TransportState::default()
-                })
-                .unwrap();
+            earlier_setup_record(&t, &file, recorded);
             t.attach_state(file, MMIO).unwrap()
         }
 
@@ -1723,16 +1729,7 @@ pub(crate) mod tests {
                 mem(),
                 Box::new(NoopRegistrar),
             );
-            let fp = crate::persist::fingerprint(BLOCK, t.device_features, &[256], MMIO);
-            let (mut region, _) = StateRegion::open(file.try_clone().unwrap(), fp, &[], 1).unwrap();
-            region
-                .write(&TransportState {
-                    status: ACK | DRIVER,
-                    device_type: BLOCK,
-                    queues: vec![QueueState::default()],
-                    ..TransportState::default()
-                })
-                .unwrap();
+            earlier_setup_record(&t, &file, &[256]);
 
             assert_eq!(t.attach_state(file, MMIO).unwrap(), Resumed::Configuring);
         }
