@@ -99,15 +99,12 @@ fn guest_command() -> String {
 pub fn make_disk(dir: &Path) -> anyhow::Result<PathBuf> {
     let path = dir.join("guest-bench.img");
     let chunk: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8 | 1).collect();
-    let mut data = Vec::with_capacity(usize::try_from(DISK_MIB << 20)?);
-    for _ in 0..DISK_MIB {
-        data.extend_from_slice(&chunk);
-    }
-    // Written back before the first boot: the kernel would otherwise write the 256 MiB back
-    // some 30 s later, during whichever boot is running then.
     let mut file =
         std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-    std::io::Write::write_all(&mut file, &data)
+    // The same MiB over and over, then written back before the first boot: the kernel would
+    // otherwise write the 256 MiB back some 30 s later, during whichever boot is running then.
+    (0..DISK_MIB)
+        .try_for_each(|_| std::io::Write::write_all(&mut file, &chunk))
         .and_then(|()| file.sync_all())
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
@@ -337,6 +334,25 @@ mod tests {
         assert!((f.rand_iops - 2500.0).abs() < 1e-9);
         assert!((f.ios - (64.0 + 12500.0)).abs() < 1e-9);
         assert_eq!(f.seq_warm_mib_per_s, None);
+    }
+
+    #[test]
+    fn the_disk_is_the_pattern_mib_over_its_whole_size() {
+        use std::io::{Read, Seek, SeekFrom};
+        let dir = std::env::temp_dir().join(format!("remio-bench-disk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = make_disk(&dir).unwrap();
+        let mut file = std::fs::File::open(&path).unwrap();
+        assert_eq!(file.metadata().unwrap().len(), DISK_MIB << 20);
+        let mut first = vec![0u8; 1 << 20];
+        let mut last = vec![0u8; 1 << 20];
+        file.read_exact(&mut first).unwrap();
+        file.seek(SeekFrom::End(-(1 << 20))).unwrap();
+        file.read_exact(&mut last).unwrap();
+        assert_eq!(first, last);
+        assert!(first.iter().all(|&b| b != 0));
+        assert_eq!(&first[250..253], &[250 | 1, 1, 1]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
