@@ -432,21 +432,33 @@ fn through_the_c_driver_sigstop_and_sigcont_of_the_device_model_lose_nothing() {
     }
     let hook_dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/remio-sigstop").unwrap();
     let hook = hook_dir.as_path().join("backend.sh");
+    // The two VMs meet on the disk, not on a clock: the frontend marks block 1022 when its
+    // I/O starts, the backend (which sees the same disk as its /dev/vda) stops and continues
+    // the device model five times from then on and marks block 1023, and the frontend keeps
+    // doing I/O until it reads that mark (at most 240 rounds: the stops' 6 s are ~25 of them).
     std::fs::write(
         &hook,
-        "( while ! pidof remio >/dev/null; do usleep 100000; done; sleep 4; \
+        "( while [ \"$(dd if=/dev/vda bs=16384 skip=1022 count=1 2>/dev/null | head -c 10)\" \
+                 != IO-STARTED ]; do usleep 100000; done; \
            for i in 1 2 3 4 5; do kill -STOP $(pidof remio); usleep 500000; \
              kill -CONT $(pidof remio); usleep 700000; done; \
-           echo REMIO-TEST-SIGNALS-DONE ) &\n",
+           echo REMIO-TEST-SIGNALS-DONE; printf SIGNALS-DONE > /tmp/mark; \
+           dd if=/tmp/mark of=/dev/vda bs=16384 seek=1023 count=1 conv=sync,fsync 2>/dev/null \
+         ) &\n",
     )
     .unwrap();
-    let script = "i=0; while [ $i -lt 40 ]; do \
+    let script = "printf IO-STARTED > /tmp/mark; \
+                  dd if=/tmp/mark of=/dev/vda bs=16384 seek=1022 count=1 conv=sync,fsync \
+                    2>/dev/null || echo IOERR start; \
+                  i=0; while [ $i -lt 240 ]; do \
                     dd if=/dev/urandom of=/tmp/p bs=16384 count=4 2>/dev/null; \
                     dd if=/tmp/p of=/dev/vda bs=16384 seek=$((i*4)) oflag=direct conv=fsync \
                       2>/dev/null || echo IOERR $i; \
                     dd if=/dev/vda of=/tmp/q bs=16384 skip=$((i*4)) count=4 iflag=direct \
                       2>/dev/null; cmp -s /tmp/p /tmp/q || echo MISMATCH $i; i=$((i+1)); \
-                  done; echo DONE";
+                    [ \"$(dd if=/dev/vda bs=16384 skip=1023 count=1 iflag=direct 2>/dev/null \
+                        | head -c 12)\" = SIGNALS-DONE ] && break; \
+                  done; echo ROUNDS $i; echo DONE";
     for d in kernel_dispatchers("SIGSTOP/SIGCONT") {
         let (_dir, img) = temp_image(16 << 20);
         let out = kernel_exec(
@@ -469,6 +481,10 @@ fn through_the_c_driver_sigstop_and_sigcont_of_the_device_model_lose_nothing() {
         assert!(
             out.stderr.contains("REMIO-TEST-SIGNALS-DONE"),
             "{d}: the stops happened while the guest ran"
+        );
+        assert!(
+            !out.stdout.contains("ROUNDS 240"),
+            "{d}: the frontend never read the backend's mark"
         );
         if d == "c-driver" {
             assert!(
