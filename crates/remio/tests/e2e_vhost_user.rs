@@ -61,6 +61,29 @@ fn config(dir: &Path, img: &Path, sock: &Path) -> PathBuf {
     )
 }
 
+/// The host's word to the guest: `mark` in the last 4 KiB block of the disk image, which the
+/// guest reads through remio's block device (nothing else uses that block).
+fn mark_disk(img: &Path, mark: &str) {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut file = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+    let mut block = vec![0u8; 4096];
+    block[..mark.len()].copy_from_slice(mark.as_bytes());
+    file.seek(SeekFrom::End(-4096)).unwrap();
+    file.write_all(&block).unwrap();
+    file.sync_all().unwrap();
+}
+
+/// Guest shell that waits (up to 60 s, then fails with exit 17) until the disk's last 4 KiB
+/// block starts with `mark` (see [`mark_disk`]; the image is 16 MiB).
+fn wait_for_disk_mark(mark: &str) -> String {
+    format!(
+        "n=0; until [ \"$(dd if=/dev/vda bs=4096 skip=4095 count=1 iflag=direct 2>/dev/null \
+           | head -c {})\" = {mark} ]; do n=$((n+1)); \
+           [ $n -lt 600 ] || {{ echo NO-HOST-MARK; exit 17; }}; sleep 0.1; done; ",
+        mark.len()
+    )
+}
+
 fn setup(test: &str) -> Option<(PathBuf, vmm_sys_util::tempdir::TempDir, PathBuf, PathBuf)> {
     if !prerequisites(test) {
         return None;
@@ -118,21 +141,26 @@ fn a_killed_virtiofsd_gives_the_guest_errors_and_remio_keeps_serving_the_disk() 
     let config = config(dir.as_path(), &img, &sock);
     // The guest tells the host when to kill the daemon by creating a file in the share (the
     // host kills it as soon as the file exists, so `touch`'s own later request may already
-    // fail), then waits a moment and uses the share again.
-    let script = "mount -t virtiofs hostshare /mnt || exit 11; \
-                  echo \"BEFORE:$(cat /mnt/f.txt)\"; \
-                  touch /mnt/kill-now; sleep 3; \
-                  if cat /mnt/f.txt; then echo AFTER-READ-OK; else echo AFTER-READ-FAILED; fi; \
-                  if ls /mnt/new-name; then echo LOOKUP-OK; else echo LOOKUP-FAILED; fi; \
-                  dd if=/dev/vda of=/dev/null bs=4096 count=64 && echo DISK-OK";
+    // fail); the host says when the daemon is gone by marking the disk, and the guest then
+    // uses the share again.
+    let script = format!(
+        "mount -t virtiofs hostshare /mnt || exit 11; \
+         echo \"BEFORE:$(cat /mnt/f.txt)\"; \
+         touch /mnt/kill-now; {} \
+         if cat /mnt/f.txt; then echo AFTER-READ-OK; else echo AFTER-READ-FAILED; fi; \
+         if ls /mnt/new-name; then echo LOOKUP-OK; else echo LOOKUP-FAILED; fi; \
+         dd if=/dev/vda of=/dev/null bs=4096 count=64 && echo DISK-OK",
+        wait_for_disk_mark("DAEMON-GONE")
+    );
     let share_watch = share.clone();
-    let out = remio_exec_with(script, &["--config", path_str(&config)], |_| {
+    let out = remio_exec_with(&script, &["--config", path_str(&config)], |_| {
         let deadline = Instant::now() + GUEST_TIMEOUT;
         while !share_watch.join("kill-now").exists() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = daemon.0.kill();
         let _ = daemon.0.wait();
+        mark_disk(&img, "DAEMON-GONE");
     });
 
     assert_eq!(
@@ -163,25 +191,29 @@ fn after_virtiofsd_is_killed_and_restarted_a_rebound_device_serves_a_new_mount()
     let first = start_virtiofsd(&bin, &sock, &share);
     let config = config(dir.as_path(), &img, &sock);
     // The first daemon dies under a mounted share; the guest unmounts it, and once the host
-    // has a new daemon listening, unbinds and binds the device (the reset and re-activation
-    // that make remio connect again) and mounts the share anew.
-    let script = "mount -t virtiofs hostshare /mnt || exit 11; \
-                  echo \"BEFORE:$(cat /mnt/f.txt)\"; \
-                  touch /mnt/kill-now; sleep 3; \
-                  cat /mnt/f.txt >/dev/null 2>&1 || echo DEAD-READ-FAILED; \
-                  umount /mnt || umount -l /mnt || exit 12; \
-                  drv=/sys/bus/virtio/drivers/virtiofs; \
-                  d=$(cd $drv && ls -d virtio* | head -1); echo \"DEVICE $d\"; \
-                  echo $d > $drv/unbind || exit 13; \
-                  echo $d > $drv/bind || exit 14; \
-                  mount -t virtiofs hostshare /mnt || exit 15; \
-                  echo \"AFTER:$(cat /mnt/f.txt)\"; \
-                  echo second-life > /mnt/after.txt || exit 16; \
-                  umount /mnt; echo RESTART-DONE";
+    // has a new daemon listening (it marks the disk then), unbinds and binds the device (the
+    // reset and re-activation that make remio connect again) and mounts the share anew.
+    let script = format!(
+        "mount -t virtiofs hostshare /mnt || exit 11; \
+         echo \"BEFORE:$(cat /mnt/f.txt)\"; \
+         touch /mnt/kill-now; {} \
+         cat /mnt/f.txt >/dev/null 2>&1 || echo DEAD-READ-FAILED; \
+         umount /mnt || umount -l /mnt || exit 12; \
+         drv=/sys/bus/virtio/drivers/virtiofs; \
+         d=$(cd $drv && ls -d virtio* | head -1); echo \"DEVICE $d\"; \
+         echo $d > $drv/unbind || exit 13; \
+         echo $d > $drv/bind || exit 14; \
+         mount -t virtiofs hostshare /mnt || exit 15; \
+         echo \"AFTER:$(cat /mnt/f.txt)\"; \
+         echo second-life > /mnt/after.txt || exit 16; \
+         umount /mnt; echo RESTART-DONE",
+        wait_for_disk_mark("DAEMON-BACK")
+    );
     let share_watch = share.clone();
+    let img_w = img.clone();
     let second: Arc<Mutex<Option<Daemon>>> = Arc::default();
     let second_w = Arc::clone(&second);
-    let out = remio_exec_with(script, &["--config", path_str(&config)], move |_| {
+    let out = remio_exec_with(&script, &["--config", path_str(&config)], move |_| {
         let mut first = first;
         let deadline = Instant::now() + GUEST_TIMEOUT;
         while !share_watch.join("kill-now").exists() && Instant::now() < deadline {
@@ -191,6 +223,7 @@ fn after_virtiofsd_is_killed_and_restarted_a_rebound_device_serves_a_new_mount()
         let _ = first.0.wait();
         let _ = std::fs::remove_file(&sock);
         *second_w.lock().unwrap() = Some(start_virtiofsd(&bin, &sock, &share_watch));
+        mark_disk(&img_w, "DAEMON-BACK");
     });
 
     assert_eq!(
