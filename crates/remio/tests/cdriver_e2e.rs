@@ -457,7 +457,7 @@ fn through_the_c_driver_sigstop_and_sigcont_of_the_device_model_lose_nothing() {
                     dd if=/dev/vda of=/tmp/q bs=16384 skip=$((i*4)) count=4 iflag=direct \
                       2>/dev/null; cmp -s /tmp/p /tmp/q || echo MISMATCH $i; i=$((i+1)); \
                     [ \"$(dd if=/dev/vda bs=16384 skip=1023 count=1 iflag=direct 2>/dev/null \
-                        | head -c 12)\" = SIGNALS-DONE ] && break; \
+                        | head -c 12)\" = SIGNALS-DONE ] && { echo MARK-SEEN; break; }; \
                   done; echo ROUNDS $i; echo DONE";
     for d in kernel_dispatchers("SIGSTOP/SIGCONT") {
         let (_dir, img) = temp_image(16 << 20);
@@ -483,7 +483,7 @@ fn through_the_c_driver_sigstop_and_sigcont_of_the_device_model_lose_nothing() {
             "{d}: the stops happened while the guest ran"
         );
         assert!(
-            !out.stdout.contains("ROUNDS 240"),
+            out.stdout.contains("MARK-SEEN"),
             "{d}: the frontend never read the backend's mark"
         );
         if d == "c-driver" {

@@ -256,19 +256,20 @@ pub fn parse_iobench(out: &str) -> anyhow::Result<GuestFigures> {
         let tag = format!("IOBENCH {kind} ");
         out.lines().filter(|l| l.contains(&tag)).collect()
     };
-    let (seq_lines, rand_lines) = (lines("seq"), lines("rand"));
+    let seq_lines = lines("seq");
     let seq = seq_lines
         .first()
         .and_then(|l| field(l, "mib_per_s"))
         .context("no `IOBENCH seq` line in the guest output")?;
-    let warm = match seq_lines.get(1) {
-        Some(l) => {
-            Some(field(l, "mib_per_s").context("a second `IOBENCH seq` line without mib_per_s")?)
-        }
-        None => None,
-    };
-    let rand = rand_lines.first().copied().unwrap_or_default();
-    let iops = field(rand, "iops").context("no `IOBENCH rand` line in the guest output")?;
+    let warm = seq_lines
+        .get(1)
+        .map(|l| field(l, "mib_per_s").context("a second `IOBENCH seq` line without mib_per_s"))
+        .transpose()?;
+    let rand = lines("rand")
+        .first()
+        .copied()
+        .context("no `IOBENCH rand` line in the guest output")?;
+    let iops = field(rand, "iops").context("an `IOBENCH rand` line without iops")?;
     let rand_ios = field(rand, "ios").unwrap_or(0.0);
     // One read() per MiB (the guest may split each into several virtio requests).
     let seq_ios = seq_lines
