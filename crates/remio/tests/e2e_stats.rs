@@ -4,7 +4,7 @@
 //! by request kind), and `remio run --stats-json` writes the final ones.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
@@ -49,18 +49,24 @@ fn remio_stats_finds_the_run_and_counts_the_guests_block_requests() {
     );
 
     let _lock = boot_lock();
-    // The host reads the counters before (IO-READY) and after (IO-DONE) the guest's reads.
+    // The host reads the counters before (IO-READY) and after (IO-DONE) the guest's reads;
+    // the guest waits for a line on its console (the host's go-ahead) before each step, so the
+    // host's reads cannot race the guest's. The console is served on a socket and is not the
+    // disk, whose counters are checked.
     let script = format!(
-        "echo IO-READY; sleep 5; \
+        "exec 3<>/dev/hvc0; stty -echo <&3; echo IO-READY; read -r go <&3; \
          dd if=/dev/vda of=/dev/null bs=4096 count={READS} iflag=direct 2>/dev/null; \
-         echo IO-DONE; sleep 15"
+         echo IO-DONE; read -r done <&3; echo EXITING"
     );
     let final_json = runtime.as_path().join("final.json");
+    let console_sock = runtime.as_path().join("console.sock");
     let child = Command::new(env!("CARGO_BIN_EXE_remio"))
         .arg("run")
         .arg("--stats-json")
         .arg(&final_json)
-        .args(["--no-console", "--no-rng", "--timeout"])
+        .arg("--console-socket")
+        .arg(&console_sock)
+        .args(["--no-rng", "--timeout"])
         .arg(GUEST_TIMEOUT.as_secs().to_string())
         .arg("--exec")
         .arg(&script)
@@ -99,10 +105,14 @@ fn remio_stats_finds_the_run_and_counts_the_guests_block_requests() {
     };
     wait_for("IO-READY");
     let before = stats(&["--json"]);
+    let mut console = connect_until(&console_sock, deadline);
+    console.write_all(b"go\n").unwrap();
     wait_for("IO-DONE");
 
     let json = stats(&["--json"]);
     let table = stats(&["--once"]);
+    console.write_all(b"done\n").unwrap();
+    wait_for("EXITING");
     let _ = run.0.wait();
     eprintln!("--- remio stderr ---\n{}", t_err.join().unwrap());
     assert!(
