@@ -203,7 +203,7 @@ for i in 1 2 3; do
   for d in $devs; do echo $d > $drv/unbind || echo "UNBIND-FAILED $d"; done
   for d in $devs; do echo $d > $drv/bind || echo "BIND-FAILED $d"; done
 done
-sleep 1
+j=0; until [ -b /dev/vda ] || [ $j -ge 100 ]; do sleep 0.1; j=$((j+1)); done
 echo "BOUND $(ls $drv | grep -v -e bind -e uevent -e module | wc -l)"
 dd if=/dev/urandom of=/tmp/p bs=4096 count=64 2>/dev/null
 dd if=/tmp/p of=/dev/vda bs=4096 conv=fsync 2>/dev/null

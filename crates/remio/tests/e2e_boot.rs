@@ -52,10 +52,15 @@ fn virtio_console_carries_guest_output_to_the_host() {
         return;
     }
     // The device model writes what the guest sends on /dev/hvc0 to its stdout, which
-    // `remio run` inherits.
-    let out = remio_exec("echo remio-console-echo-4711 > /dev/hvc0; sleep 1", &[]);
+    // `remio run` inherits. The guest powers off right after writing (hvc's write returns once
+    // the device has taken the bytes), and a last line without its newline still arrives.
+    let out = remio_exec(
+        "echo remio-console-echo-4711 > /dev/hvc0; printf remio-no-newline-4712 > /dev/hvc0",
+        &[],
+    );
     assert_eq!(out.status, Some(0));
     assert!(out.stdout.contains("remio-console-echo-4711"));
+    assert!(out.stdout.contains("remio-no-newline-4712"));
 }
 
 #[test]

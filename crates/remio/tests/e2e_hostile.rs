@@ -23,6 +23,8 @@ const SCRIPT: &str = r#"
 set -u
 drv=/sys/bus/platform/drivers/virtio-mmio
 pattern() { yes remio-hostile-0123456789 | head -c 1048576; }
+# A bind probes synchronously, but wait (bounded) for the disk's node rather than assume it.
+wait_disk() { j=0; until [ -b /dev/vda ] || [ $j -ge 100 ]; do sleep 0.1; j=$((j+1)); done; }
 check_disk() {
     pattern > /tmp/p
     timeout 30 dd if=/dev/vda of=/tmp/r bs=65536 count=16 iflag=direct 2>/dev/null
@@ -80,7 +82,7 @@ echo "GARBAGE-DONE $count"
 
 for d in $devs; do echo $d > $drv/bind; done
 echo "REBOUND $(cd $drv && ls -d virtio-mmio.* 2>/dev/null | wc -l)"
-sleep 1
+wait_disk
 check_disk && echo DISK-OK
 echo "RNG-BYTES $(timeout 30 dd if=/dev/hwrng bs=64 count=4 iflag=fullblock 2>/dev/null | wc -c)"
 timeout 30 dd if=/tmp/p of=/dev/vda bs=65536 seek=32 count=16 oflag=direct 2>/dev/null &&
@@ -190,7 +192,7 @@ for lo in 0x80 0x90 0xa0; do w $((b+lo)) 0xfffff000; w $((b+lo+4)) 0xffffffff; d
 w $((b+0x44)) 1; w $((b+0x70)) 0xf
 echo "RNG-STATUS $(devmem $(printf 0x%x $((b + 0x70))) 32)"
 echo $disk > $drv/bind
-sleep 1
+j=0; until [ -b /dev/vda ] || [ $j -ge 100 ]; do sleep 0.1; j=$((j+1)); done
 echo REMIO-HOSTILE-RINGS-PROGRAMMED | dd of=/dev/vda bs=512 seek=2048 conv=sync oflag=direct 2>/dev/null
 echo PROGRAMMED
 n=0
