@@ -39,12 +39,17 @@ fn blkverify_finds_every_block_intact_and_catches_an_overwrite() {
         return;
     }
     // Run 1: clean. Run 2: dd overwrites the first 1024 blocks with zeros (O_DIRECT, so it
-    // reaches the disk) while blkverify runs; the blocks it had written there no longer hold
-    // what it wrote, and the final read-back must say so.
+    // reaches the disk) while blkverify runs, as soon as a block there carries blkverify's
+    // magic ("KBVERIFY"; the blocks are zeroed before the run so that run 1's do not count);
+    // the blocks it had written there no longer hold what it wrote, and its verifies or the
+    // final read-back must say so.
     let script = "command -v blkverify >/dev/null || { echo 'BLKVERIFY-MISSING: rebuild the guest (remio guest build)'; exit 9; }
 blkverify /dev/vda 8 16; echo \"CLEAN-STATUS $?\"
+dd if=/dev/zero of=/dev/vda bs=4096 count=1024 oflag=direct 2>/dev/null
 blkverify /dev/vda 6 16 4096 > /tmp/bv.out & bv=$!
-sleep 3; dd if=/dev/zero of=/dev/vda bs=4096 count=1024 oflag=direct 2>/dev/null
+n=0; until dd if=/dev/vda bs=4096 count=1024 iflag=direct 2>/dev/null | grep -q KBVERIFY; do
+    n=$((n+1)); [ $n -lt 600 ] || { echo NEVER-WRITTEN; exit 13; }; sleep 0.01; done
+dd if=/dev/zero of=/dev/vda bs=4096 count=1024 oflag=direct 2>/dev/null; echo \"OVERWRITTEN $n\"
 wait $bv; echo \"DIRTY-STATUS $?\"; grep -m3 MISMATCH /tmp/bv.out; grep 'BLKVERIFY done' /tmp/bv.out | sed 's/^/DIRTY /'";
     let (_dir, disk) = temp_image(64 << 20);
     let out = remio_exec(
@@ -73,6 +78,10 @@ wait $bv; echo \"DIRTY-STATUS $?\"; grep -m3 MISMATCH /tmp/bv.out; grep 'BLKVERI
         "every written block reads back intact"
     );
 
+    assert!(
+        out.stdout.contains("OVERWRITTEN "),
+        "the overwrite did not happen during the run"
+    );
     assert!(
         out.stdout.contains("DIRTY-STATUS 1"),
         "overwrite not caught"
