@@ -858,6 +858,25 @@ pub fn irq_hold_from_env() -> Duration {
     ))
 }
 
+/// The environment variable that sets the largest read the queue thread reads ahead, in KiB
+/// ([`DEFAULT_READAHEAD_KIB`] without it; 0 never reads ahead). See [`Readahead`].
+pub const READAHEAD_ENV: &str = "REMIO_BLK_READAHEAD_KIB";
+/// Most KiB [`READAHEAD_ENV`] may ask for.
+pub const MAX_READAHEAD_KIB: u64 = 4096;
+/// The default largest read ahead, KiB: a little above the 1 280 KiB Linux cuts requests at.
+pub const DEFAULT_READAHEAD_KIB: u64 = 2048;
+
+/// The largest read ahead in bytes that [`READAHEAD_ENV`] asks for; [`DEFAULT_READAHEAD_KIB`]
+/// without it, and with a warning when it is not a number of KiB up to [`MAX_READAHEAD_KIB`].
+pub fn readahead_from_env() -> u64 {
+    number_from_env(
+        READAHEAD_ENV,
+        DEFAULT_READAHEAD_KIB,
+        MAX_READAHEAD_KIB,
+        "KiB",
+    ) << 10
+}
+
 /// A number (of `what`) from the environment variable `name`, up to `max`; `default` without
 /// it, and with a warning when it is not such a number.
 fn number_from_env(name: &str, default: u64, max: u64, what: &str) -> u64 {
@@ -1035,6 +1054,10 @@ pub struct BlockCounters {
     pub pieces_by_workers: AtomicU64,
     /// Nanoseconds spent polling the available ring.
     pub poll_ns: AtomicU64,
+    /// Extents read ahead (see [`Readahead`]).
+    pub readahead_reads: AtomicU64,
+    /// Reads answered from an extent read ahead.
+    pub readahead_hits: AtomicU64,
 }
 
 impl BlockCounters {
@@ -1057,7 +1080,7 @@ impl BlockCounters {
              {} executed by I/O workers; up to {} in flight; {} flushes waited; {:.1} us \
              executing per request; {} interrupts ({:.2} per request, {} held for requests \
              still executing or while polling); {} requests found by polling ({:.1} ms polling); {} reads shared \
-             ({} pieces by I/O workers)",
+             ({} pieces by I/O workers); {} extents read ahead, {} reads answered from them",
             g(&self.batches),
             g(&self.wakeups),
             per(g(&self.wakeups)),
@@ -1073,6 +1096,8 @@ impl BlockCounters {
             precise(g(&self.poll_ns)) / 1e6,
             g(&self.split_reads),
             g(&self.pieces_by_workers),
+            g(&self.readahead_reads),
+            g(&self.readahead_hits),
         )
     }
 }
@@ -1128,6 +1153,8 @@ pub struct BlockDevice<E: BlockEngine = FileEngine> {
     poll_max: Duration,
     /// The longest hold of an interrupt while polling (see [`IRQ_HOLD_ENV`]).
     irq_hold: Duration,
+    /// The largest read read ahead, bytes (see [`READAHEAD_ENV`]).
+    readahead_max: u64,
     counters: Arc<BlockCounters>,
     /// Active: the worker owns the backend and hands it back when stopped.
     worker: Option<Worker<BlockBackend<E>>>,
@@ -1179,6 +1206,7 @@ impl<E: BlockEngine> BlockDevice<E> {
             interrupt_hold: MAX_INTERRUPT_HOLD,
             poll_max: poll_max_from_env(),
             irq_hold: irq_hold_from_env(),
+            readahead_max: readahead_from_env(),
             counters: Arc::default(),
             worker: None,
         }
@@ -1205,6 +1233,14 @@ impl<E: BlockEngine> BlockDevice<E> {
     #[must_use]
     pub fn with_irq_hold(mut self, max: Duration) -> Self {
         self.irq_hold = max;
+        self
+    }
+
+    /// Reads ahead reads of up to `max` bytes instead of what [`READAHEAD_ENV`] says (from the
+    /// next activation on; zero never reads ahead). See [`Readahead`].
+    #[must_use]
+    pub fn with_readahead(mut self, max: u64) -> Self {
+        self.readahead_max = max;
         self
     }
 
@@ -1260,11 +1296,13 @@ impl<E: BlockEngine> VirtioDevice for BlockDevice<E> {
         let counters = self.counters.clone();
         let hold = self.interrupt_hold;
         let (poll_max, irq_hold) = (self.poll_max, self.irq_hold);
+        let readahead_max = self.readahead_max;
         let worker = Worker::spawn("virtio-blk", move |stop| {
             let mut q = QueueRunner::new(&mut backend, pool, mem, queue, &interrupt, counters);
             q.max_hold = hold;
             q.poller = Poller::new(poll_max);
             q.coalescer = Coalescer::new(irq_hold);
+            q.ahead = Readahead::new(readahead_max);
             q.run(&evt, &stop);
             drop(q);
             backend
@@ -1628,6 +1666,71 @@ fn io_worker<E: BlockEngine>(
     }
 }
 
+/// Read-ahead of a stream of large sequential reads. A guest that reads a file or a disk in
+/// large blocks one at a time (queue depth 1) thinks between two reads for longer than the
+/// copy from the image takes; the queue thread, idle then, reads the next extent into a
+/// private buffer, and the next read, if it is that extent, is answered with a copy from
+/// memory instead of a read of the image (about half the time here, see docs/performance.md).
+///
+/// Only reads of [`SPLIT_READ_MIN`] up to `max` bytes that the queue thread executes count,
+/// and an extent is read ahead only after two such reads at consecutive offsets, of the length
+/// of the last one and only while nothing is in flight. The extent is used once. Every request
+/// that changes the disk (a write, discard or write-zeroes) drops it when it is taken, before
+/// it executes, so a read never sees data older than a write the device took before it.
+/// Writers outside the device (another process writing the image) are not seen: the extent is
+/// what the image held when it was read ahead, up to the driver's think time earlier.
+#[derive(Debug, Default)]
+struct Readahead {
+    /// The largest read read ahead, bytes (0: never).
+    max: u64,
+    /// The private buffer, made on first use: memory at address 0 the engine reads into.
+    buf: Option<GuestMemoryMmap>,
+    /// The extent the buffer holds, `(offset, length)`.
+    held: Option<(u64, u64)>,
+    /// Where the last counted read ended.
+    last_end: Option<u64>,
+    /// The extent to read ahead when the queue is next idle.
+    next: Option<(u64, u64)>,
+}
+
+impl Readahead {
+    fn new(max: u64) -> Self {
+        Self {
+            max,
+            ..Self::default()
+        }
+    }
+
+    /// Whether a read of `len` bytes counts towards a stream.
+    fn counts(&self, len: u64) -> bool {
+        (SPLIT_READ_MIN..=self.max).contains(&len)
+    }
+
+    /// A counted read of `[offset, offset + len)` was executed: the next extent is due if it
+    /// continued the previous one.
+    fn executed(&mut self, offset: u64, len: u64) {
+        let end = offset.checked_add(len);
+        self.next = if self.last_end == Some(offset) {
+            end.map(|e| (e, len))
+        } else {
+            None
+        };
+        self.last_end = end;
+    }
+
+    /// The disk changes (or may): forget everything.
+    fn drop_all(&mut self) {
+        self.held = None;
+        self.next = None;
+        self.last_end = None;
+    }
+
+    /// Whether the buffer holds exactly `[offset, offset + len)`; it is given up either way.
+    fn take(&mut self, offset: u64, len: u64) -> bool {
+        self.held.take() == Some((offset, len))
+    }
+}
+
 /// One entry of the reorder buffer: a request taken from the available ring and not yet
 /// published in the used ring.
 #[derive(Clone, Copy, Debug, Default)]
@@ -1675,6 +1778,8 @@ struct QueueRunner<'a, E: BlockEngine> {
     coalescer: Coalescer,
     /// The interrupt held now is held by the coalescer (not for requests still executing).
     coalescing_hold: bool,
+    /// Read-ahead of sequential large reads.
+    ahead: Readahead,
 }
 
 impl<'a, E: BlockEngine> QueueRunner<'a, E> {
@@ -1708,6 +1813,7 @@ impl<'a, E: BlockEngine> QueueRunner<'a, E> {
             poller: Poller::new(Duration::ZERO),
             coalescer: Coalescer::new(Duration::ZERO),
             coalescing_hold: false,
+            ahead: Readahead::default(),
         }
     }
 
@@ -1732,6 +1838,10 @@ impl<'a, E: BlockEngine> QueueRunner<'a, E> {
         let mut idle_since: Option<Instant> = None;
         while !stopping || self.len > 0 {
             let mut events_ready = false;
+            // Idle, with the interrupt raised: the time to read ahead.
+            if !stopping && self.idle() && self.held_irq_since.is_none() {
+                self.read_ahead();
+            }
             if !stopping && self.poller.max > Duration::ZERO && self.idle() {
                 match self.poll_avail(&mut ev, &mut tokens) {
                     Ok(Polled::Found) => {
@@ -1967,6 +2077,13 @@ impl<'a, E: BlockEngine> QueueRunner<'a, E> {
                         self.spare.push(req);
                     }
                     Ok(()) => {
+                        if !matches!(
+                            req.kind,
+                            Some(RequestType::In | RequestType::Flush | RequestType::GetId)
+                        ) {
+                            // Before it executes: no read taken after it may see the old data.
+                            self.ahead.drop_all();
+                        }
                         self.executing += 1;
                         let barrier = req.kind == Some(RequestType::Flush);
                         if barrier && self.executing > 1 {
@@ -2049,7 +2166,13 @@ impl<'a, E: BlockEngine> QueueRunner<'a, E> {
     }
 
     fn execute_here(&mut self, slot: u16, req: BlockRequest) {
-        let used = match self.split_read(&req) {
+        let counted = req.kind == Some(RequestType::In) && self.ahead.counts(req.data_len);
+        let offset = req.sector.checked_mul(SECTOR_SIZE);
+        let answered = match (counted, offset) {
+            (true, Some(offset)) => self.answer_from_ahead(&req, offset),
+            _ => None,
+        };
+        let used = match answered.or_else(|| self.split_read(&req)) {
             Some(used) => used,
             None => execute_counted(
                 self.backend,
@@ -2059,7 +2182,75 @@ impl<'a, E: BlockEngine> QueueRunner<'a, E> {
                 &self.counters,
             ),
         };
+        if let (true, Some(offset)) = (counted, offset) {
+            self.ahead.executed(offset, req.data_len);
+        }
         self.complete(slot, req, used);
+    }
+
+    /// Answers a read of `[offset, offset + req.data_len)` from the extent read ahead, if the
+    /// buffer holds exactly that; its used length.
+    fn answer_from_ahead(&mut self, req: &BlockRequest, offset: u64) -> Option<u32> {
+        use vm_memory::GuestMemoryBackend;
+        if !self.ahead.take(offset, req.data_len) {
+            return None;
+        }
+        let buf = self.ahead.buf.as_ref()?;
+        let start = Instant::now();
+        let mut at = 0u64;
+        for &(addr, len) in &req.data {
+            let len = len as usize;
+            // Both checked: the buffer holds data_len bytes, the request's buffers were
+            // checked to be in guest memory (one region each, or the read takes its usual way).
+            let src = buf.get_slice(GuestAddress(at), len).ok()?;
+            let dst = self.mem.get_slice(addr, len).ok()?;
+            src.copy_to_volatile_slice(dst);
+            at += len as u64;
+        }
+        BlockCounters::add(&self.counters.readahead_hits, 1);
+        BlockCounters::add(
+            &self.counters.exec_ns,
+            u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX),
+        );
+        let written = u32::try_from(req.data_len).unwrap_or(u32::MAX);
+        let used = write_status(&self.mem, req, S_OK, written);
+        count_request(self.interrupt.stats(), req, S_OK);
+        Some(used)
+    }
+
+    /// Reads the extent that is due into the private buffer (see [`Readahead`]).
+    fn read_ahead(&mut self) {
+        let Some((offset, len)) = self.ahead.next.take() else {
+            return;
+        };
+        let capacity = self.backend.geometry().capacity.saturating_mul(SECTOR_SIZE);
+        let (Some(end), Ok(len32), Ok(size)) = (
+            offset.checked_add(len),
+            u32::try_from(len),
+            usize::try_from(self.ahead.max),
+        ) else {
+            return;
+        };
+        if end > capacity {
+            return;
+        }
+        if self.ahead.buf.is_none() {
+            match GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]) {
+                Ok(buf) => self.ahead.buf = Some(buf),
+                Err(e) => {
+                    log::warn!("virtio-blk: no read-ahead buffer ({e}): not reading ahead");
+                    self.ahead.max = 0;
+                    return;
+                }
+            }
+        }
+        let Some(buf) = self.ahead.buf.as_ref() else {
+            return;
+        };
+        if read_engine(self.backend, buf, &[(GuestAddress(0), len32)], offset) {
+            self.ahead.held = Some((offset, len));
+            BlockCounters::add(&self.counters.readahead_reads, 1);
+        }
     }
 
     /// Executes a read of at least [`SPLIT_READ_MIN`] bytes shared with an I/O worker (see
@@ -3755,6 +3946,103 @@ mod tests {
         assert_eq!(counters.split_reads.load(Ordering::Relaxed), 1);
         let by_worker = counters.pieces_by_workers.load(Ordering::Relaxed);
         assert!((1..=2).contains(&by_worker), "{by_worker}");
+    }
+
+    /// A read-write image of four extents of [`SPLIT_READ_MIN`] bytes, byte i being i % 253,
+    /// served with read-ahead of up to 1 MiB, no polling and `workers` I/O workers.
+    fn streaming_device(
+        mem: &GuestMemoryMmap,
+        vq: &MockSplitQueue<'_, GuestMemoryMmap>,
+        workers: usize,
+    ) -> (TempFile, Vec<u8>, BlockDevice, Ends) {
+        let tmp = TempFile::new().unwrap();
+        let image: Vec<u8> = (0..4 * SPLIT_READ_MIN).map(|i| (i % 253) as u8).collect();
+        tmp.as_file().write_all(&image).unwrap();
+        let backend = BlockBackend::open(tmp.as_path(), false, None).unwrap();
+        let mut dev = BlockDevice::with_io_workers(backend, workers)
+            .with_poll_max(Duration::ZERO)
+            .with_readahead(1 << 20);
+        let (ctx, ends) = rig(mem, vq, 1, false);
+        dev.activate(ctx).unwrap();
+        (tmp, image, dev, ends)
+    }
+
+    /// The driver reads extent `n` (of [`SPLIT_READ_MIN`] bytes) into 0x4_0000 with the chain
+    /// at descriptor `first`, as request number `count` (from 1), and waits for it; the bytes.
+    fn read_extent(
+        mem: &GuestMemoryMmap,
+        vq: &MockSplitQueue<'_, GuestMemoryMmap>,
+        ends: &Ends,
+        n: u64,
+        first: u16,
+        count: u16,
+    ) -> Vec<u8> {
+        let len = u32::try_from(SPLIT_READ_MIN).unwrap();
+        put_header(mem, HDR, VIRTIO_BLK_T_IN, n * SPLIT_READ_MIN / SECTOR_SIZE);
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let c = chain(HDR, &[(0x4_0000, len, W)], STATUS, first);
+        vq.add_desc_chains(&c, first).unwrap();
+        ends.evt.write(1).unwrap();
+        wait_used(mem, vq.used_addr(), count);
+        assert_eq!(status(mem), S_OK);
+        let mut got = vec![0u8; len as usize];
+        mem.read_slice(&mut got, GuestAddress(0x4_0000)).unwrap();
+        got
+    }
+
+    #[test]
+    fn sequential_large_reads_are_answered_from_the_extent_read_ahead() {
+        let mem = mem();
+        let vq = queue_with(&mem, &[]);
+        let (_tmp, image, mut dev, ends) = streaming_device(&mem, &vq, 1);
+        let counters = dev.counters();
+        let extent = |n: u64| {
+            let at = usize::try_from(n * SPLIT_READ_MIN).unwrap();
+            image[at..at + usize::try_from(SPLIT_READ_MIN).unwrap()].to_vec()
+        };
+
+        assert!(read_extent(&mem, &vq, &ends, 0, 0, 1) == extent(0));
+        assert!(read_extent(&mem, &vq, &ends, 1, 3, 2) == extent(1));
+        // Two in a row: the third extent is read ahead while the queue is idle.
+        wait_count(&counters.readahead_reads, 1);
+        assert!(read_extent(&mem, &vq, &ends, 2, 6, 3) == extent(2));
+        assert_eq!(counters.readahead_hits.load(Ordering::Relaxed), 1);
+        wait_count(&counters.readahead_reads, 2);
+        assert!(read_extent(&mem, &vq, &ends, 3, 9, 4) == extent(3));
+        dev.reset();
+
+        assert_eq!(counters.readahead_hits.load(Ordering::Relaxed), 2);
+        // The image ends after the fourth extent: nothing beyond it was read ahead.
+        assert_eq!(counters.readahead_reads.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_write_taken_after_the_read_ahead_is_seen_by_the_read_of_that_extent() {
+        let mem = mem();
+        let vq = queue_with(&mem, &[]);
+        let (_tmp, image, mut dev, ends) = streaming_device(&mem, &vq, 1);
+        let counters = dev.counters();
+
+        read_extent(&mem, &vq, &ends, 0, 0, 1);
+        read_extent(&mem, &vq, &ends, 1, 3, 2);
+        wait_count(&counters.readahead_reads, 1);
+        // The driver writes a sector inside the extent read ahead.
+        let sector = 2 * SPLIT_READ_MIN / SECTOR_SIZE + 1;
+        put_header(&mem, HDR + 0x100, VIRTIO_BLK_T_OUT, sector);
+        mem.write_slice(&[0xab; 512], GuestAddress(DATA)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(STATUS + 1)).unwrap();
+        let write = chain(HDR + 0x100, &[(DATA, 512, 0)], STATUS + 1, 6);
+        vq.add_desc_chains(&write, 6).unwrap();
+        ends.evt.write(1).unwrap();
+        wait_used(&mem, vq.used_addr(), 3);
+        let got = read_extent(&mem, &vq, &ends, 2, 9, 4);
+        dev.reset();
+
+        let at = usize::try_from(2 * SPLIT_READ_MIN).unwrap();
+        let mut want = image[at..at + got.len()].to_vec();
+        want[512..1024].fill(0xab);
+        assert!(got == want, "the read did not see the write");
+        assert_eq!(counters.readahead_hits.load(Ordering::Relaxed), 0);
     }
 
     #[test]
