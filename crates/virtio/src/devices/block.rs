@@ -859,7 +859,7 @@ pub fn irq_hold_from_env() -> Duration {
 }
 
 /// The environment variable that sets the largest read the queue thread reads ahead, in KiB
-/// ([`DEFAULT_READAHEAD_KIB`] without it; 0 never reads ahead). See [`Readahead`].
+/// ([`DEFAULT_READAHEAD_KIB`] without it; 0 never reads ahead). See [`BlockDevice`].
 pub const READAHEAD_ENV: &str = "REMIO_BLK_READAHEAD_KIB";
 /// Most KiB [`READAHEAD_ENV`] may ask for.
 pub const MAX_READAHEAD_KIB: u64 = 4096;
@@ -1054,7 +1054,7 @@ pub struct BlockCounters {
     pub pieces_by_workers: AtomicU64,
     /// Nanoseconds spent polling the available ring.
     pub poll_ns: AtomicU64,
-    /// Extents read ahead (see [`Readahead`]).
+    /// Extents read ahead (see [`READAHEAD_ENV`]).
     pub readahead_reads: AtomicU64,
     /// Reads answered from an extent read ahead.
     pub readahead_hits: AtomicU64,
@@ -1140,6 +1140,13 @@ pub const MAX_INTERRUPT_HOLD: Duration = Duration::from_millis(1);
 /// Reads of [`SPLIT_READ_MIN`] or more that the queue thread executes are shared with a worker:
 /// cut into pieces of [`SPLIT_PIECE`], the queue thread reads from the front and the worker from
 /// the back until they meet.
+///
+/// Sequential large reads are read ahead ([`READAHEAD_ENV`]): after two reads of
+/// [`SPLIT_READ_MIN`] or more at consecutive offsets, the queue thread, idle with the interrupt
+/// raised, reads the next extent of the same length into a private buffer, and a read of
+/// exactly that extent is answered from it with a copy. A write, discard or write-zeroes drops
+/// the extent when it is taken, before it executes; writers of the image outside the device
+/// are not seen (the extent is what the image held up to the driver's think time earlier).
 #[derive(Debug)]
 pub struct BlockDevice<E: BlockEngine = FileEngine> {
     backend: Option<BlockBackend<E>>,
@@ -1237,7 +1244,7 @@ impl<E: BlockEngine> BlockDevice<E> {
     }
 
     /// Reads ahead reads of up to `max` bytes instead of what [`READAHEAD_ENV`] says (from the
-    /// next activation on; zero never reads ahead). See [`Readahead`].
+    /// next activation on; zero never reads ahead). See [`READAHEAD_ENV`].
     #[must_use]
     pub fn with_readahead(mut self, max: u64) -> Self {
         self.readahead_max = max;
