@@ -2,7 +2,8 @@
 //! host image byte for byte and reads back after a second boot; an ext4 file system written by
 //! the guest is clean on the host, holds the guest's file, and keeps its checksum across boots;
 //! a bao-virtio-dm YAML config given to `remio run --config` serves a read-only disk the guest
-//! reads but cannot change.
+//! reads but cannot change; sequential direct reads answered from the device model's read-ahead
+//! read back what the host wrote, and what the guest wrote in between.
 #![allow(clippy::unwrap_used)]
 
 mod e2e_common;
@@ -109,4 +110,87 @@ fn a_bao_virtio_dm_yaml_config_serves_a_read_only_disk_the_guest_cannot_write() 
     assert!(out.stdout.contains("RNG virtio_rng"));
     let image = std::fs::read(&img).unwrap();
     assert!(image.iter().all(|&b| b == 0x5a), "the image is unchanged");
+}
+
+/// The 1 MiB block `i` of the read-ahead test's image: a line naming it, repeated.
+fn mib_block(i: usize) -> Vec<u8> {
+    format!("remio-mib-{i:02}-abcdefghij\n")
+        .into_bytes()
+        .into_iter()
+        .cycle()
+        .take(1 << 20)
+        .collect()
+}
+
+/// Sequential 1 MiB direct reads, one `dd` each, are what the device model reads ahead
+/// (`REMIO_BLK_READAHEAD_KIB`): each block reads back as the host wrote it, a block the guest
+/// writes after it was read ahead reads back as written, and the device model answered reads
+/// from its read-ahead (its counters in the `virtio-blk: stopped` line).
+#[test]
+fn sequential_direct_reads_are_read_ahead_and_a_write_between_them_is_seen() {
+    if !prerequisites("e2e_disk") {
+        return;
+    }
+    let (dir, img) = temp_image(0);
+    let image: Vec<u8> = (0..16).flat_map(mib_block).collect();
+    std::fs::write(&img, &image).unwrap();
+    // Blocks 0-3 read in a row (2 and 3 from the read-ahead, which then holds 4), block 4
+    // written, then 4-7 read.
+    let script = "r() { dd if=/dev/vda bs=1048576 skip=$1 count=1 iflag=direct 2>/dev/null \
+                      | md5sum | cut -d' ' -f1; }; \
+                  for i in 0 1 2 3; do echo \"SUM $i $(r $i)\"; done; \
+                  yes remio-new-data | head -c 1048576 > /tmp/n; \
+                  dd if=/tmp/n of=/dev/vda bs=1048576 seek=4 count=1 oflag=direct conv=fsync \
+                      2>/dev/null || echo WRITE-FAILED; \
+                  echo \"NEW $(md5sum < /tmp/n | cut -d' ' -f1)\"; \
+                  for i in 4 5 6 7; do echo \"SUM $i $(r $i)\"; done";
+    let out = remio_exec(
+        script,
+        &["--disk", path_str(&img), "--no-console", "--no-rng"],
+    );
+    assert_eq!(out.status, Some(0), "the guest did not finish its script");
+    assert!(!out.stdout.contains("WRITE-FAILED"));
+    let new = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("NEW "))
+        .expect("the guest's NEW line")
+        .to_owned();
+    let sums: Vec<(usize, String)> = out
+        .stdout
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.strip_prefix("SUM ")?.split_whitespace();
+            Some((w.next()?.parse().ok()?, w.next()?.to_owned()))
+        })
+        .collect();
+    assert_eq!(
+        sums.iter().map(|s| s.0).collect::<Vec<_>>(),
+        (0..8).collect::<Vec<_>>()
+    );
+    for (i, sum) in &sums {
+        let want = if *i == 4 {
+            new.clone()
+        } else {
+            let block = dir.as_path().join(format!("block{i}"));
+            std::fs::write(&block, mib_block(*i)).unwrap();
+            md5_of(&block)
+        };
+        assert_eq!(sum, &want, "block {i} read back wrong");
+    }
+    // "<n> extents read ahead, <m> reads answered from them"
+    let answered = out
+        .stderr
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split(" extents read ahead, ").nth(1)?;
+            rest.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum::<u64>();
+    // Blocks 2, 3, 6 and 7 (not 4: the write dropped it and broke the stream).
+    assert!(
+        answered >= 4,
+        "the device model answered {answered} reads from its read-ahead: {}",
+        out.stderr
+    );
 }
