@@ -1677,7 +1677,7 @@ fn io_worker<E: BlockEngine>(
 /// large blocks one at a time (queue depth 1) thinks between two reads for longer than the
 /// copy from the image takes; the queue thread, idle then, reads the next extent into a
 /// private buffer, and the next read, if it is that extent, is answered with a copy from
-/// memory instead of a read of the image (about half the time here, see docs/performance.md).
+/// memory instead of a read of the image (which took twice as long here, docs/performance.md).
 ///
 /// Only reads of [`SPLIT_READ_MIN`] up to `max` bytes that the queue thread executes count,
 /// and an extent is read ahead only after two such reads at consecutive offsets, of the length
