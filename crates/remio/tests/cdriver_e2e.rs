@@ -203,7 +203,7 @@ for i in 1 2 3; do
   for d in $devs; do echo $d > $drv/unbind || echo "UNBIND-FAILED $d"; done
   for d in $devs; do echo $d > $drv/bind || echo "BIND-FAILED $d"; done
 done
-j=0; until [ -b /dev/vda ] || [ $j -ge 100 ]; do sleep 0.1; j=$((j+1)); done
+wait_disk
 echo "BOUND $(ls $drv | grep -v -e bind -e uevent -e module | wc -l)"
 dd if=/dev/urandom of=/tmp/p bs=4096 count=64 2>/dev/null
 dd if=/tmp/p of=/dev/vda bs=4096 conv=fsync 2>/dev/null
@@ -236,7 +236,11 @@ fn through_the_c_driver_three_unbind_bind_rounds_leave_disk_and_rng_working() {
     }
     for d in kernel_dispatchers("unbind/bind rounds") {
         let (_dir, img) = temp_image(16 << 20);
-        let out = kernel_exec(d, RESET_SCRIPT, &["--disk", path_str(&img), "--no-console"]);
+        let out = kernel_exec(
+            d,
+            &with_wait_disk(RESET_SCRIPT),
+            &["--disk", path_str(&img), "--no-console"],
+        );
         eprintln!("{d}: {} s", out.elapsed.as_secs());
         assert_reset_output(&out);
         let reports = kernel_reports(d, &out);
@@ -250,7 +254,10 @@ fn through_remios_dispatcher_three_unbind_bind_rounds_leave_disk_and_rng_working
         return;
     }
     let (_dir, img) = temp_image(16 << 20);
-    let out = run_exec(RESET_SCRIPT, &["--disk", path_str(&img), "--no-console"]);
+    let out = run_exec(
+        &with_wait_disk(RESET_SCRIPT),
+        &["--disk", path_str(&img), "--no-console"],
+    );
     assert_reset_output(&out);
 }
 

@@ -23,8 +23,6 @@ const SCRIPT: &str = r#"
 set -u
 drv=/sys/bus/platform/drivers/virtio-mmio
 pattern() { yes remio-hostile-0123456789 | head -c 1048576; }
-# A bind probes synchronously, but wait (bounded) for the disk's node rather than assume it.
-wait_disk() { j=0; until [ -b /dev/vda ] || [ $j -ge 100 ]; do sleep 0.1; j=$((j+1)); done; }
 check_disk() {
     pattern > /tmp/p
     timeout 30 dd if=/dev/vda of=/tmp/r bs=65536 count=16 iflag=direct 2>/dev/null
@@ -110,7 +108,10 @@ fn garbage_in_every_register_of_every_window_then_rebinding_leaves_io_working() 
         .set_len(64 << 20)
         .unwrap();
 
-    let out = remio_exec(SCRIPT, &["--disk", path_str(&img), "--no-console"]);
+    let out = remio_exec(
+        &with_wait_disk(SCRIPT),
+        &["--disk", path_str(&img), "--no-console"],
+    );
 
     let line = |prefix: &str| {
         out.stdout
@@ -192,7 +193,7 @@ for lo in 0x80 0x90 0xa0; do w $((b+lo)) 0xfffff000; w $((b+lo+4)) 0xffffffff; d
 w $((b+0x44)) 1; w $((b+0x70)) 0xf
 echo "RNG-STATUS $(devmem $(printf 0x%x $((b + 0x70))) 32)"
 echo $disk > $drv/bind
-j=0; until [ -b /dev/vda ] || [ $j -ge 100 ]; do sleep 0.1; j=$((j+1)); done
+wait_disk
 echo REMIO-HOSTILE-RINGS-PROGRAMMED | dd of=/dev/vda bs=512 seek=2048 conv=sync oflag=direct 2>/dev/null
 echo PROGRAMMED
 n=0
@@ -209,7 +210,7 @@ fn a_dead_device_models_window_with_rings_at_the_top_of_memory_fails_without_pan
     }
     let (_dir, img) = temp_image(16 << 20);
     let out = remio_exec_with(
-        FAILOVER_SCRIPT,
+        &with_wait_disk(FAILOVER_SCRIPT),
         &[
             "--disk",
             path_str(&img),

@@ -14,6 +14,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Guest shell defining `wait_disk`: waits (at most 10 s) for /dev/vda to exist, e.g. after a
+/// driver rebind (which probes synchronously; a script should not assume it regardless).
+pub const WAIT_DISK_FN: &str = "wait_disk() { j=0; until [ -b /dev/vda ] || [ $j -ge 100 ]; \
+                                do sleep 0.1; j=$((j+1)); done; }\n";
+
+/// `script` with [`WAIT_DISK_FN`] defined before it.
+pub fn with_wait_disk(script: &str) -> String {
+    format!("{WAIT_DISK_FN}{script}")
+}
+
 pub fn guest_dir() -> PathBuf {
     std::env::var_os("REMIO_GUEST_DIR")
         .map(PathBuf::from)
