@@ -8,6 +8,7 @@ mod failover;
 mod guest;
 use remio::platform;
 mod hosttap;
+mod partition;
 mod run;
 mod soak;
 use remio::stats;

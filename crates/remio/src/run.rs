@@ -48,6 +48,7 @@ use anyhow::{bail, Context};
 use remio_frontend::qemu::{Bridge, GuestRam, QemuOptions};
 use remio_hyp::{HypConfig, Hypervisor, RemioDeviceConfig, Role, ShmemConfig, VmConfig};
 
+use crate::partition::Partition;
 use crate::platform::{Platform, BACKEND_VM, FRONTEND_VM};
 
 /// Frontend MMIO window of device `i`: `MMIO_BASE + i * WINDOW` (frontend-physical addresses
@@ -145,6 +146,13 @@ pub struct Args {
     /// it starts the device model (as /etc/remio/backend.sh; for tests and diagnosis).
     #[arg(long, value_name = "FILE")]
     pub backend_hook: Option<PathBuf>,
+    /// Place the frontend (QEMU and the platform) and the backend (device models, vhost-user
+    /// daemons, the c-driver's backend VM) on separate CPUs, as Bao partitions a machine:
+    /// `auto` splits the CPUs this process may use in two (none with one CPU), `off` leaves
+    /// placement to the scheduler, `FRONTEND/BACKEND` gives the CPU lists (e.g. `0/1`,
+    /// `0-1/2-3`).
+    #[arg(long, value_name = "auto|off|FRONTEND/BACKEND", default_value = "auto")]
+    pub partition: crate::partition::PartitionSpec,
     /// The QEMU binary [default: qemu-system-x86_64 on PATH].
     #[arg(long)]
     pub qemu: Option<PathBuf>,
@@ -639,6 +647,8 @@ struct Summary<'a> {
     serial_log: &'a Path,
     /// (kind, what the guest sees) per window, in window order.
     devices: Vec<(String, String)>,
+    /// `--partition`'s CPU sets, if any.
+    partition: Option<Partition>,
 }
 
 impl Summary<'_> {
@@ -668,6 +678,10 @@ impl Summary<'_> {
                 "  counters      `remio stats` (socket {})\n",
                 sock.display()
             ));
+        }
+        match &self.partition {
+            Some(p) => out.push_str(&format!("  CPUs          {p}\n")),
+            None => out.push_str("  CPUs          not partitioned (--partition off or one CPU)\n"),
         }
         for ((kind, what), i) in self.devices.iter().zip(0u64..) {
             out.push_str(&format!(
@@ -876,6 +890,16 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
         check_c_driver_args(args)?;
     }
 
+    let partition = args
+        .partition
+        .resolve()
+        .context("--partition: reading this process's CPUs")?;
+    if let Some(p) = &partition {
+        // Before any thread or process starts: they inherit the frontend set.
+        p.enter_frontend()
+            .with_context(|| format!("--partition: {p}"))?;
+        log::debug!("partition: {p}");
+    }
     install_signal_handlers();
     let tmp = make_tmp()?;
     let mut session = Session {
@@ -944,7 +968,7 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
             (n, path, described)
         }
     };
-    let _daemons = vhost.start()?;
+    let _daemons = on_backend(partition.as_ref(), || vhost.start())?;
     if let Some(host) = vhost.vsock_host_socket() {
         eprintln!(
             "remio: vsock: host programs connect to {} (send `CONNECT <port>\\n`); the guest's \
@@ -985,6 +1009,7 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
                     stdout: args.config.is_some()
                         || !(args.no_console || args.console_socket.is_some()),
                 },
+                partition,
             )?;
             Serving::Remio {
                 _platform: platform,
@@ -993,15 +1018,9 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
         Dispatcher::CDriver | Dispatcher::RustKmod => {
             let backend = c_driver.as_mut().context("c-driver plan missing")?;
             backend.console_stdin = console_on_terminal;
-            Serving::CDriver(start_backend_vm(
-                &mut session,
-                args,
-                backend,
-                &hyp,
-                &ram,
-                &qemu,
-                n,
-            )?)
+            Serving::CDriver(on_backend(partition.as_ref(), || {
+                start_backend_vm(&mut session, args, backend, &hyp, &ram, &qemu, n)
+            })?)
         }
     };
 
@@ -1053,6 +1072,7 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
                 Path::new("this terminal")
             },
             devices: described,
+            partition,
         };
         eprint!("{}", summary.render());
         if hvc0_shell {
@@ -1261,6 +1281,18 @@ enum Serving {
 
 /// `--dispatcher remio`: starts the platform (dispatcher and API socket) around `hyp` and a
 /// `remio dm` process on `dm_config`, and waits until it serves all `n` devices.
+/// Runs `start` with the calling thread on the backend's CPUs when the run is partitioned, so
+/// that the threads and processes it starts are the backend's (see [`crate::partition`]).
+fn on_backend<T>(
+    partition: Option<&Partition>,
+    start: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    match partition {
+        Some(p) => p.on_backend(start).context("--partition")?,
+        None => start(),
+    }
+}
+
 fn start_remio_dispatcher(
     session: &mut Session,
     hyp: &Arc<Hypervisor>,
@@ -1268,15 +1300,20 @@ fn start_remio_dispatcher(
     dm_config: &Path,
     n: u32,
     stdio: DmStdio,
+    partition: Option<Partition>,
 ) -> anyhow::Result<Platform> {
     let api_socket = tmp.join("api.sock");
-    let platform = Platform::with_hypervisor(Arc::clone(hyp), BACKEND_VM, Some(&api_socket))
-        .context("starting the platform")?;
+    // The API's threads (and the irqfd threads they start) serve the device models.
+    let platform = on_backend(partition.as_ref(), || {
+        Platform::with_hypervisor(Arc::clone(hyp), BACKEND_VM, Some(&api_socket))
+    })
+    .context("starting the platform")?;
     let launcher = DmLauncher {
         exe: std::env::current_exe().context("locating the remio binary")?,
         config: dm_config.to_owned(),
         socket: api_socket,
         stdio,
+        partition,
     };
     let dm = launcher.spawn(0)?;
     log::debug!("device model pid {}", dm.id());
@@ -1293,6 +1330,8 @@ struct DmLauncher {
     config: PathBuf,
     socket: PathBuf,
     stdio: DmStdio,
+    /// Where device models start (`--partition`).
+    partition: Option<Partition>,
 }
 
 /// What the device model's stdin and stdout are.
@@ -1319,6 +1358,18 @@ impl DmLauncher {
                 }
                 Ok(())
             });
+        }
+        if let Some(p) = &self.partition {
+            p.backend_command(&mut cmd);
+            // On one CPU a device model does not poll by default, lest it spin on the CPU the
+            // guest needs; partitioned, that CPU is the backend's own, as under Bao.
+            let poll = remio_virtio::devices::block::POLL_MAX_ENV;
+            if std::env::var_os(poll).is_none() {
+                cmd.env(
+                    poll,
+                    remio_virtio::devices::block::DEFAULT_POLL_MAX_US.to_string(),
+                );
+            }
         }
         cmd.arg("dm")
             .arg("--config")
@@ -2525,6 +2576,7 @@ mod tests {
                 .iter()
                 .map(|d| (d.kind.clone(), describe_device(d, true)))
                 .collect(),
+            partition: Some("0/1".parse().unwrap()),
         }
         .render();
         assert!(summary.contains("platform      pid 10"), "{summary}");
@@ -2538,7 +2590,11 @@ mod tests {
         assert!(summary.contains("TAP tap9"), "{summary}");
         assert!(!summary.contains("backend VM"), "{summary}");
         assert!(summary.contains("`remio stats` (socket /run/remio/stats-10.sock)"));
-        assert_eq!(summary.lines().count(), 9, "{summary}");
+        assert!(
+            summary.contains("CPUs          frontend on CPUs 0, backend on CPUs 1"),
+            "{summary}"
+        );
+        assert_eq!(summary.lines().count(), 10, "{summary}");
     }
 
     #[test]
