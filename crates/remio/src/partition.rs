@@ -196,11 +196,24 @@ impl std::str::FromStr for Partition {
 }
 
 impl PartitionSpec {
-    /// The partition this asks for on this machine (`None`: none).
+    /// The partition this asks for on this machine (`None`: none). Sets naming a CPU this
+    /// process may not use are an error (InvalidInput) naming it and the CPUs it may use.
     pub fn resolve(&self) -> io::Result<Option<Partition>> {
         match self {
             Self::Off => Ok(None),
-            Self::Sets(p) => Ok(Some(**p)),
+            Self::Sets(p) => {
+                let allowed = CpuSet::allowed()?;
+                let cpus = p.frontend.cpus().into_iter().chain(p.backend.cpus());
+                for cpu in cpus {
+                    if !allowed.contains(cpu) {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidInput,
+                            format!("CPU {cpu} is not one this process may use ({allowed})"),
+                        ));
+                    }
+                }
+                Ok(Some(**p))
+            }
             Self::Auto => Ok(Partition::split(&CpuSet::allowed()?)),
         }
     }
@@ -349,6 +362,20 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    #[test]
+    fn sets_outside_the_allowed_cpus_are_refused_by_name() {
+        let allowed = CpuSet::allowed().unwrap().cpus();
+        let outside = allowed.last().unwrap() + 1;
+        let spec: PartitionSpec = format!("{}/{outside}", allowed[0]).parse().unwrap();
+        let err = spec.resolve().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert!(
+            err.to_string()
+                .starts_with(&format!("CPU {outside} is not one this process may use")),
+            "{err}"
+        );
     }
 
     #[test]

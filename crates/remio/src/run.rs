@@ -890,10 +890,7 @@ fn run_inner(args: &Args) -> anyhow::Result<Option<i32>> {
         check_c_driver_args(args)?;
     }
 
-    let partition = args
-        .partition
-        .resolve()
-        .context("--partition: reading this process's CPUs")?;
+    let partition = args.partition.resolve().context("--partition")?;
     if let Some(p) = &partition {
         // Before any thread or process starts: they inherit the frontend set.
         p.enter_frontend()
