@@ -1,7 +1,7 @@
-//! Static CPU partitioning of one `remio run`, as Bao partitions a machine: the frontend (QEMU
-//! and the platform, whose threads answer QEMU's trapped accesses and inject its interrupts)
-//! on some CPUs, the backend (device models, vhost-user daemons, the backend VM of
-//! `--dispatcher c-driver`) on the others.
+//! Static CPU partitioning of one `remio run`, as Bao partitions a machine: the frontend (QEMU,
+//! and the platform's thread that answers its trapped accesses) on some CPUs, the backend
+//! (device models, vhost-user daemons, the backend VM of `--dispatcher c-driver`, and the
+//! platform's threads that serve them) on the others.
 //!
 //! Why (docs/performance.md, "Placement"): on a machine whose idle CPUs halt, a thread woken
 //! on the other CPU costs both sides a slow cross-CPU wake-up (~27 µs here against ~1.5 µs on
@@ -18,8 +18,8 @@
 //!
 //! The sets apply to threads and processes started after [`Partition::enter_frontend`] (the
 //! calling thread's mask is inherited), to those started inside [`Partition::on_backend`], and
-//! to commands prepared with [`Partition::backend_command`]. A CPU list outside what the process may use is an error
-//! from the kernel (EINVAL), reported before anything starts.
+//! to commands prepared with [`Partition::backend_command`]. A CPU this process may not use is
+//! refused by [`PartitionSpec::resolve`], before anything starts.
 
 use std::fmt;
 use std::io;

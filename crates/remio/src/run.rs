@@ -1276,8 +1276,6 @@ enum Serving {
     CDriver(BackendVmRun),
 }
 
-/// `--dispatcher remio`: starts the platform (dispatcher and API socket) around `hyp` and a
-/// `remio dm` process on `dm_config`, and waits until it serves all `n` devices.
 /// Runs `start` with the calling thread on the backend's CPUs when the run is partitioned, so
 /// that the threads and processes it starts are the backend's (see [`crate::partition`]).
 fn on_backend<T>(
@@ -1290,6 +1288,9 @@ fn on_backend<T>(
     }
 }
 
+/// `--dispatcher remio`: starts the platform (dispatcher and API socket) around `hyp` and a
+/// `remio dm` process on `dm_config` (on the backend's CPUs when `partition` is given), and
+/// waits until it serves all `n` devices.
 fn start_remio_dispatcher(
     session: &mut Session,
     hyp: &Arc<Hypervisor>,
