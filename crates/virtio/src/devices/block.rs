@@ -1007,6 +1007,61 @@ impl Poller {
     }
 }
 
+/// How a poll gives its core to other runnable threads every [`Poller::YIELD_EVERY`].
+/// `sched_yield` returns at once when nothing else wants the core, but with a CPU-bound thread
+/// on it (a nice-19 build, say) the scheduler may run that thread until its next tick or
+/// wake-up, ~200 µs on the machine of docs/performance.md ("Placement"), and the guest's next
+/// request waits that long. A yield that took longer than [`GiveWay::SLOW`] switches to sleeping
+/// [`GiveWay::NAP`] instead: the timer's wake-up takes the core back from such a thread at once.
+/// A nap that overslept by more than [`GiveWay::SLOW`] (nothing else ran: the core went idle,
+/// and an idle core may halt, which costs a slow wake-up) switches back to yielding.
+#[derive(Debug, Clone, Copy, Default)]
+struct GiveWay {
+    /// Napping rather than yielding.
+    napping: bool,
+}
+
+impl GiveWay {
+    /// A yield or a nap that took longer than this says who else wanted the core.
+    const SLOW: Duration = Duration::from_micros(50);
+    /// One nap (the queue thread's timer slack is set to 1 ns, so it is about this long).
+    const NAP: Duration = Duration::from_micros(1);
+
+    /// Gives the core to whoever else wants it, in the way that returns soonest.
+    fn now(&mut self) {
+        let start = Instant::now();
+        if self.napping {
+            std::thread::sleep(Self::NAP);
+        } else {
+            std::thread::yield_now();
+        }
+        self.took(start.elapsed());
+    }
+
+    /// The last yield or nap took `took`.
+    fn took(&mut self, took: Duration) {
+        if self.napping {
+            if took > Self::NAP + Self::SLOW {
+                self.napping = false;
+            }
+        } else if took > Self::SLOW {
+            self.napping = true;
+        }
+    }
+
+    /// Lets this thread's naps be as short as asked (the default timer slack is 50 µs).
+    fn exact_timers() {
+        // SAFETY: PR_SET_TIMERSLACK takes a plain integer and changes this thread only.
+        let r = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
+        if r != 0 {
+            log::debug!(
+                "virtio-blk: PR_SET_TIMERSLACK: {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
+}
+
 /// How a poll of the available ring ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Polled {
@@ -1310,6 +1365,9 @@ impl<E: BlockEngine> VirtioDevice for BlockDevice<E> {
             q.poller = Poller::new(poll_max);
             q.coalescer = Coalescer::new(irq_hold);
             q.ahead = Readahead::new(readahead_max);
+            if poll_max > Duration::ZERO {
+                GiveWay::exact_timers();
+            }
             q.run(&evt, &stop);
             drop(q);
             backend
@@ -1783,6 +1841,8 @@ struct QueueRunner<'a, E: BlockEngine> {
     poller: Poller,
     /// Holding the used-buffer interrupt while the queue polls.
     coalescer: Coalescer,
+    /// How a poll gives way to other threads.
+    give_way: GiveWay,
     /// The interrupt held now is held by the coalescer (not for requests still executing).
     coalescing_hold: bool,
     /// Read-ahead of sequential large reads.
@@ -1819,6 +1879,7 @@ impl<'a, E: BlockEngine> QueueRunner<'a, E> {
             max_hold: MAX_INTERRUPT_HOLD,
             poller: Poller::new(Duration::ZERO),
             coalescer: Coalescer::new(Duration::ZERO),
+            give_way: GiveWay::default(),
             coalescing_hold: false,
             ahead: Readahead::default(),
         }
@@ -2024,8 +2085,8 @@ impl<'a, E: BlockEngine> QueueRunner<'a, E> {
                 if elapsed >= next_yield {
                     // Threads woken on this core (the dispatcher's, QEMU's, the guest's vCPU)
                     // wait at most this long for it.
-                    next_yield = elapsed + Poller::YIELD_EVERY;
-                    std::thread::yield_now();
+                    self.give_way.now();
+                    next_yield = start.elapsed() + Poller::YIELD_EVERY;
                 }
                 std::hint::spin_loop();
             }
@@ -3748,6 +3809,24 @@ mod tests {
             !Coalescer::new(Duration::ZERO).holding(),
             "zero never holds"
         );
+    }
+
+    #[test]
+    fn a_slow_yield_turns_to_napping_and_an_overslept_nap_back_to_yielding() {
+        let mut g = GiveWay::default();
+        // Yields that return at once (nothing else wants the core) stay yields.
+        g.took(Duration::from_micros(1));
+        g.took(GiveWay::SLOW);
+        assert!(!g.napping);
+        // A yield that another thread held the core through: nap from now on.
+        g.took(GiveWay::SLOW + Duration::from_micros(1));
+        assert!(g.napping);
+        // Naps about as long as asked (the other thread is still there) stay naps.
+        g.took(GiveWay::NAP + Duration::from_micros(20));
+        assert!(g.napping);
+        // A nap that overslept (the core went idle): yield again.
+        g.took(GiveWay::NAP + GiveWay::SLOW + Duration::from_micros(1));
+        assert!(!g.napping);
     }
 
     #[test]
