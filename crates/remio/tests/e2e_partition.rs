@@ -5,24 +5,11 @@
 //! guest's disk works across the two.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::io::Write;
+use std::process::Command;
 
 mod e2e_common;
 use e2e_common::*;
-
-/// Kills `remio run` if the test fails while it runs.
-struct Running(std::process::Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-        }
-        let _ = self.0.wait();
-    }
-}
 
 /// A field of /proc/PID[/task/TID]/status.
 fn status_field(dir: &str, field: &str) -> String {
@@ -95,49 +82,22 @@ fn a_partitioned_run_places_the_frontend_and_the_backend_on_their_cpus() {
     let script = "exec 3<>/dev/hvc0; stty -echo <&3; echo PLACED?; read -r go <&3; \
                   dd if=/dev/vda of=/dev/null bs=1M count=16 iflag=direct 2>/dev/null \
                   && echo READ-OK";
-    let child = Command::new(env!("CARGO_BIN_EXE_remio"))
-        .arg("run")
-        .arg("-v")
-        .arg("--partition")
-        .arg(format!("{frontend}/{backend}"))
-        .arg("--console-socket")
-        .arg(&console_sock)
-        .args(["--no-rng", "--no-net", "--timeout"])
-        .arg(GUEST_TIMEOUT.as_secs().to_string())
-        .arg("--exec")
-        .arg(script)
-        .env_remove("REMIO_BLK_POLL_US")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut run = Running(child);
-    let pid = run.0.id();
-    let mut stderr = run.0.stderr.take().unwrap();
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = run.0.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + GUEST_TIMEOUT;
-    let wait_for = |marker: &str| loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("the guest never said {marker}"));
-        if line.contains(marker) {
-            break;
-        }
-    };
-    wait_for("PLACED?");
+    let run = LiveRun::spawn(
+        Command::new(env!("CARGO_BIN_EXE_remio"))
+            .arg("run")
+            .arg("-v")
+            .arg("--partition")
+            .arg(format!("{frontend}/{backend}"))
+            .arg("--console-socket")
+            .arg(&console_sock)
+            .args(["--no-rng", "--no-net", "--timeout"])
+            .arg(GUEST_TIMEOUT.as_secs().to_string())
+            .arg("--exec")
+            .arg(script)
+            .env_remove("REMIO_BLK_POLL_US"),
+    );
+    let pid = run.pid();
+    run.wait_for("PLACED?");
 
     let platform = threads(pid);
     let kids = children(pid);
@@ -153,12 +113,10 @@ fn a_partitioned_run_places_the_frontend_and_the_backend_on_their_cpus() {
     let qemu_threads = threads(qemu.0);
     let dm_env = std::fs::read(format!("/proc/{}/environ", dm.0)).unwrap();
 
-    let mut console = connect_until(&console_sock, deadline);
+    let mut console = connect_until(&console_sock, run.deadline());
     console.write_all(b"go\n").unwrap();
-    wait_for("READ-OK");
-    let status = run.0.wait().unwrap();
-    let err = t_err.join().unwrap();
-    eprintln!("--- remio stderr ---\n{err}");
+    run.wait_for("READ-OK");
+    let (status, err) = run.finish();
     eprintln!("platform {platform:?}\ndevice model {dm_threads:?}\nQEMU {qemu_threads:?}");
     assert!(status.success(), "remio run: {status}");
     assert!(

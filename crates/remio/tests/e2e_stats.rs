@@ -4,24 +4,11 @@
 //! by request kind), and `remio run --stats-json` writes the final ones.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::io::Write;
+use std::process::Command;
 
 mod e2e_common;
 use e2e_common::*;
-
-/// Kills `remio run` if the test fails while it runs.
-struct Running(std::process::Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-        }
-        let _ = self.0.wait();
-    }
-}
 
 /// How many direct 4 KiB reads the guest makes: one request and one interrupt each.
 const READS: u64 = 1000;
@@ -60,61 +47,34 @@ fn remio_stats_finds_the_run_and_counts_the_guests_block_requests() {
     );
     let final_json = runtime.as_path().join("final.json");
     let console_sock = runtime.as_path().join("console.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_remio"))
-        .arg("run")
-        .arg("--stats-json")
-        .arg(&final_json)
-        .arg("--console-socket")
-        .arg(&console_sock)
-        .args(["--no-rng", "--timeout"])
-        .arg(GUEST_TIMEOUT.as_secs().to_string())
-        .arg("--exec")
-        .arg(&script)
-        .env("XDG_RUNTIME_DIR", runtime.as_path())
-        // Each read then kicks: the disk does not poll for the guest's next request, which
-        // would take some without a QueueNotify (the counters below are the guest's accesses).
-        .env("REMIO_BLK_POLL_US", "0")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut run = Running(child);
-    let mut stderr = run.0.stderr.take().unwrap();
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = run.0.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + GUEST_TIMEOUT;
-    let wait_for = |marker: &str| loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("the guest never said {marker}"));
-        if line.contains(marker) {
-            break;
-        }
-    };
-    wait_for("IO-READY");
+    let run = LiveRun::spawn(
+        Command::new(env!("CARGO_BIN_EXE_remio"))
+            .arg("run")
+            .arg("--stats-json")
+            .arg(&final_json)
+            .arg("--console-socket")
+            .arg(&console_sock)
+            .args(["--no-rng", "--timeout"])
+            .arg(GUEST_TIMEOUT.as_secs().to_string())
+            .arg("--exec")
+            .arg(&script)
+            .env("XDG_RUNTIME_DIR", runtime.as_path())
+            // Each read then kicks: the disk does not poll for the guest's next request, which
+            // would take some without a QueueNotify (the counters below are the guest's accesses).
+            .env("REMIO_BLK_POLL_US", "0"),
+    );
+    run.wait_for("IO-READY");
     let before = stats(&["--json"]);
-    let mut console = connect_until(&console_sock, deadline);
+    let mut console = connect_until(&console_sock, run.deadline());
     console.write_all(b"go\n").unwrap();
-    wait_for("IO-DONE");
+    run.wait_for("IO-DONE");
 
     let json = stats(&["--json"]);
     let table = stats(&["--once"]);
     console.write_all(b"done\n").unwrap();
-    wait_for("EXITING");
-    let _ = run.0.wait();
-    eprintln!("--- remio stderr ---\n{}", t_err.join().unwrap());
+    run.wait_for("EXITING");
+    let pid = run.pid();
+    let _ = run.finish();
     assert!(
         json.status.success(),
         "{}",
@@ -122,7 +82,7 @@ fn remio_stats_finds_the_run_and_counts_the_guests_block_requests() {
     );
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     eprintln!("{v:#}");
-    assert_eq!(v["pid"].as_u64(), Some(u64::from(run.0.id())));
+    assert_eq!(v["pid"].as_u64(), Some(u64::from(pid)));
     let block = &v["dms"][0];
     assert_eq!(block["id"].as_u64(), Some(0));
     assert_eq!(block["session"].as_bool(), Some(true));

@@ -7,37 +7,12 @@
 //! REMIO_REQUIRE_GUEST=1), and for the network part a TAP (root and /dev/net/tun).
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::io::{Read, Write};
+use std::process::Command;
+use std::time::Duration;
 
 mod e2e_common;
 use e2e_common::*;
-
-/// Stops `remio run` if the test fails while it runs: SIGTERM first, so that it removes the
-/// TAP it made (a TAP left behind keeps a route to 10.77.0.0/24 and breaks later pings), then
-/// SIGKILL if it has not exited within 10 s.
-struct Running(std::process::Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if !matches!(self.0.try_wait(), Ok(None)) {
-            return;
-        }
-        if let Ok(pid) = libc::pid_t::try_from(self.0.id()) {
-            // SAFETY: kill has no memory preconditions; `pid` is our child, not yet reaped.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-            for _ in 0..1000 {
-                if !matches!(self.0.try_wait(), Ok(None)) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Input bytes the host gives the guest on the console.
 const INPUT: usize = 3000;
@@ -132,40 +107,15 @@ fn remio_stats_counts_the_guests_console_bytes_and_network_frames() {
         .arg(GUEST_TIMEOUT.as_secs().to_string())
         .arg("--exec")
         .arg(&script)
-        .env("XDG_RUNTIME_DIR", runtime.as_path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .env("XDG_RUNTIME_DIR", runtime.as_path());
     if net {
         cmd.args(["--net", "auto"]);
     } else {
         cmd.arg("--no-net");
     }
-    let mut run = Running(cmd.spawn().unwrap());
-    let mut stderr = run.0.stderr.take().unwrap();
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = run.0.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            eprintln!("  | {line}");
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + GUEST_TIMEOUT;
-    let wait_for = |marker: &str| loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("the guest never said {marker}"));
-        if line.contains(marker) {
-            break line;
-        }
-    };
+    let run = LiveRun::spawn(&mut cmd);
+    let wait_for = |marker: &str| run.wait_for(marker);
+    let deadline = run.deadline();
 
     wait_for("IO-READY");
     let v0 = stats();
@@ -257,7 +207,6 @@ fn remio_stats_counts_the_guests_console_bytes_and_network_frames() {
         assert_eq!(dev["errors"].as_u64(), Some(0));
     }
     wait_for("IO-DONE");
-    let status = run.0.wait().unwrap();
-    eprintln!("--- remio stderr ---\n{}", t_err.join().unwrap());
+    let (status, _) = run.finish();
     assert!(status.success(), "remio run: {status}");
 }

@@ -125,6 +125,111 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Stops `remio run` if the test fails while it runs: SIGTERM first, so that it removes what
+/// it made (a TAP left behind keeps a route to 10.77.0.0/24 and breaks later pings), then
+/// SIGKILL if it has not exited within 10 s.
+struct StopOnDrop(std::process::Child);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if !matches!(self.0.try_wait(), Ok(None)) {
+            return;
+        }
+        if let Ok(pid) = libc::pid_t::try_from(self.0.id()) {
+            // SAFETY: kill has no memory preconditions; `pid` is our child, not yet reaped.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            for _ in 0..1000 {
+                if !matches!(self.0.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A `remio run` a test talks to while it runs: its stdout lines (echoed as `  | line` on the
+/// test's stderr) come through [`LiveRun::wait_for`], its stderr is collected for
+/// [`LiveRun::finish`], and it is killed if the test fails first.
+pub struct LiveRun {
+    child: StopOnDrop,
+    lines: std::sync::mpsc::Receiver<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+    deadline: Instant,
+}
+
+impl LiveRun {
+    /// Starts `cmd` (a `remio run`) with stdin null and stdout and stderr piped; the guest has
+    /// [`GUEST_TIMEOUT`] from now for everything the test waits for.
+    pub fn spawn(cmd: &mut std::process::Command) -> Self {
+        use std::io::{BufRead as _, Read as _};
+        let mut child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting remio run");
+        let mut err = child.stderr.take().expect("piped stderr");
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        let out = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("  | {line}");
+                let _ = tx.send(line);
+            }
+        });
+        Self {
+            child: StopOnDrop(child),
+            lines,
+            stderr: Some(stderr),
+            deadline: Instant::now() + GUEST_TIMEOUT,
+        }
+    }
+
+    /// The process id of `remio run`.
+    pub fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
+    /// When the test stops waiting for the guest.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// The next stdout line that contains `marker`; panics if none comes by the deadline.
+    pub fn wait_for(&self, marker: &str) -> String {
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(self.deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| panic!("the guest never said {marker}"));
+            if line.contains(marker) {
+                return line;
+            }
+        }
+    }
+
+    /// Waits for `remio run` to exit: its status and all it wrote on stderr (also printed).
+    pub fn finish(mut self) -> (std::process::ExitStatus, String) {
+        let status = self.child.0.wait().expect("waiting for remio run");
+        let err = self
+            .stderr
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default();
+        eprintln!("--- remio stderr ---\n{err}");
+        (status, err)
+    }
+}
+
 /// Runs `remio run --exec script` with `extra` arguments and a wall-clock limit.
 pub fn remio_exec(script: &str, extra: &[&str]) -> RunOutput {
     remio_exec_with(script, extra, |_| {})
