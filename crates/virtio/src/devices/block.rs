@@ -1008,45 +1008,50 @@ impl Poller {
 }
 
 /// How a poll gives its core to other runnable threads every [`Poller::YIELD_EVERY`].
-/// `sched_yield` returns at once when nothing else wants the core, but with a CPU-bound thread
-/// on it (a nice-19 build, say) the scheduler may run that thread until its next tick or
-/// wake-up, ~200 µs on the machine of docs/performance.md ("Placement"), and the guest's next
-/// request waits that long. A yield that took longer than [`GiveWay::SLOW`] switches to sleeping
-/// [`GiveWay::NAP`] instead: the timer's wake-up takes the core back from such a thread at once.
-/// A nap that overslept by more than [`GiveWay::SLOW`] (nothing else ran: the core went idle,
-/// and an idle core may halt, which costs a slow wake-up) switches back to yielding.
+/// `sched_yield` returns at once when nothing else wants the core (0.3 µs), but with a
+/// CPU-bound thread on it (a nice-19 build, say) the scheduler may run that thread until its
+/// next tick (4 ms) or wake-up, and the guest's next request waits that long. A yield that took
+/// longer than [`GiveWay::SLOW_YIELD`] (longer than the threads that serve the device run per
+/// wake-up) switches to sleeping [`GiveWay::NAP`] instead: the timer's wake-up takes the core
+/// back from such a thread (a nap costs ~16 µs on the machine of docs/performance.md, with
+/// or without one). Naps cannot tell whether that thread is still there, so every
+/// [`GiveWay::PROBE_AFTER`] one yield probes: a quick one goes back to yielding.
 #[derive(Debug, Clone, Copy, Default)]
 struct GiveWay {
-    /// Napping rather than yielding.
-    napping: bool,
+    /// Napping since then, until the next probing yield is quick.
+    napping_since: Option<Instant>,
 }
 
 impl GiveWay {
-    /// A yield or a nap that took longer than this says who else wanted the core.
-    const SLOW: Duration = Duration::from_micros(50);
-    /// One nap (the queue thread's timer slack is set to 1 ns, so it is about this long).
+    /// A yield that took longer than this was held by a CPU-bound thread.
+    const SLOW_YIELD: Duration = Duration::from_micros(100);
+    /// One nap (the queue thread's timer slack is set to 1 ns, so it is about this long, plus
+    /// the timer's wake-up).
     const NAP: Duration = Duration::from_micros(1);
+    /// How long naps last before a yield probes again (a probe held by the same thread costs
+    /// up to a tick: at most ~8% of the time at 4 ms ticks).
+    const PROBE_AFTER: Duration = Duration::from_millis(50);
 
     /// Gives the core to whoever else wants it, in the way that returns soonest.
     fn now(&mut self) {
         let start = Instant::now();
-        if self.napping {
+        if self.naps_at(start) {
             std::thread::sleep(Self::NAP);
         } else {
             std::thread::yield_now();
+            self.yielded(start, start.elapsed());
         }
-        self.took(start.elapsed());
     }
 
-    /// The last yield or nap took `took`.
-    fn took(&mut self, took: Duration) {
-        if self.napping {
-            if took > Self::NAP + Self::SLOW {
-                self.napping = false;
-            }
-        } else if took > Self::SLOW {
-            self.napping = true;
-        }
+    /// Whether giving way at `at` is a nap (else a yield).
+    fn naps_at(&self, at: Instant) -> bool {
+        self.napping_since
+            .is_some_and(|since| at.saturating_duration_since(since) < Self::PROBE_AFTER)
+    }
+
+    /// A yield started at `at` took `took`.
+    fn yielded(&mut self, at: Instant, took: Duration) {
+        self.napping_since = (took > Self::SLOW_YIELD).then_some(at);
     }
 
     /// Lets this thread's naps be as short as asked (the default timer slack is 50 µs).
@@ -3812,21 +3817,29 @@ mod tests {
     }
 
     #[test]
-    fn a_slow_yield_turns_to_napping_and_an_overslept_nap_back_to_yielding() {
+    fn a_slow_yield_turns_to_napping_until_a_probing_yield_is_quick() {
+        let t0 = Instant::now();
         let mut g = GiveWay::default();
-        // Yields that return at once (nothing else wants the core) stay yields.
-        g.took(Duration::from_micros(1));
-        g.took(GiveWay::SLOW);
-        assert!(!g.napping);
-        // A yield that another thread held the core through: nap from now on.
-        g.took(GiveWay::SLOW + Duration::from_micros(1));
-        assert!(g.napping);
-        // Naps about as long as asked (the other thread is still there) stay naps.
-        g.took(GiveWay::NAP + Duration::from_micros(20));
-        assert!(g.napping);
-        // A nap that overslept (the core went idle): yield again.
-        g.took(GiveWay::NAP + GiveWay::SLOW + Duration::from_micros(1));
-        assert!(!g.napping);
+        // Yields that return at once (nothing else wants the core), or after a thread that
+        // serves the device ran, stay yields.
+        assert!(!g.naps_at(t0));
+        g.yielded(t0, Duration::from_micros(1));
+        g.yielded(t0, GiveWay::SLOW_YIELD);
+        assert!(!g.naps_at(t0));
+        // A yield that a CPU-bound thread held the core through: naps from then on...
+        g.yielded(t0, GiveWay::SLOW_YIELD + Duration::from_micros(1));
+        assert!(g.naps_at(t0));
+        assert!(g.naps_at(t0 + GiveWay::PROBE_AFTER - Duration::from_micros(1)));
+        // ... until a yield probes; held again: naps for another while.
+        let probe = t0 + GiveWay::PROBE_AFTER;
+        assert!(!g.naps_at(probe));
+        g.yielded(probe, Duration::from_millis(4));
+        assert!(g.naps_at(probe + Duration::from_millis(1)));
+        // A quick probe: yields again.
+        let probe = probe + GiveWay::PROBE_AFTER;
+        assert!(!g.naps_at(probe));
+        g.yielded(probe, Duration::from_micros(1));
+        assert!(!g.naps_at(probe + Duration::from_millis(1)));
     }
 
     #[test]
