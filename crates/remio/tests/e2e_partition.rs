@@ -6,7 +6,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::Write;
-use std::process::Command;
 
 mod e2e_common;
 use e2e_common::*;
@@ -83,17 +82,11 @@ fn a_partitioned_run_places_the_frontend_and_the_backend_on_their_cpus() {
                   dd if=/dev/vda of=/dev/null bs=1M count=16 iflag=direct 2>/dev/null \
                   && echo READ-OK";
     let run = LiveRun::spawn(
-        Command::new(env!("CARGO_BIN_EXE_remio"))
-            .arg("run")
+        remio_run_console_command(&console_sock, script)
             .arg("-v")
             .arg("--partition")
             .arg(format!("{frontend}/{backend}"))
-            .arg("--console-socket")
-            .arg(&console_sock)
-            .args(["--no-rng", "--no-net", "--timeout"])
-            .arg(GUEST_TIMEOUT.as_secs().to_string())
-            .arg("--exec")
-            .arg(script)
+            .arg("--no-net")
             .env_remove("REMIO_BLK_POLL_US"),
     );
     let pid = run.pid();

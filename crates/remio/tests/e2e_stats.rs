@@ -48,16 +48,9 @@ fn remio_stats_finds_the_run_and_counts_the_guests_block_requests() {
     let final_json = runtime.as_path().join("final.json");
     let console_sock = runtime.as_path().join("console.sock");
     let run = LiveRun::spawn(
-        Command::new(env!("CARGO_BIN_EXE_remio"))
-            .arg("run")
+        remio_run_console_command(&console_sock, &script)
             .arg("--stats-json")
             .arg(&final_json)
-            .arg("--console-socket")
-            .arg(&console_sock)
-            .args(["--no-rng", "--timeout"])
-            .arg(GUEST_TIMEOUT.as_secs().to_string())
-            .arg("--exec")
-            .arg(&script)
             .env("XDG_RUNTIME_DIR", runtime.as_path())
             // Each read then kicks: the disk does not poll for the guest's next request, which
             // would take some without a QueueNotify (the counters below are the guest's accesses).

@@ -99,15 +99,8 @@ fn remio_stats_counts_the_guests_console_bytes_and_network_frames() {
          read -r line <&3; echo GOT ${{#line}}; head -c {OUTPUT} /dev/zero >&3; \
          echo CONSOLE-DONE; {net_part}echo IO-DONE"
     );
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_remio"));
-    cmd.arg("run")
-        .arg("--console-socket")
-        .arg(&console_sock)
-        .args(["--no-rng", "--timeout"])
-        .arg(GUEST_TIMEOUT.as_secs().to_string())
-        .arg("--exec")
-        .arg(&script)
-        .env("XDG_RUNTIME_DIR", runtime.as_path());
+    let mut cmd = remio_run_console_command(&console_sock, &script);
+    cmd.env("XDG_RUNTIME_DIR", runtime.as_path());
     if net {
         cmd.args(["--net", "auto"]);
     } else {

@@ -150,6 +150,21 @@ impl Drop for StopOnDrop {
     }
 }
 
+/// `remio run --exec script` without rng and with the guest's timeout, its console (the
+/// guest's /dev/hvc0, where a script waits for the host's go-ahead) served on `console_sock`;
+/// the caller adds its own flags and starts it with [`LiveRun::spawn`].
+pub fn remio_run_console_command(console_sock: &Path, script: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_remio"));
+    cmd.arg("run")
+        .arg("--console-socket")
+        .arg(console_sock)
+        .args(["--no-rng", "--timeout"])
+        .arg(GUEST_TIMEOUT.as_secs().to_string())
+        .arg("--exec")
+        .arg(script);
+    cmd
+}
+
 /// A `remio run` a test talks to while it runs: its stdout lines (echoed as `  | line` on the
 /// test's stderr) come through [`LiveRun::wait_for`], its stderr is collected for
 /// [`LiveRun::finish`], and it is killed if the test fails first.
